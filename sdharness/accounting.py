@@ -1,0 +1,65 @@
+"""Cumulative cost counters, identical for every method, so runs compare on any x-axis.
+
+``forward_tokens`` counts every real (non-padding) token pushed through the model: rollout
+prefill and decoding, teacher scoring and the student's scoring pass. ``trained_tokens`` counts
+the tokens of passes that also run backward. FLOPs follow the usual estimate: 2N per token of a
+forward-only pass and 6N per token of a forward+backward pass, N = parameter count.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class Counters:
+    problems_seen: int = 0
+    rollouts: int = 0
+    generated_tokens: int = 0
+    forward_tokens: int = 0
+    trained_tokens: int = 0
+    flops: float = 0.0
+    wall_seconds: float = 0.0
+    skipped_steps: int = 0
+
+    def add(self, *, parameters: int, problems: int = 0, rollouts: int = 0, generated: int = 0,
+            forward_only: int = 0, trained: int = 0) -> None:
+        """Record one step's work; ``forward_only`` and ``trained`` tokens are disjoint."""
+        self.problems_seen += problems
+        self.rollouts += rollouts
+        self.generated_tokens += generated
+        self.forward_tokens += forward_only + trained
+        self.trained_tokens += trained
+        self.flops += 2.0 * parameters * forward_only + 6.0 * parameters * trained
+
+    def as_metrics(self, prefix: str = "train") -> dict[str, float]:
+        return {f"{prefix}/{name}": float(value) for name, value in asdict(self).items()}
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for item in fields(self):
+            setattr(self, item.name, state.get(item.name, item.default))
+
+
+class WallClock:
+    """Seconds spent training (not loading or evaluating), added to ``counters.wall_seconds``."""
+
+    def __init__(self, counters: Counters):
+        self.counters = counters
+        self.last: float | None = None  # None while paused
+
+    def restart(self) -> None:
+        self.last = time.perf_counter()
+
+    def tick(self) -> None:
+        if self.last is not None:
+            now = time.perf_counter()
+            self.counters.wall_seconds += now - self.last
+            self.last = now
+
+    def pause(self) -> None:
+        self.tick()
+        self.last = None

@@ -1,0 +1,264 @@
+"""Typed schema of every config group, registered with Hydra's ConfigStore.
+
+``conf/train.yaml`` lists ``train_schema`` first in its defaults, so every YAML in ``conf/``
+is merged into these dataclasses: unknown keys and ill-typed values fail at compose, and
+``OmegaConf.to_object`` runs the ``__post_init__`` checks below before any model loads.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from sdharness.aggregation import AGGREGATIONS
+from sdharness.losses import DIVERGENCES
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(field_name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    _require(value in choices, f"{field_name}={value!r} is unknown; choose one of: {', '.join(choices)}")
+
+
+def _positive(field_name: str, value: float) -> None:
+    _require(value > 0, f"{field_name} must be a positive number, got {value!r}")
+
+
+def placeholders(template: str) -> set[str]:
+    """Names of the ``{placeholders}`` in a format string."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+@dataclass
+class ModelConfig:
+    """Where the weights come from. ``source``: ``hf`` (a local directory), ``gguf`` (a .gguf
+    file, dequantised by transformers) or ``tiny_random`` (built in code, for tests).
+    ``path`` may be ``pkg://PACKAGE`` for a directory inside an installed Python package."""
+
+    name: str = "model"
+    source: str = "tiny_random"
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None
+    dtype: str = "float32"
+    # GGUF conversion takes ~40 s for 135M parameters; the converted copy is kept here.
+    cache_dir: str = "~/.cache/sdharness/models"
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    max_position_embeddings: int = 1024
+    seed: int = 0
+    lora_rank: int = 0  # > 0 trains LoRA adapters (PEFT) instead of all weights
+    lora_alpha: float = 16.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self):
+        _choice("model.source", self.source, ("hf", "gguf", "tiny_random"))
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.source in ("hf", "gguf"):
+            _require(bool(self.path), f"model.path is required for model.source={self.source}; "
+                     "set it to a local directory, e.g. model.path=/models/my-model")
+        if self.source == "gguf":
+            _require(bool(self.gguf_file), "model.gguf_file is required for model.source=gguf (the .gguf file name)")
+
+
+@dataclass
+class DataConfig:
+    """Problems with worked solutions: the built-in ``arithmetic`` task or a ``jsonl`` file
+    with fields ``problem``, ``solution`` and optional ``answer``."""
+
+    name: str = "arithmetic"
+    path: Optional[str] = None
+    eval_path: Optional[str] = None
+    difficulty: str = "easy"
+    eval_difficulty: Optional[str] = None  # defaults to difficulty
+    solution_style: str = "native"
+    train_size: int = 256
+    eval_size: int = 32
+    seed: int = 1234
+    batch_size: int = 4
+    answer_marker: str = "The answer is"
+
+    def __post_init__(self):
+        from sdharness.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES
+
+        _choice("data.name", self.name, ("arithmetic", "jsonl"))
+        if self.name == "jsonl":
+            _require(bool(self.path), "data.path is required for data=jsonl; e.g. data.path=train.jsonl")
+        _choice("data.difficulty", self.difficulty, list(DIFFICULTY_STEPS))
+        if self.eval_difficulty is not None:
+            _choice("data.eval_difficulty", self.eval_difficulty, list(DIFFICULTY_STEPS))
+        _choice("data.solution_style", self.solution_style, SOLUTION_STYLES)
+        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.train_size >= 1 and self.eval_size >= 0, "data.train_size must be >= 1 and data.eval_size >= 0")
+
+
+@dataclass
+class PromptConfig:
+    """Student and teacher templates. The student sees ``{problem}``; the teacher sees
+    ``{problem}`` and ``{solution}``. ``chat_template``: ``auto`` uses the tokenizer's chat
+    template when it has one, ``always`` requires it, ``never`` feeds the plain text."""
+
+    name: str = "cot"
+    student: str = "{problem}"
+    teacher: str = "{problem}\n{solution}"
+    system: Optional[str] = None
+    chat_template: str = "auto"
+
+    def __post_init__(self):
+        _choice("prompt.chat_template", self.chat_template, ("auto", "always", "never"))
+        student, teacher = placeholders(self.student), placeholders(self.teacher)
+        _require(student == {"problem"}, f"prompt.student must use exactly the placeholder {{problem}}; "
+                 f"it uses {sorted(student) or 'none'}. The student never sees the solution.")
+        _require(teacher == {"problem", "solution"}, "prompt.teacher must use exactly the placeholders "
+                 f"{{problem}} and {{solution}}; it uses {sorted(teacher) or 'none'}")
+
+
+@dataclass
+class RolloutConfig:
+    """How the student samples its own completion ``g`` from the student prompt."""
+
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self):
+        _positive("rollout.temperature", self.temperature)
+        _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class AggregationConfig:
+    """The target: ``teacher``, ``product``, ``clip`` or ``entropy_matched`` at temperature tau."""
+
+    name: str = "product"
+    tau: float = 2.0
+
+    def __post_init__(self):
+        _choice("aggregation.name", self.name, AGGREGATIONS)
+        _positive("aggregation.tau", self.tau)
+
+
+@dataclass
+class LossConfig:
+    """Divergence between target and student. ``positions``: ``all`` completion tokens, or
+    ``reasoning`` (those before the final-answer marker; answer tokens and EOS excluded)."""
+
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    positions: str = "all"
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        _choice("loss.divergence", self.divergence, DIVERGENCES)
+        _choice("loss.positions", self.positions, ("all", "reasoning"))
+        _require(0 < self.beta < 1, f"loss.beta must be in (0, 1), got {self.beta}")
+        _require(self.chunk_size >= 1, f"loss.chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class TeacherConfig:
+    """Weights that score the teacher prompt: the ``live`` student, its ``initial`` copy, or an ``ema``."""
+
+    weights: str = "live"
+    ema_decay: float = 0.99
+
+    def __post_init__(self):
+        _choice("teacher.weights", self.weights, ("live", "initial", "ema"))
+        _require(0 < self.ema_decay < 1, f"teacher.ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW on fp32 master weights with warmup and a ``constant``/``linear``/``cosine`` decay."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "constant"
+
+    def __post_init__(self):
+        _positive("optim.lr", self.lr)
+        _choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
+
+
+@dataclass
+class EvalConfig:
+    """Greedy accuracy on the held-out split with the student prompt."""
+
+    every_n_steps: int = 0  # 0: only before and after training
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    at_start: bool = True
+
+    def __post_init__(self):
+        _require(self.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {self.every_n_steps}")
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of ``lightning.Trainer``; anything Lightning accepts can go in ``extra``."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: Any = "32-true"
+    max_steps: int = 20
+    gradient_clip_val: Optional[float] = 1.0
+    log_every_n_steps: int = 1
+    checkpoint_every_n_steps: int = 50
+    max_consecutive_nonfinite: int = 5  # skipped steps with NaN/inf loss before the run stops
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(self.max_steps >= 1, f"trainer.max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class LoggerConfig:
+    """W&B through Lightning's WandbLogger; ``mode=offline`` writes under the run directory."""
+
+    project: str = "sdharness"
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, offline otherwise
+    group: Optional[str] = None
+    entity: Optional[str] = None
+
+    def __post_init__(self):
+        _choice("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    tags: list[str] = field(default_factory=list)
+    ckpt_path: Optional[str] = None  # a checkpoint file, or "last" to resume this run directory
+    output_dir: Optional[str] = None  # filled from Hydra's run directory
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

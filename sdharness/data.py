@@ -1,0 +1,148 @@
+"""Problems in, tokenized student/teacher prompt batches out.
+
+``ProblemDataModule`` builds the train and held-out splits (built-in arithmetic, or a JSONL file
+of ``{"problem", "solution", "answer"?}`` rows), renders and tokenizes both prompts once, skips
+(and counts) problems whose prompt plus completion would not fit the model's context, and
+yields :class:`PromptBatch` objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from sdharness.config import ConfigError, DataConfig, PromptConfig
+from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher
+from sdharness.tasks import arithmetic_split
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("problem", "solution")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file, the line and the fix."""
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS) -> list[dict[str, str]]:
+    """Rows of a JSONL file; blank lines are skipped, anything malformed is an error naming file:line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data.path: {path} does not exist")
+    rows = []
+    raw = path.read_bytes()
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").strip()  # strip() also drops Windows' \r
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start}); "
+                            "re-encode the file as UTF-8") from None
+        if not text:
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}); "
+                            "each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        missing = [name for name in required if not isinstance(row.get(name), str) or not row[name].strip()]
+        if missing:
+            raise DataError(f"{path}:{number}: field(s) {', '.join(missing)} missing or not a non-empty string; "
+                            f"every row needs {', '.join(required)} (answer is optional)")
+        if "answer" in row:
+            row["answer"] = str(row["answer"])
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows; the file is empty")
+    return rows
+
+
+def load_problems(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+    """``(train, eval)`` problem lists for the configured data set."""
+    if cfg.name == "arithmetic":
+        train = arithmetic_split(cfg.seed, cfg.train_size, cfg.difficulty, cfg.solution_style)
+        evaluation = arithmetic_split(cfg.seed + 1, cfg.eval_size, cfg.eval_difficulty or cfg.difficulty,
+                                      cfg.solution_style, exclude={row["problem"] for row in train})
+        return train, evaluation
+    rows = read_jsonl(cfg.path)
+    if cfg.eval_path:
+        return rows, read_jsonl(cfg.eval_path)
+    shuffled = rows[:]
+    random.Random(cfg.seed).shuffle(shuffled)
+    held_out = min(cfg.eval_size, len(rows) - 1)
+    return shuffled[held_out:], shuffled[:held_out]
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts ``[batch, length]`` plus the raw problems they came from."""
+
+    student_ids: torch.Tensor
+    student_mask: torch.Tensor
+    teacher_ids: torch.Tensor
+    teacher_mask: torch.Tensor
+    problems: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+
+class ProblemDataModule(L.LightningDataModule):
+    def __init__(self, data: DataConfig, prompt: PromptConfig, tokenizer, *, max_context: int,
+                 max_new_tokens: int, eval_batch_size: int = 16):
+        super().__init__()
+        self.cfg, self.prompt, self.tokenizer = data, prompt, tokenizer
+        self.max_context, self.max_new_tokens = max_context, max_new_tokens
+        self.eval_batch_size = eval_batch_size
+        self.skipped_too_long = 0
+        self.train: list[dict] = []
+        self.evaluation: list[dict] = []
+
+    def _encode(self, problems: list[dict], split: str) -> list[dict]:
+        kept = []
+        for item in problems:
+            student = encode_prompt(self.prompt, self.tokenizer, render_student(self.prompt, item["problem"]))
+            teacher = encode_prompt(self.prompt, self.tokenizer,
+                                    render_teacher(self.prompt, item["problem"], item["solution"]))
+            if max(len(student), len(teacher)) + self.max_new_tokens > self.max_context:
+                self.skipped_too_long += 1
+                continue
+            kept.append({**item, "student_ids": student, "teacher_ids": teacher})
+        if self.skipped_too_long:
+            log.warning("skipped %d %s problem(s): prompt + %d new tokens exceeds the model context of %d",
+                        self.skipped_too_long, split, self.max_new_tokens, self.max_context)
+        return kept
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train:
+            return
+        train, evaluation = load_problems(self.cfg)
+        self.train = self._encode(train, "train")
+        self.evaluation = self._encode(evaluation, "eval")
+        if not self.train:
+            raise ConfigError(f"data: no training problem fits the model context of {self.max_context} tokens "
+                              f"with rollout.max_new_tokens={self.max_new_tokens}; shorten the problems or "
+                              "lower rollout.max_new_tokens")
+
+    def collate(self, items: list[dict]) -> PromptBatch:
+        pad = self.tokenizer.pad_token_id
+        student_ids, student_mask = left_pad([item["student_ids"] for item in items], pad)
+        teacher_ids, teacher_mask = left_pad([item["teacher_ids"] for item in items], pad)
+        problems = [{key: item[key] for key in ("problem", "solution", "answer") if key in item} for item in items]
+        return PromptBatch(student_ids, student_mask, teacher_ids, teacher_mask, problems)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        return DataLoader(self.train, batch_size=self.cfg.batch_size, shuffle=True, generator=generator,
+                          collate_fn=self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.evaluation, batch_size=self.eval_batch_size, collate_fn=self.collate)

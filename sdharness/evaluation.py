@@ -1,0 +1,86 @@
+"""Quick eval: greedy accuracy on the held-out split with the student prompt.
+
+Besides accuracy it reports the early-answer rate (the final answer appears before the step
+that derives it) and the mean completion length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from sdharness.config import EvalConfig
+from sdharness.rollout import generate
+from sdharness.tasks import is_correct, is_early_answer
+
+
+def completion_metrics(texts: list[str], problems: list[dict], answer_marker: str) -> dict[str, float]:
+    """Accuracy and early-answer rate of ``texts`` against the problems' answers."""
+    checked = [(text, problem["answer"]) for text, problem in zip(texts, problems) if problem.get("answer")]
+    if not checked:
+        return {}
+    correct = sum(is_correct(text, answer, answer_marker) for text, answer in checked)
+    early = sum(is_early_answer(text, answer) for text, answer in checked)
+    return {"accuracy": correct / len(checked), "early_answer_rate": early / len(checked)}
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    early_answer_rate: float
+    completion_length: float
+    size: int
+
+    def as_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/early_answer_rate": self.early_answer_rate,
+                f"{prefix}/completion_length": self.completion_length}
+
+
+def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str) -> EvalResult:
+    """Greedy-decode every batch of student prompts and score the completions."""
+    texts, problems, lengths = [], [], []
+    device = next(model.parameters()).device
+    for batch in batches:
+        rollout = generate(model, tokenizer, batch.student_ids.to(device), batch.student_mask.to(device),
+                           max_new_tokens=max_new_tokens, greedy=True)
+        texts += rollout.texts
+        problems += batch.problems
+        lengths += rollout.lengths.tolist()
+    metrics = completion_metrics(texts, problems, answer_marker)
+    return EvalResult(metrics.get("accuracy", float("nan")), metrics.get("early_answer_rate", float("nan")),
+                      float(torch.tensor(lengths, dtype=torch.float).mean()) if lengths else 0.0, len(texts))
+
+
+class QuickEval(L.Callback):
+    """Runs :func:`evaluate_greedy` before training, every ``every_n_steps`` and at the end."""
+
+    def __init__(self, eval_batches, cfg: EvalConfig, answer_marker: str):
+        self.eval_batches, self.cfg, self.answer_marker = eval_batches, cfg, answer_marker
+        self.history: list[tuple[int, EvalResult]] = []
+
+    def run(self, trainer: L.Trainer, module) -> EvalResult:
+        if self.history and self.history[-1][0] == trainer.global_step:
+            return self.history[-1][1]
+        module.clock.pause()  # evaluation time is not training time
+        result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
+                                 max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker)
+        metrics = {**result.as_metrics(), **module.counters.as_metrics()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.history.append((trainer.global_step, result))
+        module.clock.restart()
+        return result
+
+    def on_train_start(self, trainer, module) -> None:
+        if self.cfg.at_start:
+            self.run(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        every = self.cfg.every_n_steps
+        if every and trainer.global_step % every == 0:
+            self.run(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.run(trainer, module)

@@ -1,0 +1,158 @@
+"""Full-vocabulary divergences and the chunked, masked self-distillation loss.
+
+Divergences take log-probabilities ``[..., vocab]`` and return one value per position ``[...]``:
+
+* ``forward_kl``: KL(target || student) = sum_v p_target (log p_target - log p_S)
+* ``reverse_kl``: KL(student || target) = sum_v p_S (log p_S - log p_target)
+* ``jsd``:        beta KL(target || M) + (1 - beta) KL(student || M),  M = beta p_target + (1 - beta) p_S
+
+:func:`distillation_loss` evaluates aggregation and divergence over chunks of loss-carrying
+positions and computes the gradient with respect to the student logits chunk by chunk, so the
+only full ``[batch, length, vocab]`` tensors alive are the two logit tensors and their gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sdharness.aggregation import aggregate
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position; terms with p = 0 count as 0."""
+    p = p_logp.exp()
+    return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
+
+
+def forward_kl(target_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
+    return _kl(target_logp, student_logp)
+
+
+def reverse_kl(target_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
+    return _kl(student_logp, target_logp)
+
+
+def jsd(target_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
+    mixture = torch.logsumexp(
+        torch.stack([target_logp + math.log(beta), student_logp + math.log1p(-beta)]), dim=0
+    )
+    return beta * _kl(target_logp, mixture) + (1 - beta) * _kl(student_logp, mixture)
+
+
+_BY_NAME: dict[str, Callable[..., torch.Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+}
+
+
+def divergence(target_logp: torch.Tensor, student_logp: torch.Tensor, *, name: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence ``[...]`` of the kind called ``name``."""
+    if name not in _BY_NAME:
+        raise ValueError(f"loss.divergence={name!r} is unknown; choose one of {', '.join(DIVERGENCES)}")
+    return _BY_NAME[name](target_logp, student_logp, beta=beta)
+
+
+@dataclass(frozen=True)
+class DistillationLoss:
+    """Result of :func:`distillation_loss`.
+
+    ``loss``: scalar, the token mean of the divergence; differentiable w.r.t. the student logits.
+    ``teacher_student_kl``: token mean of KL(teacher || student), detached, for monitoring.
+    ``tokens``: number of positions that carried loss.
+    """
+
+    loss: torch.Tensor
+    teacher_student_kl: torch.Tensor
+    tokens: int
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """Loss and student-logit gradient computed together, chunk by chunk (Liger-style).
+
+    Autograd through a chunked loop would keep every chunk's softmax alive for backward, i.e.
+    another full [positions, vocab] copy; computing each chunk's gradient immediately avoids that.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, positions, weight, chunk_size, target_fn, divergence_fn):
+        flat_student = student_logits.detach().reshape(-1, student_logits.shape[-1])
+        flat_teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+        grad = torch.zeros_like(flat_student) if ctx.needs_input_grad[0] else None
+        loss = flat_student.new_zeros((), dtype=torch.float32)
+        kl = flat_student.new_zeros((), dtype=torch.float32)
+        for start in range(0, positions.numel(), chunk_size):
+            rows = positions[start : start + chunk_size]
+            student = flat_student[rows].float().requires_grad_(grad is not None)
+            teacher = flat_teacher[rows].float()
+            with torch.enable_grad():
+                target = target_fn(teacher, student.detach()).detach()
+                student_logp = F.log_softmax(student, dim=-1)
+                chunk_loss = divergence_fn(target, student_logp).sum() * weight
+            if grad is not None:
+                (chunk_grad,) = torch.autograd.grad(chunk_loss, student)
+                grad[rows] = chunk_grad.to(grad.dtype)
+            loss += chunk_loss.detach()
+            kl += _kl(F.log_softmax(teacher, dim=-1), student_logp.detach()).sum() * weight
+        ctx.save_for_backward(grad.view_as(student_logits) if grad is not None else None)
+        ctx.mark_non_differentiable(kl)
+        return loss, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kl):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    aggregation: str,
+    tau: float,
+    divergence_name: str,
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+) -> DistillationLoss:
+    """Token-mean divergence between the detached aggregate target and the student.
+
+    Args:
+        student_logits: ``[batch, length, vocab]``, with gradient.
+        teacher_logits: ``[batch, length, vocab]``, position i aligned with the student's.
+        loss_mask: ``[batch, length]`` bool; positions that carry loss. If none does, the loss is
+            a zero still attached to the student graph so that backward runs everywhere.
+        chunk_size: positions evaluated at once; the result does not depend on it.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    positions = loss_mask.reshape(-1).nonzero().squeeze(-1)
+    tokens = positions.numel()
+    if tokens == 0:
+        zero = student_logits.sum() * 0.0
+        return DistillationLoss(zero, zero.detach(), 0)
+
+    def target_fn(teacher, student):
+        return aggregate(teacher, student, name=aggregation, tau=tau)
+
+    def divergence_fn(target, student_logp):
+        return divergence(target, student_logp, name=divergence_name, beta=beta)
+
+    loss, kl = _ChunkedDistillation.apply(
+        student_logits, teacher_logits, positions, 1.0 / tokens, chunk_size, target_fn, divergence_fn
+    )
+    return DistillationLoss(loss, kl, tokens)
+
+
+def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true; 0 when none is."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)

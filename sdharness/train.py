@@ -1,0 +1,112 @@
+"""Train a model with privileged on-policy self-distillation (a Hydra app).
+
+    sdharness-train                                   # the default experiment
+    sdharness-train model=tiny_random data=arithmetic trainer.max_steps=2
+    sdharness-train aggregation=clip aggregation.tau=0.5 data=jsonl data.path=train.jsonl
+
+Reads straight down: validate config -> load model -> data -> module -> fit -> save -> report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from sdharness.config import TrainConfig, register_configs
+from sdharness.data import ProblemDataModule
+from sdharness.evaluation import QuickEval
+from sdharness.models import load_model_and_tokenizer, save_for_inference
+from sdharness.module import SelfDistillModule
+from sdharness.prompts import uses_chat_template
+
+log = logging.getLogger(__name__)
+register_configs()
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the checkout's conf/ (editable install)
+
+
+def wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+def make_loggers(cfg: TrainConfig, output_dir: Path, config_dict: dict) -> list:
+    loggers = [CSVLogger(output_dir, name="", version="")]
+    mode = wandb_mode(cfg.logger.mode)
+    if mode != "disabled":
+        wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                            tags=list(cfg.tags), save_dir=str(output_dir), offline=mode == "offline",
+                            name=output_dir.name)
+        wandb.log_hyperparams(config_dict)
+        loggers.append(wandb)
+    return loggers
+
+
+def train(dict_cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
+    """Run one experiment; returns the final eval metrics."""
+    cfg: TrainConfig = OmegaConf.to_object(dict_cfg)  # runs every __post_init__ check
+    output_dir = Path(output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    uses_chat_template(cfg.prompt, tokenizer)  # fails now, not mid-run, if a required template is missing
+    datamodule = ProblemDataModule(cfg.data, cfg.prompt, tokenizer,
+                                   max_context=getattr(model.config, "max_position_embeddings", 10**9),
+                                   max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
+                                   eval_batch_size=cfg.eval.batch_size)
+    datamodule.setup()
+    module = SelfDistillModule(model, tokenizer, cfg)
+
+    quick_eval = QuickEval(datamodule.val_dataloader, cfg.eval, cfg.data.answer_marker)
+    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, max_steps=cfg.trainer.max_steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val, log_every_n_steps=cfg.trainer.log_every_n_steps,
+        logger=make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True)),
+        callbacks=[checkpoints, quick_eval], default_root_dir=output_dir, limit_val_batches=0,
+        num_sanity_val_steps=0, enable_model_summary=False, **cfg.trainer.extra,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    if trainer.is_global_zero:
+        save_for_inference(module.model, tokenizer, output_dir / "final_model")
+    return report(quick_eval, module, output_dir)
+
+
+def report(quick_eval: QuickEval, module, output_dir: Path) -> dict[str, float]:
+    """Print before/after eval accuracy and the run's cost; return the final metrics."""
+    first_step, first = quick_eval.history[0]
+    last_step, last = quick_eval.history[-1]
+    counters = module.counters
+    lines = [
+        f"{'':<14}{'step':>6}{'accuracy':>10}{'early_answer':>14}{'length':>8}",
+        *(f"{label:<14}{step:>6}{result.accuracy:>10.3f}{result.early_answer_rate:>14.3f}{result.completion_length:>8.1f}"
+          for label, (step, result) in (("before", (first_step, first)), ("after", (last_step, last)))),
+        f"problems {counters.problems_seen}, generated tokens {counters.generated_tokens}, "
+        f"train seconds {counters.wall_seconds:.1f}, run dir {output_dir}",
+    ]
+    print("\n".join(lines), flush=True)
+    return last.as_metrics()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(dict_cfg: DictConfig) -> float:
+    metrics = train(dict_cfg, HydraConfig.get().runtime.output_dir)
+    return metrics["eval/accuracy"]
+
+
+if __name__ == "__main__":
+    main()
