@@ -7,9 +7,11 @@ same shape and never touches a model. With ``s = log_softmax(z_S)`` and
 * ``teacher``:          target = t                                  (plain on-policy self-distillation)
 * ``product``:          target = log_softmax((z_S + z_T) / tau)     (tau = 2: normalised geometric mean)
 * ``clip``:             target = log_softmax(s + min(0, (t - s) / tau))
-  The teacher can only push down tokens it finds less likely than the student does, so it never
-  raises a token the student is not already considering. tau = 1 gives a target proportional to
-  min(p_S, p_T); tau -> inf gives the student.
+  The teacher can only push down tokens it finds less likely than the student does; every other
+  token keeps the student's unnormalised mass, so relative to the student all tokens the teacher
+  does not push down gain the same factor 1/Z, and none gains more. A token the student ignores
+  stays ignored unless the teacher pushes down nearly everything else (Z -> 0). tau = 1 gives a
+  target proportional to min(p_S, p_T); tau -> inf gives the student.
 * ``entropy_matched``:  ``product`` with a per-position tau, found by bisection, so that the
   target's entropy equals the student's: the teacher may move mass, never sharpen or flatten it.
 

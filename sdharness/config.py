@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from sdharness.aggregation import AGGREGATIONS
 from sdharness.losses import DIVERGENCES
@@ -258,6 +259,26 @@ class TrainConfig:
     tags: list[str] = field(default_factory=list)
     ckpt_path: Optional[str] = None  # a checkpoint file, or "last" to resume this run directory
     output_dir: Optional[str] = None  # filled from Hydra's run directory
+
+
+def _unknown_keys(given: dict, known: dict, prefix: str = "") -> list[str]:
+    unknown = []
+    for key, value in given.items():
+        if key not in known:
+            unknown.append(f"{prefix}{key} (known: {', '.join(sorted(known))})")
+        elif isinstance(value, dict) and isinstance(known[key], dict) and known[key]:
+            unknown += _unknown_keys(value, known[key], f"{prefix}{key}.")
+    return unknown
+
+
+def to_train_config(dict_cfg: DictConfig) -> TrainConfig:
+    """The validated, typed config. Keys added with ``+key=...`` that the schema does not know
+    are errors rather than silently dropped settings; free-form dicts (``trainer.extra``) pass."""
+    cfg = OmegaConf.to_object(dict_cfg)
+    known = OmegaConf.to_container(OmegaConf.structured(cfg))
+    unknown = _unknown_keys(OmegaConf.to_container(dict_cfg), known)
+    _require(not unknown, "unknown config key(s): " + "; ".join(unknown))
+    return cfg
 
 
 def register_configs() -> None:

@@ -144,5 +144,5 @@ class ProblemDataModule(L.LightningDataModule):
         return DataLoader(self.train, batch_size=self.cfg.batch_size, shuffle=True, generator=generator,
                           collate_fn=self.collate)
 
-    def val_dataloader(self) -> DataLoader:
+    def eval_dataloader(self) -> DataLoader:
         return DataLoader(self.evaluation, batch_size=self.eval_batch_size, collate_fn=self.collate)

@@ -22,7 +22,7 @@ def completion_metrics(texts: list[str], problems: list[dict], answer_marker: st
     if not checked:
         return {}
     correct = sum(is_correct(text, answer, answer_marker) for text, answer in checked)
-    early = sum(is_early_answer(text, answer) for text, answer in checked)
+    early = sum(is_early_answer(text, answer, answer_marker) for text, answer in checked)
     return {"accuracy": correct / len(checked), "early_answer_rate": early / len(checked)}
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sdharness.aggregation import aggregate
+from sdharness.aggregation import AGGREGATIONS, aggregate
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -64,7 +64,8 @@ def divergence(target_logp: torch.Tensor, student_logp: torch.Tensor, *, name: s
 class DistillationLoss:
     """Result of :func:`distillation_loss`.
 
-    ``loss``: scalar, the token mean of the divergence; differentiable w.r.t. the student logits.
+    ``loss``: scalar (float32 for half-precision logits), the token mean of the divergence;
+    differentiable w.r.t. the student logits only.
     ``teacher_student_kl``: token mean of KL(teacher || student), detached, for monitoring.
     ``tokens``: number of positions that carried loss.
     """
@@ -85,13 +86,15 @@ class _ChunkedDistillation(torch.autograd.Function):
     def forward(ctx, student_logits, teacher_logits, positions, weight, chunk_size, target_fn, divergence_fn):
         flat_student = student_logits.detach().reshape(-1, student_logits.shape[-1])
         flat_teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+        # Half-precision logits are evaluated in float32; float64 stays float64.
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
         grad = torch.zeros_like(flat_student) if ctx.needs_input_grad[0] else None
-        loss = flat_student.new_zeros((), dtype=torch.float32)
-        kl = flat_student.new_zeros((), dtype=torch.float32)
+        loss = flat_student.new_zeros((), dtype=dtype)
+        kl = flat_student.new_zeros((), dtype=dtype)
         for start in range(0, positions.numel(), chunk_size):
             rows = positions[start : start + chunk_size]
-            student = flat_student[rows].float().requires_grad_(grad is not None)
-            teacher = flat_teacher[rows].float()
+            student = flat_student[rows].to(dtype).requires_grad_(grad is not None)
+            teacher = flat_teacher[rows].to(dtype)
             with torch.enable_grad():
                 target = target_fn(teacher, student.detach()).detach()
                 student_logp = F.log_softmax(student, dim=-1)
@@ -108,7 +111,9 @@ class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_kl):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+        student_grad = None if grad is None else grad * grad_loss.to(grad.dtype)
+        # The target is detached by definition, so the teacher logits never get a gradient.
+        return student_grad, None, None, None, None, None, None
 
 
 def distillation_loss(
@@ -134,6 +139,13 @@ def distillation_loss(
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
+    if loss_mask.shape != student_logits.shape[:-1]:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the logits' shape without the vocabulary, "
+                         f"{tuple(student_logits.shape[:-1])}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r} is unknown; choose one of {', '.join(AGGREGATIONS)}")
+    if divergence_name not in DIVERGENCES:
+        raise ValueError(f"loss.divergence={divergence_name!r} is unknown; choose one of {', '.join(DIVERGENCES)}")
     positions = loss_mask.reshape(-1).nonzero().squeeze(-1)
     tokens = positions.numel()
     if tokens == 0:

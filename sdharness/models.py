@@ -77,7 +77,10 @@ def _convert_gguf(cfg: ModelConfig, source: Path, target: Path) -> None:
     log.info("converting %s/%s to %s (once)", source, cfg.gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32)
-    model.hf_quantizer = None  # weights are dequantised; save_pretrained refuses a GGUF quantizer
+    # The weights are dequantised already; save_pretrained refuses a model that still says GGUF.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

@@ -77,7 +77,8 @@ def generate(
     )
     was_training = model.training
     model.eval()
-    with tqdm(total=max_new_tokens, desc="rollout", leave=False, disable=not progress) as bar:
+    # disable=None shows the bar on a terminal only, keeping logs of batch jobs readable.
+    with tqdm(total=max_new_tokens, desc="rollout", leave=False, disable=None if progress else True) as bar:
         sequences = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,

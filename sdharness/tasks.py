@@ -56,17 +56,20 @@ def answer_span_start(completion: str, marker: str = ANSWER_MARKER) -> int | Non
     return None if index < 0 else index
 
 
-def is_early_answer(completion: str, answer: str) -> bool:
-    """True when ``answer`` appears before the first equation whose result it is.
+def is_early_answer(completion: str, answer: str, marker: str = ANSWER_MARKER) -> bool:
+    """True when ``answer`` is stated before the first equation that derives it (``= answer``).
 
-    A completion that states the answer and never derives it (``= answer``) counts as early.
+    A statement is the answer after the answer marker, or the answer opening a line without
+    being the left operand of an equation; operands and other numbers do not count. A
+    completion that states the answer and never derives it counts as early.
     """
-    pattern = r"(?<![\d.])" + re.escape(str(answer).strip()) + r"(?![\d])"
-    first = re.search(pattern, completion)
-    if first is None:
+    number = r"(?<![\d.])" + re.escape(str(answer).strip()) + r"(?![\d])"
+    stated = [match.start() for match in re.finditer(re.escape(marker) + r"\s*:?\s*" + number, completion)]
+    stated += [match.start(1) for match in re.finditer(r"(?m)^\s*(" + number + r")(?!\s*[-+*/=])", completion)]
+    if not stated:
         return False
-    derived = re.search(r"=\s*" + pattern, completion)
-    return derived is None or first.start() < derived.end() - len(str(answer).strip())
+    derived = re.search(r"=\s*" + number, completion)
+    return derived is None or min(stated) < derived.start()
 
 
 def _operation(rng: random.Random, value: int) -> tuple[str, str, int, int]:

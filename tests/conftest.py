@@ -1,0 +1,45 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk for a CPU test run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from sdharness.config import register_configs
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+TINY = [
+    "model=tiny_random",
+    "data.train_size=8",
+    "data.eval_size=4",
+    "data.batch_size=2",
+    "rollout.max_new_tokens=12",
+    "rollout.progress=false",
+    "eval.max_new_tokens=12",
+    "eval.batch_size=4",
+    "trainer.max_steps=2",
+    "optim.lr=1e-2",
+]
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train"):
+    """The project's real config (``conf/train.yaml``) with ``overrides`` applied."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+@pytest.fixture
+def tiny_cfg():
+    return compose_config(TINY)

@@ -1,0 +1,70 @@
+"""End to end on tiny_random: the Hydra app trains, logs, checkpoints and saves."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdharness.config import ModelConfig
+from sdharness.models import char_tokenizer, tiny_random_model
+from sdharness.train import train
+from tests.conftest import TINY, compose_config
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_steps_write_checkpoint_metrics_wandb_and_a_changed_model(tmp_path):
+    metrics = train(compose_config(TINY), tmp_path)
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    rows = read_metrics(tmp_path)
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    evals = [r for r in rows if r.get("eval/accuracy")]
+    assert [int(r["step"]) for r in evals] == [0, 2] and 0.0 <= metrics["eval/accuracy"] <= 1.0
+    counted = [r for r in rows if r.get("train/problems_seen")]
+    assert float(counted[-1]["train/problems_seen"]) == 4.0  # 2 steps x batch 2
+    assert float(counted[-1]["train/generated_tokens"]) > 0
+    cfg = compose_config(TINY)
+    initial = tiny_random_model(ModelConfig(**{k: cfg.model[k] for k in ("name", "source", "hidden_size", "num_layers",
+                                                                          "num_heads", "max_position_embeddings", "seed")}),
+                                char_tokenizer()).state_dict()
+    final = load_file(tmp_path / "final_model" / "model.safetensors")
+    assert any(not torch.equal(final[name], initial[name]) for name in final)
+
+
+@pytest.mark.parametrize("teacher", ["initial", "ema"])
+def test_frozen_and_ema_teachers_train(tmp_path, teacher):
+    train(compose_config(TINY + [f"teacher={teacher}", "trainer.max_steps=1", "eval.at_start=false",
+                                 "logger.mode=disabled", "loss=jsd", "aggregation=clip", "loss.positions=reasoning"]),
+          tmp_path)
+    assert (tmp_path / "final_model" / "config.json").exists()
+
+
+def run_cli(tmp_path, *overrides):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "sdharness.train", *TINY, f"hydra.run.dir={tmp_path}", *overrides],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_command_line_smoke_run_prints_before_and_after(tmp_path):
+    result = run_cli(tmp_path, "trainer.max_steps=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "before" in result.stdout and "after" in result.stdout
+    assert (tmp_path / "final_model" / "model.safetensors").exists()
+
+
+def test_bad_config_on_the_command_line_is_one_clear_line(tmp_path):
+    result = run_cli(tmp_path, "aggregation.tau=-1")
+    assert result.returncode == 2
+    assert "sdharness: error: aggregation.tau must be a positive number, got -1.0" in result.stderr
+    assert "Traceback" not in result.stderr
