@@ -8,8 +8,19 @@ forward-only pass and 6N per token of a forward+backward pass, N = parameter cou
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, fields
+
+import lightning as L
+
+from sdharness.config import BudgetConfig
+
+log = logging.getLogger(__name__)
+
+# The x-axes every method shares; W&B plots eval curves against any of them.
+X_AXES = ("problems_seen", "rollouts", "generated_tokens", "forward_tokens", "trained_tokens", "flops",
+          "wall_seconds")
 
 
 @dataclass
@@ -63,3 +74,25 @@ class WallClock:
     def pause(self) -> None:
         self.tick()
         self.last = None
+
+
+class BudgetStop(L.Callback):
+    """Stops training at the first budget reached: problems, generated tokens or seconds."""
+
+    def __init__(self, budget: BudgetConfig):
+        self.budget = budget
+
+    def reached(self, counters: Counters) -> str | None:
+        limits = (("problems", counters.problems_seen), ("generated_tokens", counters.generated_tokens),
+                  ("seconds", counters.wall_seconds))
+        for name, value in limits:
+            limit = getattr(self.budget, name)
+            if limit and value >= limit:
+                return f"budget.{name}={limit} reached ({value:g})"
+        return None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        reason = self.reached(module.counters)
+        if reason:
+            log.info("stopping: %s", reason)
+            trainer.should_stop = True

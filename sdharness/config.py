@@ -114,6 +114,8 @@ class PromptConfig:
     teacher: str = "{problem}\n{solution}"
     system: Optional[str] = None
     chat_template: str = "auto"
+    # Wording only the teacher prompt has; a student completion containing it has leaked.
+    leak_phrases: list[str] = field(default_factory=lambda: ["reference solution"])
 
     def __post_init__(self):
         _choice("prompt.chat_template", self.chat_template, ("auto", "always", "never"))
@@ -166,6 +168,44 @@ class LossConfig:
         _choice("loss.positions", self.positions, ("all", "reasoning"))
         _require(0 < self.beta < 1, f"loss.beta must be in (0, 1), got {self.beta}")
         _require(self.chunk_size >= 1, f"loss.chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class AlgoConfig:
+    """The method: ``sd`` (self-distillation), ``sft`` or ``grpo``. The GRPO fields apply to
+    grpo only; ``reward`` is a built-in name or ``module:function`` taking
+    ``(completion, problem_dict, answer_marker)`` and returning a float."""
+
+    name: str = "sd"
+    group_size: int = 8
+    reward: str = "answer_match"
+    scale_rewards: str = "group"
+    epsilon: float = 0.2
+    inner_epochs: int = 1
+    beta: float = 0.0
+    loss_aggregation: str = "token_mean"
+
+    def __post_init__(self):
+        from sdharness.policy_gradient import LOSS_AGGREGATIONS, SCALES
+
+        _choice("algo.name", self.name, ("sd", "sft", "grpo"))
+        _choice("algo.scale_rewards", self.scale_rewards, SCALES)
+        _choice("algo.loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
+        if self.name == "grpo":
+            _require(self.group_size >= 2, f"algo.group_size={self.group_size}: GRPO needs at least 2 samples per "
+                     "problem, since advantages are relative to the group; set algo.group_size=8 (default)")
+        _require(self.inner_epochs >= 1, f"algo.inner_epochs must be >= 1, got {self.inner_epochs}")
+        _require(self.epsilon > 0, f"algo.epsilon must be positive, got {self.epsilon}")
+        _require(self.beta >= 0, f"algo.beta must be >= 0, got {self.beta}")
+
+
+@dataclass
+class BudgetConfig:
+    """Stop at the first budget reached (0: no limit), in units every method shares."""
+
+    problems: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
 
 
 @dataclass
@@ -243,6 +283,7 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -254,6 +295,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     tags: list[str] = field(default_factory=list)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sdharness.config import ConfigError, DataConfig, PromptConfig
-from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher
+from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad
 from sdharness.tasks import arithmetic_split
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class PromptBatch:
     student_mask: torch.Tensor
     teacher_ids: torch.Tensor
     teacher_mask: torch.Tensor
+    solution_ids: torch.Tensor  # [batch, length], right-padded reference solution + EOS (for SFT)
+    solution_mask: torch.Tensor
     problems: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -115,7 +117,9 @@ class ProblemDataModule(L.LightningDataModule):
             if max(len(student), len(teacher)) + self.max_new_tokens > self.max_context:
                 self.skipped_too_long += 1
                 continue
-            kept.append({**item, "student_ids": student, "teacher_ids": teacher})
+            solution = self.tokenizer(item["solution"], add_special_tokens=False)["input_ids"]
+            kept.append({**item, "student_ids": student, "teacher_ids": teacher,
+                         "solution_ids": solution + [self.tokenizer.eos_token_id]})
         if self.skipped_too_long:
             log.warning("skipped %d %s problem(s): prompt + %d new tokens exceeds the model context of %d",
                         self.skipped_too_long, split, self.max_new_tokens, self.max_context)
@@ -136,8 +140,10 @@ class ProblemDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         student_ids, student_mask = left_pad([item["student_ids"] for item in items], pad)
         teacher_ids, teacher_mask = left_pad([item["teacher_ids"] for item in items], pad)
+        solution_ids, solution_mask = right_pad([item["solution_ids"] for item in items], pad)
         problems = [{key: item[key] for key in ("problem", "solution", "answer") if key in item} for item in items]
-        return PromptBatch(student_ids, student_mask, teacher_ids, teacher_mask, problems)
+        return PromptBatch(student_ids, student_mask, teacher_ids, teacher_mask, solution_ids, solution_mask.bool(),
+                           problems)
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.cfg.seed)

@@ -9,36 +9,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lightning as L
-import torch
 
 from sdharness.config import EvalConfig
 from sdharness.rollout import generate
 from sdharness.tasks import is_correct, is_early_answer
 
 
-def completion_metrics(texts: list[str], problems: list[dict], answer_marker: str) -> dict[str, float]:
-    """Accuracy and early-answer rate of ``texts`` against the problems' answers."""
+def leaked(text: str, phrases: list[str]) -> bool:
+    """True when ``text`` contains wording only the teacher prompt has (case-insensitive)."""
+    lowered = text.lower()
+    return any(phrase.lower() in lowered for phrase in phrases)
+
+
+def completion_metrics(texts: list[str], problems: list[dict], answer_marker: str,
+                       leak_phrases: list[str] = ()) -> dict[str, float]:
+    """Accuracy and early-answer rate against the problems' answers, and the leakage rate."""
+    metrics = {"leakage_rate": sum(leaked(t, leak_phrases) for t in texts) / len(texts)} if texts else {}
     checked = [(text, problem["answer"]) for text, problem in zip(texts, problems) if problem.get("answer")]
-    if not checked:
-        return {}
-    correct = sum(is_correct(text, answer, answer_marker) for text, answer in checked)
-    early = sum(is_early_answer(text, answer, answer_marker) for text, answer in checked)
-    return {"accuracy": correct / len(checked), "early_answer_rate": early / len(checked)}
+    if checked:
+        metrics["accuracy"] = sum(is_correct(text, answer, answer_marker) for text, answer in checked) / len(checked)
+        metrics["early_answer_rate"] = sum(is_early_answer(text, answer, answer_marker)
+                                           for text, answer in checked) / len(checked)
+    return metrics
 
 
 @dataclass
 class EvalResult:
     accuracy: float
     early_answer_rate: float
+    leakage_rate: float
     completion_length: float
     size: int
 
     def as_metrics(self, prefix: str = "eval") -> dict[str, float]:
         return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/early_answer_rate": self.early_answer_rate,
-                f"{prefix}/completion_length": self.completion_length}
+                f"{prefix}/leakage_rate": self.leakage_rate, f"{prefix}/completion_length": self.completion_length}
 
 
-def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str) -> EvalResult:
+def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str,
+                    leak_phrases: list[str] = ()) -> EvalResult:
     """Greedy-decode every batch of student prompts and score the completions."""
     texts, problems, lengths = [], [], []
     device = next(model.parameters()).device
@@ -48,16 +57,18 @@ def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_ma
         texts += rollout.texts
         problems += batch.problems
         lengths += rollout.lengths.tolist()
-    metrics = completion_metrics(texts, problems, answer_marker)
-    return EvalResult(metrics.get("accuracy", float("nan")), metrics.get("early_answer_rate", float("nan")),
-                      float(torch.tensor(lengths, dtype=torch.float).mean()) if lengths else 0.0, len(texts))
+    metrics = completion_metrics(texts, problems, answer_marker, leak_phrases)
+    nan = float("nan")
+    return EvalResult(metrics.get("accuracy", nan), metrics.get("early_answer_rate", nan),
+                      metrics.get("leakage_rate", nan), sum(lengths) / len(lengths) if lengths else 0.0, len(texts))
 
 
 class QuickEval(L.Callback):
     """Runs :func:`evaluate_greedy` before training, every ``every_n_steps`` and at the end."""
 
-    def __init__(self, eval_batches, cfg: EvalConfig, answer_marker: str):
-        self.eval_batches, self.cfg, self.answer_marker = eval_batches, cfg, answer_marker
+    def __init__(self, eval_batches, cfg: EvalConfig, answer_marker: str, leak_phrases: list[str] = ()):
+        self.eval_batches, self.cfg = eval_batches, cfg
+        self.answer_marker, self.leak_phrases = answer_marker, list(leak_phrases)
         self.history: list[tuple[int, EvalResult]] = []
 
     def run(self, trainer: L.Trainer, module) -> EvalResult:
@@ -65,7 +76,8 @@ class QuickEval(L.Callback):
             return self.history[-1][1]
         module.clock.pause()  # evaluation time is not training time
         result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
-                                 max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker)
+                                 max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
+                                 leak_phrases=self.leak_phrases)
         metrics = {**result.as_metrics(), **module.counters.as_metrics()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

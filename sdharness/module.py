@@ -1,8 +1,11 @@
 """Lightning modules: the shared policy plumbing and the self-distillation step.
 
-``PolicyModule`` owns what every method shares: the optimiser and schedule, cost counters,
-non-finite-loss handling, checkpointed state and metric logging. ``SelfDistillModule`` adds the
-step: rollout -> teacher logits (no grad) -> student logits -> aggregate -> loss.
+``PolicyModule`` owns what every method shares: the optimiser step (manual, so one batch may
+take several steps, as GRPO's inner epochs do), non-finite handling, cost counters, checkpointed
+state and metric logging. A method only implements ``losses(batch)``, a generator of
+``(loss, metrics)`` pairs, one per optimiser step. ``SelfDistillModule`` is the method this
+harness exists for: rollout -> teacher logits (no grad) -> student logits -> aggregate -> loss.
+SFT and GRPO live in ``baselines.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -43,10 +47,11 @@ def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
 
 
 class PolicyModule(L.LightningModule):
-    """Shared plumbing; subclasses implement ``compute_loss(batch) -> (loss, metrics)``."""
+    """Shared plumbing; subclasses implement ``losses(batch)``."""
 
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         super().__init__()
+        self.automatic_optimization = False
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.counters = Counters()
         self.clock = WallClock(self.counters)
@@ -54,43 +59,61 @@ class PolicyModule(L.LightningModule):
         self.parameter_count = sum(p.numel() for p in model.parameters())
         self.eos_ids = eos_token_ids(model, tokenizer)
 
+    def losses(self, batch: PromptBatch) -> Iterator[tuple[torch.Tensor, dict]]:
+        raise NotImplementedError
+
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
         sampling = self.cfg.rollout
         return generate(self.model, self.tokenizer, prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens,
                         temperature=sampling.temperature, top_p=sampling.top_p, progress=sampling.progress)
 
-    def training_step(self, batch: PromptBatch, batch_idx: int):
-        loss, metrics = self.compute_loss(batch)
-        if not torch.isfinite(loss):
-            return self._skip_nonfinite(loss)
-        self.nonfinite_in_a_row = 0
-        self.log_dict({"train/loss": loss.detach(), **metrics}, batch_size=len(batch))
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=len(batch))
-        return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.clock.tick()
-        if outputs is not None:
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        metrics: dict = {}
+        for loss, metrics in self.losses(batch):
+            optimizer.zero_grad()
+            if torch.isfinite(loss):
+                self.manual_backward(loss)
+            if not self._all_finite(loss):
+                self._skip_nonfinite()
+                continue
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val,
+                                gradient_clip_algorithm="norm")
+            optimizer.step()
+            schedule.step()
+            self.nonfinite_in_a_row = 0
             self.after_optimizer_step()
-        self.log_dict(self.counters.as_metrics(), batch_size=len(batch))
+            metrics = {"train/loss": loss.detach(), **metrics}
+        if metrics:
+            self.log_dict(metrics, batch_size=len(batch))
+            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(batch))
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Loss and every gradient finite, agreed across ranks (sharded strategies see parts)."""
+        finite = bool(torch.isfinite(loss)) and all(
+            bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
+        return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+    def _skip_nonfinite(self) -> None:
+        self.nonfinite_in_a_row += 1
+        self.counters.skipped_steps += 1
+        limit = self.cfg.trainer.max_consecutive_nonfinite
+        log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, limit %d)",
+                    self.global_step, self.nonfinite_in_a_row, limit)
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} consecutive updates had a non-finite loss or gradient; stopping. The "
+                "last good checkpoint is kept; lower optim.lr or check the data, then resume with ckpt_path=last")
 
     def after_optimizer_step(self) -> None:
         """Hook for state that follows the weights (e.g. an EMA teacher)."""
 
-    def _skip_nonfinite(self, loss: torch.Tensor):
-        self.nonfinite_in_a_row += 1
-        self.counters.skipped_steps += 1
-        limit = self.cfg.trainer.max_consecutive_nonfinite
-        log.warning("step %d: loss is %s; skipping the update (%d in a row, limit %d)",
-                    self.global_step, loss.item(), self.nonfinite_in_a_row, limit)
-        if self.nonfinite_in_a_row >= limit:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss; stopping. The last good "
-                "checkpoint is kept; lower optim.lr or check the data, then resume with ckpt_path=last")
-        return None
-
     def on_train_start(self) -> None:
         self.clock.restart()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.clock.tick()
+        self.log_dict(self.counters.as_metrics(), batch_size=len(batch))
 
     def configure_optimizers(self):
         optim = self.cfg.optim
@@ -107,30 +130,38 @@ class PolicyModule(L.LightningModule):
         self.counters.load_state_dict(checkpoint.get("sdharness_counters", {}))
 
     def rollout_metrics(self, rollout: Rollout, problems: list[dict]) -> dict[str, float]:
-        metrics = {f"train/rollout_{k}": v for k, v in
-                   completion_metrics(rollout.texts, problems, self.cfg.data.answer_marker).items()}
+        metrics = {f"train/rollout_{k}": v for k, v in completion_metrics(
+            rollout.texts, problems, self.cfg.data.answer_marker, self.cfg.prompt.leak_phrases).items()}
         metrics["train/completion_length"] = rollout.lengths.float().mean().item()
         return metrics
 
+    def count_rollout(self, prompt_mask: torch.Tensor, rollout: Rollout) -> int:
+        """Record a rollout's cost; returns its forward-only tokens (prefill + decoding)."""
+        generated = int(rollout.lengths.sum())
+        self.counters.add(parameters=self.parameter_count, rollouts=len(rollout.texts), generated=generated,
+                          forward_only=int(prompt_mask.sum()) + generated)
+        return generated
 
-class TeacherWeights:
-    """Which weights score the teacher prompt: the live student, a frozen copy, or an EMA."""
 
-    def __init__(self, student: torch.nn.Module, mode: str, decay: float):
-        self.mode, self.decay, self.student = mode, decay, student
+class ShadowWeights:
+    """Weights that only score, never train: the live model, a frozen copy of the initial
+    weights, or an exponential moving average of the live model."""
+
+    def __init__(self, live: torch.nn.Module, mode: str, decay: float = 0.99):
+        self.mode, self.decay, self.live = mode, decay, live
         self.copy = None
         if mode in ("initial", "ema"):
-            self.copy = copy.deepcopy(student).eval().requires_grad_(False)
+            self.copy = copy.deepcopy(live).eval().requires_grad_(False)
 
     @property
     def model(self) -> torch.nn.Module:
-        return self.student if self.copy is None else self.copy
+        return self.live if self.copy is None else self.copy
 
     @torch.no_grad()
     def update(self) -> None:
         if self.mode == "ema":
-            for teacher, student in zip(self.copy.parameters(), self.student.parameters()):
-                teacher.lerp_(student.detach().to(teacher.dtype), 1.0 - self.decay)
+            for shadow, live in zip(self.copy.parameters(), self.live.parameters()):
+                shadow.lerp_(live.detach().to(shadow.dtype), 1.0 - self.decay)
 
 
 class SelfDistillModule(PolicyModule):
@@ -138,11 +169,11 @@ class SelfDistillModule(PolicyModule):
 
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         super().__init__(model, tokenizer, cfg)
-        self.teacher = TeacherWeights(model, cfg.teacher.weights, cfg.teacher.ema_decay)
+        self.teacher = ShadowWeights(model, cfg.teacher.weights, cfg.teacher.ema_decay)
         if self.teacher.copy is not None:
             self.teacher_model = self.teacher.copy  # registered, so it moves devices and is checkpointed
 
-    def compute_loss(self, batch: PromptBatch):
+    def losses(self, batch: PromptBatch):
         rollout = self.rollout(batch.student_ids, batch.student_mask)
         g, g_mask = rollout.completion_ids, rollout.completion_mask
         with torch.no_grad():
@@ -154,17 +185,15 @@ class SelfDistillModule(PolicyModule):
                                    tau=self.cfg.aggregation.tau, divergence_name=self.cfg.loss.divergence,
                                    beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size)
         self._count(batch, rollout)
-        metrics = {"train/divergence_per_token": result.loss.detach(),
-                   "train/teacher_student_kl": result.teacher_student_kl, "train/loss_tokens": float(result.tokens),
-                   **self.rollout_metrics(rollout, batch.problems)}
-        return result.loss, metrics
+        yield result.loss, {"train/divergence_per_token": result.loss.detach(),
+                            "train/teacher_student_kl": result.teacher_student_kl,
+                            "train/loss_tokens": float(result.tokens), **self.rollout_metrics(rollout, batch.problems)}
 
     def _count(self, batch: PromptBatch, rollout: Rollout) -> None:
-        student_prompt, teacher_prompt = int(batch.student_mask.sum()), int(batch.teacher_mask.sum())
-        generated = int(rollout.lengths.sum())
-        self.counters.add(parameters=self.parameter_count, problems=len(batch), rollouts=len(batch),
-                          generated=generated, forward_only=(student_prompt + generated) + (teacher_prompt + generated),
-                          trained=student_prompt + generated)
+        generated = self.count_rollout(batch.student_mask, rollout)
+        self.counters.add(parameters=self.parameter_count, problems=len(batch),
+                          forward_only=int(batch.teacher_mask.sum()) + generated,
+                          trained=int(batch.student_mask.sum()) + generated)
 
     def after_optimizer_step(self) -> None:
         self.teacher.update()

@@ -54,3 +54,9 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
             ids[row, longest - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[row, longest - len(seq):] = 1
     return ids, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of shape ``[batch, longest]``, padded on the right (completions)."""
+    ids, mask = left_pad([seq[::-1] for seq in sequences], pad_id)
+    return ids.flip(1), mask.flip(1)

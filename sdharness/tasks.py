@@ -20,7 +20,7 @@ import random
 import re
 
 ANSWER_MARKER = "The answer is"
-DIFFICULTY_STEPS = {"easy": 2, "hard": 4}
+DIFFICULTY_STEPS = {"single": 1, "easy": 2, "hard": 4}
 SOLUTION_STYLES = ("native", "foreign")
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 
@@ -128,3 +128,24 @@ def arithmetic_split(seed: int, size: int, difficulty: str, solution_style: str 
             seen.add(item["problem"])
             problems.append(item)
     return problems
+
+
+def answer_match_reward(completion: str, problem: dict, answer_marker: str = ANSWER_MARKER) -> float:
+    """1.0 when the completion's marked answer equals the problem's answer, else 0.0."""
+    return float(is_correct(completion, problem["answer"], answer_marker))
+
+
+REWARDS = {"answer_match": answer_match_reward}
+
+
+def resolve_reward(name: str):
+    """A built-in reward by name, or ``package.module:function``."""
+    if name in REWARDS:
+        return REWARDS[name]
+    module_name, _, function = name.partition(":")
+    if not function:
+        raise ValueError(f"algo.reward={name!r} is unknown; choose one of {', '.join(REWARDS)} "
+                         "or give module:function")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), function)

@@ -27,11 +27,14 @@ from sdharness.config import ConfigError, register_configs, to_train_config
 from sdharness.data import DataError, ProblemDataModule
 from sdharness.evaluation import QuickEval
 from sdharness.models import load_model_and_tokenizer, save_for_inference
+from sdharness.accounting import X_AXES, BudgetStop
+from sdharness.baselines import GRPOModule, SFTModule
 from sdharness.module import SelfDistillModule
 from sdharness.prompts import uses_chat_template
 
 log = logging.getLogger(__name__)
 register_configs()
+MODULES = {"sd": SelfDistillModule, "sft": SFTModule, "grpo": GRPOModule}
 # Hydra's own files live in the run directory too; the CSV logger only adds metrics.csv there.
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the checkout's conf/ (editable install)
@@ -43,7 +46,7 @@ def wandb_mode(mode: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
-def make_loggers(cfg: TrainConfig, output_dir: Path, config_dict: dict) -> list:
+def make_loggers(cfg, output_dir: Path, config_dict: dict) -> list:
     # Flushed every step: a killed run keeps its metrics up to the last step.
     loggers = [CSVLogger(output_dir, name="", version="", flush_logs_every_n_steps=1)]
     mode = wandb_mode(cfg.logger.mode)
@@ -52,6 +55,9 @@ def make_loggers(cfg: TrainConfig, output_dir: Path, config_dict: dict) -> list:
                             tags=list(cfg.tags), save_dir=str(output_dir), offline=mode == "offline",
                             name=output_dir.name)
         wandb.log_hyperparams(config_dict)
+        for axis in X_AXES:  # every cost counter is offered as an x-axis for every curve
+            wandb.experiment.define_metric(f"train/{axis}")
+        wandb.experiment.define_metric("eval/*", step_metric="train/problems_seen")
         loggers.append(wandb)
     return loggers
 
@@ -71,17 +77,17 @@ def train(dict_cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
                                    max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
                                    eval_batch_size=cfg.eval.batch_size)
     datamodule.setup()
-    module = SelfDistillModule(model, tokenizer, cfg)
+    module = MODULES[cfg.algo.name](model, tokenizer, cfg)
 
-    quick_eval = QuickEval(datamodule.eval_dataloader, cfg.eval, cfg.data.answer_marker)
+    quick_eval = QuickEval(datamodule.eval_dataloader, cfg.eval, cfg.data.answer_marker, cfg.prompt.leak_phrases)
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
                                   every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, max_steps=cfg.trainer.max_steps,
-        gradient_clip_val=cfg.trainer.gradient_clip_val, log_every_n_steps=cfg.trainer.log_every_n_steps,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
         logger=make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True)),
-        callbacks=[checkpoints, quick_eval], default_root_dir=output_dir,
+        callbacks=[checkpoints, quick_eval, BudgetStop(cfg.budget)], default_root_dir=output_dir,
         enable_model_summary=False, **cfg.trainer.extra,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
