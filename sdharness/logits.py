@@ -1,13 +1,27 @@
-"""Score a completion under a prompt: logits at the positions that predict ``g``.
+"""Score a completion under a prompt: logits (or hidden states) at the positions that predict ``g``.
 
 ``[prompt (left-padded), g (right-padded)]`` goes through the model once; position i of the
 result predicts token i of ``g``. Because every prompt ends at the same column, the same
 completion scored after the student prompt and after the teacher prompt lines up exactly.
+
+The teacher needs no gradient, so it is scored as :class:`LazyLogits`: final hidden states plus
+the LM head, turned into vocabulary logits only chunk by chunk inside the loss. A full
+``[batch, length, vocab]`` teacher tensor never exists.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+def _inputs(prompt_ids, prompt_mask, completion_ids, completion_mask) -> dict[str, torch.Tensor]:
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
+    # Positions count real tokens only, exactly as generate() numbered them under left padding.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
 
 
 def completion_logits(
@@ -22,16 +36,44 @@ def completion_logits(
     Only the completion's positions go through the LM head (``logits_to_keep``), so the prompt
     costs no vocabulary-sized memory.
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
-    # Positions count real tokens only, exactly as generate() numbered them under left padding.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     new_tokens = completion_ids.shape[1]
-    output = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=new_tokens + 1,
-        use_cache=False,
-    )
+    output = model(**_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask),
+                   logits_to_keep=new_tokens + 1, use_cache=False)
     return output.logits[:, :-1]
+
+
+@dataclass
+class LazyLogits:
+    """Final hidden states ``[batch, length, hidden]`` and the LM head that maps them to logits."""
+
+    hidden: torch.Tensor
+    head: torch.nn.Module
+    softcap: float | None = None  # Gemma-style final logit soft-capping
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([*self.hidden.shape[:-1], self.head.weight.shape[0]])
+
+    def rows(self, flat_positions: torch.Tensor) -> torch.Tensor:
+        """Logits ``[len(flat_positions), vocab]`` of the given flattened positions."""
+        logits = self.head(self.hidden.reshape(-1, self.hidden.shape[-1])[flat_positions])
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def materialize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.shape[:-1].numel(), device=self.hidden.device)).view(self.shape)
+
+
+def completion_hidden(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> LazyLogits:
+    """Like :func:`completion_logits`, but stops before the LM head."""
+    new_tokens = completion_ids.shape[1]
+    output = model.get_decoder()(**_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask), use_cache=False)
+    hidden = output.last_hidden_state[:, -new_tokens - 1:-1]
+    return LazyLogits(hidden, model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None))

@@ -8,7 +8,8 @@ Divergences take log-probabilities ``[..., vocab]`` and return one value per pos
 
 :func:`distillation_loss` evaluates aggregation and divergence over chunks of loss-carrying
 positions and computes the gradient with respect to the student logits chunk by chunk, so the
-only full ``[batch, length, vocab]`` tensors alive are the two logit tensors and their gradient.
+only full ``[batch, length, vocab]`` tensors alive are the student logits and their gradient; the
+teacher can be passed as hidden states and is projected to the vocabulary chunk by chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sdharness.aggregation import AGGREGATIONS, aggregate
+from sdharness.logits import LazyLogits
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -83,9 +85,8 @@ class _ChunkedDistillation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, positions, weight, chunk_size, target_fn, divergence_fn):
+    def forward(ctx, student_logits, teacher_rows, positions, weight, chunk_size, target_fn, divergence_fn):
         flat_student = student_logits.detach().reshape(-1, student_logits.shape[-1])
-        flat_teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
         # Half-precision logits are evaluated in float32; float64 stays float64.
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
         grad = torch.zeros_like(flat_student) if ctx.needs_input_grad[0] else None
@@ -94,7 +95,8 @@ class _ChunkedDistillation(torch.autograd.Function):
         for start in range(0, positions.numel(), chunk_size):
             rows = positions[start : start + chunk_size]
             student = flat_student[rows].to(dtype).requires_grad_(grad is not None)
-            teacher = flat_teacher[rows].to(dtype)
+            with torch.no_grad():
+                teacher = teacher_rows(rows).to(dtype)
             with torch.enable_grad():
                 target = target_fn(teacher, student.detach()).detach()
                 student_logp = F.log_softmax(student, dim=-1)
@@ -118,7 +120,7 @@ class _ChunkedDistillation(torch.autograd.Function):
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | LazyLogits,
     loss_mask: torch.Tensor,
     *,
     aggregation: str,
@@ -131,7 +133,8 @@ def distillation_loss(
 
     Args:
         student_logits: ``[batch, length, vocab]``, with gradient.
-        teacher_logits: ``[batch, length, vocab]``, position i aligned with the student's.
+        teacher_logits: ``[batch, length, vocab]``, position i aligned with the student's, or
+            :class:`LazyLogits` (hidden states + LM head) evaluated chunk by chunk.
         loss_mask: ``[batch, length]`` bool; positions that carry loss. If none does, the loss is
             a zero still attached to the student graph so that backward runs everywhere.
         chunk_size: positions evaluated at once; the result does not depend on it.
@@ -158,8 +161,13 @@ def distillation_loss(
     def divergence_fn(target, student_logp):
         return divergence(target, student_logp, name=divergence_name, beta=beta)
 
+    if isinstance(teacher_logits, LazyLogits):
+        teacher_rows = teacher_logits.rows
+    else:
+        flat_teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+        teacher_rows = flat_teacher.__getitem__
     loss, kl = _ChunkedDistillation.apply(
-        student_logits, teacher_logits, positions, 1.0 / tokens, chunk_size, target_fn, divergence_fn
+        student_logits, teacher_rows, positions, 1.0 / tokens, chunk_size, target_fn, divergence_fn
     )
     return DistillationLoss(loss, kl, tokens)
 

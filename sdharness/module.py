@@ -22,7 +22,7 @@ from sdharness.accounting import Counters, WallClock
 from sdharness.config import TrainConfig
 from sdharness.data import PromptBatch
 from sdharness.evaluation import completion_metrics
-from sdharness.logits import completion_logits
+from sdharness.logits import completion_hidden, completion_logits
 from sdharness.losses import distillation_loss
 from sdharness.positions import loss_positions
 from sdharness.rollout import Rollout, eos_token_ids, generate
@@ -177,7 +177,7 @@ class SelfDistillModule(PolicyModule):
         rollout = self.rollout(batch.student_ids, batch.student_mask)
         g, g_mask = rollout.completion_ids, rollout.completion_mask
         with torch.no_grad():
-            teacher_logits = completion_logits(self.teacher.model, batch.teacher_ids, batch.teacher_mask, g, g_mask)
+            teacher_logits = completion_hidden(self.teacher.model, batch.teacher_ids, batch.teacher_mask, g, g_mask)
         student_logits = completion_logits(self.model, batch.student_ids, batch.student_mask, g, g_mask)
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)

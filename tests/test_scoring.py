@@ -106,3 +106,16 @@ def test_student_gets_gradient_and_teacher_pass_does_not(tiny):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     model.zero_grad()
+
+
+def test_hidden_states_through_the_head_equal_completion_logits(tiny):
+    from sdharness.logits import completion_hidden
+
+    model, tok = tiny
+    p_ids, p_mask = left_pad([[1, 10, 11], [1, 30, 31, 32, 33]], tok.pad_token_id)
+    c_ids, c_mask = right_pad([[40, 41], [50, 51, 52]], tok.pad_token_id)
+    with torch.no_grad():
+        dense = completion_logits(model, p_ids, p_mask, c_ids, c_mask)
+        lazy = completion_hidden(model, p_ids, p_mask, c_ids, c_mask)
+    assert lazy.shape == dense.shape
+    torch.testing.assert_close(lazy.materialize(), dense, rtol=1e-5, atol=1e-5)
