@@ -40,8 +40,10 @@ def product_target(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *
 
 def clip_target(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, tau: float) -> torch.Tensor:
     """target = log_softmax(s + min(0, (t - s) / tau))."""
-    s = F.log_softmax(student_logits, dim=-1)
-    t = F.log_softmax(teacher_logits, dim=-1)
+    return _clip_from_logprobs(F.log_softmax(teacher_logits, dim=-1), F.log_softmax(student_logits, dim=-1), tau)
+
+
+def _clip_from_logprobs(t: torch.Tensor, s: torch.Tensor, tau: float) -> torch.Tensor:
     return F.log_softmax(s + torch.clamp((t - s) / tau, max=0.0), dim=-1)
 
 
@@ -97,3 +99,16 @@ def aggregate(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, nam
     if name not in _BY_NAME:
         raise ValueError(f"aggregation.name={name!r} is unknown; choose one of {', '.join(AGGREGATIONS)}")
     return _BY_NAME[name](teacher_logits, student_logits, tau=tau)
+
+
+def aggregate_logprobs(t: torch.Tensor, s: torch.Tensor, *, name: str, tau: float) -> torch.Tensor:
+    """:func:`aggregate` from teacher and student log-probabilities, which the loss already has.
+
+    Every aggregation is invariant to per-position shifts of the logits, so log-probabilities
+    serve as logits; this only skips recomputing the two log-softmaxes (``teacher`` returns ``t``).
+    """
+    if name == "teacher":
+        return t
+    if name == "clip":
+        return _clip_from_logprobs(t, s, tau)
+    return aggregate(t, s, name=name, tau=tau)

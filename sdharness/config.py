@@ -161,7 +161,7 @@ class LossConfig:
     divergence: str = "forward_kl"
     beta: float = 0.5
     positions: str = "all"
-    chunk_size: int = 1024
+    chunk_size: int = 32
 
     def __post_init__(self):
         _choice("loss.divergence", self.divergence, DIVERGENCES)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sdharness.aggregation import AGGREGATIONS, aggregate
+from sdharness.aggregation import AGGREGATIONS, aggregate_logprobs
 from sdharness.logits import LazyLogits
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -77,6 +77,42 @@ class DistillationLoss:
     tokens: int
 
 
+def forward_kl_with_grad(target_logp: torch.Tensor, student_logp: torch.Tensor):
+    """KL(target || student) per row and its gradient w.r.t. the student logits, p_S - p_target."""
+    target_p = target_logp.exp()
+    value = (target_p * (target_logp - student_logp)).sum(-1)
+    return value, student_logp.exp().sub_(target_p)
+
+
+def reverse_kl_with_grad(target_logp: torch.Tensor, student_logp: torch.Tensor):
+    """KL(student || target) per row and its gradient p_S * (log p_S - log p_target - KL)."""
+    student_p = student_logp.exp()
+    log_ratio = student_logp - target_logp
+    value = (student_p * log_ratio).sum(-1)
+    return value, log_ratio.sub_(value.unsqueeze(-1)).mul_(student_p)
+
+
+def _autograd_with_grad(name: str, beta: float):
+    def value_and_grad(target_logp, student_logp):
+        # log_softmax(student_logp) == student_logp, and its Jacobian equals the logits' one.
+        student = student_logp.detach().requires_grad_()
+        with torch.enable_grad():
+            value = divergence(target_logp, F.log_softmax(student, dim=-1), name=name, beta=beta)
+            (grad,) = torch.autograd.grad(value.sum(), student)
+        return value.detach(), grad
+    return value_and_grad
+
+
+def value_and_grad_fn(name: str, beta: float = 0.5):
+    """``(target_logp, student_logp) -> (per-row divergence, gradient w.r.t. the student logits)``.
+
+    The KLs have closed-form gradients (fewer passes over the vocabulary than autograd);
+    the JSD goes through autograd.
+    """
+    return {"forward_kl": forward_kl_with_grad, "reverse_kl": reverse_kl_with_grad}.get(
+        name, _autograd_with_grad(name, beta))
+
+
 class _ChunkedDistillation(torch.autograd.Function):
     """Loss and student-logit gradient computed together, chunk by chunk (Liger-style).
 
@@ -85,27 +121,24 @@ class _ChunkedDistillation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_rows, positions, weight, chunk_size, target_fn, divergence_fn):
+    def forward(ctx, student_logits, teacher_rows, positions, weight, chunk_size, target_fn, value_and_grad):
         flat_student = student_logits.detach().reshape(-1, student_logits.shape[-1])
         # Half-precision logits are evaluated in float32; float64 stays float64.
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
         grad = torch.zeros_like(flat_student) if ctx.needs_input_grad[0] else None
         loss = flat_student.new_zeros((), dtype=dtype)
         kl = flat_student.new_zeros((), dtype=dtype)
-        for start in range(0, positions.numel(), chunk_size):
-            rows = positions[start : start + chunk_size]
-            student = flat_student[rows].to(dtype).requires_grad_(grad is not None)
-            with torch.no_grad():
-                teacher = teacher_rows(rows).to(dtype)
-            with torch.enable_grad():
-                target = target_fn(teacher, student.detach()).detach()
-                student_logp = F.log_softmax(student, dim=-1)
-                chunk_loss = divergence_fn(target, student_logp).sum() * weight
-            if grad is not None:
-                (chunk_grad,) = torch.autograd.grad(chunk_loss, student)
-                grad[rows] = chunk_grad.to(grad.dtype)
-            loss += chunk_loss.detach()
-            kl += _kl(F.log_softmax(teacher, dim=-1), student_logp.detach()).sum() * weight
+        with torch.no_grad():
+            for start in range(0, positions.numel(), chunk_size):
+                rows = positions[start : start + chunk_size]
+                student_logp = F.log_softmax(flat_student[rows].to(dtype), dim=-1)
+                teacher_logp = F.log_softmax(teacher_rows(rows).to(dtype), dim=-1)
+                value, chunk_grad = value_and_grad(target_fn(teacher_logp, student_logp), student_logp)
+                if grad is not None:
+                    grad[rows] = chunk_grad.mul_(weight).to(grad.dtype)
+                del chunk_grad
+                loss += value.sum() * weight
+                kl += _kl(teacher_logp, student_logp).sum() * weight
         ctx.save_for_backward(grad.view_as(student_logits) if grad is not None else None)
         ctx.mark_non_differentiable(kl)
         return loss, kl
@@ -127,7 +160,7 @@ def distillation_loss(
     tau: float,
     divergence_name: str,
     beta: float = 0.5,
-    chunk_size: int = 1024,
+    chunk_size: int = 32,
 ) -> DistillationLoss:
     """Token-mean divergence between the detached aggregate target and the student.
 
@@ -155,11 +188,8 @@ def distillation_loss(
         zero = student_logits.sum() * 0.0
         return DistillationLoss(zero, zero.detach(), 0)
 
-    def target_fn(teacher, student):
-        return aggregate(teacher, student, name=aggregation, tau=tau)
-
-    def divergence_fn(target, student_logp):
-        return divergence(target, student_logp, name=divergence_name, beta=beta)
+    def target_fn(teacher_logp, student_logp):
+        return aggregate_logprobs(teacher_logp, student_logp, name=aggregation, tau=tau)
 
     if isinstance(teacher_logits, LazyLogits):
         teacher_rows = teacher_logits.rows
@@ -167,7 +197,8 @@ def distillation_loss(
         flat_teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
         teacher_rows = flat_teacher.__getitem__
     loss, kl = _ChunkedDistillation.apply(
-        student_logits, teacher_rows, positions, 1.0 / tokens, chunk_size, target_fn, divergence_fn
+        student_logits, teacher_rows, positions, 1.0 / tokens, chunk_size, target_fn,
+        value_and_grad_fn(divergence_name, beta),
     )
     return DistillationLoss(loss, kl, tokens)
 
