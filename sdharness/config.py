@@ -7,6 +7,7 @@ is merged into these dataclasses: unknown keys and ill-typed values fail at comp
 
 from __future__ import annotations
 
+import os
 import string
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -243,6 +244,9 @@ class EvalConfig:
     max_new_tokens: int = 96
     batch_size: int = 16
     at_start: bool = True
+    # lm-eval tasks run at the same points (local ones in evals/tasks, or standard hub tasks).
+    tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: Optional[int] = None  # documents per task; None: all
 
     def __post_init__(self):
         _require(self.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {self.every_n_steps}")
@@ -279,6 +283,13 @@ class LoggerConfig:
 
     def __post_init__(self):
         _choice("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto``: ``WANDB_MODE`` if set, else online when ``WANDB_API_KEY`` is set, else offline."""
+    if mode != "auto":
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
 @dataclass

@@ -78,12 +78,24 @@ class QuickEval(L.Callback):
         result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
                                  max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
                                  leak_phrases=self.leak_phrases)
-        metrics = {**result.as_metrics(), **module.counters.as_metrics()}
+        metrics = {**result.as_metrics(), **module.counters.as_metrics(), **self.lm_eval(module)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append((trainer.global_step, result))
         module.clock.restart()
         return result
+
+    def lm_eval(self, module) -> dict[str, float]:
+        """``lmeval/<task>/<metric>`` for the configured lm-eval tasks (none by default)."""
+        if not self.cfg.tasks:
+            return {}
+        from sdharness.lmeval import run_lm_eval
+
+        results = run_lm_eval(module.model, module.tokenizer, list(self.cfg.tasks), limit=self.cfg.lm_eval_limit,
+                              max_gen_toks=self.cfg.max_new_tokens, prompt=module.cfg.prompt,
+                              device=str(module.device), batch_size=self.cfg.batch_size)
+        return {f"lmeval/{task}/{metric}": value for task, metrics in results.items()
+                for metric, value in metrics.items() if "stderr" not in metric}
 
     def on_train_start(self, trainer, module) -> None:
         if self.cfg.at_start:

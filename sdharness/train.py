@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.config import ConfigError, register_configs, to_train_config
+from sdharness.config import ConfigError, register_configs, resolve_wandb_mode, to_train_config
 from sdharness.data import DataError, ProblemDataModule
 from sdharness.evaluation import QuickEval
 from sdharness.models import load_model_and_tokenizer, save_for_inference
@@ -40,16 +40,10 @@ warnings.filterwarnings("ignore", message="Experiment logs directory .* exists a
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the checkout's conf/ (editable install)
 
 
-def wandb_mode(mode: str) -> str:
-    if mode != "auto":
-        return mode
-    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-
-
 def make_loggers(cfg, output_dir: Path, config_dict: dict) -> list:
     # Flushed every step: a killed run keeps its metrics up to the last step.
     loggers = [CSVLogger(output_dir, name="", version="", flush_logs_every_n_steps=1)]
-    mode = wandb_mode(cfg.logger.mode)
+    mode = resolve_wandb_mode(cfg.logger.mode)
     if mode != "disabled":
         wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                             tags=list(cfg.tags), save_dir=str(output_dir), offline=mode == "offline",

@@ -68,3 +68,11 @@ def test_bad_config_on_the_command_line_is_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert "sdharness: error: aggregation.tau must be a positive number, got -1.0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_lm_eval_results_land_in_the_metrics(tmp_path):
+    train(compose_config(TINY + ["trainer.max_steps=1", "logger.mode=disabled", "eval.tasks=[sdh_arithmetic_easy]",
+                                 "eval.lm_eval_limit=2", "eval.max_new_tokens=4"]), tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if r.get("lmeval/sdh_arithmetic_easy/exact_match,strict-match")]
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    assert all(0.0 <= float(r["lmeval/sdh_arithmetic_easy/exact_match,strict-match"]) <= 1.0 for r in rows)
