@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from sdharness.config import ConfigError, register_configs, resolve_wandb_mode, to_train_config
 from sdharness.data import DataError, ProblemDataModule
 from sdharness.evaluation import QuickEval
+from sdharness.jobs import end_wandb_run, in_multirun, record_failure
 from sdharness.models import load_model_and_tokenizer, save_for_inference
 from sdharness.accounting import X_AXES, BudgetStop
 from sdharness.baselines import GRPOModule, SFTModule
@@ -109,11 +110,20 @@ def report(quick_eval: QuickEval, module, output_dir: Path) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(dict_cfg: DictConfig) -> float:
+    output_dir = HydraConfig.get().runtime.output_dir
     try:
-        metrics = train(dict_cfg, HydraConfig.get().runtime.output_dir)
+        metrics = train(dict_cfg, output_dir)
     except (ConfigError, DataError) as error:  # bad input: say what to fix, no traceback
         print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
+        if in_multirun():  # the sweep goes on; the job is recorded in <job dir>/FAILED.json
+            return record_failure(output_dir, error, show_traceback=False)
         sys.exit(2)
+    except Exception as error:
+        if not in_multirun():
+            raise
+        return record_failure(output_dir, error)
+    finally:
+        end_wandb_run()  # jobs of a multirun share one process: each gets its own W&B run
     return metrics["eval/accuracy"]
 
 

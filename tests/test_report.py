@@ -1,0 +1,197 @@
+"""sdharness-report: tokens-to-target maths, report files, failed jobs, and a real tiny sweep."""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from sdharness.jobs import FAILED_FILE, read_failure, write_failure
+from sdharness.report import (SummaryCallback, build_report, find_runs, main, mean_curve, summarize,
+                              tokens_to_target)
+from tests.conftest import TINY
+
+REPO = Path(__file__).resolve().parent.parent
+COLUMNS = ["step", "train/loss", "eval/accuracy", "eval/early_answer_rate", "eval/leakage_rate",
+           "eval/completion_length", "train/problems_seen", "train/generated_tokens", "train/flops",
+           "train/wall_seconds", "lmeval/gsm8k/exact_match"]
+
+
+def fake_run(path: Path, algo: str, evals, *, aggregation="clip", tau=1.0, seed=0, lr=1e-5, lmeval=None):
+    """A run dir like Hydra + CSVLogger write: ``evals`` are (generated_tokens, accuracy) points,
+    one eval every 2 problems and 100 FLOPs per token."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / "final_model").mkdir()
+    config = {"algo": {"name": algo, "group_size": 8}, "aggregation": {"name": aggregation, "tau": tau},
+              "optim": {"lr": lr}, "seed": seed, "tags": [f"algo={algo}", f"seed={seed}"], "logger": {"group": "g"}}
+    OmegaConf.save(OmegaConf.create(config), path / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create([f"seed={seed}"]), path / ".hydra" / "overrides.yaml")
+    with open(path / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        for i, (tokens, accuracy) in enumerate(evals):
+            counters = {"train/problems_seen": 2 * i, "train/generated_tokens": tokens, "train/flops": 100 * tokens,
+                        "train/wall_seconds": 0.5 * i}
+            if i:  # a training row between evals, without eval columns
+                writer.writerow({"step": i, "train/loss": 0.1, **counters})
+            writer.writerow({"step": i, "eval/accuracy": accuracy, "eval/early_answer_rate": 0.1,
+                             "eval/leakage_rate": 0.0, "eval/completion_length": 20 + i, **counters})
+        if lmeval is not None:
+            writer.writerow({"step": len(evals), "lmeval/gsm8k/exact_match": lmeval})
+    return path
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    fake_run(root / "0", "grpo", [(0, 0.1), (500, 0.3), (1000, 0.5), (1500, 0.5)], lmeval=0.2)
+    fake_run(root / "1", "sd", [(0, 0.1), (200, 0.4), (400, 0.5), (600, 0.7)], seed=0)
+    fake_run(root / "2", "sd", [(0, 0.1), (250, 0.45), (400, 0.55), (650, 0.6)], seed=1)
+    fake_run(root / "3", "sft", [(0, 0.1), (0, 0.2), (0, 0.3), (0, 0.3)])
+    return root
+
+
+def test_tokens_to_target_is_the_first_point_reaching_it():
+    points = [(0, 0.1), (200, 0.4), (400, 0.5), (600, 0.45), (800, 0.9)]
+    assert tokens_to_target(points, 0.5) == 400
+    assert tokens_to_target(points, 0.1) == 0
+    assert tokens_to_target(points, 0.95) is None
+    assert tokens_to_target([(0, float("nan")), (5, 0.5)], 0.5) == 5
+
+
+def test_summarize_and_mean_curve():
+    assert summarize([1.0, 3.0, None, float("nan")]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 2}
+    assert summarize([])["n"] == 0 and math.isnan(summarize([])["mean"])
+    x, mean, low, high = mean_curve([([0, 10, 20], [0.0, 1.0, 1.0]), ([0, 20, 30], [0.0, 0.5, 0.9])])
+    assert list(x) == [0, 10, 20]  # the range both cover
+    assert list(mean) == [0.0, 0.625, 0.75] and list(low) == [0.0, 0.25, 0.5] and list(high) == [0.0, 1.0, 1.0]
+
+
+def test_tokens_to_target_against_grpo_from_metric_files(sweep, tmp_path):
+    result = build_report(find_runs(sweep), tmp_path / "out", plots=False)
+    assert result["reference"] == "grpo" and result["target"] == pytest.approx(0.5)
+    table = result["to_target"]
+    assert table["grpo"]["generated_tokens"] == 1000 and table["grpo"]["generated_tokens_ratio"] == pytest.approx(1.0)
+    sd = table["sd/clip/tau=1"]
+    assert (sd["generated_tokens"], sd["flops"], sd["reached"], sd["n"]) == (400, 40000, 2, 2)
+    assert sd["generated_tokens_ratio"] == pytest.approx(0.4) and sd["flops_ratio"] == pytest.approx(0.4)
+    assert table["sft"]["reached"] == 0 and math.isnan(table["sft"]["generated_tokens"])
+    scores = result["scores"]["sd/clip/tau=1"]["eval/accuracy"]
+    assert (scores["mean"], scores["min"], scores["max"], scores["n"]) == pytest.approx((0.65, 0.6, 0.7, 2))
+    assert result["scores"]["grpo"]["lmeval/gsm8k/exact_match"]["mean"] == pytest.approx(0.2)
+    md = result["path"].read_text()
+    assert "| sd/clip/tau=1 | 2/2 | 400 | 0.400 |" in md and "| sft | 0/1 | not reached |" in md
+    # an explicit target wins over GRPO's; ratios stay relative to GRPO
+    table = build_report(find_runs(sweep), tmp_path / "out2", target_accuracy=0.4, plots=False)["to_target"]
+    assert table["sd/clip/tau=1"]["generated_tokens"] == 225 and table["grpo"]["generated_tokens"] == 1000
+
+
+def test_report_writes_markdown_pngs_table_and_config_differences(sweep, tmp_path, capsys):
+    main([str(sweep), "--out", str(tmp_path / "out")])
+    assert "| sd/clip/tau=1 | 2 | 0.650 ± 0.050 |" in capsys.readouterr().out
+    out = tmp_path / "out"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["accuracy_vs_flops.png", "accuracy_vs_generated_tokens.png", "accuracy_vs_problems_seen.png",
+                    "accuracy_vs_tau.png", "accuracy_vs_wall_seconds.png"]
+    assert all((out / p).stat().st_size > 1000 for p in pngs)
+    md = (out / "report.md").read_text()
+    assert all(f"]({p})" in md for p in pngs)
+    assert "| run | algo.name | seed |" in md and "| 2 | sd | 1 |" in md  # only the keys that differ
+    assert "lmeval/gsm8k/exact_match" in md and "4 completed, 0 failed" in md
+
+
+def test_runs_differing_in_another_key_are_separate_lines_and_one_run_dir_works(tmp_path):
+    fake_run(tmp_path / "s" / "0", "sd", [(0, 0.1), (10, 0.2)], lr=1e-5)
+    fake_run(tmp_path / "s" / "1", "sd", [(0, 0.1), (10, 0.3)], lr=1e-4)
+    result = build_report(find_runs(tmp_path / "s"), tmp_path / "out", target_accuracy=0.3, plots=False)
+    assert sorted(result["scores"]) == ["sd/clip/tau=1 optim.lr=0.0001", "sd/clip/tau=1 optim.lr=1e-05"]
+    single = find_runs(tmp_path / "s" / "1")
+    assert len(single) == 1 and single[0].status == "completed"
+    assert "Skipped: no GRPO run" in build_report(single, tmp_path / "one", plots=False)["path"].read_text()
+
+
+def test_failed_and_incomplete_jobs_are_listed_with_their_error(sweep, tmp_path):
+    failed = sweep / "4"
+    (failed / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"algo": {"name": "sd"}, "aggregation": {"name": "clip", "tau": 1.0},
+                                     "data": {"path": "/nonexistent.jsonl"}, "seed": 0}),
+                   failed / ".hydra" / "config.yaml")
+    try:
+        raise FileNotFoundError("data.path: /nonexistent.jsonl does not exist")
+    except FileNotFoundError as error:
+        write_failure(failed, error)
+    assert read_failure(failed)["error_type"] == "FileNotFoundError"
+    incomplete = fake_run(sweep / "5", "sd", [(0, 0.1)], seed=2)
+    (incomplete / "final_model").rmdir()
+    result = build_report(find_runs(sweep), tmp_path / "out", plots=False)
+    status = {Path(r.name).name: r.status for r in result["runs"]}
+    assert status == {"0": "completed", "1": "completed", "2": "completed", "3": "completed", "4": "failed",
+                      "5": "incomplete"}
+    assert result["scores"]["sd/clip/tau=1"]["eval/accuracy"]["n"] == 2  # failed/incomplete runs not averaged
+    md = result["path"].read_text()
+    assert "4 completed, 1 failed, 1 incomplete of 6 runs" in md
+    assert "### 4: failed" in md and "**FileNotFoundError**: data.path: /nonexistent.jsonl does not exist" in md
+    assert "### 5: incomplete" in md and "| 4 | sd/clip/tau=1 | 0 | failed | – |" in md
+
+
+def test_callback_records_a_raised_job_and_reports_at_the_end(sweep, capsys):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    job = sweep / "6"
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"algo": {"name": "sft"}, "seed": 0}), job / ".hydra" / "config.yaml")
+    ret = JobReturn(status=JobStatus.FAILED)
+    ret.return_value = RuntimeError("boom")
+    callback = SummaryCallback()
+    callback.on_job_end(OmegaConf.create({"hydra": {"runtime": {"output_dir": str(job)}}}), ret)
+    assert read_failure(job)["message"] == "boom"
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    out = capsys.readouterr().out
+    assert "Final scores" in out and "| grpo | 1 | 0.500 |" in out
+    assert "**RuntimeError**: boom" in (sweep / "report" / "report.md").read_text()
+
+
+def test_wandb_group_is_read_through_the_api(monkeypatch, tmp_path):
+    """--wandb-group: W&B history rows and configs become runs (the API is faked: no network)."""
+    import types
+
+    def remote(name, algo, points, state="finished"):
+        rows = [{"_step": i, "trainer/global_step": i, "eval/accuracy": acc, "train/generated_tokens": tokens,
+                 "train/flops": 10 * tokens} for i, (tokens, acc) in enumerate(points)]
+        return types.SimpleNamespace(name=name, state=state, url=f"https://wandb.ai/x/{name}", scan_history=lambda: rows,
+                                     config={"algo": {"name": algo}, "aggregation": {"name": "clip", "tau": 1.0},
+                                             "seed": 0, "_wandb": {"cli_version": "0"}})
+
+    runs = [remote("0", "grpo", [(0, 0.1), (1000, 0.5)]), remote("1", "sd", [(0, 0.1), (400, 0.5)]),
+            remote("2", "sd", [(0, 0.1)], state="crashed")]
+    api = types.SimpleNamespace(runs=lambda path, filters: runs if filters == {"group": "methods"} else [])
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=lambda: api))
+    main(["--wandb-group", "methods", "--wandb-project", "p", "--out", str(tmp_path / "w")])
+    md = (tmp_path / "w" / "report.md").read_text()
+    assert "| sd/clip/tau=1 | 1/1 | 400 | 0.400 |" in md and "### 2: failed" in md and "W&B state crashed" in md
+
+
+@pytest.mark.slow
+def test_tiny_sweep_reports_completed_and_failed_jobs(tmp_path):
+    """tests/sweeps/tiny.yaml: sd and grpo complete; a missing data file (DataError) and a missing
+    checkpoint (FileNotFoundError in fit) fail inside their jobs, and the sweep goes on."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "sdharness.train", "-m", "--config-dir", str(REPO / "tests" / "sweeps"),
+         "--config-name", "tiny", *TINY, "rollout.max_new_tokens=8", "eval.max_new_tokens=8",
+         f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Final scores" in result.stdout and "| grpo | 1 |" in result.stdout
+    assert (tmp_path / "2" / FAILED_FILE).exists() and (tmp_path / "3" / FAILED_FILE).exists()
+    # each job has its own W&B run (the jobs share one process)
+    assert all(len(list((tmp_path / n / "wandb").glob("offline-run-*"))) == 1 for n in ("0", "1"))
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "2 completed, 2 failed, 0 incomplete of 4 runs" in md
+    assert "| sd/clip/tau=1 | 1 |" in md and "| grpo | 1 |" in md
+    assert "**DataError**: data.path: /nonexistent/train.jsonl does not exist" in md
+    assert "**FileNotFoundError**: Checkpoint file not found" in md
+    assert len(list((tmp_path / "report").glob("*.png"))) == 5
