@@ -76,7 +76,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Problems with worked solutions: the built-in ``arithmetic`` task or a ``jsonl`` file
-    with fields ``problem``, ``solution`` and optional ``answer``."""
+    with fields ``problem``, ``solution`` and optional ``answer``; or ``chatlog``, logged
+    conversations whose assistant turns are distilled without generation (sdharness/chatlog.py).
+    ``path`` may be ``pkg://PACKAGE/sub/path`` for chatlog."""
 
     name: str = "arithmetic"
     path: Optional[str] = None
@@ -89,13 +91,19 @@ class DataConfig:
     seed: int = 1234
     batch_size: int = 4
     answer_marker: str = "The answer is"
+    # chatlog only: train on `all` earlier assistant turns or only the `first`; also the accepted
+    # final turn; strict: reject (file:line) rather than skip and count unusable conversations.
+    turns: str = "all"
+    include_final: bool = False
+    strict: bool = False
 
     def __post_init__(self):
         from sdharness.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES
 
-        _choice("data.name", self.name, ("arithmetic", "jsonl"))
-        if self.name == "jsonl":
-            _require(bool(self.path), "data.path is required for data=jsonl; e.g. data.path=train.jsonl")
+        _choice("data.name", self.name, ("arithmetic", "jsonl", "chatlog"))
+        if self.name in ("jsonl", "chatlog"):
+            _require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")
+        _choice("data.turns", self.turns, ("all", "first"))
         _choice("data.difficulty", self.difficulty, list(DIFFICULTY_STEPS))
         if self.eval_difficulty is not None:
             _choice("data.eval_difficulty", self.eval_difficulty, list(DIFFICULTY_STEPS))
@@ -117,9 +125,15 @@ class PromptConfig:
     chat_template: str = "auto"
     # Wording only the teacher prompt has; a student completion containing it has leaked.
     leak_phrases: list[str] = field(default_factory=lambda: ["reference solution"])
+    # data=chatlog: the teacher's hint, a system message placed first; {accepted} is the accepted reply.
+    chat_hint: str = ("A reply the user later accepted follows. Use it only as a hint; answer in your own words.\n"
+                      "{accepted}")
 
     def __post_init__(self):
         _choice("prompt.chat_template", self.chat_template, ("auto", "always", "never"))
+        hint = placeholders(self.chat_hint)
+        _require(hint == {"accepted"}, "prompt.chat_hint must use exactly the placeholder {accepted} (the accepted "
+                 f"reply); it uses {sorted(hint) or 'none'}")
         student, teacher = placeholders(self.student), placeholders(self.teacher)
         _require(student == {"problem"}, f"prompt.student must use exactly the placeholder {{problem}}; "
                  f"it uses {sorted(student) or 'none'}. The student never sees the solution.")
@@ -135,11 +149,19 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     progress: bool = True
+    # Guided sampling (sdharness/guided.py): never | always | on_failure. Guided rollouts are off-policy.
+    guidance: str = "never"
+    guidance_samples: int = 1  # on_failure: plain samples per problem; guided when all fail the answer check
+    importance_weighting: bool = False  # weight guided tokens' loss by min(p_student / p_sampling, importance_clip)
+    importance_clip: float = 2.0
 
     def __post_init__(self):
         _positive("rollout.temperature", self.temperature)
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _choice("rollout.guidance", self.guidance, ("never", "always", "on_failure"))
+        _require(self.guidance_samples >= 1, f"rollout.guidance_samples must be >= 1, got {self.guidance_samples}")
+        _positive("rollout.importance_clip", self.importance_clip)
 
 
 @dataclass
@@ -312,6 +334,11 @@ class TrainConfig:
     tags: list[str] = field(default_factory=list)
     ckpt_path: Optional[str] = None  # a checkpoint file, or "last" to resume this run directory
     output_dir: Optional[str] = None  # filled from Hydra's run directory
+
+    def __post_init__(self):
+        _require(not (self.data.name == "chatlog" and self.rollout.guidance != "never"),
+                 f"rollout.guidance={self.rollout.guidance} cannot apply to data=chatlog: its completions are "
+                 "logged, not sampled; set rollout.guidance=never")
 
 
 def _unknown_keys(given: dict, known: dict, prefix: str = "") -> list[str]:

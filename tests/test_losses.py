@@ -423,3 +423,53 @@ def test_lazy_teacher_logits_give_the_same_loss_and_gradient():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
     assert head.weight.grad is None
+
+
+# ---------------------------------------------------------------- token weights (importance weighting)
+
+def _loss_and_grad(student, teacher, mask, **kwargs):
+    leaf = student.detach().clone().requires_grad_()
+    out = distillation_loss(leaf, teacher, mask, aggregation="clip", tau=0.7, divergence_name="jsd", chunk_size=3,
+                            **kwargs)
+    out.loss.backward()
+    return out, leaf.grad
+
+
+def test_token_weights_of_ones_change_nothing():
+    student, teacher, mask = make_inputs(seed=60)
+    base, base_grad = _loss_and_grad(student, teacher, mask)
+    ones, ones_grad = _loss_and_grad(student, teacher, mask, token_weights=torch.ones(mask.shape, dtype=F64))
+    assert ones.loss.item() == base.loss.item() and ones.tokens == base.tokens
+    torch.testing.assert_close(ones_grad, base_grad, rtol=0, atol=0)
+
+
+def test_zero_token_weight_equals_masking_out_except_for_the_token_count():
+    student, teacher, mask = make_inputs(seed=61)
+    dropped = mask.reshape(-1).nonzero()[1].item()
+    weights = torch.ones(mask.shape, dtype=F64)
+    weights.view(-1)[dropped] = 0.0
+    weighted, weighted_grad = _loss_and_grad(student, teacher, mask, token_weights=weights)
+    fewer = mask.clone()
+    fewer.view(-1)[dropped] = False
+    masked, masked_grad = _loss_and_grad(student, teacher, fewer)
+    scale = masked.tokens / weighted.tokens  # the weighted mean still divides by every loss token
+    assert weighted.tokens == masked.tokens + 1
+    torch.testing.assert_close(weighted.loss, masked.loss * scale, rtol=1e-12, atol=0)
+    torch.testing.assert_close(weighted_grad, masked_grad * scale, rtol=1e-12, atol=1e-15)
+    assert weighted.teacher_student_kl.item() > 0  # monitoring stays unweighted
+
+
+def test_token_weights_scale_each_position_against_the_reference():
+    student, teacher, mask = make_inputs(seed=62)
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(63), dtype=F64) * 2
+    out, grad = _loss_and_grad(student, teacher, mask, token_weights=weights)
+    leaf = student.detach().clone().requires_grad_()
+    target = aggregate(teacher, leaf.detach(), name="clip", tau=0.7)
+    per_position = ref_divergence(target, F.log_softmax(leaf, -1), "jsd", 0.5)
+    ref = (per_position * weights)[mask].sum() / mask.sum()
+    ref.backward()
+    torch.testing.assert_close(out.loss.to(F64), ref.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(grad, leaf.grad, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="token_weights"):
+        distillation_loss(student, teacher, mask, aggregation="clip", tau=0.7, divergence_name="jsd",
+                          token_weights=weights[:, :-1])
