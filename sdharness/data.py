@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from sdharness.chatlog import EXCEEDS_CONTEXT, encode_chat, encode_completion, load_chats
 from sdharness.config import ConfigError, DataConfig, PromptConfig
+from sdharness.models import resolve_path
 from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad
 from sdharness.tasks import arithmetic_split
 
@@ -56,16 +57,24 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS) ->
                             "each line must be one JSON object") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        if isinstance(row.get("answer"), (int, float)) and not isinstance(row["answer"], bool):
+            row["answer"] = str(row["answer"])  # a numeric answer (42, 0.5) counts as given
         missing = [name for name in required if not isinstance(row.get(name), str) or not row[name].strip()]
         if missing:
+            optional = "" if "answer" in required else " (answer is optional)"
             raise DataError(f"{path}:{number}: field(s) {', '.join(missing)} missing or not a non-empty string; "
-                            f"every row needs {', '.join(required)} (answer is optional)")
+                            f"every row needs {', '.join(required)}{optional}")
         if "answer" in row:
             row["answer"] = str(row["answer"])
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows; the file is empty")
     return rows
+
+
+def data_path(path: str, field: str) -> str | Path:
+    """``pkg://PACKAGE/file`` resolved inside the installed package; other paths as given."""
+    return resolve_path(path, field) if path.startswith("pkg://") else path
 
 
 def load_problems(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
@@ -75,9 +84,9 @@ def load_problems(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         evaluation = arithmetic_split(cfg.seed + 1, cfg.eval_size, cfg.eval_difficulty or cfg.difficulty,
                                       cfg.solution_style, exclude={row["problem"] for row in train})
         return train, evaluation
-    rows = read_jsonl(cfg.path)
+    rows = read_jsonl(data_path(cfg.path, "data.path"))
     if cfg.eval_path:
-        return rows, read_jsonl(cfg.eval_path)
+        return rows, read_jsonl(data_path(cfg.eval_path, "data.eval_path"))
     shuffled = rows[:]
     random.Random(cfg.seed).shuffle(shuffled)
     held_out = min(cfg.eval_size, len(rows) - 1)

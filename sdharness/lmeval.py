@@ -10,7 +10,9 @@ Local tasks (no hub, no network)::
 ``sdh_arithmetic_hard``; tag ``sdh_arithmetic`` runs both): a JSONL file of held-out problems
 (``problem``, ``solution``, ``answer``) and a YAML that loads it with ``dataset_path: json``.
 Answers are read with a regex filter after "The answer is" (the same pattern as
-:func:`sdharness.tasks.extract_answer`) and scored with ``exact_match``.
+:func:`sdharness.tasks.extract_answer`) and scored with ``exact_match``. The same folder holds
+``sdh_gsm_symbolic`` (GSM8K-style word problems on held-out templates), written with
+:func:`task_config` by ``python -m sdharness.gsm_symbolic`` (see :mod:`sdharness.gsm_symbolic`).
 
 The held-out problems are ``arithmetic_split(HELDOUT_SEED=999, 100, difficulty)``, a fixed seed
 distinct from any training split, minus the problems of the default training split
@@ -66,6 +68,7 @@ HELDOUT_SIZE = 100
 DEFAULT_DIFFICULTIES = ("easy", "hard")
 TASK_PREFIX = "sdh_arithmetic"
 TASK_TAG = "sdh_arithmetic"  # `--tasks sdh_arithmetic` runs every difficulty written
+LOCAL_TAG_PREFIX = "sdh_"  # tags of the harness's own tasks, whose prompt follows the run's student prompt
 DEFAULT_MAX_GEN_TOKS = 256
 # The student prompt of conf/prompt/cot.yaml (tests check that the two agree).
 DEFAULT_STUDENT_TEMPLATE = (
@@ -113,12 +116,21 @@ def jinja_template(template: str) -> str:
     return "".join(parts)
 
 
-def task_config(name: str, difficulty: str, data_file: str, *, prompt_template: str, max_gen_toks: int,
-                seed: int, size: int) -> dict[str, Any]:
-    """The lm-eval task config (as a dict) of one local arithmetic task."""
+def task_config(name: str, difficulty: str | None, data_file: str, *, prompt_template: str, max_gen_toks: int,
+                seed: int, size: int, tag: str = TASK_TAG, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The lm-eval task config (as a dict) of one local task: a JSONL of problem/solution/answer rows.
+
+    ``tag``: the arithmetic tasks share ``sdh_arithmetic``; other local tasks (e.g.
+    ``sdh_gsm_symbolic``, :mod:`sdharness.gsm_symbolic`) pass their own. ``metadata`` is added to
+    the task's metadata (``difficulty`` is left out when None).
+    """
+    meta: dict[str, Any] = {"version": 1.0}
+    if difficulty is not None:
+        meta["difficulty"] = difficulty
+    meta.update({"seed": seed, "size": size, **(metadata or {})})
     return {
         "task": name,
-        "tag": [TASK_TAG],
+        "tag": [tag],
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"test": data_file}},
         "test_split": "test",
@@ -137,7 +149,7 @@ def task_config(name: str, difficulty: str, data_file: str, *, prompt_template: 
             # "1,024" == "1024" and "32.0" == "32", as sdharness.tasks.is_correct compares numbers
             "regexes_to_ignore": [",", r"\.0+$"],
         }],
-        "metadata": {"version": 1.0, "difficulty": difficulty, "seed": seed, "size": size},
+        "metadata": meta,
     }
 
 
@@ -237,9 +249,10 @@ def materialise_tasks(include_path: str | Path, target: str | Path, *, doc_to_te
                       plain_newline: bool = False) -> set[str]:
     """Copy the task YAMLs of ``include_path`` into ``target`` with absolute data paths.
 
-    For tasks tagged ``sdh_arithmetic``: ``doc_to_text`` (a Jinja template) replaces the prompt
-    when given; ``plain_newline`` appends the newline that plain-text (no chat template) prompts
-    end with in training. Returns the task and tag names defined there.
+    For the harness's own tasks (a tag starting ``sdh_``: ``sdh_arithmetic``, ``sdh_gsm_symbolic``):
+    ``doc_to_text`` (a Jinja template) replaces the prompt when given; ``plain_newline`` appends the
+    newline that plain-text (no chat template) prompts end with in training. Returns the task and
+    tag names defined there.
     """
     include_path, target = Path(include_path), Path(target)
     yaml_files = sorted(include_path.glob("*.yaml")) + sorted(include_path.glob("*.yml"))
@@ -258,7 +271,7 @@ def materialise_tasks(include_path: str | Path, target: str | Path, *, doc_to_te
         data_files = (config.get("dataset_kwargs") or {}).get("data_files")
         if data_files is not None:
             config["dataset_kwargs"]["data_files"] = _absolute_data_files(data_files, path.parent.resolve())
-        if TASK_TAG in _tags(config):
+        if any(tag.startswith(LOCAL_TAG_PREFIX) for tag in _tags(config)):
             if doc_to_text is not None:
                 config["doc_to_text"] = doc_to_text
             if plain_newline and not str(config.get("doc_to_text", "")).endswith("\n"):
