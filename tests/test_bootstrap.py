@@ -1,0 +1,245 @@
+"""sdharness-bootstrap: answer-only problems -> checked worked solutions, with a provenance cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sdharness import bootstrap as bs
+from sdharness.bootstrap import (
+    answer_hint,
+    bootstrap,
+    bootstrap_to_file,
+    checker,
+    pick_solution,
+    provenance_path,
+    resolve_checker,
+    trim_solution,
+)
+from sdharness.config import ConfigError, ModelConfig, PromptConfig
+from sdharness.data import DataError, read_jsonl
+from sdharness.generate import _named_config
+from sdharness.models import load_model_and_tokenizer, resolve_path
+from sdharness.tasks import arithmetic_split, is_correct
+
+TINY = ModelConfig(name="tiny_random", source="tiny_random")
+TESTBED = ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed")
+PROBLEMS = [{"problem": f"Start with {n}. Add 1. What is the result?", "answer": str(n + 1)} for n in range(4)]
+
+
+def fake_sampler(log: list | None = None):
+    """Row 0: every sample correct, lengths differ; row 1: only sample 2 correct; row 2: never
+    correct; row 3: samples 0 and 3 correct, 3 shorter, 0 with junk after the answer line."""
+
+    def sample(requests):
+        if log is not None:
+            log.append(requests)
+        texts = []
+        for r in requests:
+            right, wrong = f"The answer is {r['answer']}.", f"The answer is {int(r['answer']) + 100}."
+            row, j = r["row"], r["sample"]
+            if row == 0:
+                texts.append("x" * (4 - j) + " = y\n" + right)
+            elif row == 1:
+                texts.append(right if j == 2 else wrong)
+            elif row == 2:
+                texts.append("no marker at all" if j % 2 else wrong)
+            else:
+                texts.append({0: "long working here\n" + right + "\nQ: junk", 3: right}.get(j, wrong))
+        return texts
+
+    return sample
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# --------------------------------------------------------------------------- (a) pure helpers
+
+
+def test_pick_solution_shortest_first_and_none():
+    number = checker("number")
+    candidates = ["a long way round\nThe answer is 7.", "The answer is 8.", "3 + 4 = 7\nThe answer is 7.",
+                  "The answer is 7.0", "The answer is 7."]
+    assert pick_solution(candidates, "7", checker=number, rule="first") == candidates[0]
+    assert pick_solution(candidates, "7", checker=number, rule="shortest") == candidates[4]
+    ties = ["The answer is 7.", "The answer is 7!"]
+    assert pick_solution(ties, "7", checker=number) == ties[0]  # shortest: first on ties
+    assert pick_solution(["The answer is 8.", "seven", ""], "7", checker=number) is None
+    assert pick_solution([], "7", checker=number) is None
+    with pytest.raises(ConfigError, match="--rule"):
+        pick_solution(candidates, "7", checker=number, rule="longest")
+
+
+def test_helpers_hint_trim_and_checker_names():
+    assert answer_hint("32") == "The answer is 32." and answer_hint(7) == "The answer is 7."
+    assert trim_solution("1 + 1 = 2\nThe answer is 2.\nQ: Start with") == "1 + 1 = 2\nThe answer is 2."
+    assert trim_solution("  no marker \n") == "no marker"
+    with pytest.raises(ConfigError, match="--checker"):
+        checker("sympy")
+
+
+def test_math_verify_checker_free_form_answers():
+    pytest.importorskip("math_verify")
+    name, check = resolve_checker("math_verify")
+    assert name == "math_verify"
+    assert check("1/2 of it\nThe answer is \\frac{1}{2}.", "0.5")
+    assert check("The answer is 0.5.", "\\frac{1}{2}")
+    assert check("so x = 3\nThe answer is 3.\nThe answer is 4.", "3")  # the first committed answer
+    assert not check("The answer is 4.", "3")
+    assert not check("", "3")
+
+
+def test_math_verify_missing_falls_back_to_number(monkeypatch, capsys):
+    monkeypatch.setattr(bs, "math_verify_available", lambda: False)
+    name, check = resolve_checker("math_verify")
+    assert name == "number"
+    assert "not installed" in capsys.readouterr().err
+    assert check("The answer is 1,024.", "1024") and not check("The answer is 3.", "4")
+
+
+# --------------------------------------------------------------------------- (b) bootstrap itself
+
+
+@pytest.mark.parametrize("unsolved", ["drop", "answer_hint"])
+def test_bootstrap_with_fake_sampler_exact_counts(unsolved):
+    log: list = []
+    rows, summary = bootstrap(None, None, PROBLEMS, k=4, sample_fn=fake_sampler(log), unsolved=unsolved,
+                              batch_size=3, guidance=True)
+    assert summary == {"problems": 4, "solved": 3, "unsolved": 1, "samples": 16, "correct_samples": 4 + 1 + 0 + 2,
+                       "pass_rate": 7 / 16, "kept": 4 if unsolved == "answer_hint" else 3,
+                       "dropped": 0 if unsolved == "answer_hint" else 1, "unsolved_rows": [2]}
+    assert [len(batch) for batch in log] == [3, 3, 3, 3, 3, 1]
+    assert all(r["hint"] == f"The answer is {r['answer']}." for batch in log for r in batch)
+    by_row = {row["bootstrap"]["row"]: row for row in rows}
+    assert by_row[0]["solution"] == "x = y\nThe answer is 1." and by_row[0]["bootstrap"]["picked"] == 3
+    assert by_row[1]["bootstrap"] == {"row": 1, "samples": 4, "correct": 1, "pass_rate": 0.25, "picked": 2,
+                                      "guided": True, "answer_only": False}
+    assert by_row[3]["solution"] == "The answer is 4." and by_row[3]["bootstrap"]["picked"] == 3
+    for row in rows:
+        assert set(row) == {"problem", "solution", "answer", "bootstrap"}
+        assert is_correct(row["solution"], row["answer"])
+        assert row["bootstrap"]["answer_only"] == (row["bootstrap"]["picked"] is None)
+    if unsolved == "answer_hint":
+        assert by_row[2]["solution"] == "The answer is 3." and by_row[2]["bootstrap"]["answer_only"]
+        assert [row["bootstrap"]["row"] for row in rows] == [0, 1, 2, 3]  # input order kept
+    else:
+        assert 2 not in by_row
+
+
+def test_bootstrap_rule_first_and_no_trim():
+    rows, _ = bootstrap(None, None, PROBLEMS, k=4, sample_fn=fake_sampler(), rule="first", trim=False)
+    by_row = {row["bootstrap"]["row"]: row for row in rows}
+    assert by_row[0]["bootstrap"]["picked"] == 0 and by_row[0]["solution"].startswith("xxxx")
+    assert by_row[3]["solution"] == "long working here\nThe answer is 4.\nQ: junk"
+    with pytest.raises(ConfigError, match="-k"):
+        bootstrap(None, None, PROBLEMS, k=0, sample_fn=fake_sampler())
+    with pytest.raises(ConfigError, match="--unsolved"):
+        bootstrap(None, None, PROBLEMS, k=1, sample_fn=fake_sampler(), unsolved="keep")
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_bootstrap_tiny_random_model(guidance):
+    model, tokenizer = load_model_and_tokenizer(TINY)
+    prompt = PromptConfig(**_named_config("prompt", "testbed"))
+    problems = arithmetic_split(0, 3, "easy")
+    rows, summary = bootstrap(model, tokenizer, problems, k=2, prompt_cfg=prompt, max_new_tokens=6,
+                              guidance=guidance, unsolved="answer_hint", batch_size=4, seed=1)
+    assert summary["samples"] == 6 and summary["problems"] == 3
+    assert summary["solved"] + summary["unsolved"] == 3 == summary["kept"] + summary["dropped"] == len(rows)
+    assert summary["correct_samples"] == sum(row["bootstrap"]["correct"] for row in rows)
+    for row in rows:
+        assert row["bootstrap"]["guided"] is guidance and row["bootstrap"]["samples"] == 2
+        assert is_correct(row["solution"], row["answer"])  # sampled or the answer alone, it verifies
+
+
+# --------------------------------------------------------------------------- (c) cache
+
+
+def test_cache_reused_then_regenerated_on_any_difference(tmp_path):
+    problems = write_jsonl(tmp_path / "in.jsonl", [{**p, "answer": int(p["answer"])} for p in PROBLEMS])
+    out = tmp_path / "sub" / "out.jsonl"
+    prompt = PromptConfig(**_named_config("prompt", "testbed"))
+    calls: list = []
+    common = dict(model_cfg=TINY, prompt_cfg=prompt, sample_fn=fake_sampler(calls), unsolved="answer_hint")
+
+    status, rows, summary = bootstrap_to_file(problems, out, k=4, **common)
+    assert status == "generated" and len(calls) == 2 and summary["kept"] == 4
+    record = json.loads(provenance_path(out).read_text())
+    assert record["key"]["k"] == 4 and record["key"]["checker"] == "number" and record["summary"] == summary
+    assert record["key"]["model"]["name"] == "tiny_random" and len(record["key"]["model"]["config_sha256"]) == 64
+    assert read_jsonl(out, required=("problem", "solution", "answer")) == rows
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+    calls.clear()
+    status, again, summary_again = bootstrap_to_file(problems, out, k=4, **common)
+    assert status == "reused" and calls == [] and again == rows and summary_again == summary
+
+    status, _, summary = bootstrap_to_file(problems, out, k=2, **common)  # k differs
+    assert status == "generated" and calls and summary["samples"] == 8
+    assert json.loads(provenance_path(out).read_text())["key"]["k"] == 2
+
+    calls.clear()
+    assert bootstrap_to_file(problems, out, k=2, **common)[0] == "reused" and calls == []
+    assert bootstrap_to_file(problems, out, k=2, seed=1, **common)[0] == "generated"
+    assert bootstrap_to_file(problems, out, k=2, seed=1, **common)[0] == "reused"
+    out.write_text(out.read_text() + "\n{}\n")  # a tampered output is not trusted
+    assert bootstrap_to_file(problems, out, k=2, seed=1, **common)[0] == "generated"
+    write_jsonl(problems, PROBLEMS[:3])  # the input changed
+    status, _, summary = bootstrap_to_file(problems, out, k=2, seed=1, **common)
+    assert status == "generated" and summary["problems"] == 3
+
+
+def test_input_needs_problem_and_answer(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "p", "answer": 3}\n\n{"problem": "q", "solution": "s"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:3: field\(s\) answer missing"):
+        bootstrap_to_file(bad, tmp_path / "o.jsonl", model_cfg=TINY, prompt_cfg=PromptConfig(), k=1,
+                          sample_fn=fake_sampler())
+
+
+def test_cli_end_to_end_with_tiny_random(tmp_path, capsys):
+    problems = write_jsonl(tmp_path / "in.jsonl", PROBLEMS[:2])
+    out = tmp_path / "out.jsonl"
+    argv = ["--model", "tiny_random", "--problems", str(problems), "--out", str(out), "--prompt", "testbed",
+            "-k", "2", "--max-new-tokens", "4", "--unsolved", "answer_hint", "--guidance"]
+    bs.main(argv)
+    first = capsys.readouterr().out
+    assert "problems        2" in first and "samples         4" in first and "reused cache" not in first
+    bs.main(argv)
+    assert "reused cache" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        bs.main(argv[:-1] + ["--prompt", "nope"])
+    assert exit_info.value.code == 2 and "conf/prompt" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- (d) the testbed model
+
+
+def _testbed_dir() -> Path | None:
+    try:
+        directory = resolve_path(TESTBED.path)
+    except ConfigError:
+        return None
+    return directory if (directory / "config.json").exists() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_testbed_dir() is None, reason="no testbed model at sdharness/assets/testbed")
+def test_bootstrap_hard_problems_from_testbed(tmp_path):
+    problems = write_jsonl(tmp_path / "hard.jsonl",
+                           [{"problem": p["problem"], "answer": p["answer"]} for p in arithmetic_split(7, 8, "hard")])
+    prompt = PromptConfig(**_named_config("prompt", "testbed"))
+    status, rows, summary = bootstrap_to_file(problems, tmp_path / "out.jsonl", model_cfg=TESTBED, prompt_cfg=prompt,
+                                              k=4, max_new_tokens=128, unsolved="drop", seed=0)
+    assert status == "generated"
+    assert summary["problems"] == 8 and summary["samples"] == 32
+    assert summary["solved"] + summary["unsolved"] == 8 == summary["kept"] + summary["dropped"]
+    assert summary["kept"] == summary["solved"] == len(rows)
+    assert summary["correct_samples"] == sum(row["bootstrap"]["correct"] for row in rows)
+    for row in rows:
+        assert is_correct(row["solution"], row["answer"]) and not row["bootstrap"]["answer_only"]
