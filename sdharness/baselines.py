@@ -13,7 +13,7 @@ import torch
 from sdharness.config import TrainConfig
 from sdharness.data import PromptBatch
 from sdharness.logits import completion_logits
-from sdharness.losses import masked_token_mean
+from sdharness.losses import token_cross_entropy
 from sdharness.module import PolicyModule, ShadowWeights
 from sdharness.policy_gradient import clipped_policy_loss, group_advantages, token_logprobs, zero_variance_groups
 from sdharness.tasks import resolve_reward
@@ -23,8 +23,7 @@ class SFTModule(PolicyModule):
     def losses(self, batch: PromptBatch):
         logits = completion_logits(self.model, batch.student_ids, batch.student_mask,
                                    batch.solution_ids, batch.solution_mask)
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch.solution_ids, reduction="none")
-        loss = masked_token_mean(nll, batch.solution_mask)
+        loss = token_cross_entropy(logits, batch.solution_ids, batch.solution_mask)
         self.counters.add(parameters=self.parameter_count, problems=len(batch),
                           trained=int(batch.student_mask.sum() + batch.solution_mask.sum()))
         yield loss, {"train/loss_tokens": float(batch.solution_mask.sum())}

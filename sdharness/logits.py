@@ -36,10 +36,12 @@ def completion_logits(
     Only the completion's positions go through the LM head (``logits_to_keep``), so the prompt
     costs no vocabulary-sized memory.
     """
-    new_tokens = completion_ids.shape[1]
-    output = model(**_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask),
-                   logits_to_keep=new_tokens + 1, use_cache=False)
-    return output.logits[:, :-1]
+    total, new_tokens = prompt_ids.shape[1] + completion_ids.shape[1], completion_ids.shape[1]
+    # The exact positions, not "last N+1" then a slice: slicing's backward allocates a full-size zero tensor.
+    keep = torch.arange(total - new_tokens - 1, total - 1, device=prompt_ids.device)
+    output = model(**_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask), logits_to_keep=keep,
+                   use_cache=False)
+    return output.logits
 
 
 @dataclass

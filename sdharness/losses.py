@@ -143,7 +143,8 @@ class _ChunkedDistillation(torch.autograd.Function):
                     grad[rows] = chunk_grad.mul_(weight).to(grad.dtype)
                 del chunk_grad
                 loss += value.sum() * weight
-                kl += _kl(teacher_logp, student_logp).sum() * weight
+                # Log-probabilities of finite logits are finite: no zero-probability guard needed here.
+                kl += (teacher_logp.exp() * (teacher_logp - student_logp)).sum() * weight
         ctx.save_for_backward(grad.view_as(student_logits) if grad is not None else None)
         ctx.mark_non_differentiable(kl)
         return loss, kl
@@ -151,7 +152,8 @@ class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_kl):
         (grad,) = ctx.saved_tensors
-        student_grad = None if grad is None else grad * grad_loss.to(grad.dtype)
+        # In place: the saved gradient is used once, and a copy would be another [batch, length, vocab].
+        student_grad = None if grad is None else grad.mul_(grad_loss.to(grad.dtype))
         # The target is detached by definition, so the teacher logits never get a gradient.
         return student_grad, None, None, None, None, None, None, None
 
@@ -213,6 +215,14 @@ def distillation_loss(
         None if token_weights is None else token_weights.detach().reshape(-1)[positions],
     )
     return DistillationLoss(loss, kl, tokens)
+
+
+def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy of ``tokens`` ``[batch, length]`` under ``logits`` ``[batch, length, vocab]``
+    over the positions in ``mask`` (the SFT loss)."""
+    # Flattened: cross_entropy over a [batch, vocab, length] transpose was ~8x slower on CPU.
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view_as(tokens)
+    return masked_token_mean(nll, mask)
 
 
 def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
