@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine (Python 3.11):
-#   make train   - install, then run the default experiment (CPU, minutes)
+#   make train   - install, then run the testbed comparison: sd (product, clip, teacher), sft, grpo
+#                  on the shipped testbed base, one seed, ending with a score table (CPU, minutes)
 #   make test    - install, then run the test suite
 # Extra arguments go to the training app: make train ARGS="aggregation=clip trainer.max_steps=4"
 VENV ?= .venv
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: install
-	$(VENV)/bin/sdharness-train $(ARGS)
+	$(VENV)/bin/sdharness-train -m --config-dir sweeps --config-name testbed $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
