@@ -1,0 +1,158 @@
+"""The testbed base: the shipped model, the pretrain command that made it, and its data knobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sdharness.config import ConfigError, ModelConfig, PromptConfig
+from sdharness.models import char_tokenizer, load_model_and_tokenizer, resolve_path
+from sdharness.pretrain import (
+    REPORT_NAME,
+    MixConfig,
+    build_examples,
+    eval_problems,
+    evaluate_suite,
+    make_batches,
+    split_counts,
+    to_pretrain_config,
+)
+from tests.conftest import compose_config
+
+TESTBED = ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed")
+TOLERANCE = 0.05  # accuracy points, as a fraction
+ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")
+
+
+def shipped_report() -> dict:
+    return json.loads((resolve_path(TESTBED.path) / REPORT_NAME).read_text())
+
+
+def prompt_from(report: dict) -> PromptConfig:
+    return PromptConfig(**report["config"]["prompt"])
+
+
+def test_pretrain_config_composes_and_validates():
+    cfg = to_pretrain_config(compose_config(config_name="pretrain"))
+    assert cfg.prompt.name == "testbed" and cfg.prompt.chat_template == "never"
+    assert "Reference solution" in cfg.prompt.teacher and "Reference solution" not in cfg.prompt.student
+    assert cfg.early_answer_fraction == 0.0
+    with pytest.raises(ConfigError, match="early_answer_fraction"):
+        to_pretrain_config(compose_config(["early_answer_fraction=1.5"], config_name="pretrain"))
+    with pytest.raises(ConfigError, match="sum to 1"):
+        to_pretrain_config(compose_config(["mix.student_easy=0.9"], config_name="pretrain"))
+
+
+def test_model_group_points_at_the_shipped_base():
+    group = OmegaConf.to_container(compose_config(["model=testbed"]).model)
+    assert ModelConfig(**group) == TESTBED
+
+
+def test_shipped_report_records_the_command_and_the_target_band():
+    report = shipped_report()
+    assert report["command"].startswith("sdharness-pretrain")
+    assert report["seed"] == report["config"]["seed"]
+    assert report["wall_seconds"]["total"] > 0
+    accuracy = report["accuracy"]
+    assert accuracy["hint_hard"] >= 0.9
+    assert accuracy["no_hint_hard"] < accuracy["hint_hard"]
+
+
+def test_shipped_base_reaches_its_recorded_accuracies():
+    """Loads through the harness's own loader and re-runs the recorded held-out eval."""
+    torch.set_num_threads(1)
+    report = shipped_report()
+    model, tokenizer = load_model_and_tokenizer(TESTBED)
+    assert sum(p.numel() for p in model.parameters()) == report["parameters"]
+    problems = eval_problems(report["eval"]["seed"], report["eval"]["size"])
+    results = evaluate_suite(model, tokenizer, prompt_from(report), problems,
+                             max_new_tokens=report["eval"]["max_new_tokens"],
+                             batch_size=report["eval"]["batch_size"], sets=("no_hint_hard", "hint_hard"))
+    for name, row in results.items():
+        assert row["size"] == report["eval"]["size"]
+        assert abs(row["accuracy"] - report["accuracy"][name]) <= TOLERANCE, (name, row, report["accuracy"][name])
+
+
+def _teacher_split(examples):
+    teacher = [example for example in examples if example.kind.startswith("teacher")]
+    return teacher, [example for example in teacher if example.early_answer]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1.0])
+def test_early_answer_fraction_is_exact(fraction):
+    prompt = PromptConfig(**OmegaConf.to_container(compose_config(config_name="pretrain").prompt))
+    tokenizer = char_tokenizer()
+    mix = MixConfig(student_easy=0.4, student_hard=0.1, teacher_easy=0.2, teacher_hard=0.3)
+    examples = build_examples(prompt, tokenizer, size=200, mix=mix, early_answer_fraction=fraction, seed=3)
+    counts = {kind: sum(example.kind == kind for example in examples) for kind in mix.__dict__}
+    assert counts == {"student_easy": 80, "student_hard": 20, "teacher_easy": 40, "teacher_hard": 60}
+    teacher, early = _teacher_split(examples)
+    assert len(early) == round(fraction * len(teacher))
+    for example in examples:
+        completion = tokenizer.decode(example.ids[example.prompt_length:], skip_special_tokens=True)
+        assert completion == example.completion
+        assert example.ids[-1] == tokenizer.eos_token_id
+        if example.early_answer:
+            assert example.kind.startswith("teacher")
+            assert ANSWER_LINE.match(example.completion), example.completion
+        else:  # the worked steps, then the answer line
+            assert " = " in example.completion and ANSWER_LINE.match(example.completion.splitlines()[-1])
+    # The student never sees the solution; the teacher prompt holds it.
+    for example in examples:
+        prompt_text = tokenizer.decode(example.ids[:example.prompt_length], skip_special_tokens=True)
+        assert ("Reference solution" in prompt_text) == example.kind.startswith("teacher")
+
+
+def test_examples_are_deterministic_and_exclude_the_eval_sets():
+    prompt = PromptConfig(**OmegaConf.to_container(compose_config(config_name="pretrain").prompt))
+    tokenizer = char_tokenizer()
+    held_out = eval_problems(20240, 50)
+    exclude = {item["problem"] for items in held_out.values() for item in items}
+    kwargs = dict(size=300, mix=MixConfig(), early_answer_fraction=0.3, seed=7, exclude=exclude)
+    first = build_examples(prompt, tokenizer, **kwargs)
+    assert first == build_examples(prompt, tokenizer, **kwargs)
+    assert not {example.problem for example in first} & exclude
+    batches = make_batches(first, batch_size=32, bucket_batches=4, seed=7, pad_id=tokenizer.pad_token_id)
+    assert sum(len(ids) for ids, _ in batches) == 300
+    for ids, labels in batches:
+        supervised = labels != -100
+        assert torch.equal(ids[supervised], labels[supervised])
+        assert (labels[:, 0] == -100).all()  # the prompt is never a target
+
+
+def test_split_counts_sum_exactly():
+    assert split_counts(7, {"a": 0.5, "b": 0.5}) == {"a": 4, "b": 3}
+    assert sum(split_counts(1001, {"a": 0.33, "b": 0.33, "c": 0.34}).values()) == 1001
+
+
+def _pretrain_command() -> list[str]:
+    script = Path(sys.executable).with_name("sdharness-pretrain")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sdharness.pretrain"]
+
+
+@pytest.mark.reproduce
+def test_pretrain_command_reproduces_the_shipped_base(tmp_path):
+    """Re-runs the recorded pretraining command (about 10 minutes on one CPU thread)."""
+    report = shipped_report()
+    recorded = shlex.split(report["command"])[1:]
+    overrides = [arg for arg in recorded if not arg.startswith(("output_dir=", "hydra."))]
+    run = subprocess.run(
+        _pretrain_command() + overrides + [f"output_dir={tmp_path / 'base'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    fresh = json.loads((tmp_path / "base" / REPORT_NAME).read_text())
+    assert fresh["config"] | {"output_dir": None} == report["config"] | {"output_dir": None}
+    for name in ("no_hint_easy", "no_hint_hard", "hint_hard"):
+        assert abs(fresh["accuracy"][name] - report["accuracy"][name]) <= TOLERANCE, (name, fresh["accuracy"])
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "base" / name).exists()
