@@ -156,3 +156,17 @@ def test_pretrain_command_reproduces_the_shipped_base(tmp_path):
         assert abs(fresh["accuracy"][name] - report["accuracy"][name]) <= TOLERANCE, (name, fresh["accuracy"])
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "base" / name).exists()
+
+
+@pytest.mark.slow
+def test_short_self_distillation_run_moves_no_hint_hard_accuracy(tmp_path):
+    from sdharness.train import train
+    from tests.conftest import compose_config
+
+    train(compose_config(["experiment=testbed_sd", "budget.problems=64", "data.eval_size=50", "eval.every_n_steps=0",
+                          "logger.mode=disabled", "rollout.progress=false"]), tmp_path)
+    import csv
+
+    with open(tmp_path / "metrics.csv") as handle:
+        accuracies = [float(r["eval/accuracy"]) for r in csv.DictReader(handle) if r.get("eval/accuracy")]
+    assert len(accuracies) == 2 and accuracies[0] != accuracies[1]
