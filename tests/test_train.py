@@ -76,3 +76,16 @@ def test_lm_eval_results_land_in_the_metrics(tmp_path):
     rows = [r for r in read_metrics(tmp_path) if r.get("lmeval/sdh_arithmetic_easy/exact_match,strict-match")]
     assert [int(r["step"]) for r in rows] == [0, 1]
     assert all(0.0 <= float(r["lmeval/sdh_arithmetic_easy/exact_match,strict-match"]) <= 1.0 for r in rows)
+
+
+def test_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path):
+    train(compose_config(TINY + ["trainer.max_steps=1", "eval.at_start=false", "logger.mode=disabled",
+                                 "model.lora_rank=4"]), tmp_path)
+    final = load_file(tmp_path / "final_model" / "model.safetensors")
+    assert not any("lora" in name for name in final)  # merged: plain HF weights that lm-eval can load
+    cfg = compose_config(TINY)
+    initial = tiny_random_model(ModelConfig(**{k: cfg.model[k] for k in ("name", "source", "hidden_size", "num_layers",
+                                                                          "num_heads", "max_position_embeddings", "seed")}),
+                                char_tokenizer()).state_dict()
+    changed = {name for name in final if not torch.equal(final[name], initial[name])}
+    assert changed and all("q_proj" in name or "v_proj" in name for name in changed)
