@@ -37,6 +37,7 @@ from collections import Counter
 from pathlib import Path
 
 from sdharness.config import PromptConfig
+from sdharness.jsonl import DataError, json_objects
 from sdharness.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_problem
 
 ROLES = ("system", "user", "assistant")
@@ -51,10 +52,6 @@ _FIXES = {
 }
 
 
-def _data_error(message: str):
-    from sdharness.data import DataError  # data.py imports this module
-
-    return DataError(message)
 
 
 def _content(value, where: str) -> str:
@@ -64,7 +61,7 @@ def _content(value, where: str) -> str:
     if isinstance(value, list) and all(isinstance(part, dict) and part.get("type") == "text"
                                        and isinstance(part.get("text"), str) for part in value):
         return "".join(part["text"] for part in value)
-    raise _data_error(f"{where}: content must be a string (or a list of text parts), got {type(value).__name__}")
+    raise DataError(f"{where}: content must be a string (or a list of text parts), got {type(value).__name__}")
 
 
 def unusable_reason(messages: list[dict]) -> str | None:
@@ -84,38 +81,22 @@ def read_chats(path: str | Path, *, strict: bool = False) -> tuple[list[dict], C
     """``(conversations, skipped)``: the usable conversations of a JSONL chat log and the count
     of skipped ones by reason. Each conversation is its row (``messages`` with string contents,
     ``answer`` as a string when present) plus ``path`` and ``line``."""
-    path = Path(path)
-    if not path.exists():
-        raise _data_error(f"data.path: {path} does not exist")
     conversations, skipped = [], Counter()
-    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+    path = Path(path)
+    for number, row in json_objects(path):
         where = f"{path}:{number}"
-        try:
-            text = line.decode("utf-8").strip()
-        except UnicodeDecodeError as error:
-            raise _data_error(f"{where}: not valid UTF-8 ({error.reason} at byte {error.start}); "
-                              "re-encode the file as UTF-8") from None
-        if not text:
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise _data_error(f"{where}: not valid JSON ({error.msg}, column {error.colno}); "
-                              "each line must be one JSON object") from None
-        if not isinstance(row, dict):
-            raise _data_error(f"{where}: expected a JSON object, got {type(row).__name__}")
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _data_error(f"{where}: field messages missing or not a non-empty list; every line needs "
+            raise DataError(f"{where}: field messages missing or not a non-empty list; every line needs "
                               '{"messages": [{"role": ..., "content": ...}, ...]}')
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
-                raise _data_error(f"{where}: messages[{index}] must be an object with role and content")
+                raise DataError(f"{where}: messages[{index}] must be an object with role and content")
         reason = unusable_reason(messages)
         if reason is not None:
             if strict:
                 fix = _FIXES.get(reason, "the last message must be the accepted assistant answer")
-                raise _data_error(f"{where}: unusable conversation ({reason}); {fix} (or set data.strict=false "
+                raise DataError(f"{where}: unusable conversation ({reason}); {fix} (or set data.strict=false "
                                   "to skip and count such conversations)")
             skipped[reason] += 1
             continue
@@ -125,7 +106,7 @@ def read_chats(path: str | Path, *, strict: bool = False) -> tuple[list[dict], C
             row["answer"] = str(row["answer"])
         conversations.append({**row, "path": str(path), "line": number})
     if not conversations and not skipped:
-        raise _data_error(f"{path}: no rows; the file is empty")
+        raise DataError(f"{path}: no rows; the file is empty")
     return conversations, skipped
 
 
@@ -182,7 +163,7 @@ def load_chats(cfg) -> tuple[list[dict], list[dict], Counter]:
         count = max(0, min(cfg.eval_size, len(shuffled) - 1))
         train, held_out = shuffled[count:], shuffled[:count]
     if not train:
-        raise _data_error(f"data.path={cfg.path}: no usable conversation (skipped: {dict(skipped) or 'none'}); "
+        raise DataError(f"data.path={cfg.path}: no usable conversation (skipped: {dict(skipped) or 'none'}); "
                           "each needs an assistant turn, ends with one, and uses only system/user/assistant")
     return chat_examples(train, turns=cfg.turns, include_final=cfg.include_final), first_turn_examples(held_out), skipped
 

@@ -9,7 +9,6 @@ objects. For a chat log, ``solution_ids`` is the logged assistant turn, which is
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from sdharness.chatlog import EXCEEDS_CONTEXT, encode_chat, encode_completion, load_chats
 from sdharness.config import ConfigError, DataConfig, PromptConfig
+from sdharness.jsonl import DataError, json_objects
 from sdharness.models import resolve_path
 from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad
 from sdharness.tasks import arithmetic_split
@@ -31,32 +31,10 @@ log = logging.getLogger(__name__)
 REQUIRED_FIELDS = ("problem", "solution")
 
 
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file, the line and the fix."""
-
-
 def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS) -> list[dict[str, str]]:
     """Rows of a JSONL file; blank lines are skipped, anything malformed is an error naming file:line."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data.path: {path} does not exist")
     rows = []
-    raw = path.read_bytes()
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            text = line.decode("utf-8").strip()  # strip() also drops Windows' \r
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start}); "
-                            "re-encode the file as UTF-8") from None
-        if not text:
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno}); "
-                            "each line must be one JSON object") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    for number, row in json_objects(path):
         if isinstance(row.get("answer"), (int, float)) and not isinstance(row["answer"], bool):
             row["answer"] = str(row["answer"])  # a numeric answer (42, 0.5) counts as given
         missing = [name for name in required if not isinstance(row.get(name), str) or not row[name].strip()]
