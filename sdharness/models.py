@@ -35,21 +35,31 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_random_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    """A randomly initialised Llama sized by ``cfg``; the same seed gives the same weights."""
-    config = LlamaConfig(
+def char_llama_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, intermediate_size: int,
+                      num_layers: int, num_heads: int, max_position_embeddings: int,
+                      rope_theta: float = 10000.0) -> LlamaConfig:
+    """A small Llama config over ``tokenizer``'s vocabulary with tied embeddings (tiny_random, testbed)."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.hidden_size * 2,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
+
+
+def tiny_random_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A randomly initialised Llama sized by ``cfg``; the same seed gives the same weights."""
+    config = char_llama_config(tokenizer, hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 2,
+                               num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                               max_position_embeddings=cfg.max_position_embeddings)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         return LlamaForCausalLM(config)

@@ -47,11 +47,11 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from sdharness.config import ConfigError, PromptConfig, _require
 from sdharness.evaluation import evaluate_greedy
-from sdharness.models import char_tokenizer
+from sdharness.models import char_llama_config, char_tokenizer
 from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher
 from sdharness.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_problem, arithmetic_split
 
@@ -258,21 +258,10 @@ def make_batches(examples: list[Example], batch_size: int, bucket_batches: int, 
 
 
 def build_model(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_heads,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=arch.rope_theta,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
+    config = char_llama_config(tokenizer, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+                               num_layers=arch.num_layers, num_heads=arch.num_heads,
+                               max_position_embeddings=arch.max_position_embeddings, rope_theta=arch.rope_theta)
+    torch.manual_seed(seed)  # leaves the global RNG where the recorded pretraining run had it
     return LlamaForCausalLM(config)
 
 
