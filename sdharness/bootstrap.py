@@ -44,7 +44,7 @@ import torch
 from sdharness.aggregation import AGGREGATIONS
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.data import DataError, data_path, read_jsonl
-from sdharness.generate import _named_config, model_config
+from sdharness.generate import _named_config, add_model_arguments, model_config
 from sdharness.guided import guided_generate
 from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher
 from sdharness.rollout import generate
@@ -378,9 +378,7 @@ def format_summary(summary: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sdharness-bootstrap", description=__doc__.split("\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-dir", help="a local Hugging Face model directory (e.g. a run's final_model)")
-    source.add_argument("--model", help="a config in conf/model (tiny_random, smollm2_135m, ...)")
+    add_model_arguments(parser)
     parser.add_argument("--problems", required=True, help="JSONL with problem and answer (solution is ignored)")
     parser.add_argument("--out", required=True, help="output JSONL of {problem, solution, answer, bootstrap}")
     parser.add_argument("--prompt", default="cot", help="a config in conf/prompt (cot, testbed) or a .yaml file")

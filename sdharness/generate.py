@@ -46,11 +46,16 @@ def model_config(args) -> ModelConfig:
     return ModelConfig(**_named_config("model", args.model))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sdharness-generate", description=__doc__.split("\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model-dir DIR`` or ``--model NAME``, read back by :func:`model_config`."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model-dir", help="a local Hugging Face model directory (e.g. a run's final_model)")
     source.add_argument("--model", help="a config in conf/model (tiny_random, smollm2_135m, ...)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sdharness-generate", description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--problems", required=True, help="JSONL with problem, solution and optional answer")
     parser.add_argument("--out", required=True, help="output JSONL, one line per problem")
     parser.add_argument("--guidance", choices=GUIDANCE_MODES, default="never")
