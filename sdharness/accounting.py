@@ -4,6 +4,10 @@
 prefill and decoding, teacher scoring and the student's scoring pass. ``trained_tokens`` counts
 the tokens of passes that also run backward. FLOPs follow the usual estimate: 2N per token of a
 forward-only pass and 6N per token of a forward+backward pass, N = parameter count.
+
+With several ranks each rank counts its own work for a step and the step's counts are summed
+over ranks (``SUMMED``), so every rank holds the run's totals; ``wall_seconds`` is each rank's own
+wall clock and ``skipped_steps`` is decided jointly by all ranks, so neither is summed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ log = logging.getLogger(__name__)
 # The x-axes every method shares; W&B plots eval curves against any of them.
 X_AXES = ("problems_seen", "rollouts", "generated_tokens", "forward_tokens", "trained_tokens", "flops",
           "wall_seconds")
+SUMMED = ("problems_seen", "rollouts", "generated_tokens", "forward_tokens", "trained_tokens", "flops")
 
 
 @dataclass
@@ -43,6 +48,14 @@ class Counters:
         self.forward_tokens += forward_only + trained
         self.trained_tokens += trained
         self.flops += 2.0 * parameters * forward_only + 6.0 * parameters * trained
+
+    def summed(self) -> list[float]:
+        return [float(getattr(self, name)) for name in SUMMED]
+
+    def add_summed(self, values) -> None:
+        """Add a step's ``summed()`` values (after reduction over ranks)."""
+        for name, value in zip(SUMMED, values):
+            setattr(self, name, getattr(self, name) + (int(round(value)) if name != "flops" else float(value)))
 
     def as_metrics(self, prefix: str = "train") -> dict[str, float]:
         return {f"{prefix}/{name}": float(value) for name, value in asdict(self).items()}
@@ -93,6 +106,7 @@ class BudgetStop(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         reason = self.reached(module.counters)
-        if reason:
-            log.info("stopping: %s", reason)
+        # Every rank must stop at the same step (wall_seconds differ per rank), or the others hang.
+        if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            log.info("stopping: %s", reason or "another rank reached its budget")
             trainer.should_stop = True

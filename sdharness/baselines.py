@@ -24,8 +24,7 @@ class SFTModule(PolicyModule):
         logits = completion_logits(self.model, batch.student_ids, batch.student_mask,
                                    batch.solution_ids, batch.solution_mask)
         loss = token_cross_entropy(logits, batch.solution_ids, batch.solution_mask)
-        self.counters.add(parameters=self.parameter_count, problems=len(batch),
-                          trained=int(batch.student_mask.sum() + batch.solution_mask.sum()))
+        self.count(problems=len(batch), trained=int(batch.student_mask.sum() + batch.solution_mask.sum()))
         yield loss, {"train/loss_tokens": float(batch.solution_mask.sum())}
 
 
@@ -48,7 +47,7 @@ class GRPOModule(PolicyModule):
         problems = [problem for problem in batch.problems for _ in range(group)]
         rollout = self.rollout(prompt_ids, prompt_mask)
         generated = self.count_rollout(prompt_mask, rollout)
-        self.counters.add(parameters=self.parameter_count, problems=len(batch))
+        self.count(problems=len(batch))
         rewards = torch.tensor([self.reward_fn(text, problem, self.cfg.data.answer_marker)
                                 for text, problem in zip(rollout.texts, problems)], dtype=torch.float32)
         advantages = group_advantages(rewards.view(-1, group), scale=algo.scale_rewards).view(-1).to(self.device)
@@ -57,8 +56,7 @@ class GRPOModule(PolicyModule):
             # With one inner epoch the sampling policy is the current one: ratio 1, no extra pass.
             old = self._logprobs(self.model, prompt_ids, prompt_mask, rollout) if algo.inner_epochs > 1 else None
             ref = self._logprobs(self.reference.model, prompt_ids, prompt_mask, rollout) if algo.beta > 0 else None
-        self.counters.add(parameters=self.parameter_count,
-                          forward_only=pass_tokens * ((algo.inner_epochs > 1) + (algo.beta > 0)))
+        self.count(forward_only=pass_tokens * ((algo.inner_epochs > 1) + (algo.beta > 0)))
         metrics = {"train/reward": rewards.mean().item(),
                    "train/zero_variance_groups": float(zero_variance_groups(rewards.view(-1, group))),
                    **self.rollout_metrics(rollout, problems)}
@@ -67,5 +65,5 @@ class GRPOModule(PolicyModule):
             loss, stats = clipped_policy_loss(
                 logprobs, logprobs.detach() if old is None else old, advantages, rollout.completion_mask,
                 epsilon=algo.epsilon, beta=algo.beta, ref_logprobs=ref, aggregation=algo.loss_aggregation)
-            self.counters.add(parameters=self.parameter_count, trained=pass_tokens)
+            self.count(trained=pass_tokens)
             yield loss, {**metrics, **{f"train/{k}": v for k, v in stats.items()}}

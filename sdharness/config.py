@@ -7,10 +7,14 @@ is merged into these dataclasses: unknown keys and ill-typed values fail at comp
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
+import re
 import string
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -32,13 +36,18 @@ def _choice(field_name: str, value: str, choices: tuple[str, ...] | list[str]) -
     _require(value in choices, f"{field_name}={value!r} is unknown; choose one of: {', '.join(choices)}")
 
 
-def _positive(field_name: str, value: float) -> None:
-    _require(value > 0, f"{field_name} must be a positive number, got {value!r}")
+def _positive(field_name: str, value: float, fix: str = "") -> None:
+    _require(value > 0, f"{field_name} must be a positive number, got {value!r}" + (f"; {fix}" if fix else ""))
 
 
-def placeholders(template: str) -> set[str]:
-    """Names of the ``{placeholders}`` in a format string."""
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+def placeholders(template: str, field_name: str = "template") -> set[str]:
+    """Names of the ``{placeholders}`` in a format string; a malformed one (an unmatched brace)
+    is a :class:`ConfigError` naming ``field_name``."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise ConfigError(f"{field_name}={template!r} is not a valid template ({error}); placeholders are "
+                          "written {name}, a literal brace as {{ or }}") from None
 
 
 @dataclass
@@ -92,9 +101,11 @@ class DataConfig:
     batch_size: int = 4
     answer_marker: str = "The answer is"
     # chatlog only: train on `all` earlier assistant turns or only the `first`; also the accepted
-    # final turn; strict: reject (file:line) rather than skip and count unusable conversations.
+    # final turn.
     turns: str = "all"
     include_final: bool = False
+    # Every data set: reject (file:line) rather than skip and count problems whose prompt does not fit
+    # the model context, and (chatlog) unusable conversations.
     strict: bool = False
 
     def __post_init__(self):
@@ -131,14 +142,24 @@ class PromptConfig:
 
     def __post_init__(self):
         _choice("prompt.chat_template", self.chat_template, ("auto", "always", "never"))
-        hint = placeholders(self.chat_hint)
-        _require(hint == {"accepted"}, "prompt.chat_hint must use exactly the placeholder {accepted} (the accepted "
-                 f"reply); it uses {sorted(hint) or 'none'}")
-        student, teacher = placeholders(self.student), placeholders(self.teacher)
-        _require(student == {"problem"}, f"prompt.student must use exactly the placeholder {{problem}}; "
-                 f"it uses {sorted(student) or 'none'}. The student never sees the solution.")
-        _require(teacher == {"problem", "solution"}, "prompt.teacher must use exactly the placeholders "
-                 f"{{problem}} and {{solution}}; it uses {sorted(teacher) or 'none'}")
+        _placeholders_exactly("prompt.chat_hint", self.chat_hint, {"accepted"}, " (the accepted reply)")
+        _placeholders_exactly("prompt.student", self.student, {"problem"}, "; the student never sees the solution")
+        _placeholders_exactly("prompt.teacher", self.teacher, {"problem", "solution"})
+
+
+def _placeholders_exactly(field_name: str, template: str, expected: set[str], note: str = "") -> None:
+    used = placeholders(template, field_name)
+    if used == expected:
+        return
+    wanted = " and ".join(f"{{{name}}}" for name in sorted(expected, key=["problem", "solution", "accepted"].index))
+    problems = []
+    if expected - used:
+        problems.append(f"missing {', '.join(f'{{{name}}}' for name in sorted(expected - used))}")
+    if used - expected:
+        problems.append(f"unknown {', '.join(f'{{{name}}}' for name in sorted(used - expected))} "
+                        "(write a literal brace as {{ or }})")
+    raise ConfigError(f"{field_name} must use exactly the placeholder{'s' * (len(expected) > 1)} {wanted}{note}; "
+                      f"{'; '.join(problems)}")
 
 
 @dataclass
@@ -154,14 +175,32 @@ class RolloutConfig:
     guidance_samples: int = 1  # on_failure: plain samples per problem; guided when all fail the answer check
     importance_weighting: bool = False  # weight guided tokens' loss by min(p_student / p_sampling, importance_clip)
     importance_clip: float = 2.0
+    # Sampler: hf (transformers generate; default, CPU or GPU) | vllm (sdharness/vllm_rollout.py: a vLLM
+    # engine colocated on the training GPU, weights synced after each optimiser step; CUDA and the
+    # `sdharness[vllm]` extra). The vllm_* fields apply to backend=vllm only.
+    backend: str = "hf"
+    vllm_gpu_memory_utilization: float = 0.3  # share of the GPU vLLM may take (weights + KV cache)
+    vllm_dtype: str = "auto"  # auto: vLLM's choice (bfloat16/float16 for float32 checkpoints)
+    vllm_max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    vllm_enforce_eager: bool = False  # true: no CUDA graphs (faster start, slower decoding)
 
     def __post_init__(self):
-        _positive("rollout.temperature", self.temperature)
+        _positive("rollout.temperature", self.temperature, "rollouts sample, so set e.g. rollout.temperature=1.0 "
+                  "(on-policy); the quick eval is greedy already")
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _choice("rollout.guidance", self.guidance, ("never", "always", "on_failure"))
         _require(self.guidance_samples >= 1, f"rollout.guidance_samples must be >= 1, got {self.guidance_samples}")
         _positive("rollout.importance_clip", self.importance_clip)
+        _choice("rollout.backend", self.backend, ("hf", "vllm"))
+        _require(not (self.backend == "vllm" and self.guidance != "never"),
+                 f"rollout.guidance={self.guidance} needs rollout.backend=hf: guided sampling is HF-only (it mixes "
+                 "student and teacher logits token by token); set rollout.guidance=never or rollout.backend=hf")
+        _require(0 < self.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1], "
+                 f"got {self.vllm_gpu_memory_utilization}")
+        _choice("rollout.vllm_dtype", self.vllm_dtype, ("auto", "float32", "bfloat16", "float16"))
+        _require(self.vllm_max_model_len is None or self.vllm_max_model_len >= 1,
+                 f"rollout.vllm_max_model_len must be >= 1 (or null), got {self.vllm_max_model_len}")
 
 
 @dataclass
@@ -173,7 +212,7 @@ class AggregationConfig:
 
     def __post_init__(self):
         _choice("aggregation.name", self.name, AGGREGATIONS)
-        _positive("aggregation.tau", self.tau)
+        _positive("aggregation.tau", self.tau, "e.g. aggregation.tau=2.0 (product) or 1.0 (clip)")
 
 
 @dataclass
@@ -281,7 +320,8 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: Any = "auto"
+    strategy: Any = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 | any Lightning name
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the strategy class
     precision: Any = "32-true"
     max_steps: int = 20
     gradient_clip_val: Optional[float] = 1.0
@@ -291,7 +331,11 @@ class TrainerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        from lightning.pytorch.strategies import StrategyRegistry
+
         _require(self.max_steps >= 1, f"trainer.max_steps must be >= 1, got {self.max_steps}")
+        if isinstance(self.strategy, str):
+            _choice("trainer.strategy", self.strategy, ["auto", *sorted(StrategyRegistry)])
 
 
 @dataclass
@@ -333,12 +377,48 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     tags: list[str] = field(default_factory=list)
     ckpt_path: Optional[str] = None  # a checkpoint file, or "last" to resume this run directory
+    # Resuming refuses a checkpoint whose model/data/prompt config differs from this one; true allows it.
+    resume_allow_changes: bool = False
     output_dir: Optional[str] = None  # filled from Hydra's run directory
 
     def __post_init__(self):
+        sharded = str(self.trainer.strategy).startswith(("fsdp", "deepspeed_stage_3"))
+        _require(not (sharded and self.rollout.guidance != "never"),
+                 f"rollout.guidance={self.rollout.guidance} needs unsharded weights: guided sampling steps each "
+                 f"problem on its own schedule, which trainer.strategy={self.trainer.strategy} cannot keep in "
+                 "step across ranks; use trainer=ddp, or rollout.guidance=never")
+        _require(not (self.rollout.backend == "vllm" and self.trainer.devices not in (1, "1")),
+                 f"rollout.backend=vllm runs one colocated engine on one GPU; set trainer.devices=1 (got "
+                 f"{self.trainer.devices}) or rollout.backend=hf")
         _require(not (self.data.name == "chatlog" and self.rollout.guidance != "never"),
                  f"rollout.guidance={self.rollout.guidance} cannot apply to data=chatlog: its completions are "
                  "logged, not sampled; set rollout.guidance=never")
+
+
+# Settings that decide what a checkpoint's weights and data position mean; a resume must match them.
+RESUME_GROUPS = ("model", "data", "prompt")
+# Where things live on this machine, not what they are.
+RESUME_IGNORED = ("model.cache_dir",)
+
+
+def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """The flattened ``RESUME_GROUPS`` settings, stored in every checkpoint."""
+    flat = {}
+    for group in RESUME_GROUPS:
+        for key, value in OmegaConf.to_container(OmegaConf.structured(getattr(cfg, group))).items():
+            if f"{group}.{key}" not in RESUME_IGNORED:
+                flat[f"{group}.{key}"] = value
+    return flat
+
+
+def check_resume(saved: dict[str, Any], cfg: TrainConfig, checkpoint: str) -> None:
+    """Refuse to resume ``checkpoint`` under a different model/data/prompt config, naming each field."""
+    current = config_fingerprint(cfg)
+    differing = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+                 for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    _require(not differing or cfg.resume_allow_changes,
+             f"ckpt_path={checkpoint} was trained with a different config: " + "; ".join(differing) +
+             ". Resume with the checkpoint's settings, or add resume_allow_changes=true to resume anyway")
 
 
 def _unknown_keys(given: dict, known: dict, prefix: str = "") -> list[str]:
@@ -359,6 +439,75 @@ def to_train_config(dict_cfg: DictConfig) -> TrainConfig:
     unknown = _unknown_keys(OmegaConf.to_container(dict_cfg), known)
     _require(not unknown, "unknown config key(s): " + "; ".join(unknown))
     return cfg
+
+
+def _schema_keys(dotted: str) -> list[str] | None:
+    """Keys of the schema node at ``dotted`` ('' for the top), or None where there is no such node."""
+    node = OmegaConf.structured(TrainConfig)
+    node = OmegaConf.select(node, dotted) if dotted else node
+    return [str(key) for key in node.keys()] if isinstance(node, DictConfig) else None
+
+
+def composition_error_message(error: BaseException) -> str:
+    """One clear line for an error Hydra raises while composing the config (an unknown group
+    option, a misspelt key, a value of the wrong type): the override at fault and the valid
+    choices, without Hydra's search path or its advice to append keys with ``+``."""
+    cause = error.__cause__
+    missing = getattr(error, "missing_cfg_file", None)
+    options = list(getattr(error, "options", None) or [])
+    if missing and "/" in missing and options:  # aggregation=prodct
+        group, _, option = missing.rpartition("/")
+        where = re.match(r"In '([^']+)':", str(error))
+        inside = f" (in {where.group(1)}.yaml)" if where and where.group(1) != "train" else ""
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f" (did you mean {group}={close[0]}?)" if close else ""
+        return f"{group}={option} is unknown{inside}; choose one of: {', '.join(options)}{hint}"
+    full_key = getattr(cause, "full_key", None)
+    if full_key and type(cause).__name__ in ("ConfigAttributeError", "ConfigKeyError"):  # aggregation.taux=1
+        parent, _, key = str(full_key).rpartition(".")
+        known = _schema_keys(parent)
+        if known:  # a typed node; free-form ones (trainer.extra) take new keys with +key=value
+            prefix = f"{parent}." if parent else ""
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            scope = f"{parent} has" if parent else "the config has"
+            group_hint = "" if parent else "; choose a group option with group=name, e.g. aggregation=clip"
+            return f"{full_key} is not a config key{hint}; {scope}: {', '.join(known)}{group_hint}"
+    message = str(error).split("\nConfig search path:")[0].replace("Error merging override ", "", 1)
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    if cause is not None and type(cause).__module__.startswith("omegaconf"):  # aggregation.tau=hot
+        details = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        message += f": {details[0]}" if details else ""
+    override = getattr(error, "override", None)  # OverrideParseException
+    return f"cannot parse the override {override!r}: {message}" if override else message
+
+
+def cli_errors(hydra_main: Callable) -> Callable:
+    """Wrap a ``@hydra.main`` entry point so that a config Hydra cannot compose (unknown group
+    option, misspelt key, ill-typed value, unparsable override) prints one
+    ``sdharness: error: ...`` line naming the valid choices and exits with status 2, as the
+    app's own config and data errors do, instead of Hydra's message and status 1.
+    ``HYDRA_FULL_ERROR=1`` set by the user keeps Hydra's full behaviour."""
+    if getattr(hydra_main, "sdharness_cli_errors", False):
+        return hydra_main
+
+    @functools.wraps(hydra_main)
+    def main(*args, **kwargs):
+        from hydra.errors import ConfigCompositionException, OverrideParseException
+
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return hydra_main(*args, **kwargs)
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing and exiting 1
+        try:
+            return hydra_main(*args, **kwargs)
+        except (ConfigCompositionException, OverrideParseException) as error:
+            print(f"sdharness: error: {composition_error_message(error)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        finally:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+    main.sdharness_cli_errors = True
+    return main
 
 
 def register_configs() -> None:

@@ -10,6 +10,7 @@ objects. For a chat log, ``solution_ids`` is the logged assistant turn, which is
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,10 +32,13 @@ log = logging.getLogger(__name__)
 REQUIRED_FIELDS = ("problem", "solution")
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS) -> list[dict[str, str]]:
-    """Rows of a JSONL file; blank lines are skipped, anything malformed is an error naming file:line."""
+def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *, field: str = "data.path",
+               where: bool = False) -> list[dict[str, str]]:
+    """Rows of a JSONL file; blank lines are skipped, anything malformed is an error naming file:line
+    (a missing file names the config ``field``). ``where=True`` adds ``"where": "FILE:LINE"`` to
+    each row, for later errors about that row."""
     rows = []
-    for number, row in json_objects(path):
+    for number, row in json_objects(path, field):
         if isinstance(row.get("answer"), (int, float)) and not isinstance(row["answer"], bool):
             row["answer"] = str(row["answer"])  # a numeric answer (42, 0.5) counts as given
         missing = [name for name in required if not isinstance(row.get(name), str) or not row[name].strip()]
@@ -44,9 +48,12 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS) ->
                             f"every row needs {', '.join(required)}{optional}")
         if "answer" in row:
             row["answer"] = str(row["answer"])
+        if where:
+            row["where"] = f"{path}:{number}"
         rows.append(row)
     if not rows:
-        raise DataError(f"{path}: no rows; the file is empty")
+        raise DataError(f"{path}: no rows; the file is empty or holds only blank lines. Write one JSON object per "
+                        f"line with fields {', '.join(required)}")
     return rows
 
 
@@ -62,13 +69,62 @@ def load_problems(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         evaluation = arithmetic_split(cfg.seed + 1, cfg.eval_size, cfg.eval_difficulty or cfg.difficulty,
                                       cfg.solution_style, exclude={row["problem"] for row in train})
         return train, evaluation
-    rows = read_jsonl(data_path(cfg.path, "data.path"))
+    rows = read_jsonl(data_path(cfg.path, "data.path"), where=True)
     if cfg.eval_path:
-        return rows, read_jsonl(data_path(cfg.eval_path, "data.eval_path"))
+        return rows, read_jsonl(data_path(cfg.eval_path, "data.eval_path"), field="data.eval_path", where=True)
     shuffled = rows[:]
     random.Random(cfg.seed).shuffle(shuffled)
     held_out = min(cfg.eval_size, len(rows) - 1)
+    if held_out < cfg.eval_size:
+        log.warning("data.path=%s has %d row(s): holding out %d for eval (data.eval_size=%d) leaves %d to train on; "
+                    "add rows, lower data.eval_size or give data.eval_path", cfg.path, len(rows), held_out,
+                    cfg.eval_size, len(rows) - held_out)
     return shuffled[held_out:], shuffled[:held_out]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's problems of a seeded permutation per epoch, in batch order, resumable mid-epoch.
+
+    Epoch ``e`` shuffles with seed ``seed + e`` alone, so a resumed run rebuilds any epoch's order
+    without replaying the ones before it. A global batch is ``batch_size x world_size`` consecutive
+    problems of the permutation and rank ``r`` yields its ``r``-th slice, so ranks never share a
+    problem within a step (the DataLoader groups them back into ``batch_size``). With several ranks
+    the epoch is padded from its start to whole global batches (as ``DistributedSampler`` pads) so
+    every rank takes the same number of steps; a single process just takes a smaller last batch.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
+                 resume_at: tuple[int, int] | None = None):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.resume_at = resume_at  # (epoch, batches already trained in it)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before each epoch
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        global_batch = self.batch_size * self.world_size
+        if self.world_size > 1:
+            padded = math.ceil(self.size / global_batch) * global_batch
+            order = (order * math.ceil(padded / self.size))[:padded]
+        batches = [order[start:start + global_batch][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                   for start in range(0, len(order), global_batch)]
+        if self.resume_at is not None:  # only the first epoch iterated after a resume is partly done
+            epoch, done = self.resume_at
+            self.resume_at = None
+            if epoch == self.epoch:
+                batches = batches[done:]
+        return batches
+
+    def __iter__(self):
+        for batch in self._batches():
+            yield from batch
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(self.size / (self.batch_size * self.world_size)) * self.batch_size
+        return per_rank if self.world_size > 1 else self.size
 
 
 @dataclass
@@ -98,23 +154,37 @@ class ProblemDataModule(L.LightningDataModule):
         self.skipped: Counter = Counter()  # reason -> problems, examples or conversations skipped
         self.train: list[dict] = []
         self.evaluation: list[dict] = []
+        self.resume_position: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     def _encode(self, problems: list[dict], split: str) -> list[dict]:
-        kept = []
-        for item in problems:
+        """Problems as encoded items; those whose prompt + new tokens exceed the context are
+        skipped and counted, or with ``data.strict`` an error naming file:line (or the problem)."""
+        kept, too_long = [], 0
+        for index, item in enumerate(problems):
             student = encode_prompt(self.prompt, self.tokenizer, render_student(self.prompt, item["problem"]))
             teacher = encode_prompt(self.prompt, self.tokenizer,
                                     render_teacher(self.prompt, item["problem"], item["solution"]))
-            if max(len(student), len(teacher)) + self.max_new_tokens > self.max_context:
-                self.skipped_too_long += 1
-                self.skipped[EXCEEDS_CONTEXT] += 1
+            needed = max(len(student), len(teacher)) + self.max_new_tokens
+            if needed > self.max_context:
+                if self.cfg.strict:
+                    where = item.get("where") or f"{split} problem {index} ({item['problem'][:40]!r})"
+                    raise DataError(f"{where}: the {'teacher' if len(teacher) > len(student) else 'student'} prompt "
+                                    f"takes {max(len(student), len(teacher))} tokens, + {self.max_new_tokens} new "
+                                    f"tokens (max of rollout.max_new_tokens and eval.max_new_tokens) = {needed}, "
+                                    f"more than the model context of {self.max_context}; shorten the problem or "
+                                    "solution, lower the max_new_tokens, or set data.strict=false to skip and count "
+                                    "such problems")
+                too_long += 1
                 continue
             solution = self.tokenizer(item["solution"], add_special_tokens=False)["input_ids"]
             kept.append({**item, "student_ids": student, "teacher_ids": teacher,
                          "solution_ids": solution + [self.tokenizer.eos_token_id]})
-        if self.skipped_too_long:
-            log.warning("skipped %d %s problem(s): prompt + %d new tokens exceeds the model context of %d",
-                        self.skipped_too_long, split, self.max_new_tokens, self.max_context)
+        if too_long:
+            self.skipped_too_long += too_long
+            self.skipped[EXCEEDS_CONTEXT] += too_long
+            log.warning("skipped %d %s problem(s) (%s): prompt + %d new tokens exceeds the model context of %d; "
+                        "data.strict=true makes this an error naming each", too_long, split, EXCEEDS_CONTEXT,
+                        self.max_new_tokens, self.max_context)
         return kept
 
     def _encode_chats(self, examples: list[dict], split: str) -> list[dict]:
@@ -168,8 +238,14 @@ class ProblemDataModule(L.LightningDataModule):
             self.evaluation = self._encode(evaluation, "eval")
         if not self.train:
             raise ConfigError(f"data: no training problem fits the model context of {self.max_context} tokens "
-                              f"with rollout.max_new_tokens={self.max_new_tokens}; shorten the problems or "
-                              "lower rollout.max_new_tokens")
+                              f"with {self.max_new_tokens} new tokens (max of rollout.max_new_tokens and "
+                              "eval.max_new_tokens); shorten the problems or lower both max_new_tokens")
+        if len(self.train) < self.cfg.batch_size:
+            log.warning("only %d training problem(s), fewer than data.batch_size=%d: every batch holds all %d and "
+                        "each step goes over them again", len(self.train), self.cfg.batch_size, len(self.train))
+        if not self.evaluation:
+            log.warning("no held-out problem to evaluate (data.eval_size=%d): eval metrics will be NaN; set "
+                        "data.eval_path or data.eval_size, or add rows", self.cfg.eval_size)
 
     def collate(self, items: list[dict]) -> PromptBatch:
         pad = self.tokenizer.pad_token_id
@@ -181,9 +257,11 @@ class ProblemDataModule(L.LightningDataModule):
                            problems)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        return DataLoader(self.train, batch_size=self.cfg.batch_size, shuffle=True, generator=generator,
-                          collate_fn=self.collate)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochSampler(len(self.train), self.cfg.batch_size, self.cfg.seed, rank=rank, world_size=world,
+                               resume_at=self.resume_position)
+        return DataLoader(self.train, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def eval_dataloader(self) -> DataLoader:
         return DataLoader(self.evaluation, batch_size=self.eval_batch_size, collate_fn=self.collate)

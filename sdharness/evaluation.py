@@ -6,7 +6,7 @@ that derives it) and the mean completion length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import lightning as L
 
@@ -47,13 +47,13 @@ class EvalResult:
 
 
 def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str,
-                    leak_phrases: list[str] = ()) -> EvalResult:
+                    leak_phrases: list[str] = (), synced: bool = False) -> EvalResult:
     """Greedy-decode every batch of student prompts and score the completions."""
     texts, problems, lengths = [], [], []
     device = next(model.parameters()).device
     for batch in batches:
         rollout = generate(model, tokenizer, batch.student_ids.to(device), batch.student_mask.to(device),
-                           max_new_tokens=max_new_tokens, greedy=True)
+                           max_new_tokens=max_new_tokens, greedy=True, synced=synced)
         texts += rollout.texts
         problems += batch.problems
         lengths += rollout.lengths.tolist()
@@ -77,7 +77,7 @@ class QuickEval(L.Callback):
         module.clock.pause()  # evaluation time is not training time
         result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
                                  max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
-                                 leak_phrases=self.leak_phrases)
+                                 leak_phrases=self.leak_phrases, synced=module.sharded)
         metrics = {**result.as_metrics(), **module.counters.as_metrics(), **self.lm_eval(module)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -98,7 +98,7 @@ class QuickEval(L.Callback):
                 for metric, value in metrics.items() if "stderr" not in metric}
 
     def on_train_start(self, trainer, module) -> None:
-        if self.cfg.at_start:
+        if self.cfg.at_start and trainer.global_step == 0:  # a resumed run evaluated its start already
             self.run(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -108,3 +108,9 @@ class QuickEval(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         self.run(trainer, module)
+
+    def state_dict(self) -> dict:  # checkpointed, so a resumed run still reports its starting accuracy
+        return {"history": [(step, asdict(result)) for step, result in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [(step, EvalResult(**result)) for step, result in state["history"]]

@@ -314,9 +314,8 @@ def guided_rollout(module, batch) -> tuple[GuidedRollout, dict[str, float]]:
     else:
         rollout = as_guided(plain_samples[0])
     final = int(rollout.lengths.sum())  # booked again by the module for the rollout it trains on
-    module.counters.add(parameters=module.parameter_count, rollouts=spent["rollouts"] - len(batch),
-                        generated=spent["generated"] - final,
-                        forward_only=spent["forward_only"] - int(batch.student_mask.sum()) - final)
+    module.count(rollouts=spent["rollouts"] - len(batch), generated=spent["generated"] - final,
+                 forward_only=spent["forward_only"] - int(batch.student_mask.sum()) - final)
     metrics = {"train/guided_fraction": len(failed) / len(batch)}
     guided_checks = [c for c in _check([rollout.texts[r] for r in failed], [batch.problems[r] for r in failed], marker)
                      if c is not None]

@@ -13,13 +13,17 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 from typing import Iterator
+
+import numpy as np
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
 from sdharness.accounting import Counters, WallClock
-from sdharness.config import TrainConfig
+from sdharness.config import TrainConfig, config_fingerprint
 from sdharness.data import PromptBatch
 from sdharness.evaluation import completion_metrics
 from sdharness.guided import guided_rollout, guided_token_weights
@@ -54,19 +58,49 @@ class PolicyModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.counters = Counters()
+        self.counters = Counters()  # the run's totals, summed over ranks after every step
+        self.step_counts = Counters()  # this rank's work in the current step, not yet summed
         self.clock = WallClock(self.counters)
         self.nonfinite_in_a_row = 0
+        self.batches_in_epoch = 0  # data position, checkpointed so a resumed run skips what it trained on
+        self.rng_to_restore: dict | None = None
+        self.vllm = None  # rollout.backend=vllm: see vllm_engine()
+        self.weights_changed = False
         self.parameter_count = sum(p.numel() for p in model.parameters())
         self.eos_ids = eos_token_ids(model, tokenizer)
 
     def losses(self, batch: PromptBatch) -> Iterator[tuple[torch.Tensor, dict]]:
         raise NotImplementedError
 
+    @property
+    def sharded(self) -> bool:
+        """Weights sharded over ranks (FSDP, DeepSpeed): generation must keep ranks in step."""
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        return strategy in ("FSDPStrategy", "DeepSpeedStrategy") and self.trainer.world_size > 1
+
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
         sampling = self.cfg.rollout
+        if sampling.backend == "vllm":
+            return self.vllm_engine().generate(prompt_ids, prompt_mask)
         return generate(self.model, self.tokenizer, prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens,
-                        temperature=sampling.temperature, top_p=sampling.top_p, progress=sampling.progress)
+                        temperature=sampling.temperature, top_p=sampling.top_p, progress=sampling.progress,
+                        synced=self.sharded)
+
+    def vllm_engine(self):
+        """The colocated vLLM engine (sdharness/vllm_rollout.py), started at the first rollout, once
+        Lightning has put the model on its GPU."""
+        if self.vllm is None:
+            from sdharness.vllm_rollout import VLLMRollout
+
+            self.vllm = VLLMRollout(self.model, self.tokenizer, self.cfg.rollout, seed=self.cfg.seed)
+        elif self.weights_changed:  # once per rollout, however many optimiser steps came before it
+            self.vllm.sync_weights(self.model)
+        self.weights_changed = False
+        return self.vllm
+
+    def on_fit_end(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
@@ -84,9 +118,12 @@ class PolicyModule(L.LightningModule):
             schedule.step()
             self.nonfinite_in_a_row = 0
             self.after_optimizer_step()
+            self.weights_changed = True
             metrics = {"train/loss": loss.detach(), **metrics}
+        self.batches_in_epoch += 1
+        self._sum_step_counts()
         if metrics:
-            self.log_dict(metrics, batch_size=len(batch))
+            self.log_dict(metrics, batch_size=len(batch), sync_dist=True)  # mean over ranks
             self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(batch))
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -106,10 +143,25 @@ class PolicyModule(L.LightningModule):
                 f"{self.nonfinite_in_a_row} consecutive updates had a non-finite loss or gradient; stopping. The "
                 "last good checkpoint is kept; lower optim.lr or check the data, then resume with ckpt_path=last")
 
+    def count(self, **work) -> None:
+        """Record this rank's work in the step (see ``Counters.add``); summed over ranks at step end."""
+        self.step_counts.add(parameters=self.parameter_count, **work)
+
+    def _sum_step_counts(self) -> None:
+        values = torch.tensor(self.step_counts.summed(), dtype=torch.float64, device=self.device)
+        self.counters.add_summed(self.trainer.strategy.reduce(values, reduce_op="sum").tolist())
+        self.step_counts = Counters()
+
     def after_optimizer_step(self) -> None:
         """Hook for state that follows the weights (e.g. an EMA teacher)."""
 
+    def on_train_epoch_start(self) -> None:
+        self.batches_in_epoch = 0  # not called when resuming mid-epoch (Lightning skips it)
+
     def on_train_start(self) -> None:
+        if self.rng_to_restore is not None:  # last, after the start-of-training hooks, as in the original run
+            restore_rng(self.rng_to_restore)
+            self.rng_to_restore = None
         self.clock.restart()
         skipped = getattr(getattr(self.trainer, "datamodule", None), "skipped", None)
         if skipped:  # data the run could not use, by reason (also logged as warnings at setup)
@@ -131,9 +183,24 @@ class PolicyModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sdharness_counters"] = self.counters.state_dict()
+        checkpoint["sdharness_state"] = {
+            "data_position": (self.current_epoch, self.batches_in_epoch), "rng": rng_state(),
+            "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        checkpoint["sdharness_config"] = config_fingerprint(self.cfg)
+        # A resumed run continues the same W&B run rather than starting a second one.
+        checkpoint["sdharness_wandb_id"] = next(
+            (logger.version for logger in self.loggers if isinstance(logger, WandbLogger)), None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.counters.load_state_dict(checkpoint.get("sdharness_counters", {}))
+        state = checkpoint.get("sdharness_state")
+        if state:
+            epoch, self.batches_in_epoch = state["data_position"]
+            self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+            self.rng_to_restore = state["rng"]
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is not None:
+                datamodule.resume_position = (epoch, self.batches_in_epoch)
 
     def rollout_metrics(self, rollout: Rollout, problems: list[dict]) -> dict[str, float]:
         metrics = {f"train/rollout_{k}": v for k, v in completion_metrics(
@@ -144,9 +211,28 @@ class PolicyModule(L.LightningModule):
     def count_rollout(self, prompt_mask: torch.Tensor, rollout: Rollout) -> int:
         """Record a rollout's cost; returns its forward-only tokens (prefill + decoding)."""
         generated = int(rollout.lengths.sum())
-        self.counters.add(parameters=self.parameter_count, rollouts=len(rollout.texts), generated=generated,
-                          forward_only=int(prompt_mask.sum()) + generated)
+        self.count(rollouts=len(rollout.texts), generated=generated, forward_only=int(prompt_mask.sum()) + generated)
         return generated
+
+
+def rng_state() -> dict:
+    """Every RNG a step draws from (rollout sampling uses torch's), for an exact resume."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    # Tensors and plain values only: checkpoints must load with torch.load(weights_only=True).
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                     has_gauss, gauss), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class ShadowWeights:
@@ -211,9 +297,8 @@ class SelfDistillModule(PolicyModule):
     def _count(self, batch: PromptBatch, rollout: Rollout) -> None:
         # Logged completions cost no rollout: generated_tokens stays 0, only the two scoring passes count.
         g_tokens = int(rollout.lengths.sum()) if self.logged else self.count_rollout(batch.student_mask, rollout)
-        self.counters.add(parameters=self.parameter_count, problems=len(batch),
-                          forward_only=int(batch.teacher_mask.sum()) + g_tokens,
-                          trained=int(batch.student_mask.sum()) + g_tokens)
+        self.count(problems=len(batch), forward_only=int(batch.teacher_mask.sum()) + g_tokens,
+                   trained=int(batch.student_mask.sum()) + g_tokens)
 
     def after_optimizer_step(self) -> None:
         self.teacher.update()

@@ -63,8 +63,12 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     progress: bool = False,
+    synced: bool = False,
 ) -> Rollout:
-    """Sample (or greedily decode) one completion per prompt row; the model's mode is restored."""
+    """Sample (or greedily decode) one completion per prompt row; the model's mode is restored.
+
+    ``synced``: under sharded weights (FSDP, ZeRO-3) every forward is a collective, so ranks
+    whose rows all ended keep stepping until every rank is done (HF's ``synced_gpus``)."""
     eos = eos_token_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -84,6 +88,7 @@ def generate(
             attention_mask=prompt_mask,
             generation_config=config,
             logits_processor=LogitsProcessorList([_ProgressBar(bar)]),
+            synced_gpus=synced,
         )
     model.train(was_training)
     completion_ids = sequences[:, prompt_ids.shape[1]:]

@@ -9,10 +9,12 @@ Reads straight down: validate config -> load model -> data -> module -> fit -> s
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -21,9 +23,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.config import ConfigError, register_configs, resolve_wandb_mode, to_train_config
+from sdharness.config import ConfigError, check_resume, register_configs, resolve_wandb_mode, to_train_config
 from sdharness.data import DataError, ProblemDataModule
 from sdharness.evaluation import QuickEval
 from sdharness.jobs import end_wandb_run, in_multirun, record_failure
@@ -38,17 +41,56 @@ register_configs()
 MODULES = {"sd": SelfDistillModule, "sft": SFTModule, "grpo": GRPOModule}
 # Hydra's own files live in the run directory too; the CSV logger only adds metrics.csv there.
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+# The data position is restored by EpochSampler (sdharness/data.py), which Lightning cannot see.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+# Checkpoints hold the weights after the step's update, which is what a resume needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the checkout's conf/ (editable install)
 
 
-def make_loggers(cfg, output_dir: Path, config_dict: dict) -> list:
+@dataclass
+class Resume:
+    """What a resumed run needs from its checkpoint before the Trainer restores the rest."""
+
+    path: str
+    problems_seen: int  # metric rows past this point are from steps the checkpoint does not hold
+    wandb_id: str | None
+
+
+def resume_from(cfg, output_dir: Path) -> Resume | None:
+    """The checkpoint to resume from, checked against this config before any model loads.
+
+    ``last`` with no checkpoint yet starts afresh, so a requeued job can always pass it."""
+    if cfg.ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.exists():
+        if cfg.ckpt_path == "last":
+            log.info("ckpt_path=last: no checkpoint in %s yet; starting from the beginning", path.parent)
+            return None
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file; give a .ckpt file, or ckpt_path=last with "
+                          "hydra.run.dir=<the run directory to resume>")
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    check_resume(checkpoint.get("sdharness_config", {}), cfg, str(path))
+    return Resume(str(path), checkpoint.get("sdharness_counters", {}).get("problems_seen", 0),
+                  checkpoint.get("sdharness_wandb_id"))
+
+
+def make_loggers(cfg, output_dir: Path, config_dict: dict, resume: Resume | None) -> list:
+    kept = metric_rows_to_keep(output_dir / "metrics.csv", resume)
     # Flushed every step: a killed run keeps its metrics up to the last step.
-    loggers = [CSVLogger(output_dir, name="", version="", flush_logs_every_n_steps=1)]
+    csv_logger = CSVLogger(output_dir, name="", version="", flush_logs_every_n_steps=1)
+    if kept:  # the resumed run appends to its metrics up to the checkpoint (the logger deletes the file)
+        header, rows = kept
+        csv_logger.experiment.metrics, csv_logger.experiment.metrics_keys = rows, header
+        csv_logger.experiment.save()
+    loggers = [csv_logger]
     mode = resolve_wandb_mode(cfg.logger.mode)
     if mode != "disabled":
+        same_run = {"id": resume.wandb_id, "resume": "allow"} if resume and resume.wandb_id else {}
         wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                             tags=list(cfg.tags), save_dir=str(output_dir), offline=mode == "offline",
-                            name=output_dir.name)
+                            name=output_dir.name, **same_run)
         wandb.log_hyperparams(config_dict)
         for axis in X_AXES:  # every cost counter is offered as an x-axis for every curve
             wandb.experiment.define_metric(f"train/{axis}")
@@ -57,10 +99,38 @@ def make_loggers(cfg, output_dir: Path, config_dict: dict) -> list:
     return loggers
 
 
-def train(dict_cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
-    """Run one experiment; returns the final eval metrics."""
+def metric_rows_to_keep(path: Path, resume: Resume | None) -> tuple[list[str], list[dict]] | None:
+    """``(header, rows)`` of a resumed run's metrics up to its checkpoint; later rows are from
+    steps that are about to be re-run."""
+    if resume is None or not path.exists():
+        return None
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = [row for row in reader
+                if not row.get("train/problems_seen") or float(row["train/problems_seen"]) <= resume.problems_seen]
+    return list(reader.fieldnames or []), rows
+
+
+def build_strategy(trainer_cfg, model):
+    """Lightning's strategy by name, built with ``trainer.strategy_options`` when there are any.
+    FSDP wraps one unit per decoder layer (the classes HF models list as ``_no_split_modules``)
+    and saves full state dicts, so checkpoints stay single files that resume anywhere."""
+    name, options = trainer_cfg.strategy, dict(trainer_cfg.strategy_options)
+    if name == "fsdp":
+        no_split = {n for module in model.modules() for n in getattr(module, "_no_split_modules", None) or []}
+        options.setdefault("auto_wrap_policy", {type(m) for m in model.modules() if type(m).__name__ in no_split})
+        options.setdefault("state_dict_type", "full")
+    if not options or not isinstance(name, str):
+        return name
+    entry = StrategyRegistry[name]
+    return entry["strategy"](**{**entry["init_params"], **options})
+
+
+def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -> dict[str, float]:
+    """Run one experiment; returns the final eval metrics. ``callbacks`` are added to the Trainer's."""
     cfg = to_train_config(dict_cfg)  # runs every check before any model loads
     output_dir = Path(output_dir)
+    resume = resume_from(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -79,16 +149,19 @@ def train(dict_cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
                                   every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, max_steps=cfg.trainer.max_steps,
+        strategy=build_strategy(cfg.trainer, model), precision=cfg.trainer.precision, max_steps=cfg.trainer.max_steps,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
-        logger=make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True)),
-        callbacks=[checkpoints, quick_eval, BudgetStop(cfg.budget)], default_root_dir=output_dir,
-        enable_model_summary=False, **cfg.trainer.extra,
+        logger=make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True), resume),
+        # Eval before the checkpoint, so a checkpoint holds its step's eval; data is sharded by EpochSampler.
+        callbacks=[quick_eval, checkpoints, BudgetStop(cfg.budget), *callbacks], default_root_dir=output_dir,
+        enable_model_summary=False, use_distributed_sampler=False, **cfg.trainer.extra,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")  # the end, whatever the save interval
 
-    if trainer.is_global_zero:
-        save_for_inference(module.model, tokenizer, output_dir / "final_model")
+    if not trainer.is_global_zero:
+        return quick_eval.history[-1][1].as_metrics()
+    save_for_inference(module.model, tokenizer, output_dir / "final_model")
     return report(quick_eval, module, output_dir)
 
 

@@ -114,7 +114,7 @@ def test_counters_add_up_exactly(module_class, overrides):
     (prompt_mask, rollout), = seen
     generated = int(rollout.completion_mask.sum())
     prompt = int(prompt_mask.sum())
-    c = module.counters
+    c = module.step_counts  # this step's work, before the sum over ranks
     assert c.problems_seen == len(batch) and c.rollouts == prompt_mask.shape[0] and c.generated_tokens == generated
     if module_class is SelfDistillModule:
         teacher = int(batch.teacher_mask.sum())

@@ -322,7 +322,7 @@ def test_training_step_with_guidance_runs_and_logs_the_guided_fraction(overrides
     if "rollout.importance_weighting=true" in overrides:
         assert 0.0 <= metrics["train/importance_weight"] <= 2.0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
-    counters = module.counters
+    counters = module.step_counts
     samples = 2 if "rollout.guidance_samples=2" in overrides else 0
     assert counters.rollouts == len(batch) * (1 + samples) and counters.problems_seen == len(batch)
     assert counters.generated_tokens >= metrics["train/completion_length"] * len(batch)

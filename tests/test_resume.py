@@ -1,0 +1,123 @@
+"""Faults: a run killed with SIGKILL resumes from its last checkpoint and ends exactly where an
+uninterrupted run ends; a resume under a different model/data config is refused by name."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdharness.config import ConfigError
+from sdharness.data import EpochSampler
+from sdharness.train import train
+from tests.conftest import TINY, compose_config
+
+ROOT = Path(__file__).resolve().parent.parent
+# 6 problems in batches of 2: steps 3 and 6 start new epochs, so the kill after the step-4
+# checkpoint lands mid-epoch; eval every 3 steps puts an eval both before and after the kill.
+RUN = TINY + ["data.train_size=6", "trainer.max_steps=7", "trainer.checkpoint_every_n_steps=2",
+              "eval.every_n_steps=3", "threads=1"]
+# Runs `train` in a fresh process; the callback SIGKILLs the process as step `kill_at` starts.
+SCRIPT = """
+import os, signal, sys
+import lightning as L
+from tests.conftest import compose_config
+from sdharness.train import train
+
+out, kill_at, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+class KillAt(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(compose_config(overrides), out, callbacks=(KillAt(),))
+"""
+
+
+def run(out: Path, *overrides: str, kill_at: int = -1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(kill_at), *RUN, *overrides],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "train/wall_seconds"} for row in csv.DictReader(handle)]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run(whole).returncode == 0
+    first = run(killed, kill_at=5)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    resumed = run(killed, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # Optimiser, schedule, RNG, data position and counters all feed the weights: bit-identical.
+    a, b = load_file(whole / "final_model" / "model.safetensors"), load_file(killed / "final_model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    # Every metric row (losses, counters, evals before and after the kill) is kept once; only
+    # wall-clock seconds differ. The resumed W&B run continues the killed one (same run id).
+    assert metric_rows(killed) == metric_rows(whole)
+    assert len({path.name.split("-")[-1] for path in (killed / "wandb").glob("offline-run-*")}) == 1
+    assert "before             0" in resumed.stdout  # the start eval survives the kill in the checkpoint
+
+
+def test_ckpt_path_last_with_no_checkpoint_starts_afresh(tmp_path):
+    train(compose_config(TINY + ["trainer.max_steps=1", "logger.mode=disabled", "ckpt_path=last"]), tmp_path)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_missing_checkpoint_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*nope.ckpt: no such file"):
+        train(compose_config(TINY + ["ckpt_path=" + str(tmp_path / "nope.ckpt")]), tmp_path)
+
+
+def test_resume_with_a_different_data_or_model_config_is_refused_by_field(tmp_path):
+    base = TINY + ["trainer.max_steps=1", "logger.mode=disabled", "eval.at_start=false"]
+    train(compose_config(base), tmp_path)
+    changed = base + ["trainer.max_steps=2", "ckpt_path=last", "data.train_size=10", "model.hidden_size=48"]
+    with pytest.raises(ConfigError) as error:
+        train(compose_config(changed), tmp_path)
+    message = str(error.value)
+    assert "data.train_size: checkpoint 8, now 10" in message and "model.hidden_size: checkpoint 32, now 48" in message
+    assert "resume_allow_changes=true" in message
+    # A trainer-only change (more steps) is a normal resume; the override lets a data change through.
+    train(compose_config(base + ["trainer.max_steps=2", "ckpt_path=last", "data.train_size=10",
+                                 "resume_allow_changes=true"]), tmp_path)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def batches(sampler: EpochSampler, batch_size: int) -> list[list[int]]:
+    order = list(sampler)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def test_epoch_sampler_shards_ranks_disjointly_and_resumes_mid_epoch():
+    single = EpochSampler(10, 4, seed=3)
+    single.set_epoch(1)
+    whole = batches(single, 4)
+    assert sorted(sum(whole, [])) == list(range(10)) and [len(b) for b in whole] == [4, 4, 2]
+    # Two ranks of batch 2 see, step by step, the single process's batches of 4 split in halves
+    # (the last global batch padded from the epoch's start so both ranks take a third step).
+    ranks = [EpochSampler(10, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    zero, one = batches(ranks[0], 2), batches(ranks[1], 2)
+    assert len(zero) == len(one) == 3 == len(ranks[0]) // 2
+    assert [z + o for z, o in zip(zero, one)][:2] == whole[:2] and zero[2] == whole[2]
+    assert not set(sum(zero, [])) & set(sum(one[:2], []))
+    # Resuming epoch 1 after 2 batches yields the rest of it, then whole epochs again.
+    resumed = EpochSampler(10, 4, seed=3, resume_at=(1, 2))
+    resumed.set_epoch(1)
+    assert batches(resumed, 4) == whole[2:]
+    resumed.set_epoch(1)
+    assert batches(resumed, 4) == whole
