@@ -10,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sdharness.report import UNUSED_TAU, mean_curve  # noqa: E402
+from sdharness.report import mean_curve  # noqa: E402
+from sdharness.runs import UNUSED_TAU  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

@@ -3,27 +3,27 @@
     sdharness-report multirun/2026-01-01/12-00-00                # -> <that dir>/report/report.md
     sdharness-report outputs/2026-01-01/12-00-00 --target-accuracy 0.4 --out /tmp/report
     sdharness-report --wandb-group methods --wandb-project sdharness --out report-methods   # from W&B (online)
+    sdharness-report multirun/2026-01-01/12-00-00 --publish      # also as a W&B Report (online, '.[report]')
 
-A run is a directory with ``.hydra/config.yaml`` and ``metrics.csv``; runs that differ only in
-``seed`` are one line (mean, and min-max band, over seeds). Failed jobs (``FAILED.json``, see
-``sdharness.jobs``) are listed with their error. The local report never touches the network.
+Runs are collected and labelled by :mod:`sdharness.runs` (a job dir with ``.hydra/config.yaml`` and
+``metrics.csv``); runs that differ only in ``seed`` are one line (mean, and min-max band, over
+seeds). Failed jobs (``FAILED.json``, see ``sdharness.jobs``) are listed with their error. The local
+report never touches the network; ``--publish`` (:mod:`sdharness.publish`) runs after it is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
 
-from sdharness.jobs import FAILED_FILE, end_wandb_run, read_failure, write_failure
+from sdharness.jobs import FAILED_FILE, end_wandb_run, write_failure
+from sdharness.runs import (UNUSED_TAU, Run, differing_keys, find_runs, flatten, group_runs,  # noqa: F401 (re-exported)
+                            label_runs, method_label, number)
 
 NAN = float("nan")
 X_AXES = {"problems_seen": "problems seen", "generated_tokens": "generated tokens", "flops": "FLOPs",
@@ -32,59 +32,22 @@ SCORES = [("eval/accuracy", "accuracy", ".3f"), ("eval/early_answer_rate", "earl
           ("eval/leakage_rate", "leakage", ".3f"), ("eval/completion_length", "length", ".1f"),
           ("train/problems_seen", "problems", ",.0f"), ("train/generated_tokens", "gen. tokens", ",.0f"),
           ("train/flops", "FLOPs", ".3g"), ("train/wall_seconds", "seconds", ".1f")]
-METHOD_KEYS = ("algo.name", "aggregation.name", "aggregation.tau")
-NOT_IN_LABEL = {"seed", "tags", "output_dir", "ckpt_path", *METHOD_KEYS}
-UNUSED_TAU = ("teacher", "entropy_matched")  # aggregations whose tau is ignored
-
-
-@dataclass
-class Run:
-    name: str
-    config: dict  # flattened: "optim.lr" -> value
-    rows: list[dict] = field(default_factory=list)  # metrics.csv rows, numbers (or None)
-    failure: dict | None = None
-    finished: bool = True  # wrote its final model (local) / state "finished" (W&B)
-    overrides: list[str] = field(default_factory=list)
-    label: str = ""
-
-    @property
-    def evals(self) -> list[dict]:
-        return [row for row in self.rows if row.get("eval/accuracy") is not None]
-
-    @property
-    def status(self) -> str:
-        return "failed" if self.failure else "completed" if self.finished and self.evals else "incomplete"
-
-    def final(self) -> dict:
-        """The last eval row, plus the last value of any ``lmeval/*`` column."""
-        final = {k: v for k, v in self.evals[-1].items() if v is not None} if self.evals else {}
-        for row in self.rows:
-            final.update({k: v for k, v in row.items() if k.startswith("lmeval/") and v is not None})
-        return final
+TO_TARGET_AXES = ("generated_tokens", "flops")
 
 
 # ---------------------------------------------------------------- pure maths
-def number(text) -> float | None:
-    try:
-        return float(text) if text not in ("", None) else None
-    except (TypeError, ValueError):
-        return None
-
-
-def flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
-    return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()} or {prefix[:-1]: {}}
-
-
-def show(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def tokens_to_target(points, target: float) -> float | None:
     """The x (tokens, FLOPs...) of the first ``(x, accuracy)`` point whose accuracy reaches
     ``target``; None when none does. ``points`` are in eval order."""
     return next((x for x, acc in points if acc is not None and acc >= target - 1e-12), None)
+
+
+def trained(row: dict) -> bool:
+    """True for an eval taken after training started: its step (``step`` in metrics.csv,
+    ``trainer/global_step`` in W&B) is > 0, or, without a step, its problems seen are. The eval
+    before training (step 0) measures the base model, not what a method's tokens bought."""
+    step = row.get("step", row.get("trainer/global_step"))
+    return (step if step is not None else row.get("train/problems_seen") or 0) > 0
 
 
 def summarize(values) -> dict:
@@ -108,40 +71,6 @@ def mean_curve(curves):
     return grid, stack.mean(0), stack.min(0), stack.max(0)
 
 
-def method_label(config: dict) -> str:
-    algo = config.get("algo.name", "?")
-    if algo != "sd":
-        return str(algo)
-    agg, tau = config.get("aggregation.name", "?"), config.get("aggregation.tau")
-    return f"sd/{agg}" if agg in UNUSED_TAU or tau is None else f"sd/{agg}/tau={show(tau)}"
-
-
-def differing_keys(configs: list[dict]) -> list[str]:
-    keys = sorted({k for c in configs for k in c})
-    return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
-
-
-def label_runs(runs: list[Run]) -> None:
-    """Label = method (``sd/clip/tau=1``, ``sft``) plus each other key but the seed that differs
-    between completed runs of one algo/aggregation (``optim.lr=3e-05``); a label's runs are its seeds."""
-    done = [r for r in runs if r.status == "completed"]
-    family = lambda r: method_label({**r.config, "aggregation.tau": None})
-    extra = sorted({k for f in {family(r) for r in done}
-                    for k in differing_keys([r.config for r in done if family(r) == f]) if k not in NOT_IN_LABEL})
-    for run in runs:
-        run.label = " ".join([method_label(run.config)] + [f"{k}={show(run.config.get(k))}" for k in extra])
-
-
-def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """label -> its completed runs, sd first (by aggregation, tau), then sft, grpo."""
-    groups: dict[str, list[Run]] = {}
-    order = lambda r: ({"sd": 0, "sft": 1, "grpo": 2}.get(r.config.get("algo.name"), 3),
-                       str(r.config.get("aggregation.name")), number(r.config.get("aggregation.tau")) or 0, r.label)
-    for run in sorted((r for r in runs if r.status == "completed"), key=order):
-        groups.setdefault(run.label, []).append(run)
-    return groups
-
-
 def final_scores(groups: dict[str, list[Run]]) -> dict[str, dict[str, dict]]:
     """label -> metric -> :func:`summarize` of the runs' final values."""
     return {label: {key: summarize([r.final().get(key) for r in group])
@@ -158,53 +87,25 @@ def target_and_reference(groups, scores, target: float | None) -> tuple[float | 
 
 
 def to_target_table(groups, target: float, reference: str | None) -> dict[str, dict]:
-    """label -> {axis: mean over the seeds that reach ``target``, axis_ratio: vs the reference,
-    reached: seeds reaching, n: seeds} for generated tokens and FLOPs."""
+    """label -> {axis: mean over the seeds that reach ``target`` (None: no seed does), axis_ratio:
+    vs the reference (None: not reached), reached: seeds reaching, n: seeds} for generated tokens and
+    FLOPs. Only evals after training started count (:func:`trained`): the base model beating the
+    target before its first step is not reaching it."""
     table = {}
     for label, group in groups.items():
         entry = {"n": len(group)}
-        for axis in ("generated_tokens", "flops"):
-            hits = [tokens_to_target([(r[f"train/{axis}"], r["eval/accuracy"]) for r in run.evals], target)
-                    for run in group]
-            entry[axis] = summarize(hits)["mean"]
+        for axis in TO_TARGET_AXES:
+            hits = [tokens_to_target([(r.get(f"train/{axis}"), r["eval/accuracy"]) for r in run.evals if trained(r)],
+                                     target) for run in group]
             entry["reached"] = sum(h is not None for h in hits)
+            entry[axis] = summarize(hits)["mean"] if entry["reached"] else None
         table[label] = entry
     for entry in table.values():
-        for axis in ("generated_tokens", "flops"):
-            ref = table[reference][axis] if reference else NAN
-            entry[f"{axis}_ratio"] = entry[axis] / ref if ref and math.isfinite(ref) and ref > 0 else NAN
+        for axis in TO_TARGET_AXES:
+            ref = table[reference][axis] if reference else None
+            usable = ref is not None and math.isfinite(ref) and ref > 0  # else NaN: no GRPO, or it needed 0
+            entry[f"{axis}_ratio"] = None if entry[axis] is None else entry[axis] / ref if usable else NAN
     return table
-
-
-# ---------------------------------------------------------------- loading
-def load_run(run_dir: Path) -> Run:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # an interpolation that needs Hydra (${hydra:...}): keep it as written
-        config = OmegaConf.to_container(cfg, resolve=False)
-    rows = []
-    if (run_dir / "metrics.csv").exists():
-        with open(run_dir / "metrics.csv", newline="") as handle:
-            rows = [{k: number(v) for k, v in row.items() if k} for row in csv.DictReader(handle)]
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
-    return Run(str(run_dir), flatten(config), rows, read_failure(run_dir), (run_dir / "final_model").is_dir(),
-               [str(o) for o in overrides])
-
-
-def natural_key(path: Path):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-
-def find_runs(root: str | Path) -> list[Run]:
-    """Every run under ``root`` (a sweep dir, a parent of sweeps, or one run dir)."""
-    root = Path(root)
-    dirs = {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
-    runs = [load_run(d) for d in sorted(dirs, key=natural_key)]
-    for run in runs:
-        run.name = str(Path(run.name).relative_to(root)) if Path(run.name) != root else root.name
-    return runs
 
 
 # ---------------------------------------------------------------- writing
@@ -230,18 +131,21 @@ def scores_table(scores: dict) -> str:
 
 
 def target_section(table, target, reference) -> str:
-    rows = [[label, f"{e['reached']}/{e['n']}", fmt(e["generated_tokens"], ",.0f") if e["reached"] else "not reached",
-             fmt(e["generated_tokens_ratio"], ".3f"), fmt(e["flops"], ".3g") if e["reached"] else "not reached",
-             fmt(e["flops_ratio"], ".3f")] for label, e in table.items()]
+    cell = lambda value, spec: "not reached" if value is None else fmt(value, spec)
+    rows = [[label, f"{e['reached']}/{e['n']}", cell(e["generated_tokens"], ",.0f"),
+             cell(e["generated_tokens_ratio"], ".3f"), cell(e["flops"], ".3g"), cell(e["flops_ratio"], ".3f")]
+            for label, e in table.items()]
     source = f"final accuracy of {reference} (mean over seeds)" if reference else "--target-accuracy"
-    return (f"Target accuracy {target:.3f} ({source}). First eval at which accuracy reaches it, mean over the "
-            f"seeds that reach it; ratios vs {reference or '– (no GRPO run)'}.\n\n"
+    return (f"Target accuracy {target:.3f} ({source}). First eval after training started (step > 0; the base "
+            f"model's eval does not count) at which accuracy reaches it, mean over the seeds that reach it; "
+            f"ratios vs {reference or '– (no GRPO run)'}; \"not reached\": no seed reaches it.\n\n"
             + markdown_table(["run", "seeds reaching", "generated tokens", "× GRPO", "FLOPs", "× GRPO"], rows))
 
 
 def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None = None, title: str = "",
                  plots: bool = True) -> dict:
-    """Write ``out/report.md`` and its PNGs; returns the numbers and the markdown of the score table."""
+    """Write ``out/report.md`` and its PNGs; returns the numbers, the markdown of the score table
+    (``table``) and of the tokens-to-target section (``to_target_md``), and the run counts (``summary``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     label_runs(runs)
@@ -249,13 +153,14 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
     scores = final_scores(groups)
     target, reference = target_and_reference(groups, scores, target_accuracy)
     counts = {s: sum(r.status == s for r in runs) for s in ("completed", "failed", "incomplete")}
-    md = [f"# Sweep report: {title}", "", ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(runs)} runs.", ""]
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(runs)} runs."
+    md = [f"# Sweep report: {title}", "", summary, ""]
     table = scores_table(scores) if scores else "No completed run."
     md += ["## Final scores", "", "Last eval of each run; mean ± std over seeds.", "", table, ""]
     to_target = to_target_table(groups, target, reference) if groups and target is not None else None
-    md += ["## Tokens to target", ""]
-    md += [target_section(to_target, target, reference) if to_target else
-           "Skipped: no GRPO run to take the target from; pass --target-accuracy X.", ""]
+    to_target_md = (target_section(to_target, target, reference) if to_target else
+                    "Skipped: no GRPO run to take the target from; pass --target-accuracy X.")
+    md += ["## Tokens to target", "", to_target_md, ""]
     if groups and plots:
         from sdharness.plots import plot_curves, plot_tau
 
@@ -282,7 +187,7 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
             md += ["```", "\n".join(error["traceback_tail"].splitlines()[-15:]), "```", ""]
     (out / "report.md").write_text("\n".join(md))
     return {"scores": scores, "target": target, "reference": reference, "to_target": to_target, "runs": runs,
-            "table": table, "path": out / "report.md"}
+            "table": table, "to_target_md": to_target_md, "summary": summary, "title": title, "path": out / "report.md"}
 
 
 class SummaryCallback(Callback):
@@ -318,13 +223,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="output dir (default: <sweep_dir>/report)")
     parser.add_argument("--target-accuracy", type=float, help="default: the final accuracy of GRPO")
     parser.add_argument("--wandb-group", help="read the runs of this W&B group instead of local files (online)")
-    parser.add_argument("--wandb-project", default="sdharness")
-    parser.add_argument("--wandb-entity")
+    parser.add_argument("--wandb-project", help="W&B project of --wandb-group / --publish (default: the runs' "
+                        "logger.project, else sdharness)")
+    parser.add_argument("--wandb-entity", help="W&B entity (default: the runs' logger.entity, else your default entity)")
+    parser.add_argument("--publish", action="store_true",
+                        help="after the local report, also save it as a W&B Report (online; pip install -e '.[report]')")
     args = parser.parse_args(argv)
     if args.wandb_group:
         from sdharness.wandb_runs import load_wandb_runs  # online only; the local report never imports it
 
-        runs, out = load_wandb_runs(args.wandb_group, args.wandb_project, args.wandb_entity), args.out or f"report-{args.wandb_group}"
+        runs = load_wandb_runs(args.wandb_group, args.wandb_project or "sdharness", args.wandb_entity)
+        out = args.out or f"report-{args.wandb_group}"
     elif args.sweep_dir and Path(args.sweep_dir).is_dir():
         runs, out = find_runs(args.sweep_dir), args.out or Path(args.sweep_dir) / "report"
     else:
@@ -336,6 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     if result["target"] is None:
         print("sdharness-report: no GRPO run; pass --target-accuracy X for tokens-to-target", file=sys.stderr)
     print(f"Report: {result['path']}")
+    if args.publish:
+        from sdharness.publish import PublishError, publish  # online only, after the local report is written
+
+        try:
+            url = publish(result, group=args.wandb_group, project=args.wandb_project, entity=args.wandb_entity)
+        except PublishError as error:
+            print(f"sdharness-report --publish: {error}\nThe local report is written: {result['path']}", file=sys.stderr)
+            raise SystemExit(1) from None
+        print(f"W&B Report: {url}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""The runs of a W&B group as :class:`sdharness.report.Run` (``sdharness-report --wandb-group``).
+"""The runs of a W&B group as :class:`sdharness.runs.Run` (``sdharness-report --wandb-group``).
 
 Online only, through ``wandb.Api()`` (needs ``WANDB_API_KEY`` or ``wandb login``); the local report
 never imports this module. Metrics come from each run's full history (``scan_history``), the config
 from the resolved config that ``sdharness-train`` logs; W&B states other than finished/running count
-as failed.
+as failed. A run counts as trained on bootstrapped data only when its ``data.path`` is readable here.
 """
 
 from __future__ import annotations
 
-from sdharness.report import Run, flatten, number
+from sdharness.runs import Run, bootstrapped_data, flatten, number
 
 
 def load_wandb_runs(group: str, project: str, entity: str | None = None) -> list[Run]:
@@ -23,5 +23,7 @@ def load_wandb_runs(group: str, project: str, entity: str | None = None) -> list
         config = {k: v for k, v in dict(remote.config).items() if not k.startswith("_")}  # not W&B's own keys
         failure = None if remote.state in ("finished", "running") else {
             "error_type": f"W&B state {remote.state}", "message": remote.url, "traceback_tail": ""}
-        runs.append(Run(remote.name, flatten(config), rows, failure, remote.state == "finished"))
+        config = flatten(config)  # bootstrapped: only when its data file is on this machine (same path)
+        runs.append(Run(remote.name, config, rows, failure, remote.state == "finished",
+                        bootstrapped=bootstrapped_data(config)))
     return runs

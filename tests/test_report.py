@@ -1,6 +1,7 @@
-"""sdharness-report: tokens-to-target maths, report files, failed jobs, and a real tiny sweep."""
+"""sdharness-report: tokens-to-target maths, labels, report files, failed jobs, and a real tiny sweep."""
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -12,7 +13,8 @@ from omegaconf import OmegaConf
 
 from sdharness.jobs import FAILED_FILE, read_failure, write_failure
 from sdharness.report import (SummaryCallback, build_report, find_runs, main, mean_curve, summarize,
-                              tokens_to_target)
+                              tokens_to_target, trained)
+from sdharness.runs import bootstrapped_data
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,14 +23,19 @@ COLUMNS = ["step", "train/loss", "eval/accuracy", "eval/early_answer_rate", "eva
            "train/wall_seconds", "lmeval/gsm8k/exact_match"]
 
 
-def fake_run(path: Path, algo: str, evals, *, aggregation="clip", tau=1.0, seed=0, lr=1e-5, lmeval=None):
+def fake_run(path: Path, algo: str, evals, *, aggregation="clip", tau=1.0, seed=0, lr=1e-5, lmeval=None,
+             more=None, cwd=None):
     """A run dir like Hydra + CSVLogger write: ``evals`` are (generated_tokens, accuracy) points,
-    one eval every 2 problems and 100 FLOPs per token."""
+    one eval every 2 problems and 100 FLOPs per token, the first before training (step 0); ``more``
+    is merged into the config, ``cwd`` is the launch directory recorded in ``.hydra/hydra.yaml``."""
     (path / ".hydra").mkdir(parents=True)
     (path / "final_model").mkdir()
     config = {"algo": {"name": algo, "group_size": 8}, "aggregation": {"name": aggregation, "tau": tau},
-              "optim": {"lr": lr}, "seed": seed, "tags": [f"algo={algo}", f"seed={seed}"], "logger": {"group": "g"}}
-    OmegaConf.save(OmegaConf.create(config), path / ".hydra" / "config.yaml")
+              "optim": {"lr": lr}, "seed": seed, "tags": [f"algo={algo}", f"seed={seed}"], "logger": {"group": "g"},
+              "data": {"name": "arithmetic", "path": None}, "rollout": {"guidance": "never"}}
+    OmegaConf.save(OmegaConf.merge(config, more or {}), path / ".hydra" / "config.yaml")
+    if cwd is not None:
+        OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"cwd": str(cwd)}}}), path / ".hydra" / "hydra.yaml")
     OmegaConf.save(OmegaConf.create([f"seed={seed}"]), path / ".hydra" / "overrides.yaml")
     with open(path / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
@@ -63,6 +70,12 @@ def test_tokens_to_target_is_the_first_point_reaching_it():
     assert tokens_to_target([(0, float("nan")), (5, 0.5)], 0.5) == 5
 
 
+def test_only_evals_after_training_started_count():
+    assert not trained({"step": 0.0, "train/problems_seen": 0.0}) and trained({"step": 3.0})
+    assert not trained({"trainer/global_step": 0, "_step": 5}) and trained({"trainer/global_step": 1})  # W&B rows
+    assert not trained({"train/problems_seen": 0.0}) and trained({"train/problems_seen": 8.0})  # no step logged
+
+
 def test_summarize_and_mean_curve():
     assert summarize([1.0, 3.0, None, float("nan")]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 2}
     assert summarize([])["n"] == 0 and math.isnan(summarize([])["mean"])
@@ -79,15 +92,91 @@ def test_tokens_to_target_against_grpo_from_metric_files(sweep, tmp_path):
     sd = table["sd/clip/tau=1"]
     assert (sd["generated_tokens"], sd["flops"], sd["reached"], sd["n"]) == (400, 40000, 2, 2)
     assert sd["generated_tokens_ratio"] == pytest.approx(0.4) and sd["flops_ratio"] == pytest.approx(0.4)
-    assert table["sft"]["reached"] == 0 and math.isnan(table["sft"]["generated_tokens"])
+    assert table["sft"]["reached"] == 0 and table["sft"]["generated_tokens"] is None
+    assert table["sft"]["generated_tokens_ratio"] is None and table["sft"]["flops"] is None
     scores = result["scores"]["sd/clip/tau=1"]["eval/accuracy"]
     assert (scores["mean"], scores["min"], scores["max"], scores["n"]) == pytest.approx((0.65, 0.6, 0.7, 2))
     assert result["scores"]["grpo"]["lmeval/gsm8k/exact_match"]["mean"] == pytest.approx(0.2)
     md = result["path"].read_text()
-    assert "| sd/clip/tau=1 | 2/2 | 400 | 0.400 |" in md and "| sft | 0/1 | not reached |" in md
+    assert "| sd/clip/tau=1 | 2/2 | 400 | 0.400 | 4e+04 | 0.400 |" in md
+    assert "| sft | 0/1 | not reached | not reached | not reached | not reached |" in md
     # an explicit target wins over GRPO's; ratios stay relative to GRPO
     table = build_report(find_runs(sweep), tmp_path / "out2", target_accuracy=0.4, plots=False)["to_target"]
     assert table["sd/clip/tau=1"]["generated_tokens"] == 225 and table["grpo"]["generated_tokens"] == 1000
+
+
+def test_the_base_models_eval_does_not_reach_the_target(sweep, tmp_path):
+    """The eval before training (step 0) of a base that already beats the target is not reaching it
+    (it used to count as 0 tokens): the first eval after training started that reaches it counts."""
+    fake_run(sweep / "4", "sd", [(0, 0.6), (300, 0.3), (700, 0.45)], aggregation="teacher")  # never after start
+    fake_run(sweep / "5", "sd", [(0, 0.9), (100, 0.2), (350, 0.55)], aggregation="product", tau=2.0)
+    result = build_report(find_runs(sweep), tmp_path / "out", plots=False)
+    table = result["to_target"]
+    assert result["target"] == pytest.approx(0.5) and table["grpo"]["generated_tokens"] == 1000
+    teacher, product = table["sd/teacher"], table["sd/product/tau=2"]
+    assert (teacher["reached"], teacher["generated_tokens"], teacher["flops"], teacher["flops_ratio"]) == (0, None, None, None)
+    assert (product["reached"], product["generated_tokens"], product["flops"]) == (1, 350, 35000)
+    assert product["generated_tokens_ratio"] == pytest.approx(0.35)
+    md = result["path"].read_text()
+    assert "| sd/teacher | 0/1 | not reached | not reached | not reached | not reached |" in md
+    assert "| sd/product/tau=2 | 1/1 | 350 | 0.350 | 3.5e+04 | 0.350 |" in md
+    # sft generates nothing: once trained, reaching the target costs it 0 generated tokens (a real 0, not the base eval)
+    table = build_report(find_runs(sweep), tmp_path / "out2", target_accuracy=0.25, plots=False)["to_target"]
+    assert (table["sft"]["reached"], table["sft"]["generated_tokens"], table["sft"]["generated_tokens_ratio"]) == (1, 0, 0)
+    assert table["grpo"]["generated_tokens"] == 500 and table["sd/product/tau=2"]["generated_tokens"] == 350
+    assert table["sd/teacher"]["generated_tokens"] == 300  # its base eval (0.6) would have given 0
+
+
+def test_seeds_that_miss_the_target_are_counted_apart(tmp_path):
+    fake_run(tmp_path / "s" / "0", "grpo", [(0, 0.1), (100, 0.5)])
+    fake_run(tmp_path / "s" / "1", "sd", [(0, 0.6), (50, 0.5)], seed=0)
+    fake_run(tmp_path / "s" / "2", "sd", [(0, 0.6), (50, 0.4)], seed=1)
+    result = build_report(find_runs(tmp_path / "s"), tmp_path / "out", plots=False)
+    sd = result["to_target"]["sd/clip/tau=1"]
+    assert (sd["reached"], sd["n"], sd["generated_tokens"], sd["generated_tokens_ratio"]) == (1, 2, 50, 0.5)
+    assert "| sd/clip/tau=1 | 1/2 | 50 | 0.500 |" in result["path"].read_text()
+
+
+def test_guided_chatlog_and_bootstrapped_runs_are_labelled_as_their_own_setting(tmp_path):
+    """Settings that change what a method trains on are part of its label, not only config differences."""
+    launch = tmp_path / "launch"  # data paths are relative to the directory the sweep was launched from
+    (launch / "data").mkdir(parents=True)
+    (launch / "data" / "solved.jsonl").write_text(json.dumps({"problem": "1+1", "solution": "2", "answer": "2"}) + "\n")
+    (launch / "data" / "solved.jsonl.provenance.json").write_text("{}")
+    root, evals = tmp_path / "s", [(0, 0.1), (100, 0.3)]
+    product = {"aggregation": "product", "tau": 2.0}
+    fake_run(root / "0", "sd", evals, **product)
+    fake_run(root / "1", "sd", evals, **product, more={"rollout": {"guidance": "on_failure"}})
+    fake_run(root / "2", "sd", evals, **product, more={"rollout": {"guidance": "always", "importance_weighting": True}})
+    fake_run(root / "3", "sd", evals, **product, more={"rollout": {"guidance": "always", "importance_weighting": False}})
+    fake_run(root / "4", "sd", evals, **product, more={"data": {"name": "chatlog", "path": "pkg://sdharness/assets/chatlog/c.jsonl"}})
+    fake_run(root / "5", "sd", evals, **product, more={"data": {"name": "jsonl", "path": "data/solved.jsonl"}}, cwd=launch)
+    fake_run(root / "6", "grpo", evals, more={"rollout": {"guidance": "always"}})  # guidance is sd-only: ignored
+    fake_run(root / "7", "sft", evals, more={"data": {"name": "chatlog", "path": "c.jsonl"}})
+    result = build_report(find_runs(root), tmp_path / "out", plots=True)
+    labels = {Path(r.name).name: r.label for r in result["runs"]}
+    assert labels == {"0": "sd/product/tau=2", "1": "sd/product/tau=2 guided=on_failure",
+                      "2": "sd/product/tau=2 guided=always rollout.importance_weighting=True",
+                      "3": "sd/product/tau=2 guided=always rollout.importance_weighting=False",
+                      "4": "sd/product/tau=2 chatlog", "5": "sd/product/tau=2 bootstrapped", "6": "grpo",
+                      "7": "sft chatlog"}
+    assert len(result["scores"]) == 8  # each its own line of the score table, not averaged together
+    md = result["path"].read_text()
+    assert "| sd/product/tau=2 guided=on_failure | 1 |" in md and "| sd/product/tau=2 bootstrapped | 1 |" in md
+    assert "| sft chatlog | 1 |" in md and (tmp_path / "out" / "accuracy_vs_tau.png").stat().st_size > 1000
+
+
+def test_bootstrapped_data_is_recognised_by_its_provenance_or_its_rows(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"problem": "p", "solution": "s", "answer": "1", "bootstrap": {"samples": 4}}) + "\n")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"problem": "p", "solution": "s", "answer": "1"}) + "\n")
+    (tmp_path / "sidecar.jsonl").write_text("")
+    (tmp_path / "sidecar.jsonl.provenance.json").write_text("{}")
+    jsonl = lambda path: {"data.name": "jsonl", "data.path": path}
+    assert bootstrapped_data(jsonl("sidecar.jsonl"), cwd=tmp_path) and bootstrapped_data(jsonl(str(rows)))
+    assert not bootstrapped_data(jsonl(str(plain))) and not bootstrapped_data(jsonl(str(tmp_path / "missing.jsonl")))
+    assert not bootstrapped_data({"data.name": "arithmetic"}) and not bootstrapped_data(jsonl("pkg://sdharness/x.jsonl"))
 
 
 def test_report_writes_markdown_pngs_table_and_config_differences(sweep, tmp_path, capsys):
@@ -178,7 +267,7 @@ def test_wandb_group_is_read_through_the_api(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_tiny_sweep_reports_completed_and_failed_jobs(tmp_path):
     """tests/sweeps/tiny.yaml: sd and grpo complete; a missing data file (DataError) and a missing
-    checkpoint (FileNotFoundError in fit) fail inside their jobs, and the sweep goes on."""
+    checkpoint fail inside their jobs, and the sweep goes on."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "sdharness.train", "-m", "--config-dir", str(REPO / "tests" / "sweeps"),
@@ -193,5 +282,6 @@ def test_tiny_sweep_reports_completed_and_failed_jobs(tmp_path):
     assert "2 completed, 2 failed, 0 incomplete of 4 runs" in md
     assert "| sd/clip/tau=1 | 1 |" in md and "| grpo | 1 |" in md
     assert "**DataError**: data.path: /nonexistent/train.jsonl does not exist" in md
-    assert "**FileNotFoundError**: Checkpoint file not found" in md
+    # a missing checkpoint: refused before any model loads (ConfigError), or, before that check, by Lightning's fit
+    assert "**ConfigError**: ckpt_path=" in md or "**FileNotFoundError**: Checkpoint file not found" in md
     assert len(list((tmp_path / "report").glob("*.png"))) == 5
