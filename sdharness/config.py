@@ -336,6 +336,9 @@ class TrainerConfig:
         _require(self.max_steps >= 1, f"trainer.max_steps must be >= 1, got {self.max_steps}")
         if isinstance(self.strategy, str):
             _choice("trainer.strategy", self.strategy, ["auto", *sorted(StrategyRegistry)])
+            _require(self.accelerator != "cpu" or not self.strategy.startswith(("fsdp", "deepspeed")),
+                     f"trainer.strategy={self.strategy} runs on GPUs only (Lightning's FSDP and DeepSpeed); on CPU "
+                     "use trainer=ddp trainer.accelerator=cpu trainer.precision=32-true")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
+from sdharness.checkpoints import AtomicCheckpointIO
 from sdharness.config import ConfigError, check_resume, register_configs, resolve_wandb_mode, to_train_config
 from sdharness.data import DataError, ProblemDataModule
 from sdharness.evaluation import QuickEval
@@ -154,7 +155,8 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
         logger=make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True), resume),
         # Eval before the checkpoint, so a checkpoint holds its step's eval; data is sharded by EpochSampler.
         callbacks=[quick_eval, checkpoints, BudgetStop(cfg.budget), *callbacks], default_root_dir=output_dir,
-        enable_model_summary=False, use_distributed_sampler=False, **cfg.trainer.extra,
+        plugins=[AtomicCheckpointIO()], enable_model_summary=False, use_distributed_sampler=False,
+        **cfg.trainer.extra,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")  # the end, whatever the save interval

@@ -90,3 +90,30 @@ def test_two_process_ddp_self_distillation_matches_single_process_totals(tmp_pat
     totals = last_counters(sampled)
     assert totals["train/problems_seen"] == totals["train/rollouts"] == 12  # 3 steps x 2 ranks x 2
     assert totals["train/generated_tokens"] > 0
+
+
+def test_fsdp_wraps_each_decoder_layer_and_saves_full_state_dicts():
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from sdharness.config import ModelConfig, to_train_config
+    from sdharness.models import char_tokenizer, tiny_random_model
+    from sdharness.train import build_strategy
+    from tests.conftest import compose_config
+
+    cfg = to_train_config(compose_config(["model=tiny_random", "trainer=fsdp",
+                                          "trainer.strategy_options.sharding_strategy=SHARD_GRAD_OP"]))
+    strategy = build_strategy(cfg.trainer, tiny_random_model(ModelConfig(), char_tokenizer()))
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    assert strategy._state_dict_type == "full" and strategy.sharding_strategy.name == "SHARD_GRAD_OP"
+    assert build_strategy(to_train_config(compose_config(["trainer=ddp"])).trainer, None) == "ddp"
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_3"])
+def test_sharded_strategies_on_cpu_are_config_errors(strategy):
+    from sdharness.config import ConfigError, to_train_config
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigError, match=f"trainer.strategy={strategy} runs on GPUs only.*trainer=ddp"):
+        to_train_config(compose_config([f"trainer.strategy={strategy}"]))

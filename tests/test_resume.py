@@ -121,3 +121,22 @@ def test_epoch_sampler_shards_ranks_disjointly_and_resumes_mid_epoch():
     assert batches(resumed, 4) == whole[2:]
     resumed.set_epoch(1)
     assert batches(resumed, 4) == whole
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from sdharness.checkpoints import AtomicCheckpointIO
+
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    writer = AtomicCheckpointIO()
+    writer.save_checkpoint({"global_step": 4, "weights": torch.ones(3)}, target)
+
+    def dies_halfway(obj, handle):
+        handle.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # stands in for the kill arriving mid-write
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        writer.save_checkpoint({"global_step": 6, "weights": torch.zeros(3)}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True)["global_step"] == 4
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
