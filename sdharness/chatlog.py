@@ -106,7 +106,8 @@ def read_chats(path: str | Path, *, strict: bool = False) -> tuple[list[dict], C
             row["answer"] = str(row["answer"])
         conversations.append({**row, "path": str(path), "line": number})
     if not conversations and not skipped:
-        raise DataError(f"{path}: no rows; the file is empty")
+        raise DataError(f"{path}: no rows; the file is empty or holds only blank lines. Write one conversation "
+                        'per line: {"messages": [{"role": ..., "content": ...}, ...]}')
     return conversations, skipped
 
 

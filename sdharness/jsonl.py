@@ -15,14 +15,15 @@ class DataError(ValueError):
 
 
 def json_objects(path: str | Path, field: str = "data.path") -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank line; Windows line endings are fine."""
+    """``(line number, object)`` for every non-blank line; Windows line endings and a UTF-8 byte
+    order mark (as Windows editors write) are fine."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{field}: {path} does not exist")
+        raise DataError(f"{field}: {path} does not exist; point {field} at an existing JSONL file")
     for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         where = f"{path}:{number}"
         try:
-            text = line.decode("utf-8").strip()  # strip() also drops Windows' \r
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8").strip()  # strip() also drops Windows' \r
         except UnicodeDecodeError as error:
             raise DataError(f"{where}: not valid UTF-8 ({error.reason} at byte {error.start}); "
                             "re-encode the file as UTF-8") from None
@@ -34,5 +35,6 @@ def json_objects(path: str | Path, field: str = "data.path") -> Iterator[tuple[i
             raise DataError(f"{where}: not valid JSON ({error.msg}, column {error.colno}); "
                             "each line must be one JSON object") from None
         if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; "
+                            "each line must be one JSON object {...}")
         yield number, row

@@ -68,12 +68,13 @@ class DistillationLoss:
 
     ``loss``: scalar (float32 for half-precision logits), the token mean of the divergence;
     differentiable w.r.t. the student logits only.
-    ``teacher_student_kl``: token mean of KL(teacher || student), detached, for monitoring.
+    ``teacher_student_kl``: token mean of KL(teacher || student), detached, for monitoring; None
+    when it was not asked for (``monitor_kl=False``).
     ``tokens``: number of positions that carried loss.
     """
 
     loss: torch.Tensor
-    teacher_student_kl: torch.Tensor
+    teacher_student_kl: torch.Tensor | None
     tokens: int
 
 
@@ -113,6 +114,136 @@ def value_and_grad_fn(name: str, beta: float = 0.5):
         name, _autograd_with_grad(name, beta))
 
 
+# ---------------------------------------------------------------- the chunk body
+
+# (aggregation, divergence) pairs whose chunk body is written out pass by pass below; the rest
+# (jsd, entropy_matched) go through aggregate_logprobs and value_and_grad_fn.
+_FUSED_AGGREGATIONS = ("teacher", "product", "clip")
+_FUSED_DIVERGENCES = ("forward_kl", "reverse_kl")
+
+
+class _Workspace:
+    """``[rows, vocab]`` buffers reused by every chunk of one loss call.
+
+    On CPU a fresh multi-megabyte temporary per elementwise op pays its page faults every time
+    (an out-of-place add over a [32, 49152] chunk took ~3x an add into an existing buffer);
+    with buffers, each pass over the chunk is one read-modify-write of cache-resident memory.
+    """
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = (rows, vocab), dtype, device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, rows: int) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = self._buffers[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return buffer[:rows]
+
+
+LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)
+
+
+def _softmax_parts(logits: torch.Tensor, shifted: torch.Tensor, exps: torch.Tensor, *, unit: float = LOG2E):
+    """``shifted`` <- (logits - row max) * unit, ``exps`` <- 2 ** shifted; returns ``(log2 Z, 1 / Z)``
+    ``[rows, 1]`` of the row sums Z of ``exps``.
+
+    With the default unit, ``shifted`` holds the logits in bits (base 2) and ``exps`` the softmax
+    up to 1 / Z: log2-probabilities are ``shifted - log2 Z`` and probabilities ``exps / Z``. They are
+    never written out; the row constants are folded into the reductions and the gradient instead.
+    ``torch.exp2`` is about twice as fast as ``torch.exp`` on CPU (AVX2) and the exp pass is the
+    most expensive one here. ``unit=1`` takes ``logits`` already in bits; ``logits`` may be
+    ``shifted`` itself (in place) and may have another dtype.
+    """
+    top = logits.amax(-1, keepdim=True)
+    if logits.dtype == shifted.dtype:
+        torch.add(top.mul_(-unit), logits, alpha=unit, out=shifted)
+    else:
+        shifted.copy_(logits)
+        shifted.sub_(top.to(shifted.dtype)).mul_(unit)
+    total = torch.exp2(shifted, out=exps).sum(-1, keepdim=True)
+    return total.log2(), total.reciprocal()
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """sum_v a * b per row ``[rows, 1]``, through ``scratch`` (no temporary)."""
+    return torch.mul(a, b, out=scratch).sum(-1, keepdim=True)
+
+
+def _fused_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, aggregation, tau, divergence_name, monitor):
+    """``(per-row divergence, per-row KL(teacher || student) or None, scale * gradient)`` of one
+    chunk, for the aggregations in ``_FUSED_AGGREGATIONS`` and the two KLs, with one exp pass per
+    distribution (student, teacher, target) and no full-size temporary: about 20 passes over the
+    chunk, most of them in place.
+
+    ``z_s``/``z_t``: student/teacher logits ``[rows, vocab]`` (read only). ``grad_out``: where the
+    gradient w.r.t. the student logits may be written (a slice of the full gradient), or None; the
+    returned gradient is ``grad_out`` or a workspace buffer. ``scale``: a float or ``[rows, 1]``.
+    Log-probabilities are kept in bits, shifted by a row constant (see :func:`_softmax_parts`):
+    every aggregation here is invariant to per-row shifts and commutes with the change of unit,
+    and the values are turned back into nats at the end. ``product`` takes the teacher's raw
+    logits when the monitoring KL does not need the teacher's normaliser anyway.
+    """
+    rows = z_s.shape[0]
+    s, e_s = work("s", rows), grad_out if grad_out is not None else work("p_s", rows)
+    log_zs, inv_zs = _softmax_parts(z_s, s, e_s)  # log2 p_S = s - log_zs, p_S = e_s * inv_zs
+    scratch = work("scratch", rows)
+    t = None
+    if monitor or aggregation != "product":
+        t, e_t = work("t", rows), work("p_t", rows)
+        log_zt, inv_zt = _softmax_parts(z_t, t, e_t)
+    if aggregation == "teacher":
+        g, e_g, log_zg, inv_zg = t, e_t, log_zt, inv_zt
+    else:
+        g, e_g = work("target", rows), work("p_target", rows)
+        if aggregation == "product":  # (s + t) / tau
+            if t is None:
+                torch.add(s, z_t, alpha=LOG2E, out=g)
+            else:
+                torch.add(s, t, out=g)
+            g.mul_(1.0 / tau)
+        else:  # clip: s + min(0, (t - s) / tau), with the log-probabilities' row constants restored
+            torch.sub(t, s, out=g).sub_(log_zt - log_zs).mul_(1.0 / tau).clamp_(max=0.0).add_(s)
+        log_zg, inv_zg = _softmax_parts(g, g, e_g, unit=1.0)
+    # log2 p_target - log2 p_S = (g - s) - (log_zg - log_zs)
+    if divergence_name == "forward_kl":  # sum p_target (log p_target - log p_S); gradient p_S - p_target
+        value = _rowdot(torch.sub(g, s, out=scratch), e_g, scratch).mul_(inv_zg).sub_(log_zg - log_zs)
+        grad = e_s.mul_(inv_zs * scale).addcmul_(e_g, inv_zg * -scale)
+    else:  # sum p_S (log p_S - log p_target); gradient p_S (log p_S - log p_target - KL)
+        log_ratio = torch.sub(s, g, out=work("log_ratio", rows))
+        value = _rowdot(log_ratio, e_s, scratch).mul_(inv_zs).sub_(log_zs - log_zg)
+        grad = e_s.mul_(log_ratio.sub_(log_zs - log_zg + value)).mul_(inv_zs * (LN2 * scale))
+    kl = None
+    if monitor:  # KL(T || S); for the teacher target and forward KL it is the loss itself
+        kl = value if aggregation == "teacher" and divergence_name == "forward_kl" else \
+            _rowdot(torch.sub(t, s, out=scratch), e_t, scratch).mul_(inv_zt).sub_(log_zt - log_zs)
+    return value.squeeze(-1) * LN2, None if kl is None else kl.squeeze(-1) * LN2, grad
+
+
+def _generic_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, target_fn, value_and_grad, monitor):
+    """As :func:`_fused_chunk` for any aggregation and divergence, through ``aggregate_logprobs``
+    and :func:`value_and_grad_fn` on explicit log-probabilities (nats)."""
+    rows = z_s.shape[0]
+    s, t, e_t, scratch = work("s", rows), work("t", rows), work("p_t", rows), work("scratch", rows)
+    log_zs, _ = _softmax_parts(z_s, s, scratch)
+    s.sub_(log_zs).mul_(LN2)
+    log_zt, inv_zt = _softmax_parts(z_t, t, e_t)
+    t.sub_(log_zt).mul_(LN2)
+    value, grad = value_and_grad(target_fn(t, s), s)
+    kl = _rowdot(torch.sub(t, s, out=scratch), e_t, scratch).squeeze(-1) * inv_zt.squeeze(-1) if monitor else None
+    return value, kl, grad.mul_(scale)
+
+
+def _chunks(positions: torch.Tensor, chunk_size: int):
+    """``(index, start)`` per chunk: a ``slice`` of flattened rows where the chunk's positions are
+    consecutive (a view, no gather), else the positions themselves."""
+    host = positions.tolist()
+    for start in range(0, len(host), chunk_size):
+        first, last = host[start], host[min(start + chunk_size, len(host)) - 1]
+        count = min(chunk_size, len(host) - start)
+        yield (slice(first, last + 1) if last - first + 1 == count else positions[start : start + chunk_size]), start
+
+
 class _ChunkedDistillation(torch.autograd.Function):
     """Loss and student-logit gradient computed together, chunk by chunk (Liger-style).
 
@@ -121,30 +252,43 @@ class _ChunkedDistillation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_rows, positions, weight, chunk_size, target_fn, value_and_grad,
-                row_weights=None):
+    def forward(ctx, student_logits, teacher_rows, positions, uncovered, weight, chunk_size, body, row_weights,
+                monitor):
         flat_student = student_logits.detach().reshape(-1, student_logits.shape[-1])
         # Half-precision logits are evaluated in float32; float64 stays float64.
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
-        grad = torch.zeros_like(flat_student) if ctx.needs_input_grad[0] else None
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.empty_like(flat_student)  # every row is written: a loss row below, the rest zeroed
+            if uncovered.numel():
+                grad.index_fill_(0, uncovered, 0.0)
         loss = flat_student.new_zeros((), dtype=dtype)
         kl = flat_student.new_zeros((), dtype=dtype)
+        work = _Workspace(min(chunk_size, positions.numel()), flat_student.shape[-1], dtype, flat_student.device)
         with torch.no_grad():
-            for start in range(0, positions.numel(), chunk_size):
-                rows = positions[start : start + chunk_size]
-                student_logp = F.log_softmax(flat_student[rows].to(dtype), dim=-1)
-                teacher_logp = F.log_softmax(teacher_rows(rows).to(dtype), dim=-1)
-                value, chunk_grad = value_and_grad(target_fn(teacher_logp, student_logp), student_logp)
-                if row_weights is not None:  # per-token weights scale each row's value and gradient
-                    chunk_weights = row_weights[start : start + chunk_size].to(dtype)
-                    value = value * chunk_weights
-                    chunk_grad.mul_(chunk_weights.unsqueeze(-1))
-                if grad is not None:
-                    grad[rows] = chunk_grad.mul_(weight).to(grad.dtype)
+            for rows, start in _chunks(positions, chunk_size):
+                consecutive = isinstance(rows, slice)
+                if consecutive:
+                    z_s = flat_student[rows]
+                else:
+                    z_s = torch.index_select(flat_student, 0, rows, out=work("z_s", rows.numel())) \
+                        if flat_student.dtype == dtype else flat_student[rows]
+                # The gradient goes straight into the full gradient where its rows are a same-dtype view.
+                grad_out = grad[rows] if grad is not None and consecutive and grad.dtype == dtype else None
+                # Each row's value and gradient carry 1 / tokens and its per-token weight, if any.
+                scale = weight if row_weights is None else row_weights[start : start + chunk_size].to(dtype) * weight
+                value, chunk_kl, chunk_grad = body(z_s, teacher_rows(rows), work, grad_out,
+                                                   scale if row_weights is None else scale.unsqueeze(-1))
+                if grad is not None and chunk_grad is not grad_out:
+                    if consecutive:
+                        grad[rows] = chunk_grad
+                    else:
+                        grad.index_copy_(0, rows, chunk_grad.to(grad.dtype))
                 del chunk_grad
-                loss += value.sum() * weight
-                # Log-probabilities of finite logits are finite: no zero-probability guard needed here.
-                kl += (teacher_logp.exp() * (teacher_logp - student_logp)).sum() * weight
+                loss += (value * scale).sum()
+                if chunk_kl is not None:
+                    # Log-probabilities of finite logits are finite: no zero-probability guard needed here.
+                    kl += chunk_kl.sum() * weight
         ctx.save_for_backward(grad.view_as(student_logits) if grad is not None else None)
         ctx.mark_non_differentiable(kl)
         return loss, kl
@@ -153,9 +297,11 @@ class _ChunkedDistillation(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_kl):
         (grad,) = ctx.saved_tensors
         # In place: the saved gradient is used once, and a copy would be another [batch, length, vocab].
-        student_grad = None if grad is None else grad.mul_(grad_loss.to(grad.dtype))
+        # The usual upstream gradient is exactly 1 (loss.backward()): then this pass is skipped.
+        if grad is not None and not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+            grad = grad.mul_(grad_loss.to(grad.dtype))
         # The target is detached by definition, so the teacher logits never get a gradient.
-        return student_grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def distillation_loss(
@@ -169,6 +315,7 @@ def distillation_loss(
     beta: float = 0.5,
     chunk_size: int = 32,
     token_weights: torch.Tensor | None = None,
+    monitor_kl: bool = True,
 ) -> DistillationLoss:
     """Token-mean divergence between the detached aggregate target and the student.
 
@@ -181,6 +328,9 @@ def distillation_loss(
         chunk_size: positions evaluated at once; the result does not depend on it.
         token_weights: optional ``[batch, length]`` float (detached), multiplying each position's
             divergence and its gradient; the mean still divides by the number of loss tokens.
+        monitor_kl: also compute the monitoring KL(teacher || student) (``teacher_student_kl``;
+            None when False). Loss and gradient are the same either way; skipping it saves up to
+            one exp pass per chunk (none for ``teacher`` + ``forward_kl``, where it is the loss).
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -195,26 +345,34 @@ def distillation_loss(
     if token_weights is not None and token_weights.shape != loss_mask.shape:
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have loss_mask's shape "
                          f"{tuple(loss_mask.shape)}")
-    positions = loss_mask.reshape(-1).nonzero().squeeze(-1)
+    flat_mask = loss_mask.reshape(-1).bool()
+    positions = flat_mask.nonzero().squeeze(-1)
     tokens = positions.numel()
     if tokens == 0:
         zero = student_logits.sum() * 0.0
-        return DistillationLoss(zero, zero.detach(), 0)
+        return DistillationLoss(zero, zero.detach() if monitor_kl else None, 0)
 
-    def target_fn(teacher_logp, student_logp):
-        return aggregate_logprobs(teacher_logp, student_logp, name=aggregation, tau=tau)
+    if aggregation in _FUSED_AGGREGATIONS and divergence_name in _FUSED_DIVERGENCES:
+        def body(z_s, z_t, work, grad_out, scale):
+            return _fused_chunk(z_s, z_t, work, grad_out, scale, aggregation=aggregation, tau=tau,
+                                divergence_name=divergence_name, monitor=monitor_kl)
+    else:
+        def target_fn(teacher_logp, student_logp):
+            return aggregate_logprobs(teacher_logp, student_logp, name=aggregation, tau=tau)
+
+        def body(z_s, z_t, work, grad_out, scale):
+            return _generic_chunk(z_s, z_t, work, grad_out, scale, target_fn=target_fn,
+                                  value_and_grad=value_and_grad_fn(divergence_name, beta), monitor=monitor_kl)
 
     if isinstance(teacher_logits, LazyLogits):
         teacher_rows = teacher_logits.rows
-    else:
-        flat_teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-        teacher_rows = flat_teacher.__getitem__
+    else:  # read only: the chunk body never writes into the teacher's rows
+        teacher_rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).__getitem__
     loss, kl = _ChunkedDistillation.apply(
-        student_logits, teacher_rows, positions, 1.0 / tokens, chunk_size, target_fn,
-        value_and_grad_fn(divergence_name, beta),
-        None if token_weights is None else token_weights.detach().reshape(-1)[positions],
+        student_logits, teacher_rows, positions, (~flat_mask).nonzero().squeeze(-1), 1.0 / tokens, chunk_size,
+        body, None if token_weights is None else token_weights.detach().reshape(-1)[positions], monitor_kl,
     )
-    return DistillationLoss(loss, kl, tokens)
+    return DistillationLoss(loss, kl if monitor_kl else None, tokens)
 
 
 def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
