@@ -66,4 +66,5 @@ class GRPOModule(PolicyModule):
                 logprobs, logprobs.detach() if old is None else old, advantages, rollout.completion_mask,
                 epsilon=algo.epsilon, beta=algo.beta, ref_logprobs=ref, aggregation=algo.loss_aggregation)
             self.count(trained=pass_tokens)
-            yield loss, {**metrics, **{f"train/{k}": v for k, v in stats.items()}}
+            yield loss, {**metrics, "train/loss_tokens": float(rollout.completion_mask.sum()),
+                         **{f"train/{k}": v for k, v in stats.items()}}

@@ -1,19 +1,32 @@
-"""``sdharness-bench``: cost of a self-distillation step against an SFT step, and of batched rollouts.
+"""``sdharness-bench``: cost of a self-distillation step against an SFT step, of batched rollouts,
+of guided sampling and of logged-chat distillation.
 
 * SD step: teacher ``completion_hidden`` (no grad) + student ``completion_logits`` +
-  ``distillation_loss`` (product, tau 2, forward_kl) + backward + AdamW step, on a FIXED random
-  completion (generation excluded). SFT step: ``completion_logits`` + token-mean cross-entropy
-  (as ``SFTModule``) + backward + AdamW step on the same prompt/completion sizes.
+  ``distillation_loss`` (product, tau 2, forward_kl, with the monitoring KL, as every training step
+  logs it) + backward + AdamW step, on a FIXED random completion (generation excluded). SFT step:
+  ``completion_logits`` + token-mean cross-entropy (as ``SFTModule``) + backward + AdamW step on
+  the same batch: same prompt and completion tokens.
+* Logged-chat distillation (``data=chatlog``) is exactly that SD step: ``g`` is the logged turn,
+  nothing is generated. ``chatlog_sft_tokens_per_s`` is its tokens/s over SFT's on the same
+  tokens and batch, i.e. the inverse of ``sd_sft_step_time``. By FLOPs it cannot exceed ~0.75:
+  SFT is one forward and one backward (~3 forward-equivalents), a logged-chat step adds the
+  teacher's forward (~4); on the vocabulary-heavy case the teacher's LM-head projection alone
+  is a quarter of an SFT step.
 * Rollout: tokens/s of one batched, left-padded HF ``generate`` with KV cache against a loop of
   per-sample ``generate`` calls over the same prompts; greedy, exactly ``new`` tokens per row.
+  Guided sampling (``sdharness.guided``, student and teacher rows in one forward per token) is
+  timed per generated token against the batched plain rollout (models with a tokenizer only).
 
 Every (case, method) runs in a fresh process (forkserver with this module preloaded, so a case
-pays no re-import): medians over ``repeats`` steps after one warm-up. Peak memory is the step's:
-on CPU ``ru_maxrss`` minus the RSS after model load, read right before the first step (the
-process's high-water mark is reset there via ``/proc/self/clear_refs`` so the load's own peak
-cannot hide it); on GPU ``max_memory_allocated`` minus ``memory_allocated`` after a reset.
-A ratio is the SD (batched) median over the SFT (naive) median; the headline ``ratios`` take the
-largest case measured. Guided sampling and logged-chat distillation do not exist yet: null.
+pays no re-import): medians over ``repeats`` steps after one warm-up. SD and SFT each run in
+``rounds`` processes, alternating SD, SFT, SFT, SD, ... so that load from other jobs on a shared
+machine hits both alike; their medians pool every measured step. Peak memory is the step's
+(the largest over a method's processes): on CPU ``ru_maxrss`` minus the RSS after model load,
+read right before the first step (the process's high-water mark is reset there via
+``/proc/self/clear_refs`` so the load's own peak cannot hide it); on GPU
+``max_memory_allocated`` minus ``memory_allocated`` after a reset. A ratio is the SD (batched,
+guided) median over the SFT (naive, plain) median; the headline ``ratios`` take the largest case
+measured.
 """
 
 from __future__ import annotations
@@ -258,7 +271,7 @@ def _size(entry: dict) -> int:
     return entry["params"] * entry["batch"] * (entry["prompt"] + entry["completion"])
 
 
-def run_case(case: Case, repeats: int, threads: int | None) -> dict:
+def run_case(case: Case, repeats: int, threads: int | None, rounds: int = 1) -> dict:
     print(f"[bench] {case.name} ...", file=sys.stderr, flush=True)
     entry = asdict(case)
     if case.kind == "rollout":
@@ -267,13 +280,26 @@ def run_case(case: Case, repeats: int, threads: int | None) -> dict:
         if "guided" in result:  # time for the same number of tokens: guided over plain batched sampling
             ratios["guided_plain_time"] = result["batched"]["tokens_per_s"] / result["guided"]["tokens_per_s"]
         return entry | result | {"ratios": ratios}
-    sd, sft = (_fresh(measure_step, case, method, repeats, threads) for method in ("sd", "sft"))
+    runs = {"sd": [], "sft": []}
+    for round_ in range(rounds):  # SD, SFT, SFT, SD, ...: drifting load from other jobs hits both alike
+        for method in ("sd", "sft") if round_ % 2 == 0 else ("sft", "sd"):
+            runs[method].append(_fresh(measure_step, case, method, repeats, threads))
+    sd, sft = _pooled(runs["sd"]), _pooled(runs["sft"])
+    tokens = case.batch * case.completion  # loss-carrying tokens per step, the same for both
+    sd["tokens_per_s"], sft["tokens_per_s"] = tokens / sd["median_s"], tokens / sft["median_s"]
     return entry | {"params": sd["params"], "vocab": sd["vocab"], "sd": sd, "sft": sft, "ratios": {
         "sd_sft_step_time": sd["median_s"] / sft["median_s"],
-        # A logged-chat step is the SD step on a given completion (no rollout): same tokens, so
-        # its tokens/s relative to SFT is the inverse time ratio.
-        "chatlog_sft_tokens_per_s": sft["median_s"] / sd["median_s"],
+        # A logged-chat step is the SD step on a given completion (no rollout), on the same tokens.
+        "chatlog_sft_tokens_per_s": sd["tokens_per_s"] / sft["tokens_per_s"],
         "sd_sft_peak_memory": sd["peak_mb"] / sft["peak_mb"] if sft["peak_mb"] > 0 else None}}
+
+
+def _pooled(runs: list[dict]) -> dict:
+    """One method's processes as one: every measured step pooled, the largest peak."""
+    times = [t for run in runs for t in run["times_s"]]
+    return runs[0] | {"median_s": statistics.median(times), "times_s": times,
+                      "warmup_s": [run["warmup_s"] for run in runs], "peak_mb": max(run["peak_mb"] for run in runs),
+                      "peak_reset": all(run["peak_reset"] for run in runs), "processes": len(runs)}
 
 
 def headline(entries: list[dict]) -> tuple[dict, dict]:
@@ -294,10 +320,10 @@ def machine(threads: int | None) -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def run_cases(selected: list[Case], repeats: int = 3, threads: int | None = None) -> dict:
-    entries = [run_case(case, repeats, threads) for case in selected]
+def run_cases(selected: list[Case], repeats: int = 3, threads: int | None = None, rounds: int = 2) -> dict:
+    entries = [run_case(case, repeats, threads, rounds) for case in selected]
     ratios, where = headline(entries)
-    return {"machine": machine(threads), "repeats": repeats, "ratios": ratios, "ratio_cases": where,
+    return {"machine": machine(threads), "repeats": repeats, "rounds": rounds, "ratios": ratios, "ratio_cases": where,
             "targets": TARGETS, "cases": entries}
 
 
@@ -310,7 +336,8 @@ def _fmt(value, spec=".2f") -> str:
 def format_table(report: dict) -> str:
     m = report["machine"]
     lines = [f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} "
-             f"({m['torch_threads']} threads), GPU: {m['gpu'] or 'none'}; medians of {report['repeats']} steps",
+             f"({m['torch_threads']} threads), GPU: {m['gpu'] or 'none'}; medians of {report['repeats']} steps"
+             f" x {report.get('rounds', 1)} processes per method",
              "", f"{'case':<22}{'params':>9}{'vocab':>7}{'batch':>6}{'prompt':>7}{'compl':>6} | "
              f"{'SD s':>7}{'SFT s':>7}{'ratio':>7} | {'SD MB':>8}{'SFT MB':>8}{'ratio':>7}"]
     for e in (e for e in report["cases"] if e["kind"] == "step"):
@@ -347,13 +374,16 @@ def main(argv: list[str] | None = None) -> None:
     size.add_argument("--tiny", action="store_true", help="seconds; for tests and CI")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="measured steps after the warm-up")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="processes per method for SD/SFT steps, alternated (default: 1 with --tiny, else 2)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     repeats = args.repeats or {"tiny": 1, "quick": 3, "full": 5}[mode]
-    report = run_cases(cases(mode), repeats, args.threads)
+    rounds = args.rounds or (1 if mode == "tiny" else 2)
+    report = run_cases(cases(mode), repeats, args.threads, rounds)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
 
 

@@ -173,23 +173,34 @@ def _with_hint(prompt_cfg: PromptConfig, messages: list[dict], hint: str | None)
     messages = [dict(message) for message in messages]
     if prompt_cfg.system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": prompt_cfg.system})
-    if hint is not None:
-        text = prompt_cfg.chat_hint.format(accepted=hint)
-        if messages and messages[0]["role"] == "system":  # one system message: some templates allow no second
-            messages[0]["content"] = text + "\n\n" + messages[0]["content"]
-        else:
-            messages.insert(0, {"role": "system", "content": text})
+    if hint is None:
+        return messages
+    text = prompt_cfg.chat_hint.format(accepted=hint)
+    if prompt_cfg.chat_hint_position == "last":  # the last message before the turn is a user message
+        messages[-1]["content"] += "\n" + text
+    elif messages and messages[0]["role"] == "system":  # one system message: some templates allow no second
+        messages[0]["content"] = text + "\n\n" + messages[0]["content"]
+    else:
+        messages.insert(0, {"role": "system", "content": text})
     return messages
+
+
+def _assistant_prefix(prompt_cfg: PromptConfig) -> tuple[str, str]:
+    """The plain rendering's assistant prefix split where the context ends: a trailing space
+    belongs to the turn (BPE vocabularies join it to the next word)."""
+    prefix = prompt_cfg.chat_roles["assistant"]
+    head = prefix.rstrip(" ")
+    return head, prefix[len(head):]
 
 
 def encode_chat(prompt_cfg: PromptConfig, tokenizer, messages: list[dict], hint: str | None = None) -> list[int]:
     """Token ids of a conversation prefix, ending where the next assistant turn starts.
 
     With the tokenizer's chat template (``uses_chat_template``) the generation prompt is added;
-    otherwise the plain rendering ``System: ...\\nUser: ...\\nAssistant: ...\\n`` ends with
-    ``Assistant:``. ``hint`` (the accepted answer) goes in as a system message placed first,
-    rendered with ``prompt.chat_hint``; a conversation's own system message follows it in the
-    same message.
+    otherwise each message is ``<prompt.chat_roles[role]><content>\n`` and the context ends with
+    the assistant prefix. ``hint`` (the accepted answer), rendered with ``prompt.chat_hint``, goes
+    in as a system message placed first (a conversation's own system message follows it in the
+    same message) or, with ``prompt.chat_hint_position=last``, at the end of the last user message.
     """
     from sdharness.prompts import uses_chat_template
 
@@ -197,16 +208,17 @@ def encode_chat(prompt_cfg: PromptConfig, tokenizer, messages: list[dict], hint:
     if uses_chat_template(prompt_cfg, tokenizer):
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    plain = "".join(f"{message['role'].capitalize()}: {message['content']}\n" for message in messages)
-    return tokenizer(plain + "Assistant:", add_special_tokens=True)["input_ids"]
+    roles = prompt_cfg.chat_roles
+    plain = "".join(f"{roles[m['role']]}{m['content']}\n" for m in messages) + _assistant_prefix(prompt_cfg)[0]
+    return tokenizer(plain, add_special_tokens=True)["input_ids"]
 
 
 def encode_completion(prompt_cfg: PromptConfig, tokenizer, content: str) -> list[int]:
-    """Token ids of a logged assistant turn plus EOS. In the plain rendering the turn follows
-    ``Assistant:`` after a space, as earlier turns do in the context."""
+    """Token ids of a logged assistant turn plus EOS (in the plain rendering, after what is left
+    of the assistant prefix, as earlier turns have it in the context)."""
     from sdharness.prompts import uses_chat_template
 
-    text = content if uses_chat_template(prompt_cfg, tokenizer) else " " + content
+    text = content if uses_chat_template(prompt_cfg, tokenizer) else _assistant_prefix(prompt_cfg)[1] + content
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 

@@ -139,10 +139,20 @@ class PromptConfig:
     # data=chatlog: the teacher's hint, a system message placed first; {accepted} is the accepted reply.
     chat_hint: str = ("A reply the user later accepted follows. Use it only as a hint; answer in your own words.\n"
                       "{accepted}")
+    # Where the hint goes: `first` (a system message opening the conversation) or `last` (right
+    # before the assistant turn being scored; with a chat template, appended to the last user message).
+    chat_hint_position: str = "first"
+    # Without a chat template, each message is rendered as <prefix><content>\n with these per-role
+    # prefixes; the context ends with the assistant prefix (a trailing space moves into the turn).
+    chat_roles: dict[str, str] = field(default_factory=lambda: {
+        "system": "System: ", "user": "User: ", "assistant": "Assistant: "})
 
     def __post_init__(self):
         _choice("prompt.chat_template", self.chat_template, ("auto", "always", "never"))
         _placeholders_exactly("prompt.chat_hint", self.chat_hint, {"accepted"}, " (the accepted reply)")
+        _choice("prompt.chat_hint_position", self.chat_hint_position, ("first", "last"))
+        _require(set(self.chat_roles) == {"system", "user", "assistant"}, "prompt.chat_roles must give a prefix for "
+                 f"exactly system, user and assistant; it has {sorted(self.chat_roles)}")
         _placeholders_exactly("prompt.student", self.student, {"problem"}, "; the student never sees the solution")
         _placeholders_exactly("prompt.teacher", self.teacher, {"problem", "solution"})
 
@@ -327,7 +337,7 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = 1.0
     log_every_n_steps: int = 1
     checkpoint_every_n_steps: int = 50
-    max_consecutive_nonfinite: int = 5  # skipped steps with NaN/inf loss before the run stops
+    max_consecutive_skipped: int = 5  # updates skipped in a row (non-finite, or no loss tokens) before the run stops
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -491,9 +501,6 @@ def cli_errors(hydra_main: Callable) -> Callable:
     ``sdharness: error: ...`` line naming the valid choices and exits with status 2, as the
     app's own config and data errors do, instead of Hydra's message and status 1.
     ``HYDRA_FULL_ERROR=1`` set by the user keeps Hydra's full behaviour."""
-    if getattr(hydra_main, "sdharness_cli_errors", False):
-        return hydra_main
-
     @functools.wraps(hydra_main)
     def main(*args, **kwargs):
         from hydra.errors import ConfigCompositionException, OverrideParseException
@@ -509,7 +516,6 @@ def cli_errors(hydra_main: Callable) -> Callable:
         finally:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 
-    main.sdharness_cli_errors = True
     return main
 
 

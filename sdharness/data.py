@@ -127,6 +127,14 @@ class EpochSampler(torch.utils.data.Sampler):
         return per_rank if self.world_size > 1 else self.size
 
 
+def check_data(cfg: DataConfig) -> None:
+    """Read the configured data once, so that a malformed file fails before any model loads."""
+    if cfg.name == "chatlog":
+        load_chats(cfg)
+    elif cfg.name == "jsonl":
+        load_problems(cfg)
+
+
 @dataclass
 class PromptBatch:
     """Left-padded prompts ``[batch, length]`` plus the raw problems they came from."""

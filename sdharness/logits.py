@@ -56,9 +56,26 @@ class LazyLogits:
     def shape(self) -> torch.Size:
         return torch.Size([*self.hidden.shape[:-1], self.head.weight.shape[0]])
 
-    def rows(self, flat_positions: torch.Tensor) -> torch.Tensor:
-        """Logits ``[len(flat_positions), vocab]`` of the given flattened positions."""
-        logits = self.head(self.hidden.reshape(-1, self.hidden.shape[-1])[flat_positions])
+    def rows(self, flat_positions: torch.Tensor | slice, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[len(flat_positions), vocab]`` of the given flattened positions (an index
+        tensor, or a ``slice`` for consecutive ones: no gather of the hidden states).
+
+        ``out``: a buffer of that shape to write into, used when the head is a plain ``nn.Linear``
+        of the hidden states' dtype and no gradient is recorded (a fresh tensor is returned
+        otherwise); reusing it skips a fresh multi-megabyte allocation, and its page faults, per call.
+        """
+        hidden = self.hidden.reshape(-1, self.hidden.shape[-1])[flat_positions]
+        weight = self.head.weight
+        differentiable = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        if (out is not None and not differentiable and type(self.head) is torch.nn.Linear
+                and out.dtype == hidden.dtype == weight.dtype and out.shape[0] == hidden.shape[0]):
+            logits = torch.matmul(hidden, weight.t(), out=out)
+            if self.head.bias is not None:
+                logits.add_(self.head.bias)
+            if self.softcap:
+                logits.div_(self.softcap).tanh_().mul_(self.softcap)
+            return logits
+        logits = self.head(hidden)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

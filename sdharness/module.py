@@ -35,7 +35,7 @@ from sdharness.rollout import Rollout, eos_token_ids, generate
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class SkippedUpdatesError(RuntimeError):
     pass
 
 
@@ -61,7 +61,7 @@ class PolicyModule(L.LightningModule):
         self.counters = Counters()  # the run's totals, summed over ranks after every step
         self.step_counts = Counters()  # this rank's work in the current step, not yet summed
         self.clock = WallClock(self.counters)
-        self.nonfinite_in_a_row = 0
+        self.skipped_in_a_row = 0
         self.batches_in_epoch = 0  # data position, checkpointed so a resumed run skips what it trained on
         self.rng_to_restore: dict | None = None
         self.vllm = None  # rollout.backend=vllm: see vllm_engine()
@@ -105,21 +105,26 @@ class PolicyModule(L.LightningModule):
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         metrics: dict = {}
-        for loss, metrics in self.losses(batch):
+        for loss, step_metrics in self.losses(batch):
+            metrics = {"train/loss": loss.detach(), **step_metrics}  # logged for skipped updates too
             optimizer.zero_grad()
             if torch.isfinite(loss):
                 self.manual_backward(loss)
             if not self._all_finite(loss):
-                self._skip_nonfinite()
+                self._skip_update("a non-finite loss or gradient")
+                continue
+            # No rank had a token to learn from (e.g. every rollout ended at once): AdamW would still
+            # move the weights on its momentum alone, so no update.
+            if self.trainer.strategy.reduce_boolean_decision(metrics.get("train/loss_tokens", 1) == 0, all=True):
+                self._skip_update("no loss tokens")
                 continue
             self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val,
                                 gradient_clip_algorithm="norm")
             optimizer.step()
             schedule.step()
-            self.nonfinite_in_a_row = 0
+            self.skipped_in_a_row = 0
             self.after_optimizer_step()
             self.weights_changed = True
-            metrics = {"train/loss": loss.detach(), **metrics}
         self.batches_in_epoch += 1
         self._sum_step_counts()
         if metrics:
@@ -132,16 +137,17 @@ class PolicyModule(L.LightningModule):
             bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
         return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
 
-    def _skip_nonfinite(self) -> None:
-        self.nonfinite_in_a_row += 1
+    def _skip_update(self, reason: str) -> None:
+        self.skipped_in_a_row += 1
         self.counters.skipped_steps += 1
-        limit = self.cfg.trainer.max_consecutive_nonfinite
-        log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, limit %d)",
-                    self.global_step, self.nonfinite_in_a_row, limit)
-        if self.nonfinite_in_a_row >= limit:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} consecutive updates had a non-finite loss or gradient; stopping. The "
-                "last good checkpoint is kept; lower optim.lr or check the data, then resume with ckpt_path=last")
+        limit = self.cfg.trainer.max_consecutive_skipped
+        log.warning("step %d: %s; update skipped (%d in a row, limit %d)", self.global_step, reason,
+                    self.skipped_in_a_row, limit)
+        if self.skipped_in_a_row >= limit:
+            raise SkippedUpdatesError(
+                f"{self.skipped_in_a_row} consecutive updates were skipped (the last for {reason}); stopping. The "
+                "last good checkpoint is kept; lower optim.lr or check the data and rollouts (are completions "
+                "empty?), then resume with ckpt_path=last")
 
     def count(self, **work) -> None:
         """Record this rank's work in the step (see ``Counters.add``); summed over ranks at step end."""
@@ -185,7 +191,7 @@ class PolicyModule(L.LightningModule):
         checkpoint["sdharness_counters"] = self.counters.state_dict()
         checkpoint["sdharness_state"] = {
             "data_position": (self.current_epoch, self.batches_in_epoch), "rng": rng_state(),
-            "nonfinite_in_a_row": self.nonfinite_in_a_row}
+            "skipped_in_a_row": self.skipped_in_a_row}
         checkpoint["sdharness_config"] = config_fingerprint(self.cfg)
         # A resumed run continues the same W&B run rather than starting a second one.
         checkpoint["sdharness_wandb_id"] = next(
@@ -196,7 +202,7 @@ class PolicyModule(L.LightningModule):
         state = checkpoint.get("sdharness_state")
         if state:
             epoch, self.batches_in_epoch = state["data_position"]
-            self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+            self.skipped_in_a_row = state["skipped_in_a_row"]
             self.rng_to_restore = state["rng"]
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if datamodule is not None:

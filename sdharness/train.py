@@ -27,8 +27,8 @@ from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness.checkpoints import AtomicCheckpointIO
-from sdharness.config import ConfigError, check_resume, register_configs, resolve_wandb_mode, to_train_config
-from sdharness.data import DataError, ProblemDataModule
+from sdharness.config import ConfigError, check_resume, cli_errors, register_configs, resolve_wandb_mode, to_train_config
+from sdharness.data import DataError, ProblemDataModule, check_data
 from sdharness.evaluation import QuickEval
 from sdharness.jobs import end_wandb_run, in_multirun, record_failure
 from sdharness.models import load_model_and_tokenizer, save_for_inference
@@ -136,6 +136,7 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
+    check_data(cfg.data)  # a malformed data file fails now, not after a model load
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     uses_chat_template(cfg.prompt, tokenizer)  # fails now, not mid-run, if a required template is missing
     datamodule = ProblemDataModule(cfg.data, cfg.prompt, tokenizer,
@@ -169,18 +170,18 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
 
 def report(quick_eval: QuickEval, module, output_dir: Path) -> dict[str, float]:
     """Print before/after eval accuracy and the run's cost; return the final metrics."""
-    first_step, first = quick_eval.history[0]
-    last_step, last = quick_eval.history[-1]
+    evals = quick_eval.history
+    labelled = [("before", *evals[0]), ("after", *evals[-1])] if evals[0][0] == 0 else [("after", *evals[-1])]
     counters = module.counters
     lines = [
         f"{'':<14}{'step':>6}{'accuracy':>10}{'early_answer':>14}{'length':>8}",
         *(f"{label:<14}{step:>6}{result.accuracy:>10.3f}{result.early_answer_rate:>14.3f}{result.completion_length:>8.1f}"
-          for label, (step, result) in (("before", (first_step, first)), ("after", (last_step, last)))),
+          for label, step, result in labelled),
         f"problems {counters.problems_seen}, generated tokens {counters.generated_tokens}, "
         f"train seconds {counters.wall_seconds:.1f}, run dir {output_dir}",
     ]
     print("\n".join(lines), flush=True)
-    return last.as_metrics()
+    return evals[-1][1].as_metrics()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -201,6 +202,8 @@ def main(dict_cfg: DictConfig) -> float:
         end_wandb_run()  # jobs of a multirun share one process: each gets its own W&B run
     return metrics["eval/accuracy"]
 
+
+main = cli_errors(main)  # composition errors (unknown option, misspelt key) as one line, exit 2
 
 if __name__ == "__main__":
     main()

@@ -24,3 +24,25 @@ def test_tiny_bench_json_and_table(capsys, monkeypatch):
     table = capsys.readouterr().out
     for text in ("machine:", "tiny_random@32", "rollout tiny_random", "guided", "sd_sft_peak_memory", "chatlog_sft_tokens_per_s"):
         assert text in table
+
+
+def test_sd_and_sft_processes_alternate_and_pool(monkeypatch):
+    """rounds=2 runs SD, SFT, SFT, SD; medians pool every measured step, peaks take the largest."""
+    calls = []
+
+    def fake_fresh(fn, case, method, repeats, threads):
+        calls.append(method)
+        n = len(calls)
+        return {"median_s": float(n), "times_s": [float(n), float(n)], "warmup_s": 9.0, "peak_mb": 10.0 * n,
+                "baseline_mb": 1.0, "peak_reset": True, "params": 5, "vocab": 7, "threads": 1, "device": "cpu"}
+
+    monkeypatch.setattr(bench, "_fresh", fake_fresh)
+    case = bench.Case("fake@8", "tiny_random", 2, 4, 8)
+    entry = bench.run_case(case, repeats=2, threads=1, rounds=2)
+    assert calls == ["sd", "sft", "sft", "sd"]
+    assert entry["sd"]["times_s"] == [1.0, 1.0, 4.0, 4.0] and entry["sd"]["median_s"] == 2.5
+    assert entry["sft"]["median_s"] == 2.5 and entry["sft"]["peak_mb"] == 30.0 and entry["sd"]["peak_mb"] == 40.0
+    assert entry["sd"]["processes"] == 2
+    assert entry["ratios"]["sd_sft_step_time"] == 1.0
+    assert entry["sd"]["tokens_per_s"] == 2 * 8 / 2.5
+    assert entry["ratios"]["chatlog_sft_tokens_per_s"] == 1.0

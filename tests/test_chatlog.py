@@ -109,9 +109,7 @@ def test_chat_template_gets_the_hint_as_the_first_system_message():
     assert text.startswith("<system>A reply the user later accepted") and text.endswith("<user>Start with 2. Add 3.\n<assistant>")
 
 
-def test_chat_hint_must_use_the_accepted_placeholder():
-    with pytest.raises(ConfigError, match=r"prompt.chat_hint must use exactly the placeholder \{accepted\}"):
-        PromptConfig(chat_hint="Hint: {solution}")
+def test_unknown_turns_option_is_rejected():  # prompt.chat_hint placeholders: tests/test_bad_input.py
     with pytest.raises(ConfigError, match="data.turns='last' is unknown"):
         DataConfig(name="chatlog", path="x.jsonl", turns="last")
 

@@ -473,3 +473,106 @@ def test_token_weights_scale_each_position_against_the_reference():
     with pytest.raises(ValueError, match="token_weights"):
         distillation_loss(student, teacher, mask, aggregation="clip", tau=0.7, divergence_name="jsd",
                           token_weights=weights[:, :-1])
+
+
+# ---------------------------------------------------------------- fast paths: monitoring off, consecutive rows, teacher blocks
+
+@pytest.mark.parametrize("aggregation,divergence_name", list(itertools.product(AGGREGATIONS, DIVERGENCES)))
+def test_monitoring_kl_off_gives_identical_loss_and_gradient(aggregation, divergence_name):
+    student, teacher, mask = make_inputs(batch=2, length=6, vocab=9, seed=70, dtype=torch.float32)
+    results = []
+    for monitor in (True, False):
+        leaf = student.detach().clone().requires_grad_()
+        out = distillation_loss(leaf, teacher, mask, aggregation=aggregation, tau=1.5, divergence_name=divergence_name,
+                                chunk_size=3, monitor_kl=monitor)
+        out.loss.backward()
+        results.append((out, leaf.grad))
+    (on, on_grad), (off, off_grad) = results
+    assert off.teacher_student_kl is None and on.teacher_student_kl is not None
+    assert off.tokens == on.tokens
+    assert off.loss.item() == on.loss.item()
+    torch.testing.assert_close(off_grad, on_grad, rtol=0, atol=0)
+
+
+def test_monitoring_kl_off_with_an_empty_mask():
+    student, teacher, _ = make_inputs(seed=71)
+    out = distillation_loss(student, teacher, torch.zeros(student.shape[:2], dtype=torch.bool), aggregation="product",
+                            tau=2.0, divergence_name="forward_kl", monitor_kl=False)
+    assert out.tokens == 0 and out.teacher_student_kl is None and out.loss.item() == 0.0
+
+
+@pytest.mark.parametrize("aggregation,divergence_name", list(itertools.product(AGGREGATIONS, DIVERGENCES)))
+@pytest.mark.parametrize("mask_kind", ["all", "tail", "holes"])
+def test_lazy_teacher_in_blocks_matches_reference(monkeypatch, aggregation, divergence_name, mask_kind):
+    """Consecutive loss positions are read as views (the gradient written in place), the teacher is
+    projected in blocks of several chunks into one reused buffer; none of it changes the result."""
+    from sdharness import losses
+    from sdharness.logits import LazyLogits
+
+    monkeypatch.setattr(losses, "TEACHER_BLOCK_ROWS", 4)
+    g = torch.Generator().manual_seed(72)
+    batch, length, hidden_size, vocab = 2, 9, 5, 13
+    hidden = torch.randn(batch, length, hidden_size, generator=g, dtype=F64)
+    head = torch.nn.Linear(hidden_size, vocab, bias=True).double()
+    student = random_logits(batch, length, vocab, seed=73)
+    mask = {"all": torch.ones(batch, length, dtype=torch.bool),
+            "tail": torch.arange(length).expand(batch, length) >= torch.tensor([[2], [5]]),
+            "holes": random_mask(batch, length, seed=74)}[mask_kind]
+    with torch.no_grad():
+        dense = head(hidden)
+    ref_student = student.detach().clone().requires_grad_()
+    ref = ref_distillation(ref_student, dense, mask, aggregation=aggregation, tau=1.3,
+                           divergence_name=divergence_name, beta=0.4)
+    (ref_grad,) = torch.autograd.grad(ref, ref_student)
+    ref_kl = ref_forward_kl(F.log_softmax(dense, -1), F.log_softmax(student, -1))[mask].mean()
+    # entropy_matched bisects on tau (30 halvings), from log-probabilities here, from logits in the reference
+    atol = 1e-6 if aggregation == "entropy_matched" else 1e-10
+    for chunk_size in (1, 3, 4, 7):
+        leaf = student.detach().clone().requires_grad_()
+        out = distillation_loss(leaf, LazyLogits(hidden, head), mask, aggregation=aggregation, tau=1.3,
+                                divergence_name=divergence_name, beta=0.4, chunk_size=chunk_size)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, ref.detach(), rtol=0, atol=atol)
+        torch.testing.assert_close(out.teacher_student_kl, ref_kl, rtol=0, atol=1e-10)
+        torch.testing.assert_close(leaf.grad, ref_grad, rtol=0, atol=atol)
+    assert head.weight.grad is None
+
+
+def test_consecutive_rows_with_half_precision_student_gradient():
+    """A bfloat16 student cannot take the float32 gradient in place: its rows are copied in."""
+    student, teacher, _ = make_inputs(batch=2, length=5, vocab=7, seed=75, dtype=torch.bfloat16)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    out = distillation_loss(student, teacher, mask, aggregation="product", tau=2.0, divergence_name="forward_kl",
+                            chunk_size=4)
+    out.loss.backward()
+    ref_student = student.detach().to(F64).requires_grad_()
+    ref = ref_distillation(ref_student, teacher.to(F64), mask, aggregation="product", tau=2.0,
+                           divergence_name="forward_kl")
+    ref.backward()
+    assert student.grad.dtype == torch.bfloat16 and (student.grad[~mask] == 0).all()
+    torch.testing.assert_close(out.loss.to(F64), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student.grad.to(F64), ref_student.grad, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_lazy_logits_rows_into_a_buffer_equal_the_head(softcap):
+    from sdharness.logits import LazyLogits
+
+    g = torch.Generator().manual_seed(76)
+    hidden = torch.randn(2, 4, 6, generator=g)
+    head = torch.nn.Linear(6, 11, bias=True)
+    lazy = LazyLogits(hidden, head, softcap)
+    index = torch.tensor([1, 2, 6])
+    buffer = torch.empty(3, 11)
+    fresh = lazy.rows(index, out=buffer)  # the head's weights require grad: no buffer under autograd
+    assert fresh.requires_grad and fresh.data_ptr() != buffer.data_ptr()
+    with torch.no_grad():
+        into = lazy.rows(index, out=buffer)
+        assert into.data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(into, fresh.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lazy.rows(slice(2, 5), out=buffer), lazy.rows(torch.arange(2, 5)),
+                                   rtol=1e-6, atol=1e-6)
+        other = lazy.rows(index, out=torch.empty(3, 11, dtype=F64))  # a buffer it cannot use: a fresh tensor
+        assert other.dtype == torch.float32
+        torch.testing.assert_close(other, fresh.detach(), rtol=0, atol=0)

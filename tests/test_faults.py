@@ -140,3 +140,41 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, mon
     monkeypatch.undo()
     assert torch.load(target, weights_only=True)["global_step"] == 4
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+
+
+def poison_losses(monkeypatch, bad_batches: set[int] | None):
+    """SelfDistillModule yields a NaN loss on the given batches (all when None)."""
+    from sdharness.module import SelfDistillModule
+
+    losses, seen = SelfDistillModule.losses, []
+
+    def poisoned(self, batch):
+        seen.append(len(seen))
+        for loss, metrics in losses(self, batch):
+            yield (loss * float("nan") if bad_batches is None or seen[-1] in bad_batches else loss), metrics
+
+    monkeypatch.setattr(SelfDistillModule, "losses", poisoned)
+
+
+def test_a_nan_loss_skips_the_update_and_training_goes_on(tmp_path, monkeypatch):
+    poison_losses(monkeypatch, {1})
+    train(compose_config(TINY + ["trainer.max_steps=3", "logger.mode=disabled", "eval.at_start=false"]), tmp_path)
+    with open(tmp_path / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert [float(r["train/skipped_steps"]) for r in rows] == [0.0, 1.0, 1.0, 1.0]  # 4 batches for 3 updates
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    final = load_file(tmp_path / "final_model" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in final.values())
+
+
+def test_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from sdharness.module import SkippedUpdatesError
+
+    train(compose_config(TINY + ["trainer.max_steps=1", "logger.mode=disabled", "eval.at_start=false"]), tmp_path)
+    good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    poison_losses(monkeypatch, None)
+    with pytest.raises(SkippedUpdatesError, match=r"2 consecutive updates were skipped \(the last for a non-finite "
+                       r"loss or gradient\).*resume with ckpt_path=last"):
+        train(compose_config(TINY + ["trainer.max_steps=4", "trainer.max_consecutive_skipped=2", "ckpt_path=last",
+                                     "trainer.checkpoint_every_n_steps=1", "logger.mode=disabled"]), tmp_path)
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == good

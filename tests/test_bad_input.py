@@ -1,0 +1,363 @@
+"""Bad input (issue #7): every case gives a clear error naming the file:line or the field and the
+fix, or a skip that is counted and logged; never a deep traceback or a silent wrong number.
+
+One place for the whole list. Most cases run in-process (the composed config through
+``to_train_config``, a ``ProblemDataModule`` with the char tokenizer, or ``train()`` on a tiny
+model); two run the real command line to prove the exit status 2 and the one ``sdharness:
+error:`` line. Chat-log specific cases (a conversation that ends with a user message, has no
+assistant turn, uses an unknown role, or does not fit, each skipped and counted or rejected under
+``data.strict``) are in ``tests/test_chatlog.py::test_unusable_conversations_are_skipped_and_counted_or_rejected_under_strict``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from sdharness.config import ConfigError, DataConfig, PromptConfig, composition_error_message, to_train_config
+from sdharness.data import DataError, ProblemDataModule
+from tests.conftest import TINY, compose_config
+
+PROMPT = PromptConfig(student="Q: {problem}\nA:", teacher="Q: {problem}\nHint: {solution}\nA:", chat_template="never")
+ROW = {"problem": "Start with 2. Add 3.", "solution": "2 + 3 = 5\nThe answer is 5.", "answer": "5"}
+CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a1"},
+                     {"role": "user", "content": "no"}, {"role": "assistant", "content": "a2"}]}
+
+
+def line(row: dict) -> bytes:
+    return json.dumps(row).encode()
+
+
+def datamodule(path, *, name="jsonl", max_context=1024, prompt=PROMPT, **data):
+    from sdharness.models import char_tokenizer
+
+    data = {"eval_size": 1, "batch_size": 2, **data}
+    return ProblemDataModule(DataConfig(name=name, path=str(path), **data), prompt, char_tokenizer(),
+                             max_context=max_context, max_new_tokens=16)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --------------------------------------------------------------------------- malformed data files
+
+# (file content, data set, error message as a regex); the file is called train.jsonl.
+MALFORMED = {
+    "bad_json": (line(ROW) + b'\n{"problem": "p",\n', "jsonl",
+                 r"train.jsonl:2: not valid JSON \(.*\); each line must be one JSON object"),
+    "not_an_object": (line(ROW) + b'\n["problem", "solution"]\n', "jsonl",
+                      r"train.jsonl:2: expected a JSON object, got list; each line must be one JSON object"),
+    "missing_field": (line(ROW) + b'\n{"problem": "p"}\n', "jsonl",
+                      r"train.jsonl:2: field\(s\) solution missing or not a non-empty string; every row needs "
+                      r"problem, solution \(answer is optional\)"),
+    "empty_field": (b'{"problem": " ", "solution": "s"}\n', "jsonl", r"train.jsonl:1: field\(s\) problem missing"),
+    "empty_file": (b"", "jsonl", r"train.jsonl: no rows; the file is empty or holds only blank lines. Write one "
+                                 r"JSON object per line with fields problem, solution"),
+    "only_blank_lines": (b"\n  \r\n\n", "jsonl", r"train.jsonl: no rows; the file is empty or holds only blank"),
+    "empty_chat_log": (b"\r\n", "chatlog", r"train.jsonl: no rows; .* Write one conversation per line"),
+    "non_utf8": (line(ROW) + b'\n{"problem": "caf\xe9", "solution": "s"}\n', "jsonl",
+                 r"train.jsonl:2: not valid UTF-8 \(invalid continuation byte at byte \d+\); re-encode the file as UTF-8"),
+    "non_utf8_chat_log": (b'{"messages": [{"role": "user", "content": "\xff"}]}\n', "chatlog",
+                          r"train.jsonl:1: not valid UTF-8 .*; re-encode the file as UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_data_file_names_file_line_and_fix(tmp_path, case):
+    content, name, message = MALFORMED[case]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        datamodule(path, name=name).setup()
+
+
+@pytest.mark.parametrize("field", ["path", "eval_path"])
+def test_missing_data_file_names_the_field(tmp_path, field):
+    (tmp_path / "train.jsonl").write_bytes(line(ROW))
+    paths = {"path": str(tmp_path / "train.jsonl"), field: str(tmp_path / "nope.jsonl")}
+    with pytest.raises(DataError, match=rf"data.{field}: .*nope.jsonl does not exist; point data.{field} at an "
+                                        "existing JSONL file"):
+        datamodule(**paths).setup()
+
+
+@pytest.mark.parametrize("name", ["jsonl", "chatlog"])
+def test_windows_crlf_line_endings_and_byte_order_mark_just_work(tmp_path, name):
+    rows = [ROW, {**ROW, "problem": "Start with 4. Add 1."}, {**ROW, "problem": "Start with 1. Add 1."}]
+    if name == "chatlog":
+        rows = [CHAT, CHAT, CHAT]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(line(row) for row in rows) + b"\r\n\r\n")
+    dm = datamodule(path, name=name)
+    dm.setup()
+    assert len(dm.train) == 2 and len(dm.evaluation) == 1 and not dm.skipped
+    assert not any("\r" in item["problem"] + item["solution"] for item in dm.train + dm.evaluation)
+
+
+# ----------------------------------------------------------------------------- small data sets
+
+
+def test_data_smaller_than_a_batch_trains_every_step_on_a_smaller_batch(tmp_path, caplog):
+    from sdharness.train import train
+
+    rows = [{**ROW, "problem": f"Start with {i}. Add 3."} for i in range(3)]
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(line(row) for row in rows))
+    (tmp_path / "eval.jsonl").write_bytes(line(ROW))
+    cfg = compose_config(TINY + ["data=jsonl", f"data.path={tmp_path / 'train.jsonl'}",
+                                 f"data.eval_path={tmp_path / 'eval.jsonl'}", "data.batch_size=4", "algo=sft",
+                                 "trainer.max_steps=3", "logger.mode=disabled", "eval.at_start=false"])
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        train(cfg, tmp_path / "run")
+    assert "only 3 training problem(s), fewer than data.batch_size=4" in caplog.text
+    rows = read_metrics(tmp_path / "run")
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)  # max_steps steps, not zero
+    assert float([r for r in rows if r.get("train/problems_seen")][-1]["train/problems_seen"]) == 9.0
+
+
+def test_one_row_file_trains_and_warns_that_nothing_is_held_out(tmp_path, caplog):
+    (tmp_path / "train.jsonl").write_bytes(line(ROW) + b"\n")
+    dm = datamodule(tmp_path / "train.jsonl", eval_size=32)
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        dm.setup()
+    assert len(dm.train) == 1 and dm.evaluation == []
+    assert "has 1 row(s): holding out 0 for eval (data.eval_size=32) leaves 1 to train on" in caplog.text
+    assert "no held-out problem to evaluate (data.eval_size=32): eval metrics will be NaN" in caplog.text
+
+
+# ------------------------------------------------------------------- prompts longer than the context
+
+
+def _long_file(tmp_path, length=200):
+    rows = [ROW, {**ROW, "problem": "x" * length}, {**ROW, "problem": "Start with 4. Add 1."}, ROW]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(line(row) for row in rows))
+    return path
+
+
+def test_prompt_longer_than_the_context_is_skipped_counted_and_logged(tmp_path, caplog):
+    dm = datamodule(_long_file(tmp_path), max_context=120)
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        dm.setup()
+    assert dm.skipped == {"exceeds context": 1} and len(dm.train) + len(dm.evaluation) == 3
+    assert "skipped 1 " in caplog.text and "(exceeds context): prompt + 16 new tokens exceeds the model context of " \
+                                            "120" in caplog.text
+
+
+def test_prompt_longer_than_the_context_is_an_error_naming_file_line_under_strict(tmp_path):
+    with pytest.raises(DataError, match=r"train.jsonl:2: the teacher prompt takes \d+ tokens, \+ 16 new tokens .* "
+                                        r"more than the model context of 120; shorten .* or set data.strict=false"):
+        datamodule(_long_file(tmp_path), max_context=120, strict=True).setup()
+
+
+def test_strict_is_a_key_of_the_jsonl_data_config():
+    cfg = to_train_config(compose_config(TINY + ["data=jsonl", "data.path=x.jsonl", "data.strict=true"]))
+    assert cfg.data.strict is True
+
+
+def test_no_problem_fitting_the_context_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"no training problem fits the model context of 20 tokens with 16 new "
+                                          r"tokens \(max of rollout.max_new_tokens and eval.max_new_tokens\)"):
+        datamodule(_long_file(tmp_path), max_context=20).setup()
+
+
+def test_skipped_problems_reach_the_run_metrics(tmp_path):
+    from sdharness.train import train
+
+    cfg = compose_config(TINY + ["data=jsonl", f"data.path={_long_file(tmp_path, 1100)}", "data.eval_size=1",
+                                 "algo=sft", "trainer.max_steps=1",  # tiny_random's context: 1024
+                                 "logger.mode=disabled", "eval.at_start=false"])
+    train(cfg, tmp_path / "run")
+    rows = [r for r in read_metrics(tmp_path / "run") if r.get("data/skipped")]
+    assert rows and float(rows[0]["data/skipped"]) == 1.0 and float(rows[0]["data/skipped_exceeds_context"]) == 1.0
+
+
+# ------------------------------------------------------------------------- config values and names
+
+# (overrides, ConfigError message as a regex)
+BAD_VALUES = {
+    "tau_zero": (["aggregation.tau=0"], r"aggregation.tau must be a positive number, got 0.0; e.g. aggregation.tau=2.0"),
+    "tau_negative": (["aggregation.tau=-1"], r"aggregation.tau must be a positive number, got -1.0"),
+    "rollout_temperature_zero": (["rollout.temperature=0"], r"rollout.temperature must be a positive number, got "
+                                 r"0.0; rollouts sample, so set e.g. rollout.temperature=1.0"),
+    "grpo_group_size_1": (["algo=grpo", "algo.group_size=1"], r"algo.group_size=1: GRPO needs at least 2 samples per "
+                          r"problem.*; set algo.group_size=8"),
+    "student_template_without_problem": (["prompt.student='Solve it.'"], r"prompt.student must use exactly the "
+                                         r"placeholder \{problem\}; the student never sees the solution; missing "
+                                         r"\{problem\}"),
+    "student_template_with_solution": (["prompt.student='{problem} {solution}'"], r"prompt.student must use exactly "
+                                       r"the placeholder \{problem\}.*; unknown \{solution\}"),
+    "teacher_template_without_solution": (["prompt.teacher='Solve: {problem}'"], r"prompt.teacher must use exactly "
+                                          r"the placeholders \{problem\} and \{solution\}; missing \{solution\}"),
+    "teacher_template_unknown_placeholder": (["prompt.teacher='{problem} {solution} {hint}'"], r"prompt.teacher .*; "
+                                             r"unknown \{hint\} \(write a literal brace as \{\{ or \}\}\)"),
+    "teacher_template_unmatched_brace": (["prompt.teacher='{problem} {solution'"], r"prompt.teacher='\{problem\} "
+                                         r"\{solution' is not a valid template \(expected '\}' before end of string\)"),
+    "chat_hint_without_accepted": (["data=chatlog", "prompt.chat_hint='Use the reply.'"], r"prompt.chat_hint must use "
+                                   r"exactly the placeholder \{accepted\} \(the accepted reply\); missing \{accepted\}"),
+    "unknown_aggregation_name": (["aggregation.name=geometric"], r"aggregation.name='geometric' is unknown; choose "
+                                 r"one of: teacher, product, clip, entropy_matched"),
+    "forced_unknown_key": (["+aggregation.temperature=2"], r"unknown config key\(s\): aggregation.temperature "
+                           r"\(known: name, tau\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_config_value_names_the_field_and_fix(case):
+    overrides, message = BAD_VALUES[case]
+    with pytest.raises(ConfigError, match=message):
+        to_train_config(compose_config(TINY + overrides))
+
+
+def test_integer_tau_is_accepted_as_a_float():
+    cfg = to_train_config(compose_config(TINY + ["aggregation.tau=2"]))
+    assert isinstance(cfg.aggregation.tau, float) and cfg.aggregation.tau == 2.0
+
+
+# (override, message of composition_error_message, exactly); Hydra itself fails to compose these.
+UNCOMPOSABLE = {
+    "misspelt_group_option": ("aggregation=prodct", "aggregation=prodct is unknown; choose one of: clip, "
+                              "entropy_matched, product, teacher (did you mean aggregation=product?)"),
+    "misspelt_key": ("aggregation.taux=1", "aggregation.taux is not a config key (did you mean aggregation.tau?); "
+                     "aggregation has: name, tau"),
+    "misspelt_top_level_key": ("sed=1", "sed is not a config key (did you mean seed?); the config has: algo, model"),
+    "misspelt_group": ("aggregatio=clip", "aggregatio is not a config key (did you mean aggregation?)"),
+    "ill_typed_value": ("aggregation.tau=hot", "aggregation.tau=hot: Value 'hot' of type 'str' could not be "
+                        "converted to Float"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNCOMPOSABLE))
+def test_uncomposable_config_names_the_valid_choices(case):
+    override, message = UNCOMPOSABLE[case]
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config(TINY + [override])
+    assert composition_error_message(error.value).startswith(message)
+    assert "Config search path" not in composition_error_message(error.value)
+
+
+# ---------------------------------------------------------------------------- models and tokenizers
+
+
+def test_nonexistent_model_path_names_the_field():
+    from sdharness.models import load_model_and_tokenizer
+
+    cfg = to_train_config(compose_config(TINY + ["model=local", "model.path=/nope"]))  # validates: path is set
+    with pytest.raises(ConfigError, match=r"model.path='/nope': /nope does not exist; point model.path at a local "
+                                          r"model directory \(config.json \+ weights\)"):
+        load_model_and_tokenizer(cfg.model)
+
+
+def test_model_directory_without_config_json_is_named(tmp_path):
+    from sdharness.models import load_model_and_tokenizer
+
+    cfg = to_train_config(compose_config(TINY + ["model=local", f"model.path={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"no config.json in .*; for a .gguf file use model.source=gguf"):
+        load_model_and_tokenizer(cfg.model)
+
+
+@pytest.mark.parametrize("name", ["jsonl", "chatlog"])
+def test_required_chat_template_missing_from_the_tokenizer(tmp_path, name):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(line(CHAT if name == "chatlog" else ROW) for _ in range(3)))
+    prompt = PromptConfig(chat_template="always")
+    with pytest.raises(ConfigError, match=r"prompt.chat_template=always, but this tokenizer has no chat template; "
+                                          r"set prompt.chat_template=never"):
+        datamodule(path, name=name, prompt=prompt).setup()
+
+
+# ---------------------------------------------------------------------- rollouts with no tokens
+
+
+@pytest.fixture
+def eos_first_model(monkeypatch):
+    """tiny_random whose every next-token distribution puts all but e^-100 of its mass on EOS."""
+    import sdharness.models as models
+
+    build = models.tiny_random_model
+
+    def eos_first(cfg, tokenizer):
+        model = build(cfg, tokenizer)
+        bias = torch.zeros(len(tokenizer))
+        bias[tokenizer.eos_token_id] = 100.0
+        model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + bias.to(out.dtype))
+        return model
+
+    monkeypatch.setattr(models, "tiny_random_model", eos_first)
+
+
+@pytest.mark.parametrize("overrides", [["algo=sd"], ["algo=sft"], ["algo=grpo", "algo.group_size=2"]],
+                         ids=["sd", "sft", "grpo"])
+def test_rollouts_that_stop_at_once_give_a_finite_logged_step(tmp_path, eos_first_model, overrides):
+    from sdharness.train import train
+
+    train(compose_config(TINY + overrides + ["logger.mode=disabled", "eval.at_start=false"]), tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if r.get("train/loss")]
+    assert len(rows) == 2 and all(math.isfinite(float(r["train/loss"])) for r in rows)
+    assert all(float(r["train/skipped_steps"]) == 0 for r in rows)
+    if overrides[0] != "algo=sft":  # g is EOS alone
+        assert all(float(r["train/completion_length"]) == 1.0 for r in rows)
+
+
+def test_rollouts_with_no_loss_tokens_skip_the_update_then_stop(tmp_path, eos_first_model):
+    """Under loss.positions=reasoning an EOS-only g has no loss token: zero loss, logged as such,
+    and no update (AdamW would move the weights on momentum alone); K such steps in a row stop
+    the run with a message saying why."""
+    from sdharness.module import SkippedUpdatesError
+    from sdharness.train import train
+
+    overrides = ["loss.positions=reasoning", "trainer.max_consecutive_skipped=3", "logger.mode=disabled",
+                 "eval.at_start=false"]
+    with pytest.raises(SkippedUpdatesError, match=r"3 consecutive updates were skipped \(the last for no loss "
+                       r"tokens\).*are completions empty\?"):
+        train(compose_config(TINY + overrides), tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if r.get("train/loss")]
+    # (the third skip raises inside its step, before it logs)
+    assert [float(r["train/loss_tokens"]) for r in rows] == [0.0, 0.0]
+    assert [float(r["train/loss"]) for r in rows] == [0.0, 0.0]
+    assert [float(r["train/skipped_steps"]) for r in rows] == [1.0, 2.0]
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+def test_uncomposable_config_through_the_wrapped_hydra_entry_point(tmp_path, monkeypatch, capsys):
+    from sdharness.config import cli_errors
+    from sdharness.train import main
+
+    monkeypatch.setattr(sys, "argv", ["sdharness-train", *TINY, f"hydra.run.dir={tmp_path}", "aggregation=prodct"])
+    with pytest.raises(SystemExit) as exit_:
+        cli_errors(main)()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("sdharness: error: aggregation=prodct is unknown; choose one of: clip, "
+                                       "entropy_matched, product, teacher (did you mean aggregation=product?)\n")
+    assert "HYDRA_FULL_ERROR" not in os.environ
+
+
+CLI = {
+    "misspelt_group_option": (["aggregation=prodct"], "sdharness: error: aggregation=prodct is unknown; choose one "
+                              "of: clip, entropy_matched, product, teacher"),
+    "nonexistent_model_path": (["model=local", "model.path=/nope"], "sdharness: error: model.path='/nope': /nope "
+                               "does not exist; point model.path at a local model directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI))
+def test_command_line_exits_2_with_one_error_line(tmp_path, case):
+    overrides, message = CLI[case]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "sdharness.train", *TINY, "logger.mode=disabled",
+                             f"hydra.run.dir={tmp_path}", *overrides], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
