@@ -10,13 +10,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from sdharness.config import register_configs
+from sdharness.config import ModelConfig, register_configs
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
+# The shipped testbed base (sdharness/assets/testbed), part of the package, so always there.
+TESTBED = ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 TINY = [
     "model=tiny_random",

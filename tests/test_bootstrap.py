@@ -21,11 +21,11 @@ from sdharness.bootstrap import (
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.data import DataError, read_jsonl
 from sdharness.generate import _named_config
-from sdharness.models import load_model_and_tokenizer, resolve_path
+from sdharness.models import load_model_and_tokenizer
 from sdharness.tasks import arithmetic_split, is_correct
+from tests.conftest import TESTBED
 
 TINY = ModelConfig(name="tiny_random", source="tiny_random")
-TESTBED = ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed")
 PROBLEMS = [{"problem": f"Start with {n}. Add 1. What is the result?", "answer": str(n + 1)} for n in range(4)]
 
 
@@ -220,16 +220,7 @@ def test_cli_end_to_end_with_tiny_random(tmp_path, capsys):
 # --------------------------------------------------------------------------- (d) the testbed model
 
 
-def _testbed_dir() -> Path | None:
-    try:
-        directory = resolve_path(TESTBED.path)
-    except ConfigError:
-        return None
-    return directory if (directory / "config.json").exists() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_testbed_dir() is None, reason="no testbed model at sdharness/assets/testbed")
 def test_bootstrap_hard_problems_from_testbed(tmp_path):
     problems = write_jsonl(tmp_path / "hard.jsonl",
                            [{"problem": p["problem"], "answer": p["answer"]} for p in arithmetic_split(7, 8, "hard")])

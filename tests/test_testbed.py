@@ -26,9 +26,8 @@ from sdharness.pretrain import (
     split_counts,
     to_pretrain_config,
 )
-from tests.conftest import compose_config
+from tests.conftest import TESTBED, compose_config
 
-TESTBED = ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed")
 TOLERANCE = 0.05  # accuracy points, as a fraction
 ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")
 

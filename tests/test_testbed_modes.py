@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdharness.config import ConfigError, ModelConfig, PromptConfig, to_train_config
+from sdharness.config import PromptConfig, to_train_config
 from sdharness.data import ProblemDataModule
 from sdharness.generate import _named_config
 from sdharness.guided import guided_generate
@@ -31,27 +31,17 @@ from sdharness.pretrain import eval_problems
 from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher
 from sdharness.rollout import generate
 from sdharness.tasks import is_correct
-from tests.conftest import compose_config
+from tests.conftest import TESTBED, compose_config
 
-TESTBED = ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed")
 MAX_NEW_TOKENS = 96  # the testbed experiments' rollout.max_new_tokens and eval.max_new_tokens
 SIZE = 16
 
 
-def _testbed_dir() -> Path | None:
-    try:
-        directory = resolve_path(TESTBED.path)
-    except ConfigError:
-        return None
-    return directory if (directory / "config.json").exists() else None
-
-
-pytestmark = pytest.mark.skipif(_testbed_dir() is None, reason="no testbed model at sdharness/assets/testbed")
 
 
 def hard_problems() -> list[dict]:
     """The first 16 of the testbed's recorded held-out HARD problems (never seen in pretraining)."""
-    report = json.loads((_testbed_dir() / "pretrain_report.json").read_text())
+    report = json.loads((resolve_path(TESTBED.path) / "pretrain_report.json").read_text())
     return eval_problems(report["eval"]["seed"], report["eval"]["size"])["hard"][:SIZE]
 
 
