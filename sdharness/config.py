@@ -7,14 +7,10 @@ is merged into these dataclasses: unknown keys and ill-typed values fail at comp
 
 from __future__ import annotations
 
-import difflib
-import functools
 import os
-import re
 import string
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -452,71 +448,6 @@ def to_train_config(dict_cfg: DictConfig) -> TrainConfig:
     unknown = _unknown_keys(OmegaConf.to_container(dict_cfg), known)
     _require(not unknown, "unknown config key(s): " + "; ".join(unknown))
     return cfg
-
-
-def _schema_keys(dotted: str) -> list[str] | None:
-    """Keys of the schema node at ``dotted`` ('' for the top), or None where there is no such node."""
-    node = OmegaConf.structured(TrainConfig)
-    node = OmegaConf.select(node, dotted) if dotted else node
-    return [str(key) for key in node.keys()] if isinstance(node, DictConfig) else None
-
-
-def composition_error_message(error: BaseException) -> str:
-    """One clear line for an error Hydra raises while composing the config (an unknown group
-    option, a misspelt key, a value of the wrong type): the override at fault and the valid
-    choices, without Hydra's search path or its advice to append keys with ``+``."""
-    cause = error.__cause__
-    missing = getattr(error, "missing_cfg_file", None)
-    options = list(getattr(error, "options", None) or [])
-    if missing and "/" in missing and options:  # aggregation=prodct
-        group, _, option = missing.rpartition("/")
-        where = re.match(r"In '([^']+)':", str(error))
-        inside = f" (in {where.group(1)}.yaml)" if where and where.group(1) != "train" else ""
-        close = difflib.get_close_matches(option, options, n=1)
-        hint = f" (did you mean {group}={close[0]}?)" if close else ""
-        return f"{group}={option} is unknown{inside}; choose one of: {', '.join(options)}{hint}"
-    full_key = getattr(cause, "full_key", None)
-    if full_key and type(cause).__name__ in ("ConfigAttributeError", "ConfigKeyError"):  # aggregation.taux=1
-        parent, _, key = str(full_key).rpartition(".")
-        known = _schema_keys(parent)
-        if known:  # a typed node; free-form ones (trainer.extra) take new keys with +key=value
-            prefix = f"{parent}." if parent else ""
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            scope = f"{parent} has" if parent else "the config has"
-            group_hint = "" if parent else "; choose a group option with group=name, e.g. aggregation=clip"
-            return f"{full_key} is not a config key{hint}; {scope}: {', '.join(known)}{group_hint}"
-    message = str(error).split("\nConfig search path:")[0].replace("Error merging override ", "", 1)
-    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
-    if cause is not None and type(cause).__module__.startswith("omegaconf"):  # aggregation.tau=hot
-        details = [line.strip() for line in str(cause).splitlines() if line.strip()]
-        message += f": {details[0]}" if details else ""
-    override = getattr(error, "override", None)  # OverrideParseException
-    return f"cannot parse the override {override!r}: {message}" if override else message
-
-
-def cli_errors(hydra_main: Callable) -> Callable:
-    """Wrap a ``@hydra.main`` entry point so that a config Hydra cannot compose (unknown group
-    option, misspelt key, ill-typed value, unparsable override) prints one
-    ``sdharness: error: ...`` line naming the valid choices and exits with status 2, as the
-    app's own config and data errors do, instead of Hydra's message and status 1.
-    ``HYDRA_FULL_ERROR=1`` set by the user keeps Hydra's full behaviour."""
-    @functools.wraps(hydra_main)
-    def main(*args, **kwargs):
-        from hydra.errors import ConfigCompositionException, OverrideParseException
-
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            return hydra_main(*args, **kwargs)
-        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing and exiting 1
-        try:
-            return hydra_main(*args, **kwargs)
-        except (ConfigCompositionException, OverrideParseException) as error:
-            print(f"sdharness: error: {composition_error_message(error)}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        finally:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-
-    return main
 
 
 def register_configs() -> None:

@@ -27,7 +27,8 @@ from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness.checkpoints import AtomicCheckpointIO
-from sdharness.config import ConfigError, check_resume, cli_errors, register_configs, resolve_wandb_mode, to_train_config
+from sdharness.cli import cli_errors
+from sdharness.config import ConfigError, check_resume, register_configs, resolve_wandb_mode, to_train_config
 from sdharness.data import DataError, ProblemDataModule, check_data
 from sdharness.evaluation import QuickEval
 from sdharness.jobs import end_wandb_run, in_multirun, record_failure

@@ -23,7 +23,8 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from sdharness.config import ConfigError, DataConfig, PromptConfig, composition_error_message, to_train_config
+from sdharness.cli import composition_error_message
+from sdharness.config import ConfigError, DataConfig, PromptConfig, to_train_config
 from sdharness.data import DataError, ProblemDataModule
 from tests.conftest import TINY, compose_config
 
@@ -332,7 +333,7 @@ def test_rollouts_with_no_loss_tokens_skip_the_update_then_stop(tmp_path, eos_fi
 
 
 def test_uncomposable_config_through_the_wrapped_hydra_entry_point(tmp_path, monkeypatch, capsys):
-    from sdharness.config import cli_errors
+    from sdharness.cli import cli_errors
     from sdharness.train import main
 
     monkeypatch.setattr(sys, "argv", ["sdharness-train", *TINY, f"hydra.run.dir={tmp_path}", "aggregation=prodct"])
