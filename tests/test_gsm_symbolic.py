@@ -18,8 +18,10 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from sdharness import gsm_expressions as expressions  # noqa: E402
 from sdharness import gsm_symbolic as gsm  # noqa: E402
-from sdharness import lmeval  # noqa: E402
+from sdharness import gsm_templates as templates  # noqa: E402
+from sdharness import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig  # noqa: E402
 from sdharness.data import read_jsonl  # noqa: E402
 from sdharness.tasks import ANSWER_MARKER, extract_answer, is_correct  # noqa: E402
@@ -76,7 +78,7 @@ def test_shipped_rows_all_verify():
             assert is_correct(row["solution"], row["answer"]), row
             assert row["solution"].endswith(f"\n{ANSWER_MARKER} {row['answer']}.")
             assert row["solution"].count(ANSWER_MARKER) == 1
-            assert gsm._is_number(gsm.parse_value(row["answer"]))
+            assert expressions.is_number(expressions.parse_value(row["answer"]))
             assert not re.search(r"[{}]|<<|>>|####", row["problem"] + row["solution"])
     # The lm-eval data are the test split, byte for byte.
     assert TASK_JSONL.read_bytes() == (ASSETS / "test.jsonl").read_bytes()
@@ -99,11 +101,11 @@ def test_shipped_split_is_by_template_and_matches_the_manifest():
 def test_shipped_task_yaml_is_task_config_output():
     config = yaml.safe_load(TASK_YAML.read_text())
     data_file = "evals/tasks/sdh_gsm_symbolic.jsonl"  # relative to the repo root, like the arithmetic tasks
-    assert config == lmeval.task_config(
-        gsm.TASK_NAME, None, data_file, prompt_template=lmeval.DEFAULT_STUDENT_TEMPLATE,
+    assert config == lmeval_tasks.task_config(
+        gsm.TASK_NAME, None, data_file, prompt_template=lmeval_tasks.DEFAULT_STUDENT_TEMPLATE,
         max_gen_toks=gsm.DEFAULT_MAX_GEN_TOKS, seed=MANIFEST["seed"], size=MANIFEST["test_rows"], tag=gsm.TASK_NAME,
-        metadata={"source": gsm.PACKAGE, "templates": len(MANIFEST["test_templates"])})
-    assert lmeval.TASK_TAG not in config["tag"]  # `--tasks sdh_arithmetic` does not run it
+        metadata={"source": templates.PACKAGE, "templates": len(MANIFEST["test_templates"])})
+    assert lmeval_tasks.TASK_TAG not in config["tag"]  # `--tasks sdh_arithmetic` does not run it
     pattern = config["filter_list"][0]["filter"][0]["regex_pattern"]
     for row in _rows(TASK_JSONL):
         assert re.findall(pattern, row["solution"])[0] == extract_answer(row["solution"])
@@ -129,7 +131,8 @@ def test_lm_eval_runs_gsm_symbolic_offline_on_tiny_model(tiny, tmp_path, monkeyp
     assert raw["n-samples"][gsm.TASK_NAME]["effective"] == 2
     # The run's student prompt (plain text + newline for a tokenizer without a chat template).
     sample = raw["samples"][gsm.TASK_NAME][0]
-    assert sample["arguments"][0][0] == lmeval.DEFAULT_STUDENT_TEMPLATE.format(problem=sample["doc"]["problem"]) + "\n"
+    prompt = lmeval_tasks.DEFAULT_STUDENT_TEMPLATE.format(problem=sample["doc"]["problem"])
+    assert sample["arguments"][0][0] == prompt + "\n"
 
 
 def test_reference_solutions_score_exact_match_one():
@@ -176,11 +179,11 @@ def test_data_config_loads_problems(tmp_path, monkeypatch):
 
 
 def test_expressions_evaluate_the_template_language():
-    assert gsm.evaluate("1 + 2 * 3 - 8 // 3 % 2") == 7 - (8 // 3 % 2)
-    assert gsm.evaluate("is_int(7 / 7) and divides(12, 4) and not divides(3, 0)") is True
-    assert gsm.evaluate("a if a < b else b", {"a": 4, "b": 2}) == 2
-    assert gsm.evaluate("Fraction(0.75)") == "3/4" and gsm.evaluate("'a' + 'b'") == "ab"
-    assert gsm.evaluate("(1 - x) * 4", {"x": Fraction(1, 4)}) == 3
+    assert expressions.evaluate("1 + 2 * 3 - 8 // 3 % 2") == 7 - (8 // 3 % 2)
+    assert expressions.evaluate("is_int(7 / 7) and divides(12, 4) and not divides(3, 0)") is True
+    assert expressions.evaluate("a if a < b else b", {"a": 4, "b": 2}) == 2
+    assert expressions.evaluate("Fraction(0.75)") == "3/4" and expressions.evaluate("'a' + 'b'") == "ab"
+    assert expressions.evaluate("(1 - x) * 4", {"x": Fraction(1, 4)}) == 3
 
 
 @pytest.mark.parametrize("source", [
@@ -188,12 +191,12 @@ def test_expressions_evaluate_the_template_language():
     "int(x=1)", "2 ** 1000", "'ab' * 3", "10 ** 13 ** 2", "{1: 2}",
 ])
 def test_expressions_outside_the_language_are_refused(source):
-    with pytest.raises(gsm.TemplateError):
-        gsm.evaluate(source, {"x": [1]})
+    with pytest.raises(expressions.TemplateError):
+        expressions.evaluate(source, {"x": [1]})
 
 
 def test_choice_functions_list_the_documented_values():
-    values = gsm.CHOICE_FUNCTIONS
+    values = expressions.CHOICE_FUNCTIONS
     assert values["range"](2, 5) == [2, 3, 4]  # [start, end), as the template format documents
     assert values["arange"](0.25, 1, 0.25) == [0.25, 0.5, 0.75, 1]
     assert values["sample"](["a", "b", "c"], 2) == [["a", "b"], ["a", "c"], ["b", "c"]]
@@ -205,10 +208,10 @@ def test_choice_functions_list_the_documented_values():
 
 
 def test_generator_honours_conditions_and_is_deterministic():
-    template = gsm.parse_template("eng/fog", FOG)
+    template = templates.parse_template("eng/fog", FOG)
     assert [line.variables for line in template.constrained] == [["speed"], ["width"]]
     assert [line.variables for line in template.derived] == [["hours"]]
-    rows = gsm.generate_for_template(template, REPLACEMENTS, 12, seed=3)
+    rows = templates.generate_for_template(template, REPLACEMENTS, 12, seed=3)
     assert len(rows) == 12 and len({row["problem"] for row in rows}) == 12
     for row in rows:
         name, speed, width = re.match(r"(\w+) sees a fog bank .* at (\d+) miles/hour. The city is (\d+)",
@@ -219,23 +222,23 @@ def test_generator_honours_conditions_and_is_deterministic():
         assert "How many hours" in row["problem"]  # sentences are capitalised
         assert row["solution"] == (f"At {speed} miles/hour, it will take {width}/{speed}={width // speed} hours for "
                                    f"the fog to cover the city.\nThe answer is {width // speed}.")
-    assert gsm.generate_for_template(template, REPLACEMENTS, 12, seed=3) == rows
-    assert gsm.generate_for_template(template, REPLACEMENTS, 12, seed=4) != rows
+    assert templates.generate_for_template(template, REPLACEMENTS, 12, seed=3) == rows
+    assert templates.generate_for_template(template, REPLACEMENTS, 12, seed=4) != rows
 
 
 def test_broken_templates_are_skipped_with_a_reason():
     bad_answer = dict(FOG, question_annotated=FOG["question_annotated"].replace("#answer: width // speed",
                                                                                 "#answer: speed[1]"))
-    with pytest.raises(gsm.TemplateError, match="Subscript"):
-        gsm.parse_template("eng/bad", bad_answer)
+    with pytest.raises(expressions.TemplateError, match="Subscript"):
+        templates.parse_template("eng/bad", bad_answer)
     wrong = dict(FOG, question_annotated=FOG["question_annotated"].replace("#answer: width // speed",
                                                                            "#answer: width // speed + 1"))
-    with pytest.raises(gsm.TemplateError, match="no valid instance"):  # #answer disagrees with the #### line
-        gsm.generate_for_template(gsm.parse_template("eng/wrong", wrong), REPLACEMENTS, 3, seed=0)
+    with pytest.raises(expressions.TemplateError, match="no valid instance"):  # #answer disagrees with the #### line
+        templates.generate_for_template(templates.parse_template("eng/wrong", wrong), REPLACEMENTS, 3, seed=0)
     impossible = dict(FOG, question_annotated=FOG["question_annotated"].replace("is_int(width / speed)",
                                                                                 "width < 0"))
-    with pytest.raises(gsm.TemplateError, match="no assignment satisfies"):
-        gsm.generate_for_template(gsm.parse_template("eng/never", impossible), REPLACEMENTS, 3, seed=0)
+    with pytest.raises(expressions.TemplateError, match="no assignment satisfies"):
+        templates.generate_for_template(templates.parse_template("eng/never", impossible), REPLACEMENTS, 3, seed=0)
 
 
 def test_split_is_by_template_and_seeded():
@@ -249,13 +252,14 @@ def test_split_is_by_template_and_seeded():
 
 @needs_source
 def test_source_wheel_holds_the_english_templates():
-    source = gsm.read_source(SOURCE)
+    source = templates.read_source(SOURCE)
     assert source.version == MANIFEST["version"] and len(source.templates) == MANIFEST["templates"]
     assert {"names", "numbers", "multi_times"} <= set(source.replacements)
     # Deterministic for a seed on a few templates (the full regeneration is below).
-    subset = gsm.Source(dict(list(source.templates.items())[:4]), source.replacements, source.version, source.path)
-    first, again = gsm.generate(subset, 5, seed=1), gsm.generate(subset, 5, seed=1)
-    assert first.problems == again.problems and gsm.generate(subset, 5, seed=2).problems != first.problems
+    subset = templates.Source(dict(list(source.templates.items())[:4]), source.replacements, source.version,
+                              source.path)
+    first, again = templates.generate(subset, 5, seed=1), templates.generate(subset, 5, seed=1)
+    assert first.problems == again.problems and templates.generate(subset, 5, seed=2).problems != first.problems
 
 
 @needs_source

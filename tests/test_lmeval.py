@@ -18,7 +18,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 pytest.importorskip("lm_eval")
 
-from sdharness import lmeval  # noqa: E402
+from sdharness import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig, PromptConfig  # noqa: E402
 from sdharness.data import read_jsonl  # noqa: E402
 from sdharness.models import load_model_and_tokenizer, save_for_inference  # noqa: E402
@@ -36,7 +36,7 @@ def tiny():
 
 
 def test_written_task_files_verify(tmp_path):
-    written = lmeval.write_local_tasks(tmp_path / "tasks", size=12, max_gen_toks=64)
+    written = lmeval_tasks.write_local_tasks(tmp_path / "tasks", size=12, max_gen_toks=64)
     assert sorted(written) == TASKS
     for name, yaml_path in written.items():
         config = yaml.safe_load(yaml_path.read_text())
@@ -66,13 +66,13 @@ def test_shipped_task_files():
         config = yaml.safe_load((REPO / "evals" / "tasks" / f"{name}.yaml").read_text())
         assert config["dataset_kwargs"]["data_files"]["test"] == f"evals/tasks/{name}.jsonl"
         rows = read_jsonl(REPO / "evals" / "tasks" / f"{name}.jsonl", required=("problem", "solution", "answer"))
-        assert len(rows) == lmeval.HELDOUT_SIZE and all(is_correct(r["solution"], r["answer"]) for r in rows)
+        assert len(rows) == lmeval_tasks.HELDOUT_SIZE and all(is_correct(r["solution"], r["answer"]) for r in rows)
         assert rows == [dict(problem=p["problem"], solution=p["solution"], answer=p["answer"])
-                        for p in lmeval.heldout_problems(name.rsplit("_", 1)[1])]  # regenerated identically
+                        for p in lmeval_tasks.heldout_problems(name.rsplit("_", 1)[1])]  # regenerated identically
 
     # The tasks' prompt is the training student prompt.
     cot = yaml.safe_load((REPO / "conf" / "prompt" / "cot.yaml").read_text())
-    assert cot["student"] == lmeval.DEFAULT_STUDENT_TEMPLATE
+    assert cot["student"] == lmeval_tasks.DEFAULT_STUDENT_TEMPLATE
 
 
 def test_standard_task_names_exist_in_lm_eval():
@@ -101,7 +101,7 @@ def test_lm_eval_runs_local_tasks_offline_on_tiny_model(tiny, tmp_path, monkeypa
     # No chat template (character tokenizer): the plain student prompt + newline, as in training.
     sample = raw["samples"]["sdh_arithmetic_easy"][0]
     context, gen_kwargs = sample["arguments"][0]
-    assert context == lmeval.DEFAULT_STUDENT_TEMPLATE.format(problem=sample["doc"]["problem"]) + "\n"
+    assert context == lmeval_tasks.DEFAULT_STUDENT_TEMPLATE.format(problem=sample["doc"]["problem"]) + "\n"
     assert gen_kwargs["max_gen_toks"] == 8 and gen_kwargs["do_sample"] is False
 
 
@@ -149,7 +149,7 @@ def test_reference_solutions_score_exact_match_one():
 
 def _fake_run(run_dir: Path, model, tokenizer, *, wandb_run: bool) -> str | None:
     (run_dir / ".hydra").mkdir(parents=True)
-    config = {"model": TINY_CONFIG, "prompt": {"name": "cot", "student": lmeval.DEFAULT_STUDENT_TEMPLATE,
+    config = {"model": TINY_CONFIG, "prompt": {"name": "cot", "student": lmeval_tasks.DEFAULT_STUDENT_TEMPLATE,
                                               "teacher": "{problem}\n{solution}", "chat_template": "auto"},
               "logger": {"project": "sdh-test"}}
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
