@@ -75,10 +75,12 @@ class QuickEval(L.Callback):
         if self.history and self.history[-1][0] == trainer.global_step:
             return self.history[-1][1]
         module.clock.pause()  # evaluation time is not training time
-        result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
-                                 max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
-                                 leak_phrases=self.leak_phrases, synced=module.sharded)
-        metrics = {**result.as_metrics(), **module.counters.as_metrics(), **self.lm_eval(module)}
+        with module.outside_step_generation():
+            result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
+                                     max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
+                                     leak_phrases=self.leak_phrases, synced=module.sharded)
+            lm_eval = self.lm_eval(module)
+        metrics = {**result.as_metrics(), **module.counters.as_metrics(), **lm_eval}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append((trainer.global_step, result))

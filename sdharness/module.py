@@ -10,6 +10,7 @@ SFT and GRPO live in ``baselines.py``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -77,6 +78,17 @@ class PolicyModule(L.LightningModule):
         """Weights sharded over ranks (FSDP, DeepSpeed): generation must keep ranks in step."""
         strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
         return strategy in ("FSDPStrategy", "DeepSpeedStrategy") and self.trainer.world_size > 1
+
+    def outside_step_generation(self):
+        """Context for generating outside ``training_step`` (evals). Inside the step Lightning's
+        FSDP root forward has gathered the root's own weights (embeddings, head, final norm) and
+        each layer gathers its own; outside it the root's weights must be gathered explicitly."""
+        if type(self.trainer.strategy).__name__ == "FSDPStrategy" and self.trainer.world_size > 1:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=False,
+                                                               recurse=False)
+        return contextlib.nullcontext()
 
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
         sampling = self.cfg.rollout
