@@ -35,7 +35,7 @@ from sdharness.jobs import end_wandb_run, in_multirun, record_failure
 from sdharness.models import load_model_and_tokenizer, save_for_inference
 from sdharness.accounting import X_AXES, BudgetStop
 from sdharness.baselines import GRPOModule, SFTModule
-from sdharness.module import SelfDistillModule
+from sdharness.module import SelfDistillModule, SkippedUpdatesError
 from sdharness.prompts import uses_chat_template
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,11 @@ def main(dict_cfg: DictConfig) -> float:
     output_dir = HydraConfig.get().runtime.output_dir
     try:
         metrics = train(dict_cfg, output_dir)
-    except (ConfigError, DataError) as error:  # bad input: say what to fix, no traceback
+    except (ConfigError, DataError, SkippedUpdatesError) as error:  # say what to fix, no traceback
         print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
         if in_multirun():  # the sweep goes on; the job is recorded in <job dir>/FAILED.json
             return record_failure(output_dir, error, show_traceback=False)
-        sys.exit(2)
+        sys.exit(1 if isinstance(error, SkippedUpdatesError) else 2)  # 2: bad input, 1: the run failed
     except Exception as error:
         if not in_multirun():
             raise

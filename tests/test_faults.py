@@ -178,3 +178,17 @@ def test_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_
         train(compose_config(TINY + ["trainer.max_steps=4", "trainer.max_consecutive_skipped=2", "ckpt_path=last",
                                      "trainer.checkpoint_every_n_steps=1", "logger.mode=disabled"]), tmp_path)
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == good
+
+
+@pytest.mark.slow
+def test_command_line_reports_a_diverged_run_in_one_line(tmp_path):
+    """lr 1e30: the first update makes the weights huge, every later loss is inf or NaN."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "sdharness.train", *TINY, "algo=sft", "optim.lr=1e30",
+                             "trainer.max_steps=6", "trainer.max_consecutive_skipped=2", "trainer.checkpoint_every_n_steps=1",
+                             "logger.mode=disabled",
+                             f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "sdharness: error: 2 consecutive updates were skipped (the last for a non-finite loss" in result.stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
