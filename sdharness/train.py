@@ -104,12 +104,15 @@ def make_loggers(cfg, output_dir: Path, config_dict: dict, resume: Resume | None
 def metric_rows_to_keep(path: Path, resume: Resume | None) -> tuple[list[str], list[dict]] | None:
     """``(header, rows)`` of a resumed run's metrics up to its checkpoint; later rows are from
     steps that are about to be re-run."""
-    if resume is None or not path.exists():
+    if resume is None:
         return None
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = [row for row in reader
-                if not row.get("train/problems_seen") or float(row["train/problems_seen"]) <= resume.problems_seen]
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = [row for row in reader
+                    if not row.get("train/problems_seen") or float(row["train/problems_seen"]) <= resume.problems_seen]
+    except FileNotFoundError:  # no metrics yet (or, on ranks > 0, rank 0 is rewriting them; only it writes)
+        return None
     return list(reader.fieldnames or []), rows
 
 
