@@ -127,12 +127,28 @@ class EpochSampler(torch.utils.data.Sampler):
         return per_rank if self.world_size > 1 else self.size
 
 
-def check_data(cfg: DataConfig) -> None:
-    """Read the configured data once, so that a malformed file fails before any model loads."""
-    if cfg.name == "chatlog":
-        load_chats(cfg)
-    elif cfg.name == "jsonl":
-        load_problems(cfg)
+@dataclass
+class LoadedData:
+    """Raw train and eval rows of the configured data set, before tokenization; ``skipped``
+    counts unusable rows by reason (chat logs)."""
+
+    train: list[dict]
+    evaluation: list[dict]
+    skipped: Counter = field(default_factory=Counter)
+
+
+def load_data(cfg: DataConfig) -> LoadedData:
+    """Read and validate the configured data; needs no tokenizer, so it runs before any model loads."""
+    if cfg.name != "chatlog":
+        return LoadedData(*load_problems(cfg))
+    train, evaluation, skipped = load_chats(cfg)
+    for reason, count in sorted(skipped.items()):
+        log.warning("skipped %d conversation(s) of %s: %s", count, cfg.path, reason)
+    if not train:
+        raise DataError(f"data.path={cfg.path}: no assistant turn to train on; with data.turns={cfg.turns} and "
+                        "data.include_final=false only conversations with more than one assistant turn give "
+                        "examples; set data.include_final=true")
+    return LoadedData(train, evaluation, skipped)
 
 
 @dataclass
@@ -153,12 +169,12 @@ class PromptBatch:
 
 class ProblemDataModule(L.LightningDataModule):
     def __init__(self, data: DataConfig, prompt: PromptConfig, tokenizer, *, max_context: int,
-                 max_new_tokens: int, eval_batch_size: int = 16):
+                 max_new_tokens: int, eval_batch_size: int = 16, loaded: LoadedData | None = None):
         super().__init__()
         self.cfg, self.prompt, self.tokenizer = data, prompt, tokenizer
         self.max_context, self.max_new_tokens = max_context, max_new_tokens
         self.eval_batch_size = eval_batch_size
-        self.skipped_too_long = 0
+        self.loaded = loaded  # rows already read by load_data (the train app reads them before the model)
         self.skipped: Counter = Counter()  # reason -> problems, examples or conversations skipped
         self.train: list[dict] = []
         self.evaluation: list[dict] = []
@@ -188,7 +204,6 @@ class ProblemDataModule(L.LightningDataModule):
             kept.append({**item, "student_ids": student, "teacher_ids": teacher,
                          "solution_ids": solution + [self.tokenizer.eos_token_id]})
         if too_long:
-            self.skipped_too_long += too_long
             self.skipped[EXCEEDS_CONTEXT] += too_long
             log.warning("skipped %d %s problem(s) (%s): prompt + %d new tokens exceeds the model context of %d; "
                         "data.strict=true makes this an error naming each", too_long, split, EXCEEDS_CONTEXT,
@@ -229,21 +244,11 @@ class ProblemDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train:
             return
-        if self.cfg.name == "chatlog":
-            train, evaluation, skipped = load_chats(self.cfg)
-            for reason, count in sorted(skipped.items()):
-                log.warning("skipped %d conversation(s) of %s: %s", count, self.cfg.path, reason)
-            self.skipped.update(skipped)
-            if not train:
-                raise DataError(f"data.path={self.cfg.path}: no assistant turn to train on; with "
-                                f"data.turns={self.cfg.turns} and data.include_final=false only conversations with "
-                                "more than one assistant turn give examples; set data.include_final=true")
-            self.train = self._encode_chats(train, "train")
-            self.evaluation = self._encode_chats(evaluation, "eval")
-        else:
-            train, evaluation = load_problems(self.cfg)
-            self.train = self._encode(train, "train")
-            self.evaluation = self._encode(evaluation, "eval")
+        loaded = self.loaded or load_data(self.cfg)
+        self.skipped.update(loaded.skipped)
+        encode = self._encode_chats if self.cfg.name == "chatlog" else self._encode
+        self.train = encode(loaded.train, "train")
+        self.evaluation = encode(loaded.evaluation, "eval")
         if not self.train:
             raise ConfigError(f"data: no training problem fits the model context of {self.max_context} tokens "
                               f"with {self.max_new_tokens} new tokens (max of rollout.max_new_tokens and "

@@ -49,13 +49,12 @@ def write_failure(output_dir: str | Path, error: BaseException) -> Path:
 
 
 def record_failure(output_dir: str | Path, error: BaseException, show_traceback: bool = True) -> float:
-    """Record a failed job (:func:`write_failure`), print its traceback (or only the message) and
-    close its W&B run as failed; returns NaN, the job's value for the sweeper (Optuna counts a NaN
-    trial as failed)."""
+    """Record a failed job (:func:`write_failure`) and print its traceback (or only the message);
+    returns NaN, the job's value for the sweeper (Optuna counts a NaN trial as failed). The job's
+    W&B run was already closed as failed by ``train``."""
     path = write_failure(output_dir, error)
     shown = failure_record(error)["traceback_tail"] if show_traceback else f"{type(error).__name__}: {error}"
     print(f"{shown}\nsdharness: job failed, recorded in {path}; the sweep goes on", file=sys.stderr, flush=True)
-    end_wandb_run(exit_code=1)
     return math.nan
 
 

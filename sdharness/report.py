@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from hydra.experimental.callback import Callback
 
-from sdharness.jobs import FAILED_FILE, end_wandb_run, write_failure
+from sdharness.jobs import FAILED_FILE, write_failure
 from sdharness.runs import (UNUSED_TAU, Run, differing_keys, find_runs, flatten, group_runs,  # noqa: F401 (re-exported)
                             label_runs, method_label, number)
 
@@ -192,7 +192,8 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
 
 class SummaryCallback(Callback):
     """Hydra callback: at the end of a multirun, write ``<sweep dir>/report/report.md`` and print the
-    final-score table. A job that raised is recorded in its ``FAILED.json``; each job's W&B run is closed."""
+    final-score table. A job that raised is recorded in its ``FAILED.json`` (``train`` closes each
+    job's W&B run itself)."""
 
     def __init__(self, target_accuracy: float | None = None, out: str | None = None):
         self.target_accuracy, self.out = target_accuracy, out
@@ -204,7 +205,6 @@ class SummaryCallback(Callback):
         output_dir = Path(config.hydra.runtime.output_dir)
         if failed and not (output_dir / FAILED_FILE).exists():
             write_failure(output_dir, job_return._return_value)
-        end_wandb_run(exit_code=1 if failed else 0)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

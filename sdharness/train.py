@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from sdharness.checkpoints import AtomicCheckpointIO
 from sdharness.cli import cli_errors
 from sdharness.config import ConfigError, check_resume, register_configs, resolve_wandb_mode, to_train_config
-from sdharness.data import DataError, ProblemDataModule, check_data
+from sdharness.data import DataError, ProblemDataModule, load_data
 from sdharness.evaluation import QuickEval
 from sdharness.jobs import end_wandb_run, in_multirun, record_failure
 from sdharness.models import load_model_and_tokenizer, save_for_inference
@@ -140,31 +140,37 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    check_data(cfg.data)  # a malformed data file fails now, not after a model load
+    loaded = load_data(cfg.data)  # a malformed data file fails now, not after a model load
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     uses_chat_template(cfg.prompt, tokenizer)  # fails now, not mid-run, if a required template is missing
     datamodule = ProblemDataModule(cfg.data, cfg.prompt, tokenizer,
                                    max_context=getattr(model.config, "max_position_embeddings", 10**9),
                                    max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
-                                   eval_batch_size=cfg.eval.batch_size)
+                                   eval_batch_size=cfg.eval.batch_size, loaded=loaded)
     datamodule.setup()
     module = MODULES[cfg.algo.name](model, tokenizer, cfg)
 
     quick_eval = QuickEval(datamodule.eval_dataloader, cfg.eval, cfg.data.answer_marker, cfg.prompt.leak_phrases)
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
                                   every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        strategy=build_strategy(cfg.trainer, model), precision=cfg.trainer.precision, max_steps=cfg.trainer.max_steps,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        logger=make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True), resume),
-        # Eval before the checkpoint, so a checkpoint holds its step's eval; data is sharded by EpochSampler.
-        callbacks=[quick_eval, checkpoints, BudgetStop(cfg.budget), *callbacks], default_root_dir=output_dir,
-        plugins=[AtomicCheckpointIO()], enable_model_summary=False, use_distributed_sampler=False,
-        **cfg.trainer.extra,
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
-    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")  # the end, whatever the save interval
+    loggers = make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True), resume)
+    try:
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
+            strategy=build_strategy(cfg.trainer, model), precision=cfg.trainer.precision,
+            max_steps=cfg.trainer.max_steps, log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers,
+            # Eval before the checkpoint, so a checkpoint holds its step's eval; data is sharded by EpochSampler.
+            callbacks=[quick_eval, checkpoints, BudgetStop(cfg.budget), *callbacks], default_root_dir=output_dir,
+            plugins=[AtomicCheckpointIO()], enable_model_summary=False, use_distributed_sampler=False,
+            **cfg.trainer.extra,
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")  # the end, whatever the save interval
+    except BaseException:
+        end_wandb_run(exit_code=1)
+        raise
+    # Closed here, not left open: the next run in this process (a multirun's next job) gets its own.
+    end_wandb_run()
 
     if not trainer.is_global_zero:
         return quick_eval.history[-1][1].as_metrics()
@@ -202,8 +208,6 @@ def main(dict_cfg: DictConfig) -> float:
         if not in_multirun():
             raise
         return record_failure(output_dir, error)
-    finally:
-        end_wandb_run()  # jobs of a multirun share one process: each gets its own W&B run
     return metrics["eval/accuracy"]
 
 
