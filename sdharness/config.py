@@ -336,6 +336,11 @@ class TrainerConfig:
     max_consecutive_skipped: int = 5  # updates skipped in a row (non-finite, or no loss tokens) before the run stops
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def shards_weights(self) -> bool:
+        """FSDP or ZeRO-3: each rank holds a slice of the weights, so every forward is a collective."""
+        return str(self.strategy).startswith(("fsdp", "deepspeed_stage_3"))
+
     def __post_init__(self):
         from lightning.pytorch.strategies import StrategyRegistry
 
@@ -391,8 +396,7 @@ class TrainConfig:
     output_dir: Optional[str] = None  # filled from Hydra's run directory
 
     def __post_init__(self):
-        sharded = str(self.trainer.strategy).startswith(("fsdp", "deepspeed_stage_3"))
-        _require(not (sharded and self.rollout.guidance != "never"),
+        _require(not (self.trainer.shards_weights and self.rollout.guidance != "never"),
                  f"rollout.guidance={self.rollout.guidance} needs unsharded weights: guided sampling steps each "
                  f"problem on its own schedule, which trainer.strategy={self.trainer.strategy} cannot keep in "
                  "step across ranks; use trainer=ddp, or rollout.guidance=never")

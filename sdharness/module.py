@@ -17,9 +17,8 @@ import math
 import random
 from typing import Iterator
 
-import numpy as np
-
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
@@ -75,15 +74,14 @@ class PolicyModule(L.LightningModule):
 
     @property
     def sharded(self) -> bool:
-        """Weights sharded over ranks (FSDP, DeepSpeed): generation must keep ranks in step."""
-        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
-        return strategy in ("FSDPStrategy", "DeepSpeedStrategy") and self.trainer.world_size > 1
+        """Weights sharded over ranks (FSDP, ZeRO-3): generation must keep ranks in step."""
+        return self.cfg.trainer.shards_weights and self._trainer is not None and self.trainer.world_size > 1
 
     def outside_step_generation(self):
         """Context for generating outside ``training_step`` (evals). Inside the step Lightning's
         FSDP root forward has gathered the root's own weights (embeddings, head, final norm) and
         each layer gathers its own; outside it the root's weights must be gathered explicitly."""
-        if type(self.trainer.strategy).__name__ == "FSDPStrategy" and self.trainer.world_size > 1:
+        if self.sharded and str(self.cfg.trainer.strategy).startswith("fsdp"):
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             return FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=False,
@@ -303,12 +301,15 @@ class SelfDistillModule(PolicyModule):
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
         weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.rollout)  # None unless enabled
+        # The teacher-student KL is only for the log: computed on the steps Lightning writes out.
+        logging_step = self._trainer is None or self.trainer._logger_connector.should_update_logs
         result = distillation_loss(student_logits, teacher_logits, mask, aggregation=self.cfg.aggregation.name,
                                    tau=self.cfg.aggregation.tau, divergence_name=self.cfg.loss.divergence,
-                                   beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size, token_weights=weights)
+                                   beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size, token_weights=weights,
+                                   monitor_kl=logging_step)
         self._count(batch, rollout)
-        yield result.loss, {"train/divergence_per_token": result.loss.detach(),
-                            "train/teacher_student_kl": result.teacher_student_kl,
+        kl = {} if result.teacher_student_kl is None else {"train/teacher_student_kl": result.teacher_student_kl}
+        yield result.loss, {"train/divergence_per_token": result.loss.detach(), **kl,
                             "train/loss_tokens": float(result.tokens), **self.rollout_metrics(rollout, batch.problems),
                             **guidance, **weight_metrics}
 

@@ -82,3 +82,21 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path):
                                 char_tokenizer()).state_dict()
     changed = {name for name in final if not torch.equal(final[name], initial[name])}
     assert changed and all("q_proj" in name or "v_proj" in name for name in changed)
+
+
+def test_monitoring_kl_is_computed_on_the_logged_steps_only(tmp_path, monkeypatch):
+    import sdharness.module as module_file
+
+    asked = []
+    loss = module_file.distillation_loss
+
+    def recording(*args, monitor_kl=True, **kwargs):
+        asked.append(monitor_kl)
+        return loss(*args, monitor_kl=monitor_kl, **kwargs)
+
+    monkeypatch.setattr(module_file, "distillation_loss", recording)
+    train(compose_config(TINY + ["trainer.max_steps=4", "trainer.log_every_n_steps=2", "logger.mode=disabled",
+                                 "eval.at_start=false"]), tmp_path)
+    assert asked == [False, True, False, True]
+    logged = [r for r in read_metrics(tmp_path) if r.get("train/loss")]
+    assert len(logged) == 2 and all(math.isfinite(float(r["train/teacher_student_kl"])) for r in logged)
