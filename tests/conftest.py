@@ -55,3 +55,20 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
 @pytest.fixture
 def tiny_cfg():
     return compose_config(TINY)
+
+
+def oracle_lm():
+    """An lm-eval LM whose generation is each document's reference solution."""
+    from lm_eval.api.model import LM
+
+    class Oracle(LM):
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+        def generate_until(self, requests):
+            return [request.doc["solution"] for request in requests]
+
+    return Oracle()

@@ -25,7 +25,7 @@ from sdharness import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig  # noqa: E402
 from sdharness.data import read_jsonl  # noqa: E402
 from sdharness.tasks import ANSWER_MARKER, extract_answer, is_correct  # noqa: E402
-from tests.conftest import TINY, compose_config  # noqa: E402
+from tests.conftest import TINY, compose_config, oracle_lm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "sdharness" / "assets" / "gsm_symbolic"
@@ -137,19 +137,7 @@ def test_lm_eval_runs_gsm_symbolic_offline_on_tiny_model(tiny, tmp_path, monkeyp
 
 def test_reference_solutions_score_exact_match_one():
     pytest.importorskip("lm_eval")
-    from lm_eval.api.model import LM
-
-    class Oracle(LM):
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def loglikelihood_rolling(self, requests):
-            raise NotImplementedError
-
-        def generate_until(self, requests):
-            return [request.doc["solution"] for request in requests]
-
-    flat = lmeval.run_lm_eval(Oracle(), None, [gsm.TASK_NAME], limit=20)
+    flat = lmeval.run_lm_eval(oracle_lm(), None, [gsm.TASK_NAME], limit=20)
     assert flat[gsm.TASK_NAME][METRIC] == 1.0
 
 

@@ -23,6 +23,7 @@ from sdharness.config import ModelConfig, PromptConfig  # noqa: E402
 from sdharness.data import read_jsonl  # noqa: E402
 from sdharness.models import load_model_and_tokenizer, save_for_inference  # noqa: E402
 from sdharness.tasks import extract_answer, is_correct  # noqa: E402
+from tests.conftest import oracle_lm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["sdh_arithmetic_easy", "sdh_arithmetic_hard"]
@@ -125,25 +126,8 @@ def test_chat_template_and_run_prompt_are_used(tiny, tmp_path):
     assert sample["arguments"][0][0].startswith("[system] Be brief.\n[user] Q {x}: Start with")
 
 
-def _oracle():
-    """An lm-eval LM whose generation is each document's reference solution."""
-    from lm_eval.api.model import LM
-
-    class Oracle(LM):
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def loglikelihood_rolling(self, requests):
-            raise NotImplementedError
-
-        def generate_until(self, requests):
-            return [request.doc["solution"] for request in requests]
-
-    return Oracle()
-
-
 def test_reference_solutions_score_exact_match_one():
-    flat = lmeval.run_lm_eval(_oracle(), None, ["sdh_arithmetic"], limit=10)  # the tag: both tasks
+    flat = lmeval.run_lm_eval(oracle_lm(), None, ["sdh_arithmetic"], limit=10)  # the tag: both tasks
     assert {name: flat[name][METRIC] for name in TASKS} == {name: 1.0 for name in TASKS}
 
 
