@@ -362,3 +362,13 @@ def test_command_line_exits_2_with_one_error_line(tmp_path, case):
                             timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's message")
+@pytest.mark.parametrize("trainer", ["gpu", "ddp", "fsdp"])
+def test_gpu_trainer_without_a_gpu_says_what_to_use(tmp_path, trainer):
+    from sdharness.train import train
+
+    with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu .*no CUDA GPU is visible here; on CPU use "
+                       r"trainer=cpu, or trainer=ddp trainer.accelerator=cpu"):
+        train(compose_config(TINY + [f"trainer={trainer}"]), tmp_path)
