@@ -1,4 +1,9 @@
-"""Checkpoint files that are either the previous one or the new one, never half of each.
+"""Checkpoints: when they are taken, and files that are either the previous one or the new one.
+
+``StepCheckpoint`` writes ``last.ckpt`` every N steps and at the final step, always from inside
+the training loop. A checkpoint taken after ``fit`` returns would record the cut-short epoch as
+finished, so a run extended from it (``ckpt_path=last trainer.max_steps=<more>``) would skip the
+rest of that epoch's data.
 
 Lightning's own writer stages the file in the system temp directory and moves it into place;
 when that directory is on another filesystem (``/tmp`` on tmpfs, a node-local disk, a cluster's
@@ -12,8 +17,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def is_final_step(trainer: L.Trainer) -> bool:
+    """Whether the batch that just ended is the run's last (max_steps or a budget stop)."""
+    return trainer.global_step >= trainer.max_steps or trainer.should_stop
+
+
+class StepCheckpoint(L.Callback):
+    """``last.ckpt`` every ``every_n_steps`` optimiser steps and at the final step."""
+
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path, self.every_n_steps = Path(path), every_n_steps
+        self.saved_step = 0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.saved_step = trainer.global_step  # a resumed run's checkpoint holds this step already
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        due = is_final_step(trainer) or (self.every_n_steps and step % self.every_n_steps == 0)
+        if step != self.saved_step and due:  # a skipped update leaves the step where it was
+            trainer.save_checkpoint(self.path)
+            self.saved_step = step
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -347,9 +347,9 @@ class TrainerConfig:
         _require(self.max_steps >= 1, f"trainer.max_steps must be >= 1, got {self.max_steps}")
         if isinstance(self.strategy, str):
             _choice("trainer.strategy", self.strategy, ["auto", *sorted(StrategyRegistry)])
-            _require(self.accelerator != "cpu" or not self.strategy.startswith(("fsdp", "deepspeed")),
-                     f"trainer.strategy={self.strategy} runs on GPUs only (Lightning's FSDP and DeepSpeed); on CPU "
-                     "use trainer=ddp trainer.accelerator=cpu trainer.precision=32-true")
+            _require(self.accelerator != "cpu" or not self.strategy.startswith("deepspeed"),
+                     f"trainer.strategy={self.strategy} runs on GPUs only (Lightning's DeepSpeed); on CPU use "
+                     "trainer=fsdp or trainer=ddp, with trainer.accelerator=cpu trainer.precision=32-true")
 
 
 @dataclass
@@ -400,6 +400,9 @@ class TrainConfig:
                  f"rollout.guidance={self.rollout.guidance} needs unsharded weights: guided sampling steps each "
                  f"problem on its own schedule, which trainer.strategy={self.trainer.strategy} cannot keep in "
                  "step across ranks; use trainer=ddp, or rollout.guidance=never")
+        _require(not (self.trainer.strategy == "fsdp" and self.model.lora_rank > 0),
+                 "trainer=fsdp shards full weights; LoRA adapters (model.lora_rank="
+                 f"{self.model.lora_rank}) are small enough for trainer=ddp, or set model.lora_rank=0")
         _require(not (self.rollout.backend == "vllm" and self.trainer.devices not in (1, "1")),
                  f"rollout.backend=vllm runs one colocated engine on one GPU; set trainer.devices=1 (got "
                  f"{self.trainer.devices}) or rollout.backend=hf")

@@ -274,7 +274,15 @@ class ProblemDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = EpochSampler(len(self.train), self.cfg.batch_size, self.cfg.seed, rank=rank, world_size=world,
                                resume_at=self.resume_position)
-        return DataLoader(self.train, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=self.collate)
+        return DataLoader(self.train, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=self.collate,
+                          generator=self._own_generator())
 
     def eval_dataloader(self) -> DataLoader:
-        return DataLoader(self.evaluation, batch_size=self.eval_batch_size, collate_fn=self.collate)
+        return DataLoader(self.evaluation, batch_size=self.eval_batch_size, collate_fn=self.collate,
+                          generator=self._own_generator())
+
+    def _own_generator(self) -> torch.Generator:
+        # Without one, each new DataLoader iterator draws a seed from torch's global generator, the
+        # one rollouts sample from: an eval, or an epoch starting before vs after a resume, would
+        # shift every later sample.
+        return torch.Generator().manual_seed(self.cfg.seed)

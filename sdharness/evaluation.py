@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 
+from sdharness.checkpoints import is_final_step
 from sdharness.config import EvalConfig
 from sdharness.rollout import generate
 from sdharness.tasks import is_correct, is_early_answer
@@ -64,7 +65,7 @@ def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_ma
 
 
 class QuickEval(L.Callback):
-    """Runs :func:`evaluate_greedy` before training, every ``every_n_steps`` and at the end."""
+    """Runs :func:`evaluate_greedy` before training, every ``every_n_steps`` and at the final step."""
 
     def __init__(self, eval_batches, cfg: EvalConfig, answer_marker: str, leak_phrases: list[str] = ()):
         self.eval_batches, self.cfg = eval_batches, cfg
@@ -75,11 +76,10 @@ class QuickEval(L.Callback):
         if self.history and self.history[-1][0] == trainer.global_step:
             return self.history[-1][1]
         module.clock.pause()  # evaluation time is not training time
-        with module.outside_step_generation():
-            result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
-                                     max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
-                                     leak_phrases=self.leak_phrases, synced=module.sharded)
-            lm_eval = self.lm_eval(module)
+        result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
+                                 max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
+                                 leak_phrases=self.leak_phrases, synced=module.sharded)
+        lm_eval = self.lm_eval(module)
         metrics = {**result.as_metrics(), **module.counters.as_metrics(), **lm_eval}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -105,11 +105,9 @@ class QuickEval(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         every = self.cfg.every_n_steps
-        if every and trainer.global_step % every == 0:
+        # The final eval runs inside the loop too, so the final checkpoint holds it.
+        if is_final_step(trainer) or (every and trainer.global_step % every == 0):
             self.run(trainer, module)
-
-    def on_train_end(self, trainer, module) -> None:
-        self.run(trainer, module)
 
     def state_dict(self) -> dict:  # checkpointed, so a resumed run still reports its starting accuracy
         return {"history": [(step, asdict(result)) for step, result in self.history]}

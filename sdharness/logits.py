@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sdharness.sharding import DECODER_FORWARD
+
 
 def _inputs(prompt_ids, prompt_mask, completion_ids, completion_mask) -> dict[str, torch.Tensor]:
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -93,6 +95,9 @@ def completion_hidden(
 ) -> LazyLogits:
     """Like :func:`completion_logits`, but stops before the LM head."""
     new_tokens = completion_ids.shape[1]
-    output = model.get_decoder()(**_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask), use_cache=False)
+    # A model sharded with FSDP2 has the decoder registered as a forward of its root, so the
+    # root's weights (embeddings, norm, head) are gathered for it (sdharness/sharding.py).
+    decoder = getattr(model, DECODER_FORWARD, None) or model.get_decoder()
+    output = decoder(**_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask), use_cache=False)
     hidden = output.last_hidden_state[:, -new_tokens - 1:-1]
     return LazyLogits(hidden, model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None))

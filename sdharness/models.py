@@ -132,13 +132,18 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     return model, tokenizer
 
 
-def save_for_inference(model, tokenizer, directory: str | Path) -> Path:
-    """``save_pretrained`` the (LoRA-merged) model and tokenizer so lm-eval and HF tools load it."""
+def save_for_inference(model, tokenizer, directory: str | Path, state_dict: dict | None = None) -> Path:
+    """``save_pretrained`` the (LoRA-merged) model and tokenizer so lm-eval and HF tools load it.
+    ``state_dict``: the full weights of a model sharded over ranks (gathered by the caller)."""
     directory = Path(directory)
-    if hasattr(model, "merge_and_unload"):
+    if state_dict is not None and getattr(model.config, "tie_word_embeddings", False):
+        # Gathered weights are separate tensors, so save_pretrained cannot see the tie itself.
+        head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+        state_dict = {key: value for key, value in state_dict.items() if key != f"{head}.weight"}
+    if state_dict is None and hasattr(model, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
     return directory

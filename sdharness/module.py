@@ -10,7 +10,6 @@ SFT and GRPO live in ``baselines.py``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -21,6 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from sdharness.accounting import Counters, WallClock
 from sdharness.config import TrainConfig, config_fingerprint
@@ -31,6 +31,7 @@ from sdharness.logits import completion_hidden, completion_logits
 from sdharness.losses import distillation_loss
 from sdharness.positions import loss_positions
 from sdharness.rollout import Rollout, eos_token_ids, generate
+from sdharness.sharding import is_sharded, local_part, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,14 @@ class PolicyModule(L.LightningModule):
         """Weights sharded over ranks (FSDP, ZeRO-3): generation must keep ranks in step."""
         return self.cfg.trainer.shards_weights and self._trainer is not None and self.trainer.world_size > 1
 
-    def outside_step_generation(self):
-        """Context for generating outside ``training_step`` (evals). Inside the step Lightning's
-        FSDP root forward has gathered the root's own weights (embeddings, head, final norm) and
-        each layer gathers its own; outside it the root's weights must be gathered explicitly."""
-        if self.sharded and str(self.cfg.trainer.strategy).startswith("fsdp"):
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            return FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=False,
-                                                               recurse=False)
-        return contextlib.nullcontext()
+    def configure_model(self) -> None:
+        """``trainer=fsdp``: shard the policy and any frozen/EMA copy in place with FSDP2
+        (sdharness/sharding.py) once Lightning has set up the ranks' device mesh."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        param_dtype = torch.bfloat16 if self.cfg.trainer.precision == "bf16-mixed" else None
+        for model in self.children():  # the policy, and the teacher's or reference's own weights
+            shard_model(model, self.device_mesh["data_parallel"], param_dtype=param_dtype)
 
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
         sampling = self.cfg.rollout
@@ -144,7 +143,7 @@ class PolicyModule(L.LightningModule):
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Loss and every gradient finite, agreed across ranks (sharded strategies see parts)."""
         finite = bool(torch.isfinite(loss)) and all(
-            bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
+            bool(torch.isfinite(local_part(p.grad)).all()) for p in self.model.parameters() if p.grad is not None)
         return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
 
     def _skip_update(self, reason: str) -> None:
@@ -200,7 +199,7 @@ class PolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sdharness_counters"] = self.counters.state_dict()
         checkpoint["sdharness_state"] = {
-            "data_position": (self.current_epoch, self.batches_in_epoch), "rng": rng_state(),
+            "data_position": (self.current_epoch, self.batches_in_epoch), "rng": self._rng_states_of_all_ranks(),
             "skipped_in_a_row": self.skipped_in_a_row}
         checkpoint["sdharness_config"] = config_fingerprint(self.cfg)
         # A resumed run continues the same W&B run rather than starting a second one.
@@ -213,10 +212,27 @@ class PolicyModule(L.LightningModule):
         if state:
             epoch, self.batches_in_epoch = state["data_position"]
             self.skipped_in_a_row = state["skipped_in_a_row"]
-            self.rng_to_restore = state["rng"]
+            self.rng_to_restore = self._this_ranks_rng_state(state["rng"])
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if datamodule is not None:
                 datamodule.resume_position = (epoch, self.batches_in_epoch)
+
+    def _rng_states_of_all_ranks(self) -> list[dict]:
+        """Every rank's RNG state: each rank samples its own rollouts, so each resumes its own
+        stream (only rank 0 writes the checkpoint; every rank runs this hook)."""
+        state = rng_state()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return [state]
+        states = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(states, state)
+        return states
+
+    def _this_ranks_rng_state(self, states: list[dict]) -> dict:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if self._trainer is not None and len(states) != self.trainer.world_size:
+            log.warning("resuming on %d ranks from a checkpoint written by %d: rollouts will not repeat the "
+                        "uninterrupted run's samples", self.trainer.world_size, len(states))
+        return states[rank % len(states)]
 
     def rollout_metrics(self, rollout: Rollout, problems: list[dict]) -> dict[str, float]:
         metrics = {f"train/rollout_{k}": v for k, v in completion_metrics(
@@ -268,8 +284,10 @@ class ShadowWeights:
     @torch.no_grad()
     def update(self) -> None:
         if self.mode == "ema":
+            if is_sharded(self.copy):  # update the shards: FSDP2 keeps the root gathered after a no-grad forward
+                self.copy.reshard()
             for shadow, live in zip(self.copy.parameters(), self.live.parameters()):
-                shadow.lerp_(live.detach().to(shadow.dtype), 1.0 - self.decay)
+                local_part(shadow).lerp_(local_part(live).detach().to(shadow.dtype), 1.0 - self.decay)
 
 
 class SelfDistillModule(PolicyModule):

@@ -16,17 +16,17 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.checkpoints import AtomicCheckpointIO
+from sdharness.checkpoints import AtomicCheckpointIO, StepCheckpoint
 from sdharness.cli import cli_errors
 from sdharness.config import ConfigError, check_resume, register_configs, resolve_wandb_mode, to_train_config
 from sdharness.data import DataError, ProblemDataModule, load_data
@@ -37,6 +37,7 @@ from sdharness.accounting import X_AXES, BudgetStop
 from sdharness.baselines import GRPOModule, SFTModule
 from sdharness.module import SelfDistillModule, SkippedUpdatesError
 from sdharness.prompts import uses_chat_template
+from sdharness.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -45,8 +46,6 @@ MODULES = {"sd": SelfDistillModule, "sft": SFTModule, "grpo": GRPOModule}
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 # The data position is restored by EpochSampler (sdharness/data.py), which Lightning cannot see.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
-# Checkpoints hold the weights after the step's update, which is what a resume needs.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the checkout's conf/ (editable install)
 
 
@@ -116,15 +115,25 @@ def metric_rows_to_keep(path: Path, resume: Resume | None) -> tuple[list[str], l
     return list(reader.fieldnames or []), rows
 
 
-def build_strategy(trainer_cfg, model):
-    """Lightning's strategy by name, built with ``trainer.strategy_options`` when there are any.
-    FSDP wraps one unit per decoder layer (the classes HF models list as ``_no_split_modules``)
-    and saves full state dicts, so checkpoints stay single files that resume anywhere."""
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` as plain FSDP2: one data-parallel dimension over every rank, and
+    checkpoints gathered into one file on rank 0 (they resume under any strategy and world size)."""
+
+    def __init__(self, **options: Any):
+        options.setdefault("save_distributed_checkpoint", False)
+        super().__init__(tensor_parallel_size=1, **options)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def build_strategy(trainer_cfg):
+    """Lightning's strategy by name, built with ``trainer.strategy_options`` when there are any;
+    ``fsdp`` is FSDP2 (:class:`FSDP2Strategy`, the model sharded by ``PolicyModule.configure_model``)."""
     name, options = trainer_cfg.strategy, dict(trainer_cfg.strategy_options)
     if name == "fsdp":
-        no_split = {n for module in model.modules() for n in getattr(module, "_no_split_modules", None) or []}
-        options.setdefault("auto_wrap_policy", {type(m) for m in model.modules() if type(m).__name__ in no_split})
-        options.setdefault("state_dict_type", "full")
+        return FSDP2Strategy(**options)
     if not options or not isinstance(name, str):
         return name
     entry = StrategyRegistry[name]
@@ -156,30 +165,32 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     module = MODULES[cfg.algo.name](model, tokenizer, cfg)
 
     quick_eval = QuickEval(datamodule.eval_dataloader, cfg.eval, cfg.data.answer_marker, cfg.prompt.leak_phrases)
-    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
-                                  every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
+    checkpoints = StepCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.trainer.checkpoint_every_n_steps)
     loggers = make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True), resume)
     try:
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-            strategy=build_strategy(cfg.trainer, model), precision=cfg.trainer.precision,
+            strategy=build_strategy(cfg.trainer), precision=cfg.trainer.precision,
             max_steps=cfg.trainer.max_steps, log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers,
-            # Eval before the checkpoint, so a checkpoint holds its step's eval; data is sharded by EpochSampler.
-            callbacks=[quick_eval, checkpoints, BudgetStop(cfg.budget), *callbacks], default_root_dir=output_dir,
-            plugins=[AtomicCheckpointIO()], enable_model_summary=False, use_distributed_sampler=False,
+            # The budget decides whether this is the final step, then the eval, then the checkpoint
+            # (which holds its step's eval). Data is sharded by EpochSampler.
+            callbacks=[BudgetStop(cfg.budget), quick_eval, checkpoints, *callbacks], default_root_dir=output_dir,
+            plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_model_summary=False,
+            use_distributed_sampler=False,
             **cfg.trainer.extra,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
-        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")  # the end, whatever the save interval
     except BaseException:
         end_wandb_run(exit_code=1)
         raise
     # Closed here, not left open: the next run in this process (a multirun's next job) gets its own.
     end_wandb_run()
 
+    # FSDP2 shards in place: the full weights are gathered (every rank takes part) for rank 0 to save.
+    weights = full_state_dict(module.model) if is_sharded(module.model) else None
     if not trainer.is_global_zero:
         return quick_eval.history[-1][1].as_metrics()
-    save_for_inference(module.model, tokenizer, output_dir / "final_model")
+    save_for_inference(module.model, tokenizer, output_dir / "final_model", state_dict=weights)
     return report(quick_eval, module, output_dir)
 
 

@@ -192,3 +192,18 @@ def test_command_line_reports_a_diverged_run_in_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "sdharness: error: 2 consecutive updates were skipped (the last for a non-finite loss" in result.stderr
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_extending_a_finished_run_and_evaluating_more_often_change_no_sample(tmp_path):
+    # 4 problems in batches of 2: the finished 2-step run ends at an epoch boundary, where a
+    # checkpoint taken after fit (or a DataLoader seeding itself from torch's generator) would
+    # shift the data or the rollouts' samples. Evals draw nothing either.
+    base = TINY + ["data.train_size=4", "logger.mode=disabled", "threads=1"]
+    train(compose_config(base + ["trainer.max_steps=3"]), tmp_path / "whole")
+    train(compose_config(base + ["trainer.max_steps=2"]), tmp_path / "extended")
+    train(compose_config(base + ["trainer.max_steps=3", "ckpt_path=last"]), tmp_path / "extended")
+    train(compose_config(base + ["trainer.max_steps=3", "eval.every_n_steps=1"]), tmp_path / "evaluated")
+    whole = load_file(tmp_path / "whole" / "final_model" / "model.safetensors")
+    for other in ("extended", "evaluated"):
+        weights = load_file(tmp_path / other / "final_model" / "model.safetensors")
+        assert all(torch.equal(whole[name], weights[name]) for name in whole), other
