@@ -326,7 +326,7 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     num_nodes: int = 1
-    strategy: Any = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | deepspeed_stage_3 | any Lightning name
+    strategy: Any = "auto"  # auto | ddp | fsdp (FSDP2) | deepspeed_stage_2 | any other Lightning name
     strategy_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the strategy class
     precision: Any = "32-true"
     max_steps: int = 20
@@ -338,8 +338,8 @@ class TrainerConfig:
 
     @property
     def shards_weights(self) -> bool:
-        """FSDP or ZeRO-3: each rank holds a slice of the weights, so every forward is a collective."""
-        return str(self.strategy).startswith(("fsdp", "deepspeed_stage_3"))
+        """FSDP: each rank holds a slice of the weights, so every forward is a collective."""
+        return self.strategy == "fsdp"
 
     def __post_init__(self):
         from lightning.pytorch.strategies import StrategyRegistry
@@ -347,6 +347,13 @@ class TrainerConfig:
         _require(self.max_steps >= 1, f"trainer.max_steps must be >= 1, got {self.max_steps}")
         if isinstance(self.strategy, str):
             _choice("trainer.strategy", self.strategy, ["auto", *sorted(StrategyRegistry)])
+            _require(not self.strategy.startswith("deepspeed_stage_3"),
+                     f"trainer.strategy={self.strategy} shards parameters with ZeRO-3, which gathers them only "
+                     "inside a module's forward, but the teacher's LM head is applied chunk by chunk outside one; "
+                     "shard parameters with trainer=fsdp (FSDP2), or use trainer=deepspeed (ZeRO-2)")
+            _require(not (self.strategy.startswith("fsdp") and self.strategy != "fsdp"),
+                     f"trainer.strategy={self.strategy} is Lightning's FSDP1, which sdharness does not drive; use "
+                     "trainer=fsdp (FSDP2)")
             _require(self.accelerator != "cpu" or not self.strategy.startswith("deepspeed"),
                      f"trainer.strategy={self.strategy} runs on GPUs only (Lightning's DeepSpeed); on CPU use "
                      "trainer=fsdp or trainer=ddp, with trainer.accelerator=cpu trainer.precision=32-true")

@@ -75,7 +75,7 @@ class PolicyModule(L.LightningModule):
 
     @property
     def sharded(self) -> bool:
-        """Weights sharded over ranks (FSDP, ZeRO-3): generation must keep ranks in step."""
+        """Weights sharded over ranks (FSDP): generation must keep ranks in step."""
         return self.cfg.trainer.shards_weights and self._trainer is not None and self.trainer.world_size > 1
 
     def configure_model(self) -> None:

@@ -67,7 +67,7 @@ def generate(
 ) -> Rollout:
     """Sample (or greedily decode) one completion per prompt row; the model's mode is restored.
 
-    ``synced``: under sharded weights (FSDP, ZeRO-3) every forward is a collective, so ranks
+    ``synced``: under sharded weights (FSDP) every forward is a collective, so ranks
     whose rows all ended keep stepping until every rank is done (HF's ``synced_gpus``)."""
     eos = eos_token_ids(model, tokenizer)
     config = GenerationConfig(

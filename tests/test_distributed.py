@@ -174,10 +174,14 @@ def test_fsdp_with_lora_is_a_config_error():
         to_train_config(compose_config(["trainer=fsdp", "trainer.accelerator=cpu", "model.lora_rank=4"]))
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3"])
-def test_deepspeed_on_cpu_is_a_config_error(strategy):
+@pytest.mark.parametrize("strategy, message", [
+    ("deepspeed_stage_2", "runs on GPUs only.*trainer=fsdp or trainer=ddp"),
+    ("deepspeed_stage_3_offload", "shards parameters with ZeRO-3.*trainer=fsdp \\(FSDP2\\)"),
+    ("fsdp_cpu_offload", "is Lightning's FSDP1.*use trainer=fsdp"),
+])
+def test_strategies_sdharness_cannot_run_here_are_config_errors(strategy, message):
     from sdharness.config import ConfigError, to_train_config
     from tests.conftest import compose_config
 
-    with pytest.raises(ConfigError, match=f"trainer.strategy={strategy} runs on GPUs only.*trainer=fsdp or trainer=ddp"):
+    with pytest.raises(ConfigError, match=f"trainer.strategy={strategy} {message}"):
         to_train_config(compose_config([f"trainer.strategy={strategy}"]))
