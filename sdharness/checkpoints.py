@@ -41,7 +41,7 @@ class StepCheckpoint(L.Callback):
         step = trainer.global_step
         due = is_final_step(trainer) or (self.every_n_steps and step % self.every_n_steps == 0)
         if step != self.saved_step and due:  # a skipped update leaves the step where it was
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # optimiser and loop state too, to resume
             self.saved_step = step
 
 

@@ -6,9 +6,11 @@ that derives it) and the mean completion length.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import lightning as L
+import torch
 
 from sdharness.checkpoints import is_final_step
 from sdharness.config import EvalConfig
@@ -48,20 +50,39 @@ class EvalResult:
 
 
 def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str,
-                    leak_phrases: list[str] = (), synced: bool = False) -> EvalResult:
-    """Greedy-decode every batch of student prompts and score the completions."""
+                    leak_phrases: list[str] = (), synced: bool = False, rank: int = 0,
+                    world_size: int = 1) -> EvalResult:
+    """Greedy-decode every batch of student prompts and score the completions.
+
+    On several ranks each decodes every ``world_size``-th batch and the completions are gathered,
+    so every rank returns the same result for the whole set. ``synced`` (sharded weights): a rank
+    with one batch fewer decodes a stand-in batch, discarded, so that it keeps joining the
+    all-gathers of the others."""
+    batches = list(batches)
     texts, problems, lengths = [], [], []
     device = next(model.parameters()).device
-    for batch in batches:
+    rounds = math.ceil(len(batches) / world_size)
+    for index in range(rank, rounds * world_size if synced else len(batches), world_size):
+        batch = batches[index] if index < len(batches) else batches[0]
         rollout = generate(model, tokenizer, batch.student_ids.to(device), batch.student_mask.to(device),
                            max_new_tokens=max_new_tokens, greedy=True, synced=synced)
-        texts += rollout.texts
-        problems += batch.problems
-        lengths += rollout.lengths.tolist()
+        if index < len(batches):
+            texts += rollout.texts
+            problems += batch.problems
+            lengths += rollout.lengths.tolist()
+    if world_size > 1:
+        texts, problems, lengths = (gathered_from_all_ranks(part, world_size) for part in (texts, problems, lengths))
     metrics = completion_metrics(texts, problems, answer_marker, leak_phrases)
     nan = float("nan")
     return EvalResult(metrics.get("accuracy", nan), metrics.get("early_answer_rate", nan),
                       metrics.get("leakage_rate", nan), sum(lengths) / len(lengths) if lengths else 0.0, len(texts))
+
+
+def gathered_from_all_ranks(items: list, world_size: int) -> list:
+    """Every rank's ``items``, concatenated in rank order, on every rank."""
+    parts = [None] * world_size
+    torch.distributed.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
 
 
 class QuickEval(L.Callback):
@@ -78,7 +99,8 @@ class QuickEval(L.Callback):
         module.clock.pause()  # evaluation time is not training time
         result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
                                  max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
-                                 leak_phrases=self.leak_phrases, synced=module.sharded)
+                                 leak_phrases=self.leak_phrases, synced=module.sharded,
+                                 rank=trainer.global_rank, world_size=trainer.world_size)
         lm_eval = self.lm_eval(module)
         metrics = {**result.as_metrics(), **module.counters.as_metrics(), **lm_eval}
         for logger in trainer.loggers:

@@ -51,6 +51,7 @@ from transformers import LlamaForCausalLM
 
 from sdharness.config import ConfigError, PromptConfig, _require
 from sdharness.evaluation import evaluate_greedy
+from sdharness.module import lr_lambda
 from sdharness.models import char_llama_config, char_tokenizer
 from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher
 from sdharness.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_problem, arithmetic_split
@@ -265,14 +266,6 @@ def build_model(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup, then cosine decay from 1 to ``min_lr_ratio`` at ``steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_model(model, batches, cfg: PretrainConfig, on_log=None) -> list[tuple[int, float]]:
     """Plain AdamW loop over ``batches`` (one per step); returns ``(step, mean loss)`` log points.
 
@@ -282,7 +275,8 @@ def train_model(model, batches, cfg: PretrainConfig, on_log=None) -> list[tuple[
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
+        optimizer, lambda step: lr_lambda(step, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule="cosine",
+                                          min_lr_ratio=cfg.min_lr_ratio))
     model.train()
     history, running, started = [], [], time.perf_counter()
     for step, (ids, labels) in enumerate(batches, start=1):

@@ -46,6 +46,8 @@ MODULES = {"sd": SelfDistillModule, "sft": SFTModule, "grpo": GRPOModule}
 warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 # The data position is restored by EpochSampler (sdharness/data.py), which Lightning cannot see.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+# Lightning 2.6 builds torch pytree leaves the way torch 2.13 deprecates; nothing for a user to do.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the checkout's conf/ (editable install)
 
 

@@ -68,6 +68,14 @@ def last_counters(run_dir: Path) -> dict[str, float]:
                                                          "forward_tokens", "trained_tokens", "flops")}
 
 
+def eval_rows(run_dir: Path) -> list[tuple]:
+    """``(step, accuracy, completion length, early answers)`` of every eval: on several ranks each
+    decodes its share of the eval batches and the completions are gathered."""
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [(row["step"], row["eval/accuracy"], row["eval/completion_length"], row["eval/early_answer_rate"])
+                for row in csv.DictReader(handle) if row.get("eval/accuracy")]
+
+
 def assert_identical_weights(run_dir: Path) -> None:
     zero, one = torch.load(run_dir / "rank0.pt"), torch.load(run_dir / "rank1.pt")
     assert zero.keys() == one.keys() and all(torch.equal(zero[k], one[k]) for k in zero)
@@ -92,6 +100,7 @@ def test_two_process_ddp_self_distillation_matches_single_process_totals(tmp_pat
     totals = last_counters(ddp)
     assert totals == last_counters(single)
     assert totals["train/problems_seen"] == 12 and totals["train/generated_tokens"] == 0
+    assert len(eval_rows(ddp)) == 2 and eval_rows(ddp) == eval_rows(single)  # one eval batch: rank 0 decodes it
     # On-policy rollouts: each rank samples its own problems; weights still agree after every step.
     sampled = run(tmp_path, "ddp_sampled", "data.train_size=8", *DDP, "data.batch_size=2")
     assert_identical_weights(sampled)
@@ -122,6 +131,7 @@ def test_fsdp_trains_like_ddp_on_logged_chats(tmp_path):
     assert_same_weights(fsdp, ddp)
     assert_disjoint_rank_batches(fsdp, 3)
     assert last_counters(fsdp) == last_counters(ddp)
+    assert eval_rows(fsdp) == eval_rows(ddp)  # rank 1 decodes a discarded stand-in batch to keep in step
     assert (fsdp / "checkpoints" / "last.ckpt").is_file()  # gathered into one file, not a folder of shards
     reloaded = AutoModelForCausalLM.from_pretrained(fsdp / "final_model")
     assert not any(isinstance(p, DTensor) for p in reloaded.parameters())
@@ -131,9 +141,11 @@ def test_fsdp_trains_like_ddp_on_logged_chats(tmp_path):
 def test_fsdp_rollouts_and_ema_teacher_match_ddp_and_resume_exactly(tmp_path):
     # Each rank samples its own problems, so ranks finish generating at different steps (synced
     # generation keeps them in the all-gathers); the EMA teacher is a second sharded model.
-    sampled = ["data.train_size=8", "data.batch_size=2", "teacher=ema", "teacher.ema_decay=0.5"]
-    fsdp = run(tmp_path, "fsdp", *sampled, *FSDP)
-    assert_same_weights(fsdp, run(tmp_path, "ddp", *sampled, *DDP))
+    sampled = ["data.train_size=8", "data.batch_size=2", "teacher=ema", "teacher.ema_decay=0.5",
+               "eval.batch_size=2"]  # one eval batch per rank
+    fsdp, ddp = run(tmp_path, "fsdp", *sampled, *FSDP), run(tmp_path, "ddp", *sampled, *DDP)
+    assert_same_weights(fsdp, ddp)
+    assert eval_rows(fsdp) == eval_rows(ddp)
     assert last_counters(fsdp)["train/rollouts"] == 12
     run(tmp_path, "resumed", *sampled, *FSDP, "trainer.max_steps=2")
     resumed = run(tmp_path, "resumed", *sampled, *FSDP, "ckpt_path=last")

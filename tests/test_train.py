@@ -100,3 +100,21 @@ def test_monitoring_kl_is_computed_on_the_logged_steps_only(tmp_path, monkeypatc
     assert asked == [False, True, False, True]
     logged = [r for r in read_metrics(tmp_path) if r.get("train/loss")]
     assert len(logged) == 2 and all(math.isfinite(float(r["train/teacher_student_kl"])) for r in logged)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.1])
+def test_lr_schedules_warm_up_then_decay_to_their_floor(floor):
+    from sdharness.module import lr_lambda
+
+    def factor(step, schedule):
+        return lr_lambda(step, warmup_steps=2, total_steps=10, schedule=schedule, min_lr_ratio=floor)
+
+    for schedule in ("constant", "linear", "cosine"):
+        assert [factor(s, schedule) for s in (0, 1)] == [0.5, 1.0]  # warmup
+        assert factor(2, schedule) == 1.0
+    assert factor(10, "constant") == factor(50, "constant") == 1.0
+    # Halfway through the decay (step 6 of 2..10) both schedules stand halfway to the floor.
+    assert factor(6, "linear") == pytest.approx(1 - (1 - floor) / 2)
+    assert factor(6, "cosine") == pytest.approx(floor + (1 - floor) / 2)
+    for schedule in ("linear", "cosine"):
+        assert factor(10, schedule) == pytest.approx(floor) and factor(50, schedule) == pytest.approx(floor)
