@@ -148,8 +148,8 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     # Checked here, where the job runs, not at compose time: a SLURM sweep composes on a CPU login node.
     if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu, ddp, fsdp and deepspeed) but "
-                          "no CUDA GPU is visible here; on CPU use trainer=cpu, or trainer=ddp "
-                          "trainer.accelerator=cpu trainer.precision=32-true")
+                          "no CUDA GPU is visible here; on CPU use trainer=cpu, or trainer=ddp (or fsdp) "
+                          "trainer.accelerator=cpu trainer.devices=2 trainer.precision=32-true")
     output_dir = Path(output_dir)
     resume = resume_from(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)

@@ -370,5 +370,5 @@ def test_gpu_trainer_without_a_gpu_says_what_to_use(tmp_path, trainer):
     from sdharness.train import train
 
     with pytest.raises(ConfigError, match=r"trainer.accelerator=gpu .*no CUDA GPU is visible here; on CPU use "
-                       r"trainer=cpu, or trainer=ddp trainer.accelerator=cpu"):
+                       r"trainer=cpu, or trainer=ddp \(or fsdp\) trainer.accelerator=cpu"):
         train(compose_config(TINY + [f"trainer={trainer}"]), tmp_path)
