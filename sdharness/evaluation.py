@@ -70,8 +70,7 @@ def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_ma
             texts += rollout.texts
             problems += batch.problems
             lengths += rollout.lengths.tolist()
-    if world_size > 1:
-        texts, problems, lengths = (gathered_from_all_ranks(part, world_size) for part in (texts, problems, lengths))
+    texts, problems, lengths = (gathered_from_all_ranks(part, world_size) for part in (texts, problems, lengths))
     metrics = completion_metrics(texts, problems, answer_marker, leak_phrases)
     nan = float("nan")
     return EvalResult(metrics.get("accuracy", nan), metrics.get("early_answer_rate", nan),
@@ -79,7 +78,10 @@ def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_ma
 
 
 def gathered_from_all_ranks(items: list, world_size: int) -> list:
-    """Every rank's ``items``, concatenated in rank order, on every rank."""
+    """Every rank's ``items``, concatenated in rank order, on every rank (a collective when
+    ``world_size`` > 1: every rank must call it)."""
+    if world_size == 1:
+        return items
     parts = [None] * world_size
     torch.distributed.all_gather_object(parts, items)
     return [item for part in parts for item in part]
@@ -101,8 +103,7 @@ class QuickEval(L.Callback):
                                  max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
                                  leak_phrases=self.leak_phrases, synced=module.sharded,
                                  rank=trainer.global_rank, world_size=trainer.world_size)
-        lm_eval = self.lm_eval(module)
-        metrics = {**result.as_metrics(), **module.counters.as_metrics(), **lm_eval}
+        metrics = {**result.as_metrics(), **module.counters.as_metrics(), **self.lm_eval(module)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append((trainer.global_step, result))

@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from sdharness.accounting import Counters, WallClock
 from sdharness.config import TrainConfig, config_fingerprint
 from sdharness.data import PromptBatch
-from sdharness.evaluation import completion_metrics
+from sdharness.evaluation import completion_metrics, gathered_from_all_ranks
 from sdharness.guided import guided_rollout, guided_token_weights
 from sdharness.logits import completion_hidden, completion_logits
 from sdharness.losses import distillation_loss
@@ -221,12 +221,7 @@ class PolicyModule(L.LightningModule):
     def _rng_states_of_all_ranks(self) -> list[dict]:
         """Every rank's RNG state: each rank samples its own rollouts, so each resumes its own
         stream (only rank 0 writes the checkpoint; every rank runs this hook)."""
-        state = rng_state()
-        if self._trainer is None or self.trainer.world_size == 1:
-            return [state]
-        states = [None] * self.trainer.world_size
-        torch.distributed.all_gather_object(states, state)
-        return states
+        return gathered_from_all_ranks([rng_state()], self.trainer.world_size if self._trainer is not None else 1)
 
     def _this_ranks_rng_state(self, states: list[dict]) -> dict:
         rank = self.trainer.global_rank if self._trainer is not None else 0

@@ -13,13 +13,12 @@ so ``module.model`` stays the HF model and every call into it gathers what it ne
   gathered after a forward (FSDP2 frees them after the backward), so the head's weight is whole
   while the loss projects it chunk by chunk.
 
-Unlike FSDP1 this runs on CPU with gloo, so ``tests/test_fsdp.py`` checks it against DDP.
+Unlike FSDP1 this runs on CPU with gloo, so ``tests/test_distributed.py`` checks it against DDP.
 """
 
 from __future__ import annotations
 
 import types
-from typing import Any
 
 import torch
 
@@ -56,7 +55,7 @@ def shard_model(model: torch.nn.Module, mesh, *, param_dtype: torch.dtype | None
         if isinstance(module, classes):
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    model.decoder_forward = types.MethodType(lambda self, **inputs: self.get_decoder()(**inputs), model)
+    setattr(model, DECODER_FORWARD, types.MethodType(lambda self, **inputs: self.get_decoder()(**inputs), model))
     register_fsdp_forward_method(model, DECODER_FORWARD)
 
 
