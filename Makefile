@@ -2,12 +2,13 @@
 #   make train   - install, then run the testbed comparison: sd (product, clip, teacher), sft, grpo
 #                  on the shipped testbed base, one seed, ending with a score table (CPU, minutes)
 #   make test    - install, then run the test suite
+#   make test-fast - the kernel and config lane (tests not marked slow), under 2 minutes
 # Extra arguments go to the training app: make train ARGS="aggregation=clip trainer.max_steps=4"
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdharness-installed
 
-.PHONY: install train test
+.PHONY: install train test test-fast
 install: $(STAMP)
 
 # torch==2.13.0 first: it is the CPU wheel on disk, and every later torch requirement accepts it,
@@ -25,3 +26,6 @@ train: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not reproduce" $(ARGS)

@@ -10,30 +10,36 @@ from __future__ import annotations
 import os
 import string
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.aggregation import AGGREGATIONS
-from sdharness.losses import DIVERGENCES
+from sdharness.distill.aggregation import AGGREGATIONS
+from sdharness.distill.losses import DIVERGENCES
+from sdharness.methods import METHODS
+from sdharness.rollout import BACKENDS, GUIDANCE_MODES
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR.parent / "conf"  # the checkout's conf/ (the package is installed editable)
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
 def _choice(field_name: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
-    _require(value in choices, f"{field_name}={value!r} is unknown; choose one of: {', '.join(choices)}")
+    require(value in choices, f"{field_name}={value!r} is unknown; choose one of: {', '.join(choices)}")
 
 
 def _positive(field_name: str, value: float, fix: str = "") -> None:
-    _require(value > 0, f"{field_name} must be a positive number, got {value!r}" + (f"; {fix}" if fix else ""))
+    require(value > 0, f"{field_name} must be a positive number, got {value!r}" + (f"; {fix}" if fix else ""))
 
 
 def placeholders(template: str, field_name: str = "template") -> set[str]:
@@ -72,17 +78,17 @@ class ModelConfig:
         _choice("model.source", self.source, ("hf", "gguf", "tiny_random"))
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.source in ("hf", "gguf"):
-            _require(bool(self.path), f"model.path is required for model.source={self.source}; "
+            require(bool(self.path), f"model.path is required for model.source={self.source}; "
                      "set it to a local directory, e.g. model.path=/models/my-model")
         if self.source == "gguf":
-            _require(bool(self.gguf_file), "model.gguf_file is required for model.source=gguf (the .gguf file name)")
+            require(bool(self.gguf_file), "model.gguf_file is required for model.source=gguf (the .gguf file name)")
 
 
 @dataclass
 class DataConfig:
     """Problems with worked solutions: the built-in ``arithmetic`` task or a ``jsonl`` file
     with fields ``problem``, ``solution`` and optional ``answer``; or ``chatlog``, logged
-    conversations whose assistant turns are distilled without generation (sdharness/chatlog.py).
+    conversations whose assistant turns are distilled without generation (sdharness/data/chatlog.py).
     ``path`` may be ``pkg://PACKAGE/sub/path`` for chatlog."""
 
     name: str = "arithmetic"
@@ -105,18 +111,18 @@ class DataConfig:
     strict: bool = False
 
     def __post_init__(self):
-        from sdharness.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES
+        from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES
 
         _choice("data.name", self.name, ("arithmetic", "jsonl", "chatlog"))
         if self.name in ("jsonl", "chatlog"):
-            _require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")
+            require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")
         _choice("data.turns", self.turns, ("all", "first"))
         _choice("data.difficulty", self.difficulty, list(DIFFICULTY_STEPS))
         if self.eval_difficulty is not None:
             _choice("data.eval_difficulty", self.eval_difficulty, list(DIFFICULTY_STEPS))
         _choice("data.solution_style", self.solution_style, SOLUTION_STYLES)
-        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.train_size >= 1 and self.eval_size >= 0, "data.train_size must be >= 1 and data.eval_size >= 0")
+        require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        require(self.train_size >= 1 and self.eval_size >= 0, "data.train_size must be >= 1 and data.eval_size >= 0")
 
 
 @dataclass
@@ -147,7 +153,7 @@ class PromptConfig:
         _choice("prompt.chat_template", self.chat_template, ("auto", "always", "never"))
         _placeholders_exactly("prompt.chat_hint", self.chat_hint, {"accepted"}, " (the accepted reply)")
         _choice("prompt.chat_hint_position", self.chat_hint_position, ("first", "last"))
-        _require(set(self.chat_roles) == {"system", "user", "assistant"}, "prompt.chat_roles must give a prefix for "
+        require(set(self.chat_roles) == {"system", "user", "assistant"}, "prompt.chat_roles must give a prefix for "
                  f"exactly system, user and assistant; it has {sorted(self.chat_roles)}")
         _placeholders_exactly("prompt.student", self.student, {"problem"}, "; the student never sees the solution")
         _placeholders_exactly("prompt.teacher", self.teacher, {"problem", "solution"})
@@ -176,12 +182,12 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     progress: bool = True
-    # Guided sampling (sdharness/guided.py): never | always | on_failure. Guided rollouts are off-policy.
+    # Guided sampling (sdharness/rollout/guided.py): never | always | on_failure. Guided rollouts are off-policy.
     guidance: str = "never"
     guidance_samples: int = 1  # on_failure: plain samples per problem; guided when all fail the answer check
     importance_weighting: bool = False  # weight guided tokens' loss by min(p_student / p_sampling, importance_clip)
     importance_clip: float = 2.0
-    # Sampler: hf (transformers generate; default, CPU or GPU) | vllm (sdharness/vllm_rollout.py: a vLLM
+    # Sampler: hf (transformers generate; default, CPU or GPU) | vllm (sdharness/rollout/vllm.py: a vLLM
     # engine colocated on the training GPU, weights synced after each optimiser step; CUDA and the
     # `sdharness[vllm]` extra). The vllm_* fields apply to backend=vllm only.
     backend: str = "hf"
@@ -193,25 +199,25 @@ class RolloutConfig:
     def __post_init__(self):
         _positive("rollout.temperature", self.temperature, "rollouts sample, so set e.g. rollout.temperature=1.0 "
                   "(on-policy); the quick eval is greedy already")
-        _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _choice("rollout.guidance", self.guidance, ("never", "always", "on_failure"))
-        _require(self.guidance_samples >= 1, f"rollout.guidance_samples must be >= 1, got {self.guidance_samples}")
+        require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _choice("rollout.guidance", self.guidance, GUIDANCE_MODES)
+        require(self.guidance_samples >= 1, f"rollout.guidance_samples must be >= 1, got {self.guidance_samples}")
         _positive("rollout.importance_clip", self.importance_clip)
-        _choice("rollout.backend", self.backend, ("hf", "vllm"))
-        _require(not (self.backend == "vllm" and self.guidance != "never"),
+        _choice("rollout.backend", self.backend, BACKENDS)
+        require(not (self.backend == "vllm" and self.guidance != "never"),
                  f"rollout.guidance={self.guidance} needs rollout.backend=hf: guided sampling is HF-only (it mixes "
                  "student and teacher logits token by token); set rollout.guidance=never or rollout.backend=hf")
-        _require(0 < self.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1], "
+        require(0 < self.vllm_gpu_memory_utilization <= 1, "rollout.vllm_gpu_memory_utilization must be in (0, 1], "
                  f"got {self.vllm_gpu_memory_utilization}")
         _choice("rollout.vllm_dtype", self.vllm_dtype, ("auto", "float32", "bfloat16", "float16"))
-        _require(self.vllm_max_model_len is None or self.vllm_max_model_len >= 1,
+        require(self.vllm_max_model_len is None or self.vllm_max_model_len >= 1,
                  f"rollout.vllm_max_model_len must be >= 1 (or null), got {self.vllm_max_model_len}")
 
 
 @dataclass
 class AggregationConfig:
-    """The target: ``teacher``, ``product``, ``clip`` or ``entropy_matched`` at temperature tau."""
+    """The target: one of ``sdharness.distill.aggregation.AGGREGATIONS`` at temperature tau."""
 
     name: str = "product"
     tau: float = 2.0
@@ -234,8 +240,8 @@ class LossConfig:
     def __post_init__(self):
         _choice("loss.divergence", self.divergence, DIVERGENCES)
         _choice("loss.positions", self.positions, ("all", "reasoning"))
-        _require(0 < self.beta < 1, f"loss.beta must be in (0, 1), got {self.beta}")
-        _require(self.chunk_size >= 1, f"loss.chunk_size must be >= 1, got {self.chunk_size}")
+        require(0 < self.beta < 1, f"loss.beta must be in (0, 1), got {self.beta}")
+        require(self.chunk_size >= 1, f"loss.chunk_size must be >= 1, got {self.chunk_size}")
 
 
 @dataclass
@@ -254,17 +260,17 @@ class AlgoConfig:
     loss_aggregation: str = "token_mean"
 
     def __post_init__(self):
-        from sdharness.policy_gradient import LOSS_AGGREGATIONS, SCALES
+        from sdharness.methods.policy_gradient import LOSS_AGGREGATIONS, SCALES
 
-        _choice("algo.name", self.name, ("sd", "sft", "grpo"))
+        _choice("algo.name", self.name, tuple(METHODS))
         _choice("algo.scale_rewards", self.scale_rewards, SCALES)
         _choice("algo.loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
         if self.name == "grpo":
-            _require(self.group_size >= 2, f"algo.group_size={self.group_size}: GRPO needs at least 2 samples per "
+            require(self.group_size >= 2, f"algo.group_size={self.group_size}: GRPO needs at least 2 samples per "
                      "problem, since advantages are relative to the group; set algo.group_size=8 (default)")
-        _require(self.inner_epochs >= 1, f"algo.inner_epochs must be >= 1, got {self.inner_epochs}")
-        _require(self.epsilon > 0, f"algo.epsilon must be positive, got {self.epsilon}")
-        _require(self.beta >= 0, f"algo.beta must be >= 0, got {self.beta}")
+        require(self.inner_epochs >= 1, f"algo.inner_epochs must be >= 1, got {self.inner_epochs}")
+        require(self.epsilon > 0, f"algo.epsilon must be positive, got {self.epsilon}")
+        require(self.beta >= 0, f"algo.beta must be >= 0, got {self.beta}")
 
 
 @dataclass
@@ -285,7 +291,7 @@ class TeacherConfig:
 
     def __post_init__(self):
         _choice("teacher.weights", self.weights, ("live", "initial", "ema"))
-        _require(0 < self.ema_decay < 1, f"teacher.ema_decay must be in (0, 1), got {self.ema_decay}")
+        require(0 < self.ema_decay < 1, f"teacher.ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -316,7 +322,7 @@ class EvalConfig:
     lm_eval_limit: Optional[int] = None  # documents per task; None: all
 
     def __post_init__(self):
-        _require(self.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {self.every_n_steps}")
+        require(self.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {self.every_n_steps}")
 
 
 @dataclass
@@ -344,17 +350,17 @@ class TrainerConfig:
     def __post_init__(self):
         from lightning.pytorch.strategies import StrategyRegistry
 
-        _require(self.max_steps >= 1, f"trainer.max_steps must be >= 1, got {self.max_steps}")
+        require(self.max_steps >= 1, f"trainer.max_steps must be >= 1, got {self.max_steps}")
         if isinstance(self.strategy, str):
             _choice("trainer.strategy", self.strategy, ["auto", *sorted(StrategyRegistry)])
-            _require(not self.strategy.startswith("deepspeed_stage_3"),
+            require(not self.strategy.startswith("deepspeed_stage_3"),
                      f"trainer.strategy={self.strategy} shards parameters with ZeRO-3, which gathers them only "
                      "inside a module's forward, but the teacher's LM head is applied chunk by chunk outside one; "
                      "shard parameters with trainer=fsdp (FSDP2), or use trainer=deepspeed (ZeRO-2)")
-            _require(not (self.strategy.startswith("fsdp") and self.strategy != "fsdp"),
+            require(not (self.strategy.startswith("fsdp") and self.strategy != "fsdp"),
                      f"trainer.strategy={self.strategy} is Lightning's FSDP1, which sdharness does not drive; use "
                      "trainer=fsdp (FSDP2)")
-            _require(self.accelerator != "cpu" or not self.strategy.startswith("deepspeed"),
+            require(self.accelerator != "cpu" or not self.strategy.startswith("deepspeed"),
                      f"trainer.strategy={self.strategy} runs on GPUs only (Lightning's DeepSpeed); on CPU use "
                      "trainer=fsdp or trainer=ddp, with trainer.accelerator=cpu trainer.precision=32-true")
 
@@ -403,45 +409,21 @@ class TrainConfig:
     output_dir: Optional[str] = None  # filled from Hydra's run directory
 
     def __post_init__(self):
-        _require(not (self.trainer.shards_weights and self.rollout.guidance != "never"),
+        require(not (self.trainer.shards_weights and self.rollout.guidance != "never"),
                  f"rollout.guidance={self.rollout.guidance} needs unsharded weights: guided sampling steps each "
                  f"problem on its own schedule, which trainer.strategy={self.trainer.strategy} cannot keep in "
                  "step across ranks; use trainer=ddp, or rollout.guidance=never")
-        _require(not (self.trainer.strategy == "fsdp" and self.model.lora_rank > 0),
+        require(not (self.trainer.strategy == "fsdp" and self.model.lora_rank > 0),
                  "trainer=fsdp shards full weights; LoRA adapters (model.lora_rank="
                  f"{self.model.lora_rank}) are small enough for trainer=ddp, or set model.lora_rank=0")
-        _require(not (self.rollout.backend == "vllm" and self.trainer.devices not in (1, "1")),
+        require(not (self.rollout.backend == "vllm" and self.trainer.devices not in (1, "1")),
                  f"rollout.backend=vllm runs one colocated engine on one GPU; set trainer.devices=1 (got "
                  f"{self.trainer.devices}) or rollout.backend=hf")
-        _require(not (self.data.name == "chatlog" and self.rollout.guidance != "never"),
+        require(not (self.data.name == "chatlog" and self.rollout.guidance != "never"),
                  f"rollout.guidance={self.rollout.guidance} cannot apply to data=chatlog: its completions are "
                  "logged, not sampled; set rollout.guidance=never")
 
 
-# Settings that decide what a checkpoint's weights and data position mean; a resume must match them.
-RESUME_GROUPS = ("model", "data", "prompt")
-# Where things live on this machine, not what they are.
-RESUME_IGNORED = ("model.cache_dir",)
-
-
-def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    """The flattened ``RESUME_GROUPS`` settings, stored in every checkpoint."""
-    flat = {}
-    for group in RESUME_GROUPS:
-        for key, value in OmegaConf.to_container(OmegaConf.structured(getattr(cfg, group))).items():
-            if f"{group}.{key}" not in RESUME_IGNORED:
-                flat[f"{group}.{key}"] = value
-    return flat
-
-
-def check_resume(saved: dict[str, Any], cfg: TrainConfig, checkpoint: str) -> None:
-    """Refuse to resume ``checkpoint`` under a different model/data/prompt config, naming each field."""
-    current = config_fingerprint(cfg)
-    differing = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
-                 for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-    _require(not differing or cfg.resume_allow_changes,
-             f"ckpt_path={checkpoint} was trained with a different config: " + "; ".join(differing) +
-             ". Resume with the checkpoint's settings, or add resume_allow_changes=true to resume anyway")
 
 
 def _unknown_keys(given: dict, known: dict, prefix: str = "") -> list[str]:
@@ -460,7 +442,7 @@ def to_train_config(dict_cfg: DictConfig) -> TrainConfig:
     cfg = OmegaConf.to_object(dict_cfg)
     known = OmegaConf.to_container(OmegaConf.structured(cfg))
     unknown = _unknown_keys(OmegaConf.to_container(dict_cfg), known)
-    _require(not unknown, "unknown config key(s): " + "; ".join(unknown))
+    require(not unknown, "unknown config key(s): " + "; ".join(unknown))
     return cfg
 
 

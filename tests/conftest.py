@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from sdharness.config import ModelConfig, register_configs
+from sdharness.config import CONF_DIR as PACKAGE_CONF_DIR, ModelConfig, register_configs
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 # The shipped testbed base (sdharness/assets/testbed), part of the package, so always there.
 TESTBED = ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(PACKAGE_CONF_DIR)
 TINY = [
     "model=tiny_random",
     "data.train_size=8",

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sdharness.aggregation import (
+from sdharness.distill.aggregation import (
     AGGREGATIONS,
     aggregate,
     clip_target,
@@ -288,3 +288,21 @@ def test_unknown_aggregation_raises_value_error_listing_valid_names():
     assert "geometric" in message
     for name in AGGREGATIONS:
         assert name in message
+
+
+@pytest.mark.parametrize("name", [name for name, aggregation in AGGREGATIONS.items() if aggregation.fused])
+@pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
+def test_fused_form_equals_the_reference(name, tau):
+    """The fused form (bits, rows shifted by arbitrary constants) gives the reference target."""
+    from sdharness.distill.aggregation import LOG2E, ChunkBits
+
+    z_s, z_t = random_logits(6, 11, seed=40), random_logits(6, 11, seed=41)
+    shift_s, shift_t = torch.randn(6, 1, dtype=F64), torch.randn(6, 1, dtype=F64)
+    s, t = z_s * LOG2E + shift_s, z_t * LOG2E + shift_t
+    log_zs, log_zt = torch.logsumexp(s / LOG2E, -1, keepdim=True) * LOG2E, torch.logsumexp(t / LOG2E, -1, keepdim=True) * LOG2E
+    aggregation = AGGREGATIONS[name]
+    bits = aggregation.fused(ChunkBits(s, log_zs, z_t, t if aggregation.needs_teacher_bits else None,
+                                       log_zt if aggregation.needs_teacher_bits else None),
+                             torch.empty_like(s), tau)
+    torch.testing.assert_close(torch.log_softmax(bits / LOG2E, -1), aggregate(z_t, z_s, name=name, tau=tau),
+                               rtol=0, atol=1e-12)

@@ -25,7 +25,7 @@ from hydra.errors import ConfigCompositionException
 
 from sdharness.cli import composition_error_message
 from sdharness.config import ConfigError, DataConfig, PromptConfig, to_train_config
-from sdharness.data import DataError, ProblemDataModule
+from sdharness.data.datamodule import DataError, ProblemDataModule
 from tests.conftest import TINY, compose_config
 
 PROMPT = PromptConfig(student="Q: {problem}\nA:", teacher="Q: {problem}\nHint: {solution}\nA:", chat_template="never")
@@ -314,7 +314,7 @@ def test_rollouts_with_no_loss_tokens_skip_the_update_then_stop(tmp_path, eos_fi
     """Under loss.positions=reasoning an EOS-only g has no loss token: zero loss, logged as such,
     and no update (AdamW would move the weights on momentum alone); K such steps in a row stop
     the run with a message saying why."""
-    from sdharness.module import SkippedUpdatesError
+    from sdharness.methods.policy import SkippedUpdatesError
     from sdharness.train import train
 
     overrides = ["loss.positions=reasoning", "trainer.max_consecutive_skipped=3", "logger.mode=disabled",

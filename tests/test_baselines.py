@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
-from sdharness.baselines import GRPOModule, SFTModule
+from sdharness.methods.grpo import GRPOModule
+from sdharness.methods.sft import SFTModule
 from sdharness.config import ConfigError, to_train_config
-from sdharness.data import ProblemDataModule
+from sdharness.data.datamodule import ProblemDataModule
 from sdharness.models import load_model_and_tokenizer
-from sdharness.module import SelfDistillModule
-from sdharness.policy_gradient import clipped_policy_loss, group_advantages, zero_variance_groups
+from sdharness.methods.self_distill import SelfDistillModule
+from sdharness.methods.policy_gradient import clipped_policy_loss, group_advantages, zero_variance_groups
 from sdharness.train import train
 from tests.conftest import TINY, compose_config
 

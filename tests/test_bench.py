@@ -3,7 +3,7 @@ headline ratio (a positive float) and the table prints."""
 
 import json
 
-from sdharness import bench
+from sdharness.tools import bench
 
 
 def test_tiny_bench_json_and_table(capsys, monkeypatch):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sdharness import bootstrap as bs
-from sdharness.bootstrap import (
+from sdharness.tools import bootstrap as bs
+from sdharness.tools.bootstrap import (
     answer_hint,
     bootstrap,
     bootstrap_to_file,
@@ -19,10 +19,10 @@ from sdharness.bootstrap import (
     trim_solution,
 )
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
-from sdharness.data import DataError, read_jsonl
-from sdharness.generate import _named_config
+from sdharness.data.datamodule import DataError, read_jsonl
+from sdharness.tools.generate import named_config
 from sdharness.models import load_model_and_tokenizer
-from sdharness.tasks import arithmetic_split, is_correct
+from sdharness.data.tasks import arithmetic_split, is_correct
 from tests.conftest import TESTBED
 
 TINY = ModelConfig(name="tiny_random", source="tiny_random")
@@ -145,7 +145,7 @@ def test_bootstrap_rule_first_and_no_trim():
 @pytest.mark.parametrize("guidance", [False, True])
 def test_bootstrap_tiny_random_model(guidance):
     model, tokenizer = load_model_and_tokenizer(TINY)
-    prompt = PromptConfig(**_named_config("prompt", "testbed"))
+    prompt = PromptConfig(**named_config("prompt", "testbed"))
     problems = arithmetic_split(0, 3, "easy")
     rows, summary = bootstrap(model, tokenizer, problems, k=2, prompt_cfg=prompt, max_new_tokens=6,
                               guidance=guidance, unsolved="answer_hint", batch_size=4, seed=1)
@@ -163,7 +163,7 @@ def test_bootstrap_tiny_random_model(guidance):
 def test_cache_reused_then_regenerated_on_any_difference(tmp_path):
     problems = write_jsonl(tmp_path / "in.jsonl", [{**p, "answer": int(p["answer"])} for p in PROBLEMS])
     out = tmp_path / "sub" / "out.jsonl"
-    prompt = PromptConfig(**_named_config("prompt", "testbed"))
+    prompt = PromptConfig(**named_config("prompt", "testbed"))
     calls: list = []
     common = dict(model_cfg=TINY, prompt_cfg=prompt, sample_fn=fake_sampler(calls), unsolved="answer_hint")
 
@@ -224,7 +224,7 @@ def test_cli_end_to_end_with_tiny_random(tmp_path, capsys):
 def test_bootstrap_hard_problems_from_testbed(tmp_path):
     problems = write_jsonl(tmp_path / "hard.jsonl",
                            [{"problem": p["problem"], "answer": p["answer"]} for p in arithmetic_split(7, 8, "hard")])
-    prompt = PromptConfig(**_named_config("prompt", "testbed"))
+    prompt = PromptConfig(**named_config("prompt", "testbed"))
     status, rows, summary = bootstrap_to_file(problems, tmp_path / "out.jsonl", model_cfg=TESTBED, prompt_cfg=prompt,
                                               k=4, max_new_tokens=128, unsolved="drop", seed=0)
     assert status == "generated"

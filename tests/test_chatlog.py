@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from sdharness.chatlog import (chat_examples, encode_chat, load_chats, main as chatlog_main, read_chats,
+from sdharness.data.chatlog import (chat_examples, encode_chat, load_chats, main as chatlog_main, read_chats,
                                synthetic_chats)
 from sdharness.config import ConfigError, DataConfig, PromptConfig
-from sdharness.data import DataError, ProblemDataModule
+from sdharness.data.datamodule import DataError, ProblemDataModule
 from sdharness.models import char_tokenizer, resolve_path
-from sdharness.tasks import is_correct
+from sdharness.data.tasks import is_correct
 from tests.conftest import TINY, compose_config
 
 PLAIN = PromptConfig(chat_template="never")

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from sdharness.config import DataConfig, PromptConfig
-from sdharness.data import ProblemDataModule, load_problems, read_jsonl
+from sdharness.data.datamodule import ProblemDataModule, load_problems, read_jsonl
 from sdharness.models import char_tokenizer
 
 

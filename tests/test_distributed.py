@@ -29,7 +29,7 @@ import sys
 import lightning as L
 import torch
 from tests.conftest import compose_config
-from sdharness.sharding import is_sharded
+from sdharness.scale.sharding import is_sharded
 from sdharness.train import train
 
 out, overrides = sys.argv[1], sys.argv[2:]
@@ -159,9 +159,9 @@ def test_fsdp_shards_each_decoder_layer_and_scores_the_teacher_through_the_root(
     from torch.distributed.fsdp import FSDPModule
 
     from sdharness.config import ModelConfig
-    from sdharness.logits import completion_hidden, completion_logits
+    from sdharness.distill.logits import completion_hidden, completion_logits
     from sdharness.models import char_tokenizer, tiny_random_model
-    from sdharness.sharding import shard_model
+    from sdharness.scale.sharding import shard_model
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

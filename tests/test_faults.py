@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdharness.config import ConfigError
-from sdharness.data import EpochSampler
+from sdharness.data.datamodule import EpochSampler
 from sdharness.train import train
 from tests.conftest import TINY, compose_config
 
@@ -124,7 +124,7 @@ def test_epoch_sampler_shards_ranks_disjointly_and_resumes_mid_epoch():
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
-    from sdharness.checkpoints import AtomicCheckpointIO
+    from sdharness.scale.checkpoints import AtomicCheckpointIO
 
     target = tmp_path / "checkpoints" / "last.ckpt"
     writer = AtomicCheckpointIO()
@@ -144,7 +144,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, mon
 
 def poison_losses(monkeypatch, bad_batches: set[int] | None):
     """SelfDistillModule yields a NaN loss on the given batches (all when None)."""
-    from sdharness.module import SelfDistillModule
+    from sdharness.methods.self_distill import SelfDistillModule
 
     losses, seen = SelfDistillModule.losses, []
 
@@ -168,7 +168,7 @@ def test_a_nan_loss_skips_the_update_and_training_goes_on(tmp_path, monkeypatch)
 
 
 def test_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from sdharness.module import SkippedUpdatesError
+    from sdharness.methods.policy import SkippedUpdatesError
 
     train(compose_config(TINY + ["trainer.max_steps=1", "logger.mode=disabled", "eval.at_start=false"]), tmp_path)
     good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()

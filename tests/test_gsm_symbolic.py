@@ -18,13 +18,13 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from sdharness import gsm_expressions as expressions  # noqa: E402
-from sdharness import gsm_symbolic as gsm  # noqa: E402
-from sdharness import gsm_templates as templates  # noqa: E402
-from sdharness import lmeval, lmeval_tasks  # noqa: E402
+from sdharness.tools.gsm_symbolic import expressions  # noqa: E402
+from sdharness.tools.gsm_symbolic import build as gsm  # noqa: E402
+from sdharness.tools.gsm_symbolic import templates  # noqa: E402
+from sdharness.eval import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig  # noqa: E402
-from sdharness.data import read_jsonl  # noqa: E402
-from sdharness.tasks import ANSWER_MARKER, extract_answer, is_correct  # noqa: E402
+from sdharness.data.datamodule import read_jsonl  # noqa: E402
+from sdharness.data.tasks import ANSWER_MARKER, extract_answer, is_correct  # noqa: E402
 from tests.conftest import TINY, compose_config, oracle_lm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def test_data_config_points_at_the_shipped_file_from_any_directory(tmp_path, mon
 
 def test_data_config_loads_problems(tmp_path, monkeypatch):
     from sdharness.config import to_train_config
-    from sdharness.data import load_problems
+    from sdharness.data.datamodule import load_problems
 
     monkeypatch.chdir(tmp_path)
     train, evaluation = load_problems(to_train_config(compose_config(TINY + ["data=gsm_symbolic"])).data)

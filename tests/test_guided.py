@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdharness.aggregation import aggregate
+from sdharness.distill.aggregation import aggregate
 from sdharness.config import ModelConfig, to_train_config
-from sdharness.data import ProblemDataModule
-from sdharness.guided import (
+from sdharness.data.datamodule import ProblemDataModule
+from sdharness.rollout.guided import (
     GuidedRollout,
     finish_rollout,
     guided_generate,
@@ -24,9 +24,9 @@ from sdharness.guided import (
     stack_contexts,
 )
 from sdharness.models import load_model_and_tokenizer
-from sdharness.module import SelfDistillModule
-from sdharness.prompts import left_pad
-from sdharness.rollout import Rollout, completion_mask, eos_token_ids, generate
+from sdharness.methods.self_distill import SelfDistillModule
+from sdharness.data.prompts import left_pad
+from sdharness.rollout.hf import Rollout, completion_mask, eos_token_ids, generate
 from tests.conftest import TINY, compose_config
 
 STUDENT = [[1, 10, 11], [1, 30, 31, 32, 33], [1, 50]]
@@ -263,7 +263,7 @@ def read_lines(path):
 @pytest.mark.parametrize("guidance,guided", [("always", [True, True]), ("on_failure", [True, False]),
                                              ("never", [False, False])])
 def test_cli_writes_one_json_line_per_problem(tmp_path, capsys, guidance, guided):
-    from sdharness.generate import main
+    from sdharness.tools.generate import main
 
     problems, rows = write_problems(tmp_path)
     out = tmp_path / "out" / "samples.jsonl"
@@ -285,12 +285,12 @@ def test_cli_runs_as_a_program(tmp_path):
     problems, _ = write_problems(tmp_path)
     out = tmp_path / "samples.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "sdharness.generate", "--problems", str(problems), "--out",
+    result = subprocess.run([sys.executable, "-m", "sdharness.tools.generate", "--problems", str(problems), "--out",
                              str(out), "--guidance", "always", *CLI_ARGS], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(read_lines(out)) == 2
-    bad = subprocess.run([sys.executable, "-m", "sdharness.generate", "--problems", str(problems), "--out", str(out),
+    bad = subprocess.run([sys.executable, "-m", "sdharness.tools.generate", "--problems", str(problems), "--out", str(out),
                           "--model", "nope"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "tiny_random" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -337,10 +337,10 @@ def test_training_step_with_guidance_runs_and_logs_the_guided_fraction(overrides
 
 def test_plain_rows_of_on_failure_stay_plain(monkeypatch):
     """Problems the student solves keep their plain sample; only the others are guided."""
-    import sdharness.guided as guided
+    import sdharness.rollout.guided as guided
 
     calls = []
-    monkeypatch.setattr(guided, "_check", lambda texts, problems, marker: [i % 2 == 1 for i in range(len(texts))])
+    monkeypatch.setattr(guided, "answer_checks", lambda texts, problems, marker: [i % 2 == 1 for i in range(len(texts))])
     original = guided.guided_generate
     monkeypatch.setattr(guided, "guided_generate", lambda *a, **k: calls.append(a[2].shape[0]) or original(*a, **k))
     _, batch, _, metrics = sd_step(["rollout.guidance=on_failure"])

@@ -18,11 +18,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 pytest.importorskip("lm_eval")
 
-from sdharness import lmeval, lmeval_tasks  # noqa: E402
+from sdharness.eval import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig, PromptConfig  # noqa: E402
-from sdharness.data import read_jsonl  # noqa: E402
+from sdharness.data.datamodule import read_jsonl  # noqa: E402
 from sdharness.models import load_model_and_tokenizer, save_for_inference  # noqa: E402
-from sdharness.tasks import extract_answer, is_correct  # noqa: E402
+from sdharness.data.tasks import extract_answer, is_correct  # noqa: E402
 from tests.conftest import oracle_lm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_written_task_files_verify(tmp_path):
         rows = read_jsonl(data_file, required=("problem", "solution", "answer"))
         assert len(rows) == 12 and len({row["problem"] for row in rows}) == 12
         assert all(is_correct(row["solution"], row["answer"]) for row in rows)
-        # The YAML's regex reads what sdharness.tasks.extract_answer reads.
+        # The YAML's regex reads what sdharness.data.tasks.extract_answer reads.
         pattern = config["filter_list"][0]["filter"][0]["regex_pattern"]
         assert all(re.findall(pattern, row["solution"])[0] == extract_answer(row["solution"]) for row in rows)
 
@@ -109,7 +109,7 @@ def test_lm_eval_runs_local_tasks_offline_on_tiny_model(tiny, tmp_path, monkeypa
 def test_chat_template_and_run_prompt_are_used(tiny, tmp_path):
     model, _ = tiny
     from sdharness.models import char_tokenizer
-    from sdharness.prompts import encode_prompt
+    from sdharness.data.prompts import encode_prompt
 
     tokenizer = char_tokenizer()
     tokenizer.padding_side = "left"

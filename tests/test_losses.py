@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdharness.aggregation import AGGREGATIONS, aggregate
-from sdharness.losses import (
+from sdharness.distill.aggregation import AGGREGATIONS, aggregate
+from sdharness.distill.losses import (
     DIVERGENCES,
     distillation_loss,
     divergence,
@@ -404,7 +404,7 @@ def test_masked_token_mean_gradient_only_reaches_selected_positions():
 
 
 def test_lazy_teacher_logits_give_the_same_loss_and_gradient():
-    from sdharness.logits import LazyLogits
+    from sdharness.distill.logits import LazyLogits
 
     g = torch.Generator().manual_seed(50)
     hidden = torch.randn(2, 5, 6, generator=g, dtype=F64)
@@ -506,8 +506,8 @@ def test_monitoring_kl_off_with_an_empty_mask():
 def test_lazy_teacher_in_blocks_matches_reference(monkeypatch, aggregation, divergence_name, mask_kind):
     """Consecutive loss positions are read as views (the gradient written in place), the teacher is
     projected in blocks of several chunks into one reused buffer; none of it changes the result."""
-    from sdharness import losses
-    from sdharness.logits import LazyLogits
+    from sdharness.distill import losses
+    from sdharness.distill.logits import LazyLogits
 
     monkeypatch.setattr(losses, "TEACHER_BLOCK_ROWS", 4)
     g = torch.Generator().manual_seed(72)
@@ -557,7 +557,7 @@ def test_consecutive_rows_with_half_precision_student_gradient():
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_lazy_logits_rows_into_a_buffer_equal_the_head(softcap):
-    from sdharness.logits import LazyLogits
+    from sdharness.distill.logits import LazyLogits
 
     g = torch.Generator().manual_seed(76)
     hidden = torch.randn(2, 4, 6, generator=g)

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from sdharness.report import main
+from sdharness.report.build import main
 from tests.test_report import fake_run, sweep  # noqa: F401 (fixture)
 
 
@@ -129,9 +129,9 @@ def test_publish_needs_a_wandb_group_and_reports_a_failed_save(tmp_path, monkeyp
 
 
 def test_the_local_report_imports_neither_the_publisher_nor_wandb(sweep, tmp_path):  # noqa: F811
-    code = ("import sys; from sdharness.report import main; main([sys.argv[1], '--out', sys.argv[2]]); "
+    code = ("import sys; from sdharness.report.build import main; main([sys.argv[1], '--out', sys.argv[2]]); "
             "loaded = [m for m in sys.modules if m.split('.')[0] in ('wandb', 'wandb_workspaces', 'requests')]; "
-            "assert not loaded and 'sdharness.publish' not in sys.modules, loaded")
+            "assert not loaded and 'sdharness.report.publish' not in sys.modules, loaded")
     result = subprocess.run([sys.executable, "-c", code, str(sweep), str(tmp_path / "out")], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -142,8 +142,9 @@ def test_the_real_package_accepts_what_publish_builds(sweep, tmp_path):  # noqa:
     wr = pytest.importorskip("wandb_workspaces.reports.v2")
     from wandb_workspaces.expr import expr_to_filters, groupby_str_to_key
 
-    from sdharness.publish import build
-    from sdharness.report import build_report, find_runs
+    from sdharness.report.publish import build
+    from sdharness.report.build import build_report
+    from sdharness.report.runs import find_runs
 
     result = build_report(find_runs(sweep), tmp_path / "out", plots=False, title="multirun/x")
     report = build(wr, result, group="g", project="sdharness", entity="team")

@@ -12,9 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from sdharness.jobs import FAILED_FILE, read_failure, write_failure
-from sdharness.report import (SummaryCallback, build_report, find_runs, main, mean_curve, summarize,
-                              tokens_to_target, trained)
-from sdharness.runs import bootstrapped_data
+from sdharness.report.build import SummaryCallback, build_report, main
+from sdharness.report.curves import mean_curve, summarize, tokens_to_target, trained
+from sdharness.report.runs import bootstrapped_data, find_runs
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parent.parent

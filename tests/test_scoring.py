@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from sdharness.config import ModelConfig
-from sdharness.logits import completion_logits
-from sdharness.losses import distillation_loss
+from sdharness.distill.logits import completion_logits
+from sdharness.distill.losses import distillation_loss
 from sdharness.models import load_model_and_tokenizer
-from sdharness.positions import loss_positions
-from sdharness.prompts import left_pad
-from sdharness.rollout import completion_mask, eos_token_ids, generate
+from sdharness.distill.positions import loss_positions
+from sdharness.data.prompts import left_pad
+from sdharness.rollout.hf import completion_mask, eos_token_ids, generate
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_student_gets_gradient_and_teacher_pass_does_not(tiny):
 
 
 def test_hidden_states_through_the_head_equal_completion_logits(tiny):
-    from sdharness.logits import completion_hidden
+    from sdharness.distill.logits import completion_hidden
 
     model, tok = tiny
     p_ids, p_mask = left_pad([[1, 10, 11], [1, 30, 31, 32, 33]], tok.pad_token_id)

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from sdharness.tasks import (answer_span_start, arithmetic_problem, arithmetic_split, extract_answer,
+from sdharness.data.tasks import (answer_span_start, arithmetic_problem, arithmetic_split, extract_answer,
                              is_correct, is_early_answer)
 
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.models import char_tokenizer, load_model_and_tokenizer, resolve_path
-from sdharness.pretrain import (
+from sdharness.tools.pretrain import (
     REPORT_NAME,
     MixConfig,
     build_examples,
@@ -135,7 +135,7 @@ def test_split_counts_sum_exactly():
 
 def _pretrain_command() -> list[str]:
     script = Path(sys.executable).with_name("sdharness-pretrain")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "sdharness.pretrain"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sdharness.tools.pretrain"]
 
 
 @pytest.mark.reproduce

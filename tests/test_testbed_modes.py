@@ -22,15 +22,15 @@ import pytest
 import torch
 
 from sdharness.config import PromptConfig, to_train_config
-from sdharness.data import ProblemDataModule
-from sdharness.generate import _named_config
-from sdharness.guided import guided_generate
-from sdharness.logits import completion_logits
+from sdharness.data.datamodule import ProblemDataModule
+from sdharness.tools.generate import named_config
+from sdharness.rollout.guided import guided_generate
+from sdharness.distill.logits import completion_logits
 from sdharness.models import load_model_and_tokenizer, resolve_path
-from sdharness.pretrain import eval_problems
-from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher
-from sdharness.rollout import generate
-from sdharness.tasks import is_correct
+from sdharness.tools.pretrain import eval_problems
+from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher
+from sdharness.rollout.hf import generate
+from sdharness.data.tasks import is_correct
 from tests.conftest import TESTBED, compose_config
 
 MAX_NEW_TOKENS = 96  # the testbed experiments' rollout.max_new_tokens and eval.max_new_tokens
@@ -50,7 +50,7 @@ def testbed():
     torch.set_num_threads(1)
     model, tokenizer = load_model_and_tokenizer(TESTBED)
     model.eval()
-    return model, tokenizer, PromptConfig(**_named_config("prompt", "testbed"))
+    return model, tokenizer, PromptConfig(**named_config("prompt", "testbed"))
 
 
 def correct(texts: list[str], problems: list[dict]) -> int:
@@ -95,7 +95,7 @@ def test_guided_sampling_solves_hard_problems_the_student_fails(testbed):
 
 def _cli() -> list[str]:
     script = Path(sys.executable).with_name("sdharness-generate")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "sdharness.generate"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sdharness.tools.generate"]
 
 
 @pytest.mark.slow
@@ -188,8 +188,8 @@ def test_chat_teacher_puts_more_probability_on_the_accepted_turn(testbed):
     pretraining distribution (it never saw a multi-turn chat): there the teacher scored the accepted
     turn lower (-89 vs -53 nats), so this checks the first turn; the generic
     ``System:/User:/Assistant:`` rendering gave the teacher higher on only 3 of 16."""
-    from sdharness.chatlog import encode_chat, encode_completion, read_chats
-    from sdharness.prompts import right_pad
+    from sdharness.data.chatlog import encode_chat, encode_completion, read_chats
+    from sdharness.data.prompts import right_pad
 
     model, tokenizer, _ = testbed
     cfg = to_train_config(compose_config(["model=testbed", "prompt=testbed", "data=chatlog"]))

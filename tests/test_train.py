@@ -85,7 +85,7 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path):
 
 
 def test_monitoring_kl_is_computed_on_the_logged_steps_only(tmp_path, monkeypatch):
-    import sdharness.module as module_file
+    import sdharness.methods.self_distill as module_file
 
     asked = []
     loss = module_file.distillation_loss
@@ -104,7 +104,7 @@ def test_monitoring_kl_is_computed_on_the_logged_steps_only(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("floor", [0.0, 0.1])
 def test_lr_schedules_warm_up_then_decay_to_their_floor(floor):
-    from sdharness.module import lr_lambda
+    from sdharness.methods.schedule import lr_lambda
 
     def factor(step, schedule):
         return lr_lambda(step, warmup_steps=2, total_steps=10, schedule=schedule, min_lr_ratio=floor)

@@ -1,4 +1,4 @@
-"""The vLLM rollout backend (sdharness/vllm_rollout.py).
+"""The vLLM rollout backend (sdharness/rollout/vllm.py).
 
 vLLM needs CUDA, so CI checks the glue against a fake ``vllm`` module whose engine runs the saved
 HF weights with transformers: prompts arrive without padding, outputs become exactly the
@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from conftest import TINY, compose_config
 from sdharness.config import ConfigError, ModelConfig, RolloutConfig, to_train_config
 from sdharness.models import char_llama_config, char_tokenizer, load_model_and_tokenizer
-from sdharness.rollout import completion_mask, eos_token_ids, generate
-from sdharness.vllm_rollout import MISSING_VLLM, NO_CUDA, VLLMRollout, hf_state_dict, prompt_token_lists
+from sdharness.rollout.hf import completion_mask, eos_token_ids, generate
+from sdharness.rollout.vllm import MISSING_VLLM, NO_CUDA, VLLMRollout, hf_state_dict, prompt_token_lists
 
 PROMPTS = ["12+7=", "hello", "The answer is 4"]
 
@@ -288,7 +288,7 @@ def test_wrapped_models_give_hf_names(tiny):
 @pytest.mark.gpu
 def test_vllm_greedy_matches_hf_and_follows_synced_weights():
     pytest.importorskip("vllm", reason="needs the vllm extra: pip install 'sdharness[vllm]'")
-    from sdharness.logits import completion_logits
+    from sdharness.distill.logits import completion_logits
 
     tokenizer = char_tokenizer()
     tokenizer.padding_side = "left"

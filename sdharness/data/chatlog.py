@@ -1,0 +1,304 @@
+"""Logged chats -> self-distillation with no new generation (``data=chatlog``).
+
+Input: JSONL, one conversation per line in the OpenAI messages format::
+
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...], "answer": "42"}
+
+The last assistant message is the answer the user accepted. Every earlier assistant turn (or
+only the first, ``data.turns=first``; the final turn too with ``data.include_final=true``) is
+one training example: the student context is the conversation before that turn, the teacher
+context is the same conversation with the accepted answer as a hint (``prompt.chat_hint``, a
+system message placed first), and the already-written assistant turn is ``g``. The loss is the
+self-distillation loss on ``g``; nothing is generated, so ``train/generated_tokens`` stays 0 and
+a step costs two scoring passes, about what an SFT step costs. ``answer`` is optional; when
+present, quick eval greedily answers each held-out conversation's first user turn and checks it.
+
+Validation: a conversation that ends with a non-assistant message, has no assistant turn, uses
+a role other than system/user/assistant, or (checked after tokenizing, in
+:class:`sdharness.data.datamodule.ProblemDataModule`) does not fit the model context is skipped and
+counted by reason, or with ``data.strict=true`` rejected with file:line. Malformed lines (not
+UTF-8, not JSON, not an object with a ``messages`` list of ``{"role", "content"}`` objects) are
+always errors.
+
+A synthetic set (multi-turn refinements of arithmetic problems: wrong attempts, the user says
+so, then a correct worked solution) ships in ``sdharness/assets/chatlog``; regenerate it with::
+
+    python -m sdharness.data.chatlog write sdharness/assets/chatlog/arithmetic_chats.jsonl \\
+        --seed 0 --size 300 --difficulty easy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from sdharness.config import PromptConfig
+from sdharness.data.jsonl import DataError, json_objects
+from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_problem
+
+ROLES = ("system", "user", "assistant")
+TURNS = ("all", "first")
+# Skip reasons (the keys of the ``skipped`` counters).
+NO_ASSISTANT = "no assistant turn"
+UNKNOWN_ROLE = "unknown role"
+EXCEEDS_CONTEXT = "exceeds context"
+_FIXES = {
+    NO_ASSISTANT: "a conversation needs at least one assistant turn (the last one is the accepted answer)",
+    UNKNOWN_ROLE: "roles must be system, user or assistant",
+}
+
+
+
+
+def _content(value, where: str) -> str:
+    """A message's text: a string, or OpenAI content parts of type ``text`` joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                       and isinstance(part.get("text"), str) for part in value):
+        return "".join(part["text"] for part in value)
+    raise DataError(f"{where}: content must be a string (or a list of text parts), got {type(value).__name__}")
+
+
+def unusable_reason(messages: list[dict]) -> str | None:
+    """The reason a well-formed conversation cannot be used, or None when it can."""
+    roles = [message["role"] for message in messages]
+    unknown = sorted({role for role in roles if role not in ROLES})
+    if unknown:
+        return UNKNOWN_ROLE
+    if "assistant" not in roles:
+        return NO_ASSISTANT
+    if roles[-1] != "assistant":
+        return f"ends with a {roles[-1]} message"
+    return None
+
+
+def read_chats(path: str | Path, *, strict: bool = False) -> tuple[list[dict], Counter]:
+    """``(conversations, skipped)``: the usable conversations of a JSONL chat log and the count
+    of skipped ones by reason. Each conversation is its row (``messages`` with string contents,
+    ``answer`` as a string when present) plus ``path`` and ``line``."""
+    conversations, skipped = [], Counter()
+    path = Path(path)
+    for number, row in json_objects(path):
+        where = f"{path}:{number}"
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field messages missing or not a non-empty list; every line needs "
+                              '{"messages": [{"role": ..., "content": ...}, ...]}')
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+                raise DataError(f"{where}: messages[{index}] must be an object with role and content")
+        reason = unusable_reason(messages)
+        if reason is not None:
+            if strict:
+                fix = _FIXES.get(reason, "the last message must be the accepted assistant answer")
+                raise DataError(f"{where}: unusable conversation ({reason}); {fix} (or set data.strict=false "
+                                  "to skip and count such conversations)")
+            skipped[reason] += 1
+            continue
+        for index, message in enumerate(messages):  # roles are known now (tool calls were skipped)
+            message["content"] = _content(message["content"], f"{where}: messages[{index}]")
+        if "answer" in row:
+            row["answer"] = str(row["answer"])
+        conversations.append({**row, "path": str(path), "line": number})
+    if not conversations and not skipped:
+        raise DataError(f"{path}: no rows; the file is empty or holds only blank lines. Write one conversation "
+                        'per line: {"messages": [{"role": ..., "content": ...}, ...]}')
+    return conversations, skipped
+
+
+def _example(conversation: dict, index: int) -> dict:
+    messages = conversation["messages"]
+    final = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    users = [message["content"] for message in messages[:index] if message["role"] == "user"]
+    example = {"context": messages[:index], "completion": messages[index]["content"],
+               "accepted": messages[final]["content"], "problem": users[-1] if users else "",
+               "path": conversation.get("path"), "line": conversation.get("line"), "turn": index}
+    if "answer" in conversation:
+        example["answer"] = conversation["answer"]
+    return example
+
+
+def chat_examples(conversations: list[dict], *, turns: str = "all", include_final: bool = False) -> list[dict]:
+    """One example per selected assistant turn: ``{"context", "completion", "accepted", ...}``.
+
+    ``turns``: ``all`` earlier (non-final) assistant turns, or only the ``first`` of them;
+    ``include_final`` adds the accepted turn itself.
+    """
+    if turns not in TURNS:
+        raise ValueError(f"data.turns={turns!r} is unknown; choose one of: {', '.join(TURNS)}")
+    examples = []
+    for conversation in conversations:
+        assistant = [i for i, message in enumerate(conversation["messages"]) if message["role"] == "assistant"]
+        selected = assistant[:-1] if turns == "all" else assistant[:-1][:1]
+        if include_final:
+            selected.append(assistant[-1])
+        examples += [_example(conversation, index) for index in selected]
+    return examples
+
+
+def first_turn_examples(conversations: list[dict]) -> list[dict]:
+    """The first assistant turn of each conversation (held-out eval: answer the first question)."""
+    return [_example(conversation, next(i for i, m in enumerate(conversation["messages"]) if m["role"] == "assistant"))
+            for conversation in conversations]
+
+
+def load_chats(cfg) -> tuple[list[dict], list[dict], Counter]:
+    """``(train examples, eval examples, skipped)`` for a ``data=chatlog`` config. Without
+    ``data.eval_path``, ``data.eval_size`` conversations are held out (as for ``data=jsonl``);
+    eval examples are each held-out conversation's first assistant turn."""
+    from sdharness.models import resolve_path
+
+    conversations, skipped = read_chats(resolve_path(cfg.path, "data.path"), strict=cfg.strict)
+    if cfg.eval_path:
+        held_out, more = read_chats(resolve_path(cfg.eval_path, "data.eval_path"), strict=cfg.strict)
+        skipped.update(more)
+        train = conversations
+    else:
+        shuffled = conversations[:]
+        random.Random(cfg.seed).shuffle(shuffled)
+        count = max(0, min(cfg.eval_size, len(shuffled) - 1))
+        train, held_out = shuffled[count:], shuffled[:count]
+    if not train:
+        raise DataError(f"data.path={cfg.path}: no usable conversation (skipped: {dict(skipped) or 'none'}); "
+                          "each needs an assistant turn, ends with one, and uses only system/user/assistant")
+    return chat_examples(train, turns=cfg.turns, include_final=cfg.include_final), first_turn_examples(held_out), skipped
+
+
+def _with_hint(prompt_cfg: PromptConfig, messages: list[dict], hint: str | None) -> list[dict]:
+    messages = [dict(message) for message in messages]
+    if prompt_cfg.system and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": prompt_cfg.system})
+    if hint is None:
+        return messages
+    text = prompt_cfg.chat_hint.format(accepted=hint)
+    if prompt_cfg.chat_hint_position == "last":  # the last message before the turn is a user message
+        messages[-1]["content"] += "\n" + text
+    elif messages and messages[0]["role"] == "system":  # one system message: some templates allow no second
+        messages[0]["content"] = text + "\n\n" + messages[0]["content"]
+    else:
+        messages.insert(0, {"role": "system", "content": text})
+    return messages
+
+
+def _assistant_prefix(prompt_cfg: PromptConfig) -> tuple[str, str]:
+    """The plain rendering's assistant prefix split where the context ends: a trailing space
+    belongs to the turn (BPE vocabularies join it to the next word)."""
+    prefix = prompt_cfg.chat_roles["assistant"]
+    head = prefix.rstrip(" ")
+    return head, prefix[len(head):]
+
+
+def encode_chat(prompt_cfg: PromptConfig, tokenizer, messages: list[dict], hint: str | None = None) -> list[int]:
+    """Token ids of a conversation prefix, ending where the next assistant turn starts.
+
+    With the tokenizer's chat template (``uses_chat_template``) the generation prompt is added;
+    otherwise each message is ``<prompt.chat_roles[role]><content>\n`` and the context ends with
+    the assistant prefix. ``hint`` (the accepted answer), rendered with ``prompt.chat_hint``, goes
+    in as a system message placed first (a conversation's own system message follows it in the
+    same message) or, with ``prompt.chat_hint_position=last``, at the end of the last user message.
+    """
+    from sdharness.data.prompts import uses_chat_template
+
+    messages = _with_hint(prompt_cfg, messages, hint)
+    if uses_chat_template(prompt_cfg, tokenizer):
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    roles = prompt_cfg.chat_roles
+    plain = "".join(f"{roles[m['role']]}{m['content']}\n" for m in messages) + _assistant_prefix(prompt_cfg)[0]
+    return tokenizer(plain, add_special_tokens=True)["input_ids"]
+
+
+def encode_completion(prompt_cfg: PromptConfig, tokenizer, content: str) -> list[int]:
+    """Token ids of a logged assistant turn plus EOS (in the plain rendering, after what is left
+    of the assistant prefix, as earlier turns have it in the context)."""
+    from sdharness.data.prompts import uses_chat_template
+
+    text = content if uses_chat_template(prompt_cfg, tokenizer) else _assistant_prefix(prompt_cfg)[1] + content
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+# --- synthetic chat logs --------------------------------------------------------------------
+
+_STEP = re.compile(r"^(-?\d+) ([-+*]) (-?\d+) = (-?\d+)$")
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_ASK = ["{problem}", "Can you solve this? {problem}", "Please work this out step by step: {problem}",
+        "Quick one: {problem}"]
+_OBJECT = ["That's not right. Please check your steps.", "Hmm, I don't think that's correct. Try again?",
+           "That answer is wrong. Can you redo it carefully?", "I checked and got something else. Please recheck.",
+           "No, one of the steps is off. Please try again."]
+
+
+def _steps(solution: str) -> list[tuple[str, int]]:
+    """``(symbol, operand)`` of each step of a native worked solution."""
+    lines = [_STEP.match(line) for line in solution.splitlines()[:-1]]
+    return [(match.group(2), int(match.group(3))) for match in lines]
+
+
+def _worked(start: int, steps: list[tuple[str, int]], slip: tuple[int, int] | None = None) -> tuple[str, int]:
+    """A worked solution from ``start``; ``slip=(step, delta)`` gets that step's result wrong by
+    ``delta`` and carries the error through the later steps."""
+    value, lines = start, []
+    for index, (symbol, operand) in enumerate(steps):
+        result = _APPLY[symbol](value, operand) + (slip[1] if slip and slip[0] == index else 0)
+        lines.append(f"{value} {symbol} {operand} = {result}")
+        value = result
+    return "\n".join(lines + [f"{ANSWER_MARKER} {value}."]), value
+
+
+def synthetic_chat(rng: random.Random, steps: int) -> dict:
+    """One conversation: the user asks an arithmetic problem, the assistant answers wrongly
+    (a wrong step, carried through), the user objects, and so on; the last answer is right."""
+    item = arithmetic_problem(rng, steps)
+    start = int(re.match(r"Start with (-?\d+)\.", item["problem"]).group(1))
+    ops = _steps(item["solution"])
+    messages = [{"role": "user", "content": rng.choice(_ASK).format(problem=item["problem"])}]
+    wrong_answers = set()
+    for _ in range(2 if rng.random() < 0.3 else 1):
+        for _ in range(100):
+            slip = (rng.randrange(len(ops)), rng.choice([-1, 1]) * rng.randint(1, 10))
+            text, value = _worked(start, ops, slip)
+            if str(value) != item["answer"] and value not in wrong_answers:
+                break
+        wrong_answers.add(value)
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": rng.choice(_OBJECT)}]
+    messages.append({"role": "assistant", "content": item["solution"]})
+    return {"messages": messages, "answer": item["answer"]}
+
+
+def synthetic_chats(seed: int, size: int, difficulty: str = "easy") -> list[dict]:
+    """``size`` conversations with distinct problems, drawn deterministically from ``seed``."""
+    if difficulty not in DIFFICULTY_STEPS:
+        raise ValueError(f"difficulty={difficulty!r} is unknown; choose one of: {', '.join(DIFFICULTY_STEPS)}")
+    rng, seen, chats = random.Random(seed), set(), []
+    for _ in range(size * 100):
+        if len(chats) == size:
+            break
+        chat = synthetic_chat(rng, DIFFICULTY_STEPS[difficulty])
+        if chat["messages"][0]["content"] not in seen:
+            seen.add(chat["messages"][0]["content"])
+            chats.append(chat)
+    return chats
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sdharness.data.chatlog", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write", help="write a synthetic chat log (JSONL)")
+    write.add_argument("out", type=Path)
+    write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--size", type=int, default=300)
+    write.add_argument("--difficulty", default="easy", choices=list(DIFFICULTY_STEPS))
+    args = parser.parse_args(argv)
+    chats = synthetic_chats(args.seed, args.size, args.difficulty)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(json.dumps(chat) + "\n" for chat in chats), encoding="utf-8")
+    print(f"wrote {len(chats)} conversations to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Quick eval: greedy accuracy on the held-out split with the student prompt.
+
+Besides accuracy it reports the early-answer rate (the final answer appears before the step
+that derives it) and the mean completion length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+
+from sdharness.scale.checkpoints import is_final_step
+from sdharness.config import EvalConfig
+from sdharness.rollout.hf import generate
+from sdharness.data.tasks import is_correct, is_early_answer
+
+
+def leaked(text: str, phrases: list[str]) -> bool:
+    """True when ``text`` contains wording only the teacher prompt has (case-insensitive)."""
+    lowered = text.lower()
+    return any(phrase.lower() in lowered for phrase in phrases)
+
+
+def completion_metrics(texts: list[str], problems: list[dict], answer_marker: str,
+                       leak_phrases: list[str] = ()) -> dict[str, float]:
+    """Accuracy and early-answer rate against the problems' answers, and the leakage rate."""
+    metrics = {"leakage_rate": sum(leaked(t, leak_phrases) for t in texts) / len(texts)} if texts else {}
+    checked = [(text, problem["answer"]) for text, problem in zip(texts, problems) if problem.get("answer")]
+    if checked:
+        metrics["accuracy"] = sum(is_correct(text, answer, answer_marker) for text, answer in checked) / len(checked)
+        metrics["early_answer_rate"] = sum(is_early_answer(text, answer, answer_marker)
+                                           for text, answer in checked) / len(checked)
+    return metrics
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    early_answer_rate: float
+    leakage_rate: float
+    completion_length: float
+    size: int
+
+    def as_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/early_answer_rate": self.early_answer_rate,
+                f"{prefix}/leakage_rate": self.leakage_rate, f"{prefix}/completion_length": self.completion_length}
+
+
+def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str,
+                    leak_phrases: list[str] = (), synced: bool = False, rank: int = 0,
+                    world_size: int = 1) -> EvalResult:
+    """Greedy-decode every batch of student prompts and score the completions.
+
+    On several ranks each decodes every ``world_size``-th batch and the completions are gathered,
+    so every rank returns the same result for the whole set. ``synced`` (sharded weights): a rank
+    with one batch fewer decodes a stand-in batch, discarded, so that it keeps joining the
+    all-gathers of the others."""
+    batches = list(batches)
+    texts, problems, lengths = [], [], []
+    device = next(model.parameters()).device
+    rounds = math.ceil(len(batches) / world_size)
+    for index in range(rank, rounds * world_size if synced else len(batches), world_size):
+        batch = batches[index] if index < len(batches) else batches[0]
+        rollout = generate(model, tokenizer, batch.student_ids.to(device), batch.student_mask.to(device),
+                           max_new_tokens=max_new_tokens, greedy=True, synced=synced)
+        if index < len(batches):
+            texts += rollout.texts
+            problems += batch.problems
+            lengths += rollout.lengths.tolist()
+    texts, problems, lengths = (gathered_from_all_ranks(part, world_size) for part in (texts, problems, lengths))
+    metrics = completion_metrics(texts, problems, answer_marker, leak_phrases)
+    nan = float("nan")
+    return EvalResult(metrics.get("accuracy", nan), metrics.get("early_answer_rate", nan),
+                      metrics.get("leakage_rate", nan), sum(lengths) / len(lengths) if lengths else 0.0, len(texts))
+
+
+def gathered_from_all_ranks(items: list, world_size: int) -> list:
+    """Every rank's ``items``, concatenated in rank order, on every rank (a collective when
+    ``world_size`` > 1: every rank must call it)."""
+    if world_size == 1:
+        return items
+    parts = [None] * world_size
+    torch.distributed.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+class QuickEval(L.Callback):
+    """Runs :func:`evaluate_greedy` before training, every ``every_n_steps`` and at the final step."""
+
+    def __init__(self, eval_batches, cfg: EvalConfig, answer_marker: str, leak_phrases: list[str] = ()):
+        self.eval_batches, self.cfg = eval_batches, cfg
+        self.answer_marker, self.leak_phrases = answer_marker, list(leak_phrases)
+        self.history: list[tuple[int, EvalResult]] = []
+
+    def run(self, trainer: L.Trainer, module) -> EvalResult:
+        if self.history and self.history[-1][0] == trainer.global_step:
+            return self.history[-1][1]
+        module.clock.pause()  # evaluation time is not training time
+        result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
+                                 max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
+                                 leak_phrases=self.leak_phrases, synced=module.sharded,
+                                 rank=trainer.global_rank, world_size=trainer.world_size)
+        metrics = {**result.as_metrics(), **module.counters.as_metrics(), **self.lm_eval(module)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.history.append((trainer.global_step, result))
+        module.clock.restart()
+        return result
+
+    def lm_eval(self, module) -> dict[str, float]:
+        """``lmeval/<task>/<metric>`` for the configured lm-eval tasks (none by default)."""
+        if not self.cfg.tasks:
+            return {}
+        from sdharness.eval.lmeval import run_lm_eval
+
+        results = run_lm_eval(module.model, module.tokenizer, list(self.cfg.tasks), limit=self.cfg.lm_eval_limit,
+                              max_gen_toks=self.cfg.max_new_tokens, prompt=module.cfg.prompt,
+                              device=str(module.device), batch_size=self.cfg.batch_size)
+        return {f"lmeval/{task}/{metric}": value for task, metrics in results.items()
+                for metric, value in metrics.items() if "stderr" not in metric}
+
+    def on_train_start(self, trainer, module) -> None:
+        if self.cfg.at_start and trainer.global_step == 0:  # a resumed run evaluated its start already
+            self.run(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        every = self.cfg.every_n_steps
+        # The final eval runs inside the loop too, so the final checkpoint holds it.
+        if is_final_step(trainer) or (every and trainer.global_step % every == 0):
+            self.run(trainer, module)
+
+    def state_dict(self) -> dict:  # checkpointed, so a resumed run still reports its starting accuracy
+        return {"history": [(step, asdict(result)) for step, result in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [(step, EvalResult(**result)) for step, result in state["history"]]
+
+
+def print_summary(evals: list, counters, output_dir) -> dict[str, float]:
+    """Print before/after eval accuracy (``QuickEval.history``) and the run's cost; return the final metrics."""
+    labelled = [("before", *evals[0]), ("after", *evals[-1])] if evals[0][0] == 0 else [("after", *evals[-1])]
+    lines = [
+        f"{'':<14}{'step':>6}{'accuracy':>10}{'early_answer':>14}{'length':>8}",
+        *(f"{label:<14}{step:>6}{result.accuracy:>10.3f}{result.early_answer_rate:>14.3f}{result.completion_length:>8.1f}"
+          for label, step, result in labelled),
+        f"problems {counters.problems_seen}, generated tokens {counters.generated_tokens}, "
+        f"train seconds {counters.wall_seconds:.1f}, run dir {output_dir}",
+    ]
+    print("\n".join(lines), flush=True)
+    return evals[-1][1].as_metrics()

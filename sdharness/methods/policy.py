@@ -1,0 +1,254 @@
+"""The shared policy plumbing of every method.
+
+``PolicyModule`` owns what every method shares: the optimiser step (manual, so one batch may
+take several steps, as GRPO's inner epochs do), non-finite handling, cost counters, checkpointed
+state and metric logging. A method only implements ``losses(batch)``, a generator of
+``(loss, metrics)`` pairs, one per optimiser step (``self_distill.py``, ``sft.py``, ``grpo.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from sdharness.config import TrainConfig
+from sdharness.data.datamodule import PromptBatch
+from sdharness.eval.quick import completion_metrics, gathered_from_all_ranks
+from sdharness.methods.accounting import Counters, WallClock, rollout_cost
+from sdharness.methods.schedule import lr_lambda
+from sdharness.rollout.hf import Rollout, eos_token_ids, generate
+from sdharness.scale.resume import config_fingerprint, restore_rng, rng_state
+from sdharness.scale.sharding import is_sharded, local_part, shard_model
+
+log = logging.getLogger(__name__)
+
+
+class SkippedUpdatesError(RuntimeError):
+    pass
+
+
+class PolicyModule(L.LightningModule):
+    """Shared plumbing; subclasses implement ``losses(batch)``."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.counters = Counters()  # the run's totals, summed over ranks after every step
+        self.step_counts = Counters()  # this rank's work in the current step, not yet summed
+        self.clock = WallClock(self.counters)
+        self.skipped_in_a_row = 0
+        self.batches_in_epoch = 0  # data position, checkpointed so a resumed run skips what it trained on
+        self.rng_to_restore: dict | None = None
+        self.vllm = None  # rollout.backend=vllm: see vllm_engine()
+        self.weights_changed = False
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.eos_ids = eos_token_ids(model, tokenizer)
+
+    def losses(self, batch: PromptBatch) -> Iterator[tuple[torch.Tensor, dict]]:
+        raise NotImplementedError
+
+    def shadow_weights(self, attribute: str, mode: str, decay: float = 0.99) -> "ShadowWeights":
+        """Scoring-only weights of the policy (:class:`ShadowWeights`); a copy of its own, if the mode
+        makes one, is registered as ``attribute``, so it moves devices, is sharded and is checkpointed."""
+        shadow = ShadowWeights(self.model, mode, decay)
+        if shadow.copy is not None:
+            setattr(self, attribute, shadow.copy)
+        return shadow
+
+    @property
+    def sharded(self) -> bool:
+        """Weights sharded over ranks (FSDP): generation must keep ranks in step."""
+        return self.cfg.trainer.shards_weights and self._trainer is not None and self.trainer.world_size > 1
+
+    def configure_model(self) -> None:
+        """``trainer=fsdp``: shard the policy and any frozen/EMA copy in place with FSDP2
+        (sdharness/scale/sharding.py) once Lightning has set up the ranks' device mesh."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        param_dtype = torch.bfloat16 if self.cfg.trainer.precision == "bf16-mixed" else None
+        for model in self.children():  # the policy, and the teacher's or reference's own weights
+            shard_model(model, self.device_mesh["data_parallel"], param_dtype=param_dtype)
+
+    def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
+        sampling = self.cfg.rollout
+        if sampling.backend == "vllm":
+            return self.vllm_engine().generate(prompt_ids, prompt_mask)
+        return generate(self.model, self.tokenizer, prompt_ids, prompt_mask, max_new_tokens=sampling.max_new_tokens,
+                        temperature=sampling.temperature, top_p=sampling.top_p, progress=sampling.progress,
+                        synced=self.sharded)
+
+    def vllm_engine(self):
+        """The colocated vLLM engine (sdharness/rollout/vllm.py), started at the first rollout, once
+        Lightning has put the model on its GPU."""
+        if self.vllm is None:
+            from sdharness.rollout.vllm import VLLMRollout
+
+            self.vllm = VLLMRollout(self.model, self.tokenizer, self.cfg.rollout, seed=self.cfg.seed)
+        elif self.weights_changed:  # once per rollout, however many optimiser steps came before it
+            self.vllm.sync_weights(self.model)
+        self.weights_changed = False
+        return self.vllm
+
+    def on_fit_end(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
+
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        metrics: dict = {}
+        for loss, step_metrics in self.losses(batch):
+            metrics = {"train/loss": loss.detach(), **step_metrics}  # logged for skipped updates too
+            optimizer.zero_grad()
+            if torch.isfinite(loss):
+                self.manual_backward(loss)
+            if not self._all_finite(loss):
+                self._skip_update("a non-finite loss or gradient")
+                continue
+            # No rank had a token to learn from (e.g. every rollout ended at once): AdamW would still
+            # move the weights on its momentum alone, so no update.
+            if self.trainer.strategy.reduce_boolean_decision(metrics.get("train/loss_tokens", 1) == 0, all=True):
+                self._skip_update("no loss tokens")
+                continue
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val,
+                                gradient_clip_algorithm="norm")
+            optimizer.step()
+            schedule.step()
+            self.skipped_in_a_row = 0
+            self.after_optimizer_step()
+            self.weights_changed = True
+        self.batches_in_epoch += 1
+        self._sum_step_counts()
+        if metrics:
+            self.log_dict(metrics, batch_size=len(batch), sync_dist=True)  # mean over ranks
+            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(batch))
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Loss and every gradient finite, agreed across ranks (sharded strategies see parts)."""
+        finite = bool(torch.isfinite(loss)) and all(
+            bool(torch.isfinite(local_part(p.grad)).all()) for p in self.model.parameters() if p.grad is not None)
+        return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+    def _skip_update(self, reason: str) -> None:
+        self.skipped_in_a_row += 1
+        self.counters.skipped_steps += 1
+        limit = self.cfg.trainer.max_consecutive_skipped
+        log.warning("step %d: %s; update skipped (%d in a row, limit %d)", self.global_step, reason,
+                    self.skipped_in_a_row, limit)
+        if self.skipped_in_a_row >= limit:
+            raise SkippedUpdatesError(
+                f"{self.skipped_in_a_row} consecutive updates were skipped (the last for {reason}); stopping. The "
+                "last good checkpoint is kept; lower optim.lr or check the data and rollouts (are completions "
+                "empty?), then resume with ckpt_path=last")
+
+    def count(self, **work) -> None:
+        """Record this rank's work in the step (see ``Counters.add``); summed over ranks at step end."""
+        self.step_counts.add(parameters=self.parameter_count, **work)
+
+    def _sum_step_counts(self) -> None:
+        values = torch.tensor(self.step_counts.summed(), dtype=torch.float64, device=self.device)
+        self.counters.add_summed(self.trainer.strategy.reduce(values, reduce_op="sum").tolist())
+        self.step_counts = Counters()
+
+    def after_optimizer_step(self) -> None:
+        """Hook for state that follows the weights (e.g. an EMA teacher)."""
+
+    def on_train_epoch_start(self) -> None:
+        self.batches_in_epoch = 0  # not called when resuming mid-epoch (Lightning skips it)
+
+    def on_train_start(self) -> None:
+        if self.rng_to_restore is not None:  # last, after the start-of-training hooks, as in the original run
+            restore_rng(self.rng_to_restore)
+            self.rng_to_restore = None
+        self.clock.restart()
+        skipped = getattr(getattr(self.trainer, "datamodule", None), "skipped", None)
+        if skipped:  # data the run could not use, by reason (also logged as warnings at setup)
+            metrics = {f"data/skipped_{reason.replace(' ', '_')}": float(n) for reason, n in skipped.items()}
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"data/skipped": float(sum(skipped.values())), **metrics}, step=self.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.clock.tick()
+        self.log_dict(self.counters.as_metrics(), batch_size=len(batch))
+
+    def configure_optimizers(self):
+        optim = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
+            step, warmup_steps=optim.warmup_steps, total_steps=self.cfg.trainer.max_steps, schedule=optim.schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sdharness_counters"] = self.counters.state_dict()
+        checkpoint["sdharness_state"] = {
+            "data_position": (self.current_epoch, self.batches_in_epoch), "rng": self._rng_states_of_all_ranks(),
+            "skipped_in_a_row": self.skipped_in_a_row}
+        checkpoint["sdharness_config"] = config_fingerprint(self.cfg)
+        # A resumed run continues the same W&B run rather than starting a second one.
+        checkpoint["sdharness_wandb_id"] = next(
+            (logger.version for logger in self.loggers if isinstance(logger, WandbLogger)), None)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.counters.load_state_dict(checkpoint.get("sdharness_counters", {}))
+        state = checkpoint.get("sdharness_state")
+        if state:
+            epoch, self.batches_in_epoch = state["data_position"]
+            self.skipped_in_a_row = state["skipped_in_a_row"]
+            self.rng_to_restore = self._this_ranks_rng_state(state["rng"])
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is not None:
+                datamodule.resume_position = (epoch, self.batches_in_epoch)
+
+    def _rng_states_of_all_ranks(self) -> list[dict]:
+        """Every rank's RNG state: each rank samples its own rollouts, so each resumes its own
+        stream (only rank 0 writes the checkpoint; every rank runs this hook)."""
+        return gathered_from_all_ranks([rng_state()], self.trainer.world_size if self._trainer is not None else 1)
+
+    def _this_ranks_rng_state(self, states: list[dict]) -> dict:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if self._trainer is not None and len(states) != self.trainer.world_size:
+            log.warning("resuming on %d ranks from a checkpoint written by %d: rollouts will not repeat the "
+                        "uninterrupted run's samples", self.trainer.world_size, len(states))
+        return states[rank % len(states)]
+
+    def rollout_metrics(self, rollout: Rollout, problems: list[dict]) -> dict[str, float]:
+        metrics = {f"train/rollout_{k}": v for k, v in completion_metrics(
+            rollout.texts, problems, self.cfg.data.answer_marker, self.cfg.prompt.leak_phrases).items()}
+        metrics["train/completion_length"] = rollout.lengths.float().mean().item()
+        return metrics
+
+    def count_rollout(self, prompt_mask: torch.Tensor, rollout: Rollout) -> int:
+        """Record a plain rollout's cost; returns its forward-only tokens (prefill + decoding)."""
+        cost = rollout_cost(prompt_mask, rollout)
+        self.count(**cost)
+        return cost["generated"]
+
+
+class ShadowWeights:
+    """Weights that only score, never train: the live model, a frozen copy of the initial
+    weights, or an exponential moving average of the live model."""
+
+    def __init__(self, live: torch.nn.Module, mode: str, decay: float = 0.99):
+        self.mode, self.decay, self.live = mode, decay, live
+        self.copy = None
+        if mode in ("initial", "ema"):
+            self.copy = copy.deepcopy(live).eval().requires_grad_(False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.live if self.copy is None else self.copy
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.mode == "ema":
+            if is_sharded(self.copy):  # update the shards: FSDP2 keeps the root gathered after a no-grad forward
+                self.copy.reshard()
+            for shadow, live in zip(self.copy.parameters(), self.live.parameters()):
+                local_part(shadow).lerp_(local_part(live).detach().to(shadow.dtype), 1.0 - self.decay)

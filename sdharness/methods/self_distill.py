@@ -1,0 +1,73 @@
+"""Privileged on-policy self-distillation: rollout -> teacher logits (no grad) -> student logits
+-> aggregate -> loss, on the shared plumbing of :class:`sdharness.methods.policy.PolicyModule`."""
+
+from __future__ import annotations
+
+import torch
+
+from sdharness.config import TrainConfig
+from sdharness.data.datamodule import PromptBatch
+from sdharness.distill.logits import completion_hidden, completion_logits
+from sdharness.distill.losses import distillation_loss
+from sdharness.distill.positions import loss_positions
+from sdharness.methods.accounting import rollout_cost
+from sdharness.methods.policy import PolicyModule
+from sdharness.rollout.guided import guided_rollout, guided_token_weights
+from sdharness.rollout.hf import Rollout
+
+
+class SelfDistillModule(PolicyModule):
+    """Privileged on-policy self-distillation."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig):
+        super().__init__(model, tokenizer, cfg)
+        self.teacher = self.shadow_weights("teacher_model", cfg.teacher.weights, cfg.teacher.ema_decay)
+        self.logged = cfg.data.name == "chatlog"  # g is the logged assistant turn: nothing is generated
+
+    def logged_completions(self, batch: PromptBatch) -> Rollout:
+        """The batch's logged completions (``solution_ids`` + EOS) as ``g``, for ``data=chatlog``."""
+        texts = self.tokenizer.batch_decode(batch.solution_ids, skip_special_tokens=True)
+        return Rollout(batch.solution_ids, batch.solution_mask, texts)
+
+    def losses(self, batch: PromptBatch):
+        rollout, guidance, cost = self.sample(batch)
+        g, g_mask = rollout.completion_ids, rollout.completion_mask
+        with torch.no_grad():
+            teacher_logits = completion_hidden(self.teacher.model, batch.teacher_ids, batch.teacher_mask, g, g_mask)
+        student_logits = completion_logits(self.model, batch.student_ids, batch.student_mask, g, g_mask)
+        mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
+                              answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
+        weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.rollout)  # None unless enabled
+        # The teacher-student KL is only for the log: computed on the steps Lightning writes out.
+        logging_step = self._trainer is None or self.trainer._logger_connector.should_update_logs
+        result = distillation_loss(student_logits, teacher_logits, mask, aggregation=self.cfg.aggregation.name,
+                                   tau=self.cfg.aggregation.tau, divergence_name=self.cfg.loss.divergence,
+                                   beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size, token_weights=weights,
+                                   monitor_kl=logging_step)
+        self._count(batch, rollout, cost)
+        kl = {} if result.teacher_student_kl is None else {"train/teacher_student_kl": result.teacher_student_kl}
+        yield result.loss, {"train/divergence_per_token": result.loss.detach(), **kl,
+                            "train/loss_tokens": float(result.tokens), **self.rollout_metrics(rollout, batch.problems),
+                            **guidance, **weight_metrics}
+
+    def sample(self, batch: PromptBatch) -> tuple[Rollout, dict, dict]:
+        """``(g, guidance metrics, the rollout's cost)`` for this batch."""
+        if self.logged:  # sdharness/data/chatlog.py: distil logged turns, nothing generated
+            return self.logged_completions(batch), {}, {}
+        if self.cfg.rollout.guidance == "never":
+            rollout = self.rollout(batch.student_ids, batch.student_mask)
+            return rollout, {}, rollout_cost(batch.student_mask, rollout)
+        # Guided sampling (sdharness/rollout/guided.py): not strictly on-policy.
+        return guided_rollout(batch, self.cfg.rollout, self.cfg.aggregation, self.cfg.data.answer_marker,
+                              model=self.model, teacher_model=self.teacher.model, tokenizer=self.tokenizer,
+                              sample_plain=lambda: self.rollout(batch.student_ids, batch.student_mask))
+
+    def _count(self, batch: PromptBatch, rollout: Rollout, sampling_cost: dict) -> None:
+        # Logged completions cost no rollout: generated_tokens stays 0, only the two scoring passes count.
+        g_tokens = int(rollout.lengths.sum())
+        self.count(**sampling_cost)
+        self.count(problems=len(batch), forward_only=int(batch.teacher_mask.sum()) + g_tokens,
+                   trained=int(batch.student_mask.sum()) + g_tokens)
+
+    def after_optimizer_step(self) -> None:
+        self.teacher.update()

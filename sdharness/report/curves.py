@@ -1,0 +1,46 @@
+"""The report's pure maths: curves over seeds, summaries of final scores, tokens to a target."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+NAN = float("nan")
+AXIS_NAMES = {"problems_seen": "problems seen", "generated_tokens": "generated tokens", "flops": "FLOPs",
+          "wall_seconds": "train seconds"}
+
+
+def tokens_to_target(points, target: float) -> float | None:
+    """The x (tokens, FLOPs...) of the first ``(x, accuracy)`` point whose accuracy reaches
+    ``target``; None when none does. ``points`` are in eval order."""
+    return next((x for x, acc in points if acc is not None and acc >= target - 1e-12), None)
+
+
+def trained(row: dict) -> bool:
+    """True for an eval taken after training started: its step (``step`` in metrics.csv,
+    ``trainer/global_step`` in W&B) is > 0, or, without a step, its problems seen are. The eval
+    before training (step 0) measures the base model, not what a method's tokens bought."""
+    step = row.get("step", row.get("trainer/global_step"))
+    return (step if step is not None else row.get("train/problems_seen") or 0) > 0
+
+
+def summarize(values) -> dict:
+    """mean, std (population), min, max and n of the finite values; NaNs when there are none."""
+    array = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if not len(array):
+        return {"mean": NAN, "std": NAN, "min": NAN, "max": NAN, "n": 0}
+    return {"mean": array.mean(), "std": array.std(), "min": array.min(), "max": array.max(), "n": len(array)}
+
+
+def mean_curve(curves):
+    """Mean and min/max of curves ``[(xs, ys), ...]`` sampled at different x: linearly
+    interpolated on the union of their x values within the range all of them cover."""
+    curves = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves if len(x)]
+    if len(curves) == 1:
+        return curves[0][0], curves[0][1], curves[0][1], curves[0][1]
+    low, high = max(x.min() for x, _ in curves), min(x.max() for x, _ in curves)
+    grid = np.unique(np.concatenate([x for x, _ in curves]))
+    grid = grid[(grid >= low) & (grid <= high)] if low <= high else grid
+    stack = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, stack.mean(0), stack.min(0), stack.max(0)

@@ -1,0 +1,85 @@
+"""PNG plots of a sweep report (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sdharness.report.curves import mean_curve  # noqa: E402
+from sdharness.report.runs import UNUSED_TAU  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: float | None = None) -> Path:
+    """Eval accuracy against ``train/<axis>``: one line per label (mean over seeds), min–max band;
+    the tokens-to-target accuracy as a dotted line."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, runs in groups.items():
+        curves = []
+        for run in runs:
+            points = [(r.get(f"train/{axis}"), r["eval/accuracy"]) for r in run.evals]
+            points = [(x, y) for x, y in points if x is not None and y is not None and math.isfinite(y)]
+            curves.append(([x for x, _ in points], [y for _, y in points]))
+        curves = [c for c in curves if c[0]]
+        if not curves:
+            continue
+        x, mean, low, high = mean_curve(curves)
+        line, = ax.plot(x, mean, marker="o", markersize=3, label=f"{label} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
+    ax.set(xlabel=axis_name, ylabel="eval accuracy", title=f"Eval accuracy vs {axis_name}")
+    if axis == "flops":
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return _save(fig, path)
+
+
+def plot_tau(groups: dict, scores: dict, path: Path) -> Path:
+    """Final accuracy (mean, min–max bars) against tau, one line per sd aggregation (plus any other
+    differing setting); runs without a tau (sft, grpo, sd/teacher) as dashed horizontal lines."""
+    lines: dict[str, list[tuple[float, dict]]] = {}
+    flat = {}
+    for label, runs in groups.items():
+        config, acc = runs[0].config, scores[label]["eval/accuracy"]
+        if config.get("algo.name") == "sd" and config.get("aggregation.name") not in UNUSED_TAU:
+            tau = float(config["aggregation.tau"])
+            lines.setdefault(label.replace(f"/tau={tau:g}", ""), []).append((tau, acc))
+        else:
+            flat[label] = acc
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, points) in enumerate(lines.items()):
+        points.sort(key=lambda p: p[0])
+        means = [a["mean"] for _, a in points]
+        errors = [[a["mean"] - a["min"] for _, a in points], [a["max"] - a["mean"] for _, a in points]]
+        ax.errorbar([t for t, _ in points], means, yerr=errors, marker="o", capsize=3, label=name, color=f"C{i % 10}")
+    for i, (label, acc) in enumerate(flat.items(), start=len(lines)):
+        ax.axhline(acc["mean"], linestyle="--", linewidth=1, label=label, color=f"C{i % 10}")
+    taus = sorted({t for points in lines.values() for t, _ in points})
+    if taus and taus[0] > 0:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(taus, [f"{t:g}" for t in taus])
+    if not lines:
+        ax.text(0.5, 0.5, "no sd run with a tau-dependent aggregation", transform=ax.transAxes, ha="center")
+    ax.set(xlabel="tau", ylabel="final eval accuracy", title="Final accuracy vs tau (mean, min–max over seeds)")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return _save(fig, path)

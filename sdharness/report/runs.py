@@ -1,0 +1,184 @@
+"""The runs of a sweep for ``sdharness-report``: loading job dirs, and labelling runs by method and setting.
+
+A run is a directory with ``.hydra/config.yaml`` and ``metrics.csv``. Its label is its method
+(``sd/clip/tau=1``, ``sft``, ``grpo``), then its setting when it is not plain on-policy training on
+problems with reference solutions (``guided=on_failure``, ``chatlog``, ``bootstrapped``), then any
+other config key that differs between runs of one method (``optim.lr=3e-05``); runs that differ
+only in ``seed`` share a label and are averaged.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from sdharness.distill.aggregation import AGGREGATIONS
+from sdharness.jobs import read_failure
+
+METHOD_KEYS = ("algo.name", "aggregation.name", "aggregation.tau")
+SETTING_KEYS = ("rollout.guidance", "data.name")  # named in the label as a setting, see settings()
+NOT_IN_LABEL = {"seed", "tags", "output_dir", "ckpt_path", "resume_allow_changes", *METHOD_KEYS, *SETTING_KEYS}
+UNUSED_TAU = tuple(name for name, aggregation in AGGREGATIONS.items() if not aggregation.uses_tau)
+PROVENANCE_SUFFIX = ".provenance.json"  # the sidecar sdharness-bootstrap writes next to its output
+
+
+@dataclass
+class Run:
+    name: str
+    config: dict  # flattened: "optim.lr" -> value
+    rows: list[dict] = field(default_factory=list)  # metrics.csv rows, numbers (or None)
+    failure: dict | None = None
+    finished: bool = True  # wrote its final model (local) / state "finished" (W&B)
+    overrides: list[str] = field(default_factory=list)
+    label: str = ""
+    bootstrapped: bool = False  # trained on sdharness-bootstrap output (see bootstrapped_data)
+
+    @property
+    def evals(self) -> list[dict]:
+        return [row for row in self.rows if row.get("eval/accuracy") is not None]
+
+    @property
+    def status(self) -> str:
+        return "failed" if self.failure else "completed" if self.finished and self.evals else "incomplete"
+
+    def final(self) -> dict:
+        """The last eval row, plus the last value of any ``lmeval/*`` column."""
+        final = {k: v for k, v in self.evals[-1].items() if v is not None} if self.evals else {}
+        for row in self.rows:
+            final.update({k: v for k, v in row.items() if k.startswith("lmeval/") and v is not None})
+        return final
+
+
+def number(text) -> float | None:
+    try:
+        return float(text) if text not in ("", None) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
+    return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()} or {prefix[:-1]: {}}
+
+
+def show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------- labels
+def settings(config: dict, bootstrapped: bool = False) -> list[str]:
+    """What the run trains on, when it is not on-policy samples of problems with reference
+    solutions: ``guided=<rollout.guidance>`` (sd only: the other algos ignore guidance),
+    ``chatlog`` (``data=chatlog``) and ``bootstrapped`` (sdharness-bootstrap data)."""
+    found, guidance = [], config.get("rollout.guidance")
+    if config.get("algo.name") == "sd" and guidance not in (None, "never"):
+        found.append(f"guided={guidance}")
+    if config.get("data.name") == "chatlog":
+        found.append("chatlog")
+    if bootstrapped:
+        found.append("bootstrapped")
+    return found
+
+
+def method_label(config: dict, bootstrapped: bool = False) -> str:
+    algo = config.get("algo.name", "?")
+    if algo != "sd":
+        method = str(algo)
+    else:
+        agg, tau = config.get("aggregation.name", "?"), config.get("aggregation.tau")
+        method = f"sd/{agg}" if agg in UNUSED_TAU or tau is None else f"sd/{agg}/tau={show(tau)}"
+    return " ".join([method] + settings(config, bootstrapped))
+
+
+def differing_keys(configs: list[dict]) -> list[str]:
+    keys = sorted({k for c in configs for k in c})
+    return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+
+
+def family(run: Run) -> str:
+    """The run's method and setting, tau aside: the runs among which other differing keys are named."""
+    return method_label({**run.config, "aggregation.tau": None}, run.bootstrapped)
+
+
+def extra_label_keys(runs: list[Run]) -> dict[str, list[str]]:
+    """family -> the keys but seed, method and setting that differ between its completed runs."""
+    done = [r for r in runs if r.status == "completed"]
+    return {f: [k for k in differing_keys([r.config for r in done if family(r) == f]) if k not in NOT_IN_LABEL]
+            for f in {family(r) for r in done}}
+
+
+def label_runs(runs: list[Run]) -> None:
+    """Label = method (``sd/clip/tau=1``, ``sft``), setting (``guided=always``, ``chatlog``,
+    ``bootstrapped``), then each key that differs within its family (``optim.lr=3e-05``, see
+    :func:`extra_label_keys`); a label's runs are its seeds."""
+    extra = extra_label_keys(runs)
+    for run in runs:
+        run.label = " ".join([method_label(run.config, run.bootstrapped)]
+                             + [f"{k}={show(run.config.get(k))}" for k in extra.get(family(run), [])])
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """label -> its completed runs, sd first (by aggregation, tau), then sft, grpo."""
+    groups: dict[str, list[Run]] = {}
+    order = lambda r: ({"sd": 0, "sft": 1, "grpo": 2}.get(r.config.get("algo.name"), 3),
+                       str(r.config.get("aggregation.name")), number(r.config.get("aggregation.tau")) or 0, r.label)
+    for run in sorted((r for r in runs if r.status == "completed"), key=order):
+        groups.setdefault(run.label, []).append(run)
+    return groups
+
+
+# ---------------------------------------------------------------- loading
+def bootstrapped_data(config: dict, cwd: str | Path | None = None) -> bool:
+    """True when the run's ``data.path`` (``data=jsonl``; relative paths against ``cwd``, the job's
+    launch directory) is sdharness-bootstrap output: its provenance sidecar exists, or its first
+    row carries the ``bootstrap`` record. False when the file is not there (read elsewhere, from W&B)."""
+    path = config.get("data.path")
+    if config.get("data.name") != "jsonl" or not isinstance(path, str) or path.startswith("pkg://"):
+        return False
+    path = Path(cwd or ".") / Path(path).expanduser()
+    if path.with_name(path.name + PROVENANCE_SUFFIX).is_file():
+        return True
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        return isinstance(row := json.loads(first), dict) and "bootstrap" in row
+    except (OSError, ValueError):
+        return False
+
+
+def load_run(run_dir: Path) -> Run:
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that needs Hydra (${hydra:...}): keep it as written
+        config = OmegaConf.to_container(cfg, resolve=False)
+    rows = []
+    if (run_dir / "metrics.csv").exists():
+        with open(run_dir / "metrics.csv", newline="") as handle:
+            rows = [{k: number(v) for k, v in row.items() if k} for row in csv.DictReader(handle)]
+    overrides_file, hydra_file = run_dir / ".hydra" / "overrides.yaml", run_dir / ".hydra" / "hydra.yaml"
+    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+    cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd") if hydra_file.exists() else None
+    config = flatten(config)
+    return Run(str(run_dir), config, rows, read_failure(run_dir), (run_dir / "final_model").is_dir(),
+               [str(o) for o in overrides], bootstrapped=bootstrapped_data(config, cwd))
+
+
+def natural_key(path: Path):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_runs(root: str | Path) -> list[Run]:
+    """Every run under ``root`` (a sweep dir, a parent of sweeps, or one run dir)."""
+    root = Path(root)
+    dirs = {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    runs = [load_run(d) for d in sorted(dirs, key=natural_key)]
+    for run in runs:
+        run.name = str(Path(run.name).relative_to(root)) if Path(run.name) != root else root.name
+    return runs

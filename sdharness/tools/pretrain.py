@@ -1,0 +1,445 @@
+"""Pretrain the testbed base from scratch on the built-in arithmetic task (a Hydra app).
+
+    sdharness-pretrain                                  # the recorded settings (conf/pretrain.yaml)
+    sdharness-pretrain early_answer_fraction=0.5 output_dir=/tmp/leaky_base
+
+The testbed is a small Llama (0.45M parameters: hidden 96, 4 layers) with the character-level
+tokenizer, saved with ``save_pretrained`` so the harness loads it like any other Hugging Face model
+(``model=testbed prompt=testbed``). It is trained so that it uses hints well but is weak without
+them on HARD (the recorded run: about 10 minutes on one CPU thread; no-hint EASY 55%, no-hint
+HARD 16%, hint HARD 100%; see ``sdharness/assets/testbed/pretrain_report.json``):
+
+* student-format examples (student prompt -> worked solution) on EASY and HARD problems (the
+  HARD share sets the no-hint HARD band: without it the base writes 2-step solutions to 4-step
+  problems);
+* teacher-format examples (teacher prompt with the reference solution -> worked solution) on
+  EASY and HARD problems.
+
+Every example is a token sequence exactly as the harness later sees it:
+``encode_prompt(prompt, tokenizer, rendered) + tokenizer(completion) + [eos]``, with the loss on
+the completion and EOS only. ``early_answer_fraction`` makes that fraction of teacher-format
+examples complete with the answer line alone ("The answer is N."), skipping the worked steps:
+a base whose teacher holds knowledge the student cannot reproduce.
+
+At the end the model is greedily evaluated on fixed held-out sets (no-hint EASY, no-hint HARD,
+hint HARD, hint EASY), and the weights, tokenizer and ``pretrain_report.json`` (command, seed,
+config, wall time, accuracies) are written to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from transformers import LlamaForCausalLM
+
+from sdharness.config import CONF_DIR, ConfigError, PromptConfig, require
+from sdharness.eval.quick import evaluate_greedy
+from sdharness.methods.schedule import lr_lambda
+from sdharness.models import char_llama_config, char_tokenizer
+from sdharness.data.prompts import encode_prompt, encode_prompts, render_student, render_teacher
+from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_problem, arithmetic_split
+
+log = logging.getLogger(__name__)
+REPORT_NAME = "pretrain_report.json"
+KINDS = ("student_easy", "student_hard", "teacher_easy", "teacher_hard")
+EVAL_SETS = {  # name -> (prompt format, difficulty)
+    "no_hint_easy": ("student", "easy"),
+    "no_hint_hard": ("student", "hard"),
+    "hint_hard": ("teacher", "hard"),
+    "hint_easy": ("teacher", "easy"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArchConfig:
+    """The Llama's sizes; the vocabulary is the character tokenizer's (100 ids)."""
+
+    hidden_size: int = 96
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+            require(getattr(self, name) >= 1, f"arch.{name} must be >= 1, got {getattr(self, name)}")
+        require(self.hidden_size % self.num_heads == 0,
+                 f"arch.hidden_size={self.hidden_size} must be divisible by arch.num_heads={self.num_heads}")
+
+
+@dataclass
+class MixConfig:
+    """Fractions of the training examples by prompt format and difficulty; they must sum to 1."""
+
+    student_easy: float = 0.35
+    student_hard: float = 0.35
+    teacher_easy: float = 0.05
+    teacher_hard: float = 0.25
+
+    def __post_init__(self):
+        values = asdict(self)
+        require(all(value >= 0 for value in values.values()), f"mix fractions must be >= 0, got {values}")
+        require(abs(sum(values.values()) - 1) < 1e-6, f"mix fractions must sum to 1, got {sum(values.values())}")
+        require(self.teacher_easy + self.teacher_hard > 0 and self.student_easy + self.student_hard > 0,
+                 "mix needs both student-format and teacher-format examples")
+
+
+@dataclass
+class PretrainConfig:
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    early_answer_fraction: float = 0.0  # of teacher-format examples: completion is only "The answer is N."
+    steps: int = 7200
+    batch_size: int = 4
+    bucket_batches: int = 32  # examples are sorted by length within windows of this many batches (less padding)
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    grad_clip: float = 1.0
+    seed: int = 0  # model initialisation, training problems, their order
+    eval_seed: int = 20240  # the fixed held-out problems (excluded from training)
+    eval_size: int = 100  # problems in each eval set
+    eval_batch_size: int = 50
+    eval_max_new_tokens: int = 96
+    log_every: int = 500
+    eval_every: int = 0  # > 0: also a quick greedy eval (on eval_every_size problems per set) every this many steps
+    eval_every_size: int = 30
+    threads: int = 1  # torch intra-op threads; 0 keeps torch's default. Results depend on it slightly.
+    output_dir: Optional[str] = None  # null: the Hydra run directory
+
+    def __post_init__(self):
+        require(0 <= self.early_answer_fraction <= 1,
+                 f"early_answer_fraction must be in [0, 1], got {self.early_answer_fraction}")
+        for name in ("steps", "batch_size", "bucket_batches", "eval_batch_size", "eval_max_new_tokens", "log_every"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_size", "eval_every", "eval_every_size"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+        require(self.prompt.chat_template != "always",
+                 "prompt.chat_template=always cannot work: the character tokenizer has no chat template")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+
+
+def to_pretrain_config(dict_cfg: DictConfig) -> PretrainConfig:
+    """The validated, typed config (unknown keys fail at compose through the schema)."""
+    return OmegaConf.to_object(dict_cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One training sequence: ``ids[:prompt_length]`` is the prompt, the rest is the completion + EOS."""
+
+    ids: list[int]
+    prompt_length: int
+    kind: str  # one of KINDS
+    early_answer: bool
+    problem: str
+    completion: str
+
+
+def split_counts(total: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Integer counts summing to ``total`` closest to ``total * fraction`` (largest remainder)."""
+    raw = {name: total * fraction for name, fraction in fractions.items()}
+    counts = {name: math.floor(value) for name, value in raw.items()}
+    by_remainder = sorted(raw, key=lambda name: (-(raw[name] - counts[name]), list(raw).index(name)))
+    for name in by_remainder[: total - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def early_answer_line(answer: str) -> str:
+    return f"{ANSWER_MARKER} {answer}."
+
+
+def eval_problems(seed: int, size: int) -> dict[str, list[dict[str, str]]]:
+    """The fixed held-out problems: ``{'easy': [...], 'hard': [...]}``."""
+    return {difficulty: arithmetic_split(seed + offset, size, difficulty)
+            for offset, difficulty in enumerate(DIFFICULTY_STEPS)}
+
+
+def build_examples(prompt: PromptConfig, tokenizer, *, size: int, mix: MixConfig | dict[str, float],
+                   early_answer_fraction: float, seed: int, exclude: set[str] | None = None) -> list[Example]:
+    """``size`` training examples in a seeded random order.
+
+    The kinds come in exactly the counts of :func:`split_counts`; exactly
+    ``round(early_answer_fraction * teacher-format examples)`` teacher-format examples complete
+    with the answer line only. Problems in ``exclude`` (the eval sets) never appear.
+    """
+    fractions = asdict(mix) if isinstance(mix, MixConfig) else dict(mix)
+    rng = random.Random(seed)
+    counts = split_counts(size, {kind: fractions.get(kind, 0.0) for kind in KINDS})
+    kinds = [kind for kind in KINDS for _ in range(counts[kind])]
+    rng.shuffle(kinds)
+    teacher_rows = [row for row, kind in enumerate(kinds) if kind.startswith("teacher")]
+    early_rows = set(rng.sample(teacher_rows, round(early_answer_fraction * len(teacher_rows))))
+    exclude = exclude or set()
+    eos = [tokenizer.eos_token_id]
+    examples = []
+    for row, kind in enumerate(kinds):
+        fmt, difficulty = kind.split("_")
+        item = arithmetic_problem(rng, DIFFICULTY_STEPS[difficulty])
+        while item["problem"] in exclude:
+            item = arithmetic_problem(rng, DIFFICULTY_STEPS[difficulty])
+        if fmt == "student":
+            text = render_student(prompt, item["problem"])
+        else:
+            text = render_teacher(prompt, item["problem"], item["solution"])
+        completion = early_answer_line(item["answer"]) if row in early_rows else item["solution"]
+        prompt_ids = encode_prompt(prompt, tokenizer, text)
+        ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+        examples.append(Example(ids, len(prompt_ids), kind, row in early_rows, item["problem"], completion))
+    return examples
+
+
+def make_batches(examples: list[Example], batch_size: int, bucket_batches: int, seed: int,
+                 pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, labels)`` batches, right-padded; labels are -100 on prompts and padding.
+
+    Within each window of ``bucket_batches`` batches the examples are sorted by length (less
+    padding), and the batch order is then shuffled with ``seed``.
+    """
+    window = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(examples), window):
+        chunk = sorted(examples[start:start + window], key=lambda example: len(example.ids))
+        for offset in range(0, len(chunk), batch_size):
+            rows = chunk[offset:offset + batch_size]
+            longest = max(len(example.ids) for example in rows)
+            ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+            labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+            for row, example in enumerate(rows):
+                ids[row, :len(example.ids)] = torch.tensor(example.ids)
+                labels[row, example.prompt_length:len(example.ids)] = torch.tensor(example.ids[example.prompt_length:])
+            batches.append((ids, labels))
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# Model, training, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
+    config = char_llama_config(tokenizer, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+                               num_layers=arch.num_layers, num_heads=arch.num_heads,
+                               max_position_embeddings=arch.max_position_embeddings, rope_theta=arch.rope_theta)
+    torch.manual_seed(seed)  # leaves the global RNG where the recorded pretraining run had it
+    return LlamaForCausalLM(config)
+
+
+def train_model(model, batches, cfg: PretrainConfig, on_log=None) -> list[tuple[int, float]]:
+    """Plain AdamW loop over ``batches`` (one per step); returns ``(step, mean loss)`` log points.
+
+    ``on_log(step)``, if given, runs at every ``eval_every`` steps (e.g. a quick eval)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, schedule="cosine",
+                                          min_lr_ratio=cfg.min_lr_ratio))
+    model.train()
+    history, running, started = [], [], time.perf_counter()
+    for step, (ids, labels) in enumerate(batches, start=1):
+        # Right padding: real tokens never attend to the pads after them, so no attention mask.
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        running.append(loss.item())
+        if step % cfg.log_every == 0 or step == len(batches):
+            mean = sum(running) / len(running)
+            history.append((step, mean))
+            log.info("step %d/%d loss %.4f lr %.2e (%.0f s)", step, len(batches), mean,
+                     scheduler.get_last_lr()[0], time.perf_counter() - started)
+            running = []
+        if on_log is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < len(batches):
+            on_log(step)
+            model.train()
+    model.eval()
+    return history
+
+
+@dataclass
+class _PromptBatch:
+    student_ids: torch.Tensor
+    student_mask: torch.Tensor
+    problems: list[dict]
+
+
+def evaluate_suite(model, tokenizer, prompt: PromptConfig, problems: dict[str, list[dict]], *,
+                   max_new_tokens: int, batch_size: int, sets: tuple[str, ...] = tuple(EVAL_SETS)) -> dict:
+    """Greedy accuracy (and early-answer rate, mean length) on each eval set in ``sets``."""
+    results = {}
+    for name in sets:
+        fmt, difficulty = EVAL_SETS[name]
+        items = problems[difficulty]
+        texts = [render_student(prompt, item["problem"]) if fmt == "student"
+                 else render_teacher(prompt, item["problem"], item["solution"]) for item in items]
+        batches = []
+        for start in range(0, len(items), batch_size):
+            ids, mask = encode_prompts(prompt, tokenizer, texts[start:start + batch_size])
+            batches.append(_PromptBatch(ids, mask, items[start:start + batch_size]))
+        result = evaluate_greedy(model, tokenizer, batches, max_new_tokens=max_new_tokens, answer_marker=ANSWER_MARKER)
+        results[name] = {"accuracy": result.accuracy, "early_answer_rate": result.early_answer_rate,
+                         "completion_length": result.completion_length, "size": result.size}
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'eval set':<16}{'accuracy':>10}{'early_answer':>14}{'length':>8}{'size':>6}"]
+    for name, row in results.items():
+        lines.append(f"{name:<16}{row['accuracy']:>10.3f}{row['early_answer_rate']:>14.3f}"
+                     f"{row['completion_length']:>8.1f}{row['size']:>6}")
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages: wall times are only comparable on an otherwise idle machine."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> dict:
+    """Build the data, train, evaluate, save model + tokenizer + report; returns the report."""
+    output_dir = Path(output_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started, load_at_start = time.perf_counter(), _load_average()
+    tokenizer = char_tokenizer()
+    held_out = eval_problems(cfg.eval_seed, cfg.eval_size)
+    exclude = {item["problem"] for items in held_out.values() for item in items}
+    examples = build_examples(cfg.prompt, tokenizer, size=cfg.steps * cfg.batch_size, mix=cfg.mix,
+                              early_answer_fraction=cfg.early_answer_fraction, seed=cfg.seed, exclude=exclude)
+    longest = max(len(example.ids) for example in examples)
+    if longest + cfg.eval_max_new_tokens > cfg.arch.max_position_embeddings:
+        raise ConfigError(f"arch.max_position_embeddings={cfg.arch.max_position_embeddings} is too small: training "
+                          f"sequences reach {longest} tokens and eval adds up to {cfg.eval_max_new_tokens}")
+    batches = make_batches(examples, cfg.batch_size, cfg.bucket_batches, cfg.seed, tokenizer.pad_token_id)
+    model = build_model(cfg.arch, tokenizer, cfg.seed)
+    parameters = sum(p.numel() for p in model.parameters())
+    log.info("%d parameters, %d examples, %d steps", parameters, len(examples), len(batches))
+
+    quick = {difficulty: items[:cfg.eval_every_size] for difficulty, items in held_out.items()}
+    paused = [0.0]
+
+    def quick_eval(step: int) -> None:
+        eval_started = time.perf_counter()
+        results = evaluate_suite(model, tokenizer, cfg.prompt, quick, max_new_tokens=cfg.eval_max_new_tokens,
+                                 batch_size=cfg.eval_batch_size, sets=("no_hint_easy", "no_hint_hard", "hint_hard"))
+        log.info("step %d quick eval: %s", step, ", ".join(f"{name} {row['accuracy']:.2f}" for name, row in results.items()))
+        paused[0] += time.perf_counter() - eval_started
+
+    train_started = time.perf_counter()
+    history = train_model(model, batches, cfg, on_log=quick_eval)
+    train_seconds = time.perf_counter() - train_started - paused[0]
+
+    eval_started = time.perf_counter()
+    results = evaluate_suite(model, tokenizer, cfg.prompt, held_out, max_new_tokens=cfg.eval_max_new_tokens,
+                             batch_size=cfg.eval_batch_size)
+    eval_seconds = time.perf_counter() - eval_started
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)  # safetensors, config.json, generation_config.json
+    tokenizer.save_pretrained(output_dir)
+    report = {
+        "command": command,
+        "seed": cfg.seed,
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "parameters": parameters,
+        "examples": {kind: sum(example.kind == kind for example in examples) for kind in KINDS}
+        | {"early_answer": sum(example.early_answer for example in examples)},
+        "wall_seconds": {"train": round(train_seconds, 1), "eval": round(eval_seconds, 1),
+                         "quick_evals": round(paused[0], 1),
+                         "total": round(time.perf_counter() - started, 1)},
+        "threads": torch.get_num_threads(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu": _cpu_name(), "cpus": os.cpu_count(),
+                    "load_average_at_start": load_at_start, "load_average_at_end": _load_average(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "loss_history": history,
+        "eval": {"seed": cfg.eval_seed, "size": cfg.eval_size, "max_new_tokens": cfg.eval_max_new_tokens,
+                 "batch_size": cfg.eval_batch_size},
+        "accuracy": {name: row["accuracy"] for name, row in results.items()},
+        "results": results,
+    }
+    (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(results), flush=True)
+    print(f"{parameters} parameters; train {train_seconds:.0f} s, eval {eval_seconds:.0f} s "
+          f"on {torch.get_num_threads()} thread(s); saved to {output_dir}", flush=True)
+    return report
+
+
+register_configs()
+
+
+def _command() -> str:
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = sys.argv[1:]
+    return shlex.join(["sdharness-pretrain", *overrides])
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
+def main(dict_cfg: DictConfig) -> float:
+    cfg = to_pretrain_config(dict_cfg)
+    output_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
+    report = pretrain(cfg, output_dir, _command())
+    return report["accuracy"]["no_hint_hard"]
+
+
+if __name__ == "__main__":
+    main()
