@@ -162,6 +162,8 @@ class PromptBatch:
     solution_ids: torch.Tensor  # [batch, length], right-padded reference solution + EOS (for SFT)
     solution_mask: torch.Tensor
     problems: list[dict] = field(default_factory=list)
+    # The solutions are logged completions (data=chatlog): self-distillation scores them as g, no rollout.
+    logged: bool = False
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -267,7 +269,7 @@ class ProblemDataModule(L.LightningDataModule):
         solution_ids, solution_mask = right_pad([item["solution_ids"] for item in items], pad)
         problems = [{key: item[key] for key in ("problem", "solution", "answer") if key in item} for item in items]
         return PromptBatch(student_ids, student_mask, teacher_ids, teacher_mask, solution_ids, solution_mask.bool(),
-                           problems)
+                           problems, logged=self.cfg.name == "chatlog")
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -22,7 +22,6 @@ class SelfDistillModule(PolicyModule):
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         super().__init__(model, tokenizer, cfg)
         self.teacher = self.shadow_weights("teacher_model", cfg.teacher.weights, cfg.teacher.ema_decay)
-        self.logged = cfg.data.name == "chatlog"  # g is the logged assistant turn: nothing is generated
 
     def logged_completions(self, batch: PromptBatch) -> Rollout:
         """The batch's logged completions (``solution_ids`` + EOS) as ``g``, for ``data=chatlog``."""
@@ -52,7 +51,7 @@ class SelfDistillModule(PolicyModule):
 
     def sample(self, batch: PromptBatch) -> tuple[Rollout, dict, dict]:
         """``(g, guidance metrics, the rollout's cost)`` for this batch."""
-        if self.logged:  # sdharness/data/chatlog.py: distil logged turns, nothing generated
+        if batch.logged:  # sdharness/data/chatlog.py: distil logged turns, nothing generated
             return self.logged_completions(batch), {}, {}
         if self.cfg.rollout.guidance == "never":
             rollout = self.rollout(batch.student_ids, batch.student_mask)
