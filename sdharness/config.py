@@ -217,7 +217,8 @@ class RolloutConfig:
 
 @dataclass
 class AggregationConfig:
-    """The target: one of ``sdharness.distill.aggregation.AGGREGATIONS`` at temperature tau."""
+    """The target: one of ``sdharness.distill.aggregation.AGGREGATIONS`` at temperature tau; for
+    ``trust_region`` tau is the bound delta on KL(target || student) per token, in nats."""
 
     name: str = "product"
     tau: float = 2.0
@@ -236,12 +237,15 @@ class LossConfig:
     beta: float = 0.5
     positions: str = "all"
     chunk_size: int = 32
+    # Logged diagnostics: target mass on tokens the student gives probability < unconsidered_eps.
+    unconsidered_eps: float = 1e-3
 
     def __post_init__(self):
         _choice("loss.divergence", self.divergence, DIVERGENCES)
         _choice("loss.positions", self.positions, ("all", "reasoning"))
         require(0 < self.beta < 1, f"loss.beta must be in (0, 1), got {self.beta}")
         require(self.chunk_size >= 1, f"loss.chunk_size must be >= 1, got {self.chunk_size}")
+        require(0 < self.unconsidered_eps < 1, f"loss.unconsidered_eps must be in (0, 1), got {self.unconsidered_eps}")
 
 
 @dataclass

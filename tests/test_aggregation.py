@@ -12,6 +12,7 @@ from sdharness.distill.aggregation import (
     entropy_matched_tau,
     product_target,
     teacher_target,
+    trust_region_target,
 )
 
 F64 = torch.float64
@@ -266,6 +267,7 @@ def test_aggregate_dispatches_to_the_named_function(name):
         "product": product_target,
         "clip": clip_target,
         "entropy_matched": entropy_matched_target,
+        "trust_region": trust_region_target,
     }
     z_s, z_t = random_logits(2, 3, 5, seed=25), random_logits(2, 3, 5, seed=26)
     torch.testing.assert_close(aggregate(z_t, z_s, name=name, tau=1.5), functions[name](z_t, z_s, tau=1.5),
@@ -302,7 +304,8 @@ def test_fused_form_equals_the_reference(name, tau):
     log_zs, log_zt = torch.logsumexp(s / LOG2E, -1, keepdim=True) * LOG2E, torch.logsumexp(t / LOG2E, -1, keepdim=True) * LOG2E
     aggregation = AGGREGATIONS[name]
     bits = aggregation.fused(ChunkBits(s, log_zs, z_t, t if aggregation.needs_teacher_bits else None,
-                                       log_zt if aggregation.needs_teacher_bits else None),
+                                       log_zt if aggregation.needs_teacher_bits else None,
+                                       lambda name: torch.empty_like(s)),
                              torch.empty_like(s), tau)
     torch.testing.assert_close(torch.log_softmax(bits / LOG2E, -1), aggregate(z_t, z_s, name=name, tau=tau),
                                rtol=0, atol=1e-12)

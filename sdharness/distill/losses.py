@@ -9,7 +9,14 @@ Divergences take log-probabilities ``[..., vocab]`` and return one value per pos
 :func:`distillation_loss` evaluates aggregation and divergence over chunks of loss-carrying
 positions and computes the gradient with respect to the student logits chunk by chunk, so the
 only full ``[batch, length, vocab]`` tensors alive are the student logits and their gradient; the
-teacher can be passed as hidden states and is projected to the vocabulary chunk by chunk.
+teacher can be passed as hidden states and is projected to the vocabulary chunk by chunk. On the
+steps it monitors, it also returns how far the target leaves the student
+(:mod:`sdharness.distill.diagnostics`), from the tensors each chunk already holds.
+
+``-inf`` logits (masked vocabulary entries) are probability 0 on every path: 0 log 0 = 0. A
+divergence that is infinite by definition stays infinite (forward KL from the ``teacher`` target to
+a student that gives 0 to a token the teacher supports; reverse KL to a target that drops a token
+the student supports); the training step then skips the update.
 """
 
 from __future__ import annotations
@@ -22,12 +29,20 @@ import torch
 import torch.nn.functional as F
 
 from sdharness.distill.aggregation import LOG2E, ChunkBits, aggregation_named
+from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import LazyLogits
 
 def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position; terms with p = 0 count as 0."""
+    """KL(p || q) per position; terms with p = 0 count as 0, in the gradient too."""
     p = p_logp.exp()
-    return torch.where(p > 0, p * (p_logp - q_logp), torch.zeros_like(p)).sum(-1)
+    # The difference is masked before the product: p * NaN (-inf - -inf) would make a NaN gradient.
+    return (p * torch.where(p > 0, p_logp - q_logp, torch.zeros_like(p))).sum(-1)
+
+
+def _log_ratio_where_supported(log_ratio: torch.Tensor) -> torch.Tensor:
+    """In place: log(a / b) -> 0 where a = 0, i.e. where it is -inf (b > 0) or NaN (b = 0 too);
+    +inf (a > 0 = b) stays. Then ``a * log_ratio`` follows 0 log 0 = 0."""
+    return log_ratio.nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
 
 
 def forward_kl(target_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
@@ -39,9 +54,9 @@ def reverse_kl(target_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: f
 
 
 def jsd(target_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
-    mixture = torch.logsumexp(
-        torch.stack([target_logp + math.log(beta), student_logp + math.log1p(-beta)]), dim=0
-    )
+    # Clamped: where both are -inf, logsumexp's gradient would be exp(-inf - -inf) = NaN.
+    stacked = torch.stack([target_logp + math.log(beta), student_logp + math.log1p(-beta)])
+    mixture = torch.logsumexp(stacked.clamp(min=torch.finfo(stacked.dtype).min), dim=0)
     return beta * _kl(target_logp, mixture) + (1 - beta) * _kl(student_logp, mixture)
 
 
@@ -54,24 +69,36 @@ class DistillationLoss:
     ``teacher_student_kl``: token mean of KL(teacher || student), detached, for monitoring; None
     when it was not asked for (``monitor_kl=False``).
     ``tokens``: number of positions that carried loss.
+    ``diagnostics``: None unless monitored; else, over the loss positions (unweighted), the token
+    means of :func:`~sdharness.distill.diagnostics.target_diagnostics`' ``unconsidered_mass`` and
+    ``kl_target_student``, and the mean and max over positions of its ``max_log_ratio``
+    (``max_log_ratio_mean``, ``max_log_ratio_max``): ``{name: detached scalar}``, names in
+    :data:`DIAGNOSTIC_METRICS`.
     """
 
     loss: torch.Tensor
     teacher_student_kl: torch.Tensor | None
     tokens: int
+    diagnostics: dict | None = None
+
+
+# Per-row monitored values, the columns the chunk bodies return; summed over rows (and
+# max_log_ratio also maxed).
+MONITORED = ("teacher_student_kl", "unconsidered_mass", "max_log_ratio", "kl_target_student")
+DIAGNOSTIC_METRICS = ("unconsidered_mass", "kl_target_student", "max_log_ratio_mean", "max_log_ratio_max")
 
 
 def forward_kl_with_grad(target_logp: torch.Tensor, student_logp: torch.Tensor):
     """KL(target || student) per row and its gradient w.r.t. the student logits, p_S - p_target."""
     target_p = target_logp.exp()
-    value = (target_p * (target_logp - student_logp)).sum(-1)
+    value = (target_p * _log_ratio_where_supported(target_logp - student_logp)).sum(-1)
     return value, student_logp.exp().sub_(target_p)
 
 
 def reverse_kl_with_grad(target_logp: torch.Tensor, student_logp: torch.Tensor):
     """KL(student || target) per row and its gradient p_S * (log p_S - log p_target - KL)."""
     student_p = student_logp.exp()
-    log_ratio = student_logp - target_logp
+    log_ratio = _log_ratio_where_supported(student_logp - target_logp)
     value = (student_p * log_ratio).sum(-1)
     return value, log_ratio.sub_(value.unsqueeze(-1)).mul_(student_p)
 
@@ -173,7 +200,8 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Te
     return torch.mul(a, b, out=scratch).sum(-1, keepdim=True)
 
 
-def _fused_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, aggregation, tau, divergence_name, monitor):
+def _fused_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, aggregation, tau, divergence_name, monitor,
+                 eps=1e-3):
     """``(per-row divergence, per-row KL(teacher || student) or None, scale * gradient)`` of one
     chunk, for an :class:`~sdharness.distill.aggregation.Aggregation` with a fused form and the two KLs, with one exp pass per
     distribution (student, teacher, target) and no full-size temporary: about 20 passes over the
@@ -185,7 +213,9 @@ def _fused_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, aggregation, ta
     Log-probabilities are kept in bits, shifted by a row constant (see :func:`_softmax_parts`):
     every aggregation is invariant to per-row shifts and commutes with the change of unit, and
     the values are turned back into nats at the end. The teacher's softmax is computed only when
-    the aggregation or the monitoring KL needs it.
+    the aggregation or the monitoring needs it. Monitoring (``eps``: the diagnostics' threshold)
+    adds about 10 passes (forward KL; 13 for reverse KL) on the steps it runs; loss and gradient do
+    not depend on it.
     """
     rows = z_s.shape[0]
     s, e_s = work("s", rows), grad_out if grad_out is not None else work("p_s", rows)
@@ -195,39 +225,55 @@ def _fused_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, aggregation, ta
     if monitor or aggregation.needs_teacher_bits:
         t, e_t = work("t", rows), work("p_t", rows)
         log_zt, inv_zt = _softmax_parts(z_t, t, e_t)
-    g = aggregation.fused(ChunkBits(s, log_zs, z_t, t, log_zt), work("target", rows), tau)
+    g = aggregation.fused(ChunkBits(s, log_zs, z_t, t, log_zt, lambda name: work(name, rows)), work("target", rows),
+                          tau)
     if g is t:
         e_g, log_zg, inv_zg = e_t, log_zt, inv_zt
     else:
         e_g = work("p_target", rows)
         log_zg, inv_zg = _softmax_parts(g, g, e_g, unit=1.0)
-    # log2 p_target - log2 p_S = (g - s) - (log_zg - log_zs)
+    diff = None  # log2(p_target / p_S), 0 where p_target = 0
     if divergence_name == "forward_kl":  # sum p_target (log p_target - log p_S); gradient p_S - p_target
-        value = _rowdot(torch.sub(g, s, out=scratch), e_g, scratch).mul_(inv_zg).sub_(log_zg - log_zs)
+        diff = _log_ratio_where_supported(torch.sub(g, s, out=work("diff", rows)).sub_(log_zg - log_zs))
+        value = _rowdot(diff, e_g, scratch).mul_(inv_zg)
         grad = e_s.mul_(inv_zs * scale).addcmul_(e_g, inv_zg * -scale)
     else:  # sum p_S (log p_S - log p_target); gradient p_S (log p_S - log p_target - KL)
-        log_ratio = torch.sub(s, g, out=work("log_ratio", rows))
-        value = _rowdot(log_ratio, e_s, scratch).mul_(inv_zs).sub_(log_zs - log_zg)
-        grad = e_s.mul_(log_ratio.sub_(log_zs - log_zg + value)).mul_(inv_zs * (LN2 * scale))
-    kl = None
-    if monitor:  # KL(T || S); for the teacher target and forward KL it is the loss itself
-        kl = value if g is t and divergence_name == "forward_kl" else \
-            _rowdot(torch.sub(t, s, out=scratch), e_t, scratch).mul_(inv_zt).sub_(log_zt - log_zs)
-    return value.squeeze(-1) * LN2, None if kl is None else kl.squeeze(-1) * LN2, grad
+        log_ratio = _log_ratio_where_supported(torch.sub(s, g, out=work("log_ratio", rows)).sub_(log_zs - log_zg))
+        value = _rowdot(log_ratio, e_s, scratch).mul_(inv_zs)
+        grad = e_s.mul_(log_ratio.sub_(value)).mul_(inv_zs * (LN2 * scale))
+    monitored = None
+    if monitor:
+        if diff is None:
+            diff = _log_ratio_where_supported(torch.sub(g, s, out=work("diff", rows)).sub_(log_zg - log_zs))
+            kl_target = _rowdot(diff, e_g, scratch).mul_(inv_zg)
+        else:
+            kl_target = value
+        # KL(T || S); for the teacher target it is KL(target || S)
+        kl = kl_target if g is t else _rowdot(_log_ratio_where_supported(
+            torch.sub(t, s, out=scratch).sub_(log_zt - log_zs)), e_t, scratch).mul_(inv_zt)
+        # p_S < eps  <=>  s < log_zs + log2 eps, as a float 0/1 mask (a bool one was ~5x slower on CPU)
+        unconsidered = _rowdot(torch.lt(s, log_zs + math.log2(eps), out=scratch), e_g, scratch).mul_(inv_zg * LOG2E)
+        monitored = torch.cat([kl, unconsidered, diff.amax(-1, keepdim=True), kl_target], -1) * LN2
+    return value.squeeze(-1) * LN2, monitored, grad
 
 
-def _generic_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, target_fn, value_and_grad, monitor):
+def _generic_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, target_fn, value_and_grad, monitor, eps=1e-3):
     """As :func:`_fused_chunk` for any aggregation and divergence, through the aggregation's reference
-    and :func:`value_and_grad_fn` on explicit log-probabilities (nats)."""
+    and :func:`value_and_grad_fn` on explicit log-probabilities (nats); the diagnostics are
+    :func:`~sdharness.distill.diagnostics.target_diagnostics` itself."""
     rows = z_s.shape[0]
     s, t, e_t, scratch = work("s", rows), work("t", rows), work("p_t", rows), work("scratch", rows)
     log_zs, _ = _softmax_parts(z_s, s, scratch)
     s.sub_(log_zs).mul_(LN2)
     log_zt, inv_zt = _softmax_parts(z_t, t, e_t)
     t.sub_(log_zt).mul_(LN2)
-    value, grad = value_and_grad(target_fn(t, s), s)
-    kl = _rowdot(torch.sub(t, s, out=scratch), e_t, scratch).squeeze(-1) * inv_zt.squeeze(-1) if monitor else None
-    return value, kl, grad.mul_(scale)
+    target = target_fn(t, s)
+    value, grad = value_and_grad(target, s)
+    monitored = None
+    if monitor:
+        found = target_diagnostics(target, s, eps=eps)
+        monitored = torch.stack([_kl(t, s), found.unconsidered_mass, found.max_log_ratio, found.kl_target_student], -1)
+    return value, monitored, grad.mul_(scale)
 
 
 # The teacher's LM head projects this many positions at once (rounded to whole chunks): a GEMM
@@ -278,7 +324,9 @@ class _ChunkedDistillation(torch.autograd.Function):
             if uncovered.numel():
                 grad.index_fill_(0, uncovered, 0.0)
         loss = flat_student.new_zeros((), dtype=dtype)
-        kl = flat_student.new_zeros((), dtype=dtype)
+        # MONITORED summed over rows, then the max over rows of max_log_ratio
+        monitored = flat_student.new_zeros(len(MONITORED) + 1, dtype=dtype)
+        monitored[-1] = -math.inf
         work = _Workspace(min(chunk_size, positions.numel()), flat_student.shape[-1], dtype, flat_student.device)
         with torch.no_grad():
             for block_rows, chunks in _blocks(positions, chunk_size):
@@ -296,7 +344,7 @@ class _ChunkedDistillation(torch.autograd.Function):
                     # Each row's value and gradient carry 1 / tokens and its per-token weight, if any.
                     scale = weight if row_weights is None else \
                         row_weights[start : start + chunk_size].to(dtype) * weight
-                    value, chunk_kl, chunk_grad = body(z_s, teacher_block[in_block], work, grad_out,
+                    value, chunk_monitored, chunk_grad = body(z_s, teacher_block[in_block], work, grad_out,
                                                        scale if row_weights is None else scale.unsqueeze(-1))
                     if grad is not None and chunk_grad is not grad_out:
                         if consecutive:
@@ -305,16 +353,16 @@ class _ChunkedDistillation(torch.autograd.Function):
                             grad.index_copy_(0, rows, chunk_grad.to(grad.dtype))
                     del chunk_grad
                     loss += (value * scale).sum()
-                    if chunk_kl is not None:
-                        # Log-probabilities of finite logits are finite: no zero-probability guard needed here.
-                        kl += chunk_kl.sum() * weight
+                    if chunk_monitored is not None:
+                        monitored[:-1] += chunk_monitored.sum(0) * weight
+                        monitored[-1] = torch.maximum(monitored[-1], chunk_monitored[:, 2].max())
                 del teacher_block
         ctx.save_for_backward(grad.view_as(student_logits) if grad is not None else None)
-        ctx.mark_non_differentiable(kl)
-        return loss, kl
+        ctx.mark_non_differentiable(monitored)
+        return loss, monitored
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_kl):
+    def backward(ctx, grad_loss, grad_monitored):
         (grad,) = ctx.saved_tensors
         # In place: the saved gradient is used once, and a copy would be another [batch, length, vocab].
         # The usual upstream gradient is exactly 1 (loss.backward()): then this pass is skipped.
@@ -336,6 +384,7 @@ def distillation_loss(
     chunk_size: int = 32,
     token_weights: torch.Tensor | None = None,
     monitor_kl: bool = True,
+    unconsidered_eps: float = 1e-3,
 ) -> DistillationLoss:
     """Token-mean divergence between the detached aggregate target and the student.
 
@@ -348,9 +397,10 @@ def distillation_loss(
         chunk_size: positions evaluated at once; the result does not depend on it.
         token_weights: optional ``[batch, length]`` float (detached), multiplying each position's
             divergence and its gradient; the mean still divides by the number of loss tokens.
-        monitor_kl: also compute the monitoring KL(teacher || student) (``teacher_student_kl``;
-            None when False). Loss and gradient are the same either way; skipping it saves up to
-            one exp pass per chunk (none for ``teacher`` + ``forward_kl``, where it is the loss).
+        monitor_kl: also compute the monitoring KL(teacher || student) (``teacher_student_kl``)
+            and the target's ``diagnostics`` (both None when False). Loss and gradient are the same
+            either way; skipping them saves up to one exp pass and about 10 other passes per chunk.
+        unconsidered_eps: the diagnostics' eps: target mass on tokens with p_S < eps.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -368,21 +418,24 @@ def distillation_loss(
     tokens = positions.numel()
     if tokens == 0:
         zero = student_logits.sum() * 0.0
-        return DistillationLoss(zero, zero.detach() if monitor_kl else None, 0)
+        if not monitor_kl:
+            return DistillationLoss(zero, None, 0)
+        return DistillationLoss(zero, zero.detach(), 0, {name: zero.detach() for name in DIAGNOSTIC_METRICS})
 
     # The fused body covers every aggregation with a fused form under a fused divergence; the rest go
     # through the aggregation's reference and the divergence's value and gradient.
     if chosen.fused is not None and measure.fused:
         def body(z_s, z_t, work, grad_out, scale):
             return _fused_chunk(z_s, z_t, work, grad_out, scale, aggregation=chosen, tau=tau,
-                                divergence_name=divergence_name, monitor=monitor_kl)
+                                divergence_name=divergence_name, monitor=monitor_kl, eps=unconsidered_eps)
     else:
         def target_fn(teacher_logp, student_logp):
             return chosen.target(teacher_logp, student_logp, tau=tau)
 
         def body(z_s, z_t, work, grad_out, scale):
             return _generic_chunk(z_s, z_t, work, grad_out, scale, target_fn=target_fn,
-                                  value_and_grad=value_and_grad_fn(divergence_name, beta), monitor=monitor_kl)
+                                  value_and_grad=value_and_grad_fn(divergence_name, beta), monitor=monitor_kl,
+                                  eps=unconsidered_eps)
 
     if isinstance(teacher_logits, LazyLogits):
         buffer = teacher_logits.hidden.new_empty(min(_block_rows(chunk_size), tokens), teacher_logits.shape[-1])
@@ -392,11 +445,14 @@ def distillation_loss(
             return teacher_logits.rows(rows, out=buffer[:count])
     else:  # read only: the chunk body never writes into the teacher's rows
         teacher_rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).__getitem__
-    loss, kl = _ChunkedDistillation.apply(
+    loss, monitored = _ChunkedDistillation.apply(
         student_logits, teacher_rows, positions, (~flat_mask).nonzero().squeeze(-1), 1.0 / tokens, chunk_size,
         body, None if token_weights is None else token_weights.detach().reshape(-1)[positions], monitor_kl,
     )
-    return DistillationLoss(loss, kl if monitor_kl else None, tokens)
+    if not monitor_kl:
+        return DistillationLoss(loss, None, tokens)
+    diagnostics = dict(zip(DIAGNOSTIC_METRICS, (monitored[1], monitored[3], monitored[2], monitored[4])))
+    return DistillationLoss(loss, monitored[0], tokens, diagnostics)
 
 
 def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

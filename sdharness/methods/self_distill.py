@@ -37,15 +37,18 @@ class SelfDistillModule(PolicyModule):
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
         weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.rollout)  # None unless enabled
-        # The teacher-student KL is only for the log: computed on the steps Lightning writes out.
+        # The teacher-student KL and the target diagnostics are only for the log: computed on the
+        # steps Lightning writes out.
         logging_step = self._trainer is None or self.trainer._logger_connector.should_update_logs
         result = distillation_loss(student_logits, teacher_logits, mask, aggregation=self.cfg.aggregation.name,
                                    tau=self.cfg.aggregation.tau, divergence_name=self.cfg.loss.divergence,
                                    beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size, token_weights=weights,
-                                   monitor_kl=logging_step)
+                                   monitor_kl=logging_step, unconsidered_eps=self.cfg.loss.unconsidered_eps)
         self._count(batch, rollout, cost)
-        kl = {} if result.teacher_student_kl is None else {"train/teacher_student_kl": result.teacher_student_kl}
-        yield result.loss, {"train/divergence_per_token": result.loss.detach(), **kl,
+        monitored = {} if result.teacher_student_kl is None else {
+            "train/teacher_student_kl": result.teacher_student_kl,
+            **{f"train/{name}": value for name, value in result.diagnostics.items()}}
+        yield result.loss, {"train/divergence_per_token": result.loss.detach(), **monitored,
                             "train/loss_tokens": float(result.tokens), **self.rollout_metrics(rollout, batch.problems),
                             **guidance, **weight_metrics}
 
