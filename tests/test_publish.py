@@ -66,8 +66,8 @@ def test_publish_builds_and_saves_a_wandb_report_of_the_sweep(sweep, tmp_path, m
     text, grid = report.blocks
     assert type(text).__name__ == "MarkdownBlock" and type(grid).__name__ == "PanelGrid"
     assert "W&B group `g`: 4 completed, 0 failed, 0 incomplete of 4 runs." in text.text
-    assert "| sd/clip/tau=1 | 2 | 0.650 ± 0.050 |" in text.text  # the local score table
-    assert "| sd/clip/tau=1 | 2/2 | 400 | 0.400 |" in text.text and "| sft | 0/1 | not reached |" in text.text
+    assert "| sd/clip/tau=1 | 2 | 0.650 ± 0.635 |" in text.text  # the local score table
+    assert "| sd/clip/tau=1 | 2/2 | 400 ± 0 | 0.400 |" in text.text and "| sft | 0/1 | not reached |" in text.text
     [runset] = grid.runsets
     assert runset.filters == "Metric('Group') == 'g'"  # only the sweep's runs
     assert (runset.entity, runset.project) == ("team", "sdharness")

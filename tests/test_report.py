@@ -77,11 +77,18 @@ def test_only_evals_after_training_started_count():
 
 
 def test_summarize_and_mean_curve():
-    assert summarize([1.0, 3.0, None, float("nan")]) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 2}
+    # t(0.975, 1 dof) = 12.7062047: the 95% half-width of a mean of 2 values is 12.706 |a - b| / 2
+    found = summarize([1.0, 3.0, None, float("nan")])
+    assert found == pytest.approx({"mean": 2.0, "std": math.sqrt(2), "ci": 12.7062047, "min": 1.0, "max": 3.0, "n": 2})
     assert summarize([])["n"] == 0 and math.isnan(summarize([])["mean"])
+    one = summarize([0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["std"]) and math.isnan(one["ci"])
     x, mean, low, high = mean_curve([([0, 10, 20], [0.0, 1.0, 1.0]), ([0, 20, 30], [0.0, 0.5, 0.9])])
     assert list(x) == [0, 10, 20]  # the range both cover
-    assert list(mean) == [0.0, 0.625, 0.75] and list(low) == [0.0, 0.25, 0.5] and list(high) == [0.0, 1.0, 1.0]
+    half = [0.0, 12.7062047 * 0.75 / 2, 12.7062047 * 0.5 / 2]
+    assert list(mean) == [0.0, 0.625, 0.75]
+    assert list(low) == pytest.approx([m - h for m, h in zip(mean, half)])
+    assert list(high) == pytest.approx([m + h for m, h in zip(mean, half)])
 
 
 def test_tokens_to_target_against_grpo_from_metric_files(sweep, tmp_path):
@@ -98,7 +105,7 @@ def test_tokens_to_target_against_grpo_from_metric_files(sweep, tmp_path):
     assert (scores["mean"], scores["min"], scores["max"], scores["n"]) == pytest.approx((0.65, 0.6, 0.7, 2))
     assert result["scores"]["grpo"]["lmeval/gsm8k/exact_match"]["mean"] == pytest.approx(0.2)
     md = result["path"].read_text()
-    assert "| sd/clip/tau=1 | 2/2 | 400 | 0.400 | 4e+04 | 0.400 |" in md
+    assert "| sd/clip/tau=1 | 2/2 | 400 ± 0 | 0.400 | 4e+04 ± 0 | 0.400 |" in md
     assert "| sft | 0/1 | not reached | not reached | not reached | not reached |" in md
     # an explicit target wins over GRPO's; ratios stay relative to GRPO
     table = build_report(find_runs(sweep), tmp_path / "out2", target_accuracy=0.4, plots=False)["to_target"]
@@ -120,11 +127,12 @@ def test_the_base_models_eval_does_not_reach_the_target(sweep, tmp_path):
     md = result["path"].read_text()
     assert "| sd/teacher | 0/1 | not reached | not reached | not reached | not reached |" in md
     assert "| sd/product/tau=2 | 1/1 | 350 | 0.350 | 3.5e+04 | 0.350 |" in md
-    # sft generates nothing: once trained, reaching the target costs it 0 generated tokens (a real 0, not the base eval)
-    table = build_report(find_runs(sweep), tmp_path / "out2", target_accuracy=0.25, plots=False)["to_target"]
-    assert (table["sft"]["reached"], table["sft"]["generated_tokens"], table["sft"]["generated_tokens_ratio"]) == (1, 0, 0)
-    assert table["grpo"]["generated_tokens"] == 500 and table["sd/product/tau=2"]["generated_tokens"] == 350
-    assert table["sd/teacher"]["generated_tokens"] == 300  # its base eval (0.6) would have given 0
+    # Above the base (mean of the step-0 evals, 0.317): sd/teacher's base eval (0.6) would have given 0 tokens
+    result = build_report(find_runs(sweep), tmp_path / "out2", target_accuracy=0.35, plots=False)
+    table = result["to_target"]
+    assert result["base"] == pytest.approx((4 * 0.1 + 0.6 + 0.9) / 6)
+    assert table["sft"]["reached"] == 0 and table["grpo"]["generated_tokens"] == 1000
+    assert table["sd/product/tau=2"]["generated_tokens"] == 350 and table["sd/teacher"]["generated_tokens"] == 700
 
 
 def test_seeds_that_miss_the_target_are_counted_apart(tmp_path):
@@ -181,7 +189,8 @@ def test_bootstrapped_data_is_recognised_by_its_provenance_or_its_rows(tmp_path)
 
 def test_report_writes_markdown_pngs_table_and_config_differences(sweep, tmp_path, capsys):
     main([str(sweep), "--out", str(tmp_path / "out")])
-    assert "| sd/clip/tau=1 | 2 | 0.650 ± 0.050 |" in capsys.readouterr().out
+    # 0.6 and 0.7: 95% half-width t(1 dof) 12.706 * std 0.0707 / sqrt(2) = 0.635
+    assert "| sd/clip/tau=1 | 2 | 0.650 ± 0.635 |" in capsys.readouterr().out
     out = tmp_path / "out"
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["accuracy_vs_flops.png", "accuracy_vs_generated_tokens.png", "accuracy_vs_problems_seen.png",

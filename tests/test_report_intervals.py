@@ -105,11 +105,15 @@ def test_early_answer_and_unconsidered_mass_per_method(three_seeds, tmp_path):
 
 
 def test_config_differences_do_not_list_aggregation_keys_for_sft_and_grpo(three_seeds, tmp_path):
-    md = build_report(find_runs(three_seeds), tmp_path / "out", target_accuracy=0.45, plots=False)["path"].read_text()
+    # The sd runs share one aggregation; sft and grpo were launched with others, which they ignore
+    md = build_report(find_runs(three_seeds), tmp_path / "o1", target_accuracy=0.45, plots=False)["path"].read_text()
+    assert "| run | algo.name | seed |" in md.split("## Config differences")[1]
+    write_run(three_seeds / "sd_clip", "sd", evals([(0, 0, 0.2), (1, 100, 0.3)]), aggregation="clip", tau=1.0)
+    md = build_report(find_runs(three_seeds), tmp_path / "o2", target_accuracy=0.45, plots=False)["path"].read_text()
     section = md.split("## Config differences")[1].split("## Runs")[0]
     assert "| run | aggregation.name | aggregation.tau | algo.name | seed |" in section
-    assert "| sft0 | – | – | sft | 0 |" in section and "| grpo1 | – | – | grpo | 1 |" in section
-    assert "| sd2 | product | 2.0 | sd | 2 |" in section
+    assert "| sft0 | n/a | n/a | sft | 0 |" in section and "| grpo1 | n/a | n/a | grpo | 1 |" in section
+    assert "| sd2 | product | 2.0 | sd | 2 |" in section and "| sd_clip | clip | 1.0 | sd | 0 |" in section
 
 
 def test_bands_are_the_95_percent_interval_over_three_curves():

@@ -6,8 +6,9 @@
     sdharness-report multirun/2026-01-01/12-00-00 --publish      # also as a W&B Report (online, '.[report]')
 
 Runs are collected and labelled by :mod:`sdharness.report.runs` (a job dir with ``.hydra/config.yaml`` and
-``metrics.csv``); runs that differ only in ``seed`` are one line (mean, and min-max band, over
-seeds). Failed jobs (``FAILED.json``, see ``sdharness.jobs``) are listed with their error. The local
+``metrics.csv``); runs that differ only in ``seed`` are one line: the mean over seeds and, from
+two seeds on, its 95% confidence interval (Student t over seeds) as the band of every curve and
+the ± of every table. Failed jobs (``FAILED.json``, see ``sdharness.jobs``) are listed with their error. The local
 report never touches the network; ``--publish`` (:mod:`sdharness.report.publish`) runs after it is written.
 """
 
@@ -22,19 +23,38 @@ from hydra.experimental.callback import Callback
 
 from sdharness.jobs import FAILED_FILE, write_failure
 from sdharness.report.curves import AXIS_NAMES, NAN, summarize, tokens_to_target, trained
-from sdharness.report.runs import Run, differing_keys, find_runs, group_runs, label_runs
+from sdharness.report.runs import Run, find_runs, group_runs, label_runs
 
 SCORES = [("eval/accuracy", "accuracy", ".3f"), ("eval/early_answer_rate", "early answer", ".3f"),
           ("eval/leakage_rate", "leakage", ".3f"), ("eval/completion_length", "length", ".1f"),
           ("train/problems_seen", "problems", ",.0f"), ("train/generated_tokens", "gen. tokens", ",.0f"),
           ("train/flops", "FLOPs", ".3g"), ("train/wall_seconds", "seconds", ".1f")]
 TO_TARGET_AXES = ("generated_tokens", "flops")
+# Target diagnostics the SD loss logs (sdharness/losses.py), averaged over a run's logged steps.
+DIAGNOSTICS = [("train/unconsidered_mass", "unconsidered mass", ".3f"),
+               ("train/kl_target_student", "KL(target‖student)", ".3f"),
+               ("train/max_log_ratio_mean", "max log q/p_S (mean)", ".2f"),
+               ("train/max_log_ratio_max", "max log q/p_S (max)", ".2f")]
 
 
 def final_scores(groups: dict[str, list[Run]]) -> dict[str, dict[str, dict]]:
-    """label -> metric -> :func:`summarize` of the runs' final values."""
-    return {label: {key: summarize([r.final().get(key) for r in group])
-                    for key in sorted({k for r in group for k in r.final()})} for label, group in groups.items()}
+    """label -> metric -> :func:`summarize` of the runs' final values; for the training diagnostics
+    (:data:`DIAGNOSTICS`), of each run's mean over its logged steps."""
+    scores = {label: {key: summarize([r.final().get(key) for r in group])
+                      for key in sorted({k for r in group for k in r.final()})} for label, group in groups.items()}
+    for label, group in groups.items():
+        for key, _, _ in DIAGNOSTICS:
+            per_run = [summarize([row.get(key) for row in r.rows])["mean"] for r in group]
+            if any(math.isfinite(v) for v in per_run):
+                scores[label][key] = summarize(per_run)
+    return scores
+
+
+def base_accuracy(runs: list[Run]) -> float | None:
+    """Mean accuracy of the evals taken before training (step 0), i.e. of the base model, over
+    the runs that have one; None when none has."""
+    found = summarize([run.evals[0]["eval/accuracy"] for run in runs if run.evals and not trained(run.evals[0])])
+    return found["mean"] if found["n"] else None
 
 
 def target_and_reference(groups, scores, target: float | None) -> tuple[float | None, str | None]:
@@ -47,10 +67,11 @@ def target_and_reference(groups, scores, target: float | None) -> tuple[float | 
 
 
 def to_target_table(groups, target: float, reference: str | None) -> dict[str, dict]:
-    """label -> {axis: mean over the seeds that reach ``target`` (None: no seed does), axis_ratio:
-    vs the reference (None: not reached), reached: seeds reaching, n: seeds} for generated tokens and
-    FLOPs. Only evals after training started count (:func:`trained`): the base model beating the
-    target before its first step is not reaching it."""
+    """label -> {axis: mean over the seeds that reach ``target`` (None: no seed does), axis_ci: the
+    95% t half-width over those seeds (NaN below 2), axis_ratio: vs the reference's mean (None: not
+    reached), reached: seeds reaching, n: seeds} for generated tokens and FLOPs. Only evals after
+    training started count (:func:`trained`): the base model beating the target before its first
+    step is not reaching it."""
     table = {}
     for label, group in groups.items():
         entry = {"n": len(group)}
@@ -58,7 +79,9 @@ def to_target_table(groups, target: float, reference: str | None) -> dict[str, d
             hits = [tokens_to_target([(r.get(f"train/{axis}"), r["eval/accuracy"]) for r in run.evals if trained(r)],
                                      target) for run in group]
             entry["reached"] = sum(h is not None for h in hits)
-            entry[axis] = summarize(hits)["mean"] if entry["reached"] else None
+            found = summarize(hits)
+            entry[axis] = found["mean"] if entry["reached"] else None
+            entry[f"{axis}_ci"] = found["ci"] if entry["reached"] else None
         table[label] = entry
     for entry in table.values():
         for axis in TO_TARGET_AXES:
@@ -79,27 +102,76 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
                      + ["| " + " | ".join(clean(c) for c in row) + " |" for row in rows])
 
 
+def with_interval(summary: dict | None, spec: str) -> str:
+    """``mean ± 95% half-width`` (the mean alone below 2 values)."""
+    if not summary or not summary.get("n"):
+        return "–"
+    half = summary.get("ci", NAN)
+    return fmt(summary["mean"], spec) + (f" ± {fmt(half, spec)}" if math.isfinite(half) else "")
+
+
 def scores_table(scores: dict) -> str:
     lmeval = sorted({k for s in scores.values() for k in s if k.startswith("lmeval/")})
     columns = SCORES + [(k, k, ".3f") for k in lmeval]
     rows = []
     for label, s in scores.items():
-        cells = [f"{fmt(s[k]['mean'], spec)} ± {fmt(s[k]['std'], spec)}" if s.get(k, {}).get("n", 0) > 1
-                 and not k.startswith("train/") else fmt(s.get(k, {}).get("mean"), spec) for k, _, spec in columns]
+        cells = [with_interval(s.get(k), spec) if not k.startswith("train/") else fmt(s.get(k, {}).get("mean"), spec)
+                 for k, _, spec in columns]
         rows.append([label, str(s["eval/accuracy"]["n"])] + cells)
     return markdown_table(["run", "seeds"] + [name for _, name, _ in columns], rows)
 
 
-def target_section(table, target, reference) -> str:
-    cell = lambda value, spec: "not reached" if value is None else fmt(value, spec)
-    rows = [[label, f"{e['reached']}/{e['n']}", cell(e["generated_tokens"], ",.0f"),
-             cell(e["generated_tokens_ratio"], ".3f"), cell(e["flops"], ".3g"), cell(e["flops_ratio"], ".3f")]
+def diagnostics_table(scores: dict) -> str:
+    """Per label: final early-answer rate and the SD target diagnostics (run means over logged
+    steps), mean ± 95% half-width over seeds; "–" for methods without a distillation target."""
+    rows = [[label, with_interval(s.get("eval/early_answer_rate"), ".3f")]
+            + [with_interval(s.get(key), spec) for key, _, spec in DIAGNOSTICS] for label, s in scores.items()]
+    return markdown_table(["run", "early answer"] + [name for _, name, _ in DIAGNOSTICS], rows)
+
+
+def target_section(table, target, reference, base: float | None = None) -> str:
+    if base is not None and target <= base + 1e-12:
+        return (f"Target accuracy {target:.3f} is at or below the base model's accuracy {base:.3f} (mean of the "
+                "evals before training): not reaching below the start is no measure of what training bought, so "
+                "no tokens-to-target and no ratio. Pass --target-accuracy above the base.")
+
+    def cell(value, half, spec):
+        if value is None:
+            return "not reached"
+        return fmt(value, spec) + (f" ± {fmt(half, spec)}" if half is not None and math.isfinite(half) else "")
+
+    rows = [[label, f"{e['reached']}/{e['n']}", cell(e["generated_tokens"], e["generated_tokens_ci"], ",.0f"),
+             cell(e["generated_tokens_ratio"], None, ".3f"), cell(e["flops"], e["flops_ci"], ".3g"),
+             cell(e["flops_ratio"], None, ".3f")]
             for label, e in table.items()]
     source = f"final accuracy of {reference} (mean over seeds)" if reference else "--target-accuracy"
-    return (f"Target accuracy {target:.3f} ({source}). First eval after training started (step > 0; the base "
-            f"model's eval does not count) at which accuracy reaches it, mean over the seeds that reach it; "
-            f"ratios vs {reference or '– (no GRPO run)'}; \"not reached\": no seed reaches it.\n\n"
+    base_note = f"; base model {base:.3f}" if base is not None else ""
+    return (f"Target accuracy {target:.3f} ({source}{base_note}). First eval after training started (step > 0; "
+            f"the base model's eval does not count) at which accuracy reaches it: mean ± 95% t half-width over the "
+            f"seeds that reach it (no ± below 2); ratios of those means vs {reference or '– (no GRPO run)'}; "
+            f"\"not reached\": no seed reaches it.\n\n"
             + markdown_table(["run", "seeds reaching", "generated tokens", "× GRPO", "FLOPs", "× GRPO"], rows))
+
+
+NOT_USED = "n/a"
+
+
+def used_config(config: dict) -> dict:
+    """The run's config with the keys its method ignores set to :data:`NOT_USED`: sft and grpo
+    have no aggregation."""
+    if config.get("algo.name") == "sd":
+        return config
+    return {k: NOT_USED if k.startswith("aggregation.") else v for k, v in config.items()}
+
+
+def config_differences(runs: list[Run]) -> str:
+    """Markdown table of the keys whose used values differ between runs (tags omitted)."""
+    configs = [used_config(r.config) for r in runs]
+    keys = [k for k in sorted({k for c in configs for k in c}) if k != "tags"
+            and len({repr(c.get(k)) for c in configs if c.get(k) != NOT_USED}) > 1]
+    if not keys:
+        return "All runs share one config."
+    return markdown_table(["run"] + keys, [[r.name] + [str(c.get(k, "–")) for k in keys] for r, c in zip(runs, configs)])
 
 
 def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None = None, title: str = "",
@@ -116,24 +188,34 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
     summary = ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(runs)} runs."
     md = [f"# Sweep report: {title}", "", summary, ""]
     table = scores_table(scores) if scores else "No completed run."
-    md += ["## Final scores", "", "Last eval of each run; mean ± std over seeds.", "", table, ""]
-    to_target = to_target_table(groups, target, reference) if groups and target is not None else None
-    to_target_md = (target_section(to_target, target, reference) if to_target else
+    md += ["## Final scores", "", "Last eval of each run; mean ± half-width of the 95% confidence interval over "
+           "seeds (Student t; no ± for one seed).", "", table, ""]
+    base = base_accuracy(runs)
+    below_base = target is not None and base is not None and target <= base + 1e-12
+    to_target = to_target_table(groups, target, reference) if groups and target is not None and not below_base \
+        else None
+    to_target_md = (target_section(to_target, target, reference, base) if to_target or below_base else
                     "Skipped: no GRPO run to take the target from; pass --target-accuracy X.")
     md += ["## Tokens to target", "", to_target_md, ""]
+    if scores:
+        md += ["## Early answers and target diagnostics", "", "Early answer: final eval. Target diagnostics (SD "
+               "only): each run's mean over its logged steps of the loss's diagnostics (target mass on tokens the "
+               "student gives < loss.unconsidered_eps; KL(target‖student) per token; per-position max of "
+               "log(q/p_S), averaged and maxed over positions), then mean ± 95% half-width over seeds.", "",
+               diagnostics_table(scores), ""]
     if groups and plots:
         from sdharness.report.plots import plot_curves, plot_tau
 
-        md += ["## Eval accuracy", "", "Mean over seeds (line) and min–max over seeds (band).", ""]
+        md += ["## Eval accuracy", "", "Mean over seeds (line) and its 95% confidence interval (band, Student t "
+               "over seeds; none for one seed).", ""]
         for axis, name in AXIS_NAMES.items():
             png = plot_curves(groups, axis, name, out / f"accuracy_vs_{axis}.png", target)
             md += [f"![accuracy vs {name}]({png.name})", ""]
         png = plot_tau(groups, scores, out / "accuracy_vs_tau.png")
         md += ["## Final accuracy against tau", "", f"![accuracy vs tau]({png.name})", ""]
-    keys = [k for k in differing_keys([r.config for r in runs]) if k != "tags"]
-    md += ["## Config differences", "", "Keys that differ between runs (tags omitted).", ""]
-    md += [markdown_table(["run"] + keys, [[r.name] + [str(r.config.get(k, "–")) for k in keys] for r in runs])
-           if keys else "All runs share one config.", ""]
+    md += ["## Config differences", "", f"Keys whose used values differ between runs (tags omitted; \"–\": not set; "
+           f"\"{NOT_USED}\": ignored by the method, e.g. the aggregation of sft and grpo).", "",
+           config_differences(runs), ""]
     md += ["## Runs", "", markdown_table(["run", "label", "seed", "status", "final accuracy"],
            [[r.name, r.label, r.config.get("seed"), r.status, fmt(r.final().get("eval/accuracy"), ".3f")] for r in runs]), ""]
     bad = [r for r in runs if r.status != "completed"]
@@ -147,6 +229,7 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
             md += ["```", "\n".join(error["traceback_tail"].splitlines()[-15:]), "```", ""]
     (out / "report.md").write_text("\n".join(md))
     return {"scores": scores, "target": target, "reference": reference, "to_target": to_target, "runs": runs,
+            "base": base,
             "table": table, "to_target_md": to_target_md, "summary": summary, "title": title, "path": out / "report.md"}
 
 

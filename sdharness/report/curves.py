@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import stats
 
 NAN = float("nan")
+CONFIDENCE = 0.95
 AXIS_NAMES = {"problems_seen": "problems seen", "generated_tokens": "generated tokens", "flops": "FLOPs",
           "wall_seconds": "train seconds"}
 
@@ -25,17 +27,27 @@ def trained(row: dict) -> bool:
     return (step if step is not None else row.get("train/problems_seen") or 0) > 0
 
 
+def t_halfwidth(std, n: int, level: float = CONFIDENCE):
+    """Half-width of the ``level`` Student-t confidence interval of a mean of ``n`` values with
+    sample standard deviation ``std`` (ddof 1); NaN below 2 values."""
+    return NAN if n < 2 else stats.t.ppf(0.5 + level / 2, n - 1) * np.asarray(std) / math.sqrt(n)
+
+
 def summarize(values) -> dict:
-    """mean, std (population), min, max and n of the finite values; NaNs when there are none."""
+    """mean, std (sample, ddof 1), ci (half-width of the 95% t-interval of the mean), min, max and n
+    of the finite values; NaNs when there are none (std and ci: below 2 values)."""
     array = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if not len(array):
-        return {"mean": NAN, "std": NAN, "min": NAN, "max": NAN, "n": 0}
-    return {"mean": array.mean(), "std": array.std(), "min": array.min(), "max": array.max(), "n": len(array)}
+        return {"mean": NAN, "std": NAN, "ci": NAN, "min": NAN, "max": NAN, "n": 0}
+    std = array.std(ddof=1) if len(array) > 1 else NAN
+    return {"mean": array.mean(), "std": std, "ci": float(t_halfwidth(std, len(array))), "min": array.min(),
+            "max": array.max(), "n": len(array)}
 
 
 def mean_curve(curves):
-    """Mean and min/max of curves ``[(xs, ys), ...]`` sampled at different x: linearly
-    interpolated on the union of their x values within the range all of them cover."""
+    """Mean and its 95% confidence band (mean -+ t half-width over curves; the mean itself for one
+    curve) of curves ``[(xs, ys), ...]`` sampled at different x: linearly interpolated on the union
+    of their x values within the range all of them cover. Returns ``(x, mean, low, high)``."""
     curves = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves if len(x)]
     if len(curves) == 1:
         return curves[0][0], curves[0][1], curves[0][1], curves[0][1]
@@ -43,4 +55,5 @@ def mean_curve(curves):
     grid = np.unique(np.concatenate([x for x, _ in curves]))
     grid = grid[(grid >= low) & (grid <= high)] if low <= high else grid
     stack = np.stack([np.interp(grid, x, y) for x, y in curves])
-    return grid, stack.mean(0), stack.min(0), stack.max(0)
+    mean, half = stack.mean(0), t_halfwidth(stack.std(0, ddof=1), len(curves))
+    return grid, mean, mean - half, mean + half

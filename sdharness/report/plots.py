@@ -27,8 +27,8 @@ def _legend(ax) -> None:
 
 
 def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: float | None = None) -> Path:
-    """Eval accuracy against ``train/<axis>``: one line per label (mean over seeds), min–max band;
-    the tokens-to-target accuracy as a dotted line."""
+    """Eval accuracy against ``train/<axis>``: one line per label (mean over seeds), its 95%
+    confidence band over seeds; the tokens-to-target accuracy as a dotted line."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, runs in groups.items():
         curves = []
@@ -54,7 +54,7 @@ def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: flo
 
 
 def plot_tau(groups: dict, scores: dict, path: Path) -> Path:
-    """Final accuracy (mean, min–max bars) against tau, one line per sd aggregation (plus any other
+    """Final accuracy (mean, 95% confidence bars over seeds) against tau, one line per sd aggregation (plus any other
     differing setting); runs without a tau (sft, grpo, sd/teacher) as dashed horizontal lines."""
     lines: dict[str, list[tuple[float, dict]]] = {}
     flat = {}
@@ -69,7 +69,7 @@ def plot_tau(groups: dict, scores: dict, path: Path) -> Path:
     for i, (name, points) in enumerate(lines.items()):
         points.sort(key=lambda p: p[0])
         means = [a["mean"] for _, a in points]
-        errors = [[a["mean"] - a["min"] for _, a in points], [a["max"] - a["mean"] for _, a in points]]
+        errors = [[a["ci"] if math.isfinite(a["ci"]) else 0.0 for _, a in points]] * 2
         ax.errorbar([t for t, _ in points], means, yerr=errors, marker="o", capsize=3, label=name, color=f"C{i % 10}")
     for i, (label, acc) in enumerate(flat.items(), start=len(lines)):
         ax.axhline(acc["mean"], linestyle="--", linewidth=1, label=label, color=f"C{i % 10}")
@@ -79,7 +79,7 @@ def plot_tau(groups: dict, scores: dict, path: Path) -> Path:
         ax.set_xticks(taus, [f"{t:g}" for t in taus])
     if not lines:
         ax.text(0.5, 0.5, "no sd run with a tau-dependent aggregation", transform=ax.transAxes, ha="center")
-    ax.set(xlabel="tau", ylabel="final eval accuracy", title="Final accuracy vs tau (mean, min–max over seeds)")
+    ax.set(xlabel="tau", ylabel="final eval accuracy", title="Final accuracy vs tau (mean, 95% CI over seeds)")
     ax.grid(alpha=0.3)
     _legend(ax)
     return _save(fig, path)
