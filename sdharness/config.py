@@ -109,6 +109,11 @@ class DataConfig:
     # Every data set: reject (file:line) rather than skip and count problems whose prompt does not fit
     # the model context, and (chatlog) unusable conversations.
     strict: bool = False
+    # Validation split, for choosing hyperparameters without touching the eval split: the first
+    # validation_size training problems are held out (never trained on). evaluate_on=validation
+    # makes the quick evals score them, logged as val/* instead of eval/*.
+    validation_size: int = 0
+    evaluate_on: str = "eval"
 
     def __post_init__(self):
         from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES
@@ -123,6 +128,15 @@ class DataConfig:
         _choice("data.solution_style", self.solution_style, SOLUTION_STYLES)
         require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         require(self.train_size >= 1 and self.eval_size >= 0, "data.train_size must be >= 1 and data.eval_size >= 0")
+        _choice("data.evaluate_on", self.evaluate_on, ("eval", "validation"))
+        require(self.validation_size >= 0, f"data.validation_size must be >= 0, got {self.validation_size}")
+        require(self.name != "chatlog" or self.validation_size == 0,
+                "data.validation_size is for problem data (arithmetic, jsonl), not data=chatlog; set it to 0")
+        require(self.evaluate_on == "eval" or self.validation_size > 0, "data.evaluate_on=validation needs a "
+                "validation split: set data.validation_size, e.g. data.validation_size=256")
+        if self.name == "arithmetic":
+            require(self.validation_size < self.train_size, f"data.validation_size={self.validation_size} must be "
+                    f"below data.train_size={self.train_size}: it is taken from the training problems")
 
 
 @dataclass

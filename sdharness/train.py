@@ -70,7 +70,9 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     datamodule.setup()
     module = method_class(cfg.algo.name)(model, tokenizer, cfg)
 
-    quick_eval = QuickEval(datamodule.eval_dataloader, cfg.eval, cfg.data.answer_marker, cfg.prompt.leak_phrases)
+    # Scoring the validation split (hyperparameter selection) is logged as val/*, never as eval/*.
+    quick_eval = QuickEval(datamodule.eval_dataloader, cfg.eval, cfg.data.answer_marker, cfg.prompt.leak_phrases,
+                           prefix="val" if cfg.data.evaluate_on == "validation" else "eval")
     checkpoints = StepCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.trainer.checkpoint_every_n_steps)
     loggers = make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True), resume)
     try:

@@ -135,12 +135,18 @@ class LoadedData:
     train: list[dict]
     evaluation: list[dict]
     skipped: Counter = field(default_factory=Counter)
+    validation: list[dict] = field(default_factory=list)  # held out of the training rows (data.validation_size)
 
 
 def load_data(cfg: DataConfig) -> LoadedData:
     """Read and validate the configured data; needs no tokenizer, so it runs before any model loads."""
     if cfg.name != "chatlog":
-        return LoadedData(*load_problems(cfg))
+        train, evaluation = load_problems(cfg)
+        if cfg.validation_size and cfg.validation_size >= len(train):
+            raise DataError(f"data.validation_size={cfg.validation_size} leaves no training problem of {len(train)}; "
+                            "lower it or add rows")
+        # From the training rows, so it is disjoint from the eval split as the training rows are.
+        return LoadedData(train[cfg.validation_size:], evaluation, validation=train[:cfg.validation_size])
     train, evaluation, skipped = load_chats(cfg)
     for reason, count in sorted(skipped.items()):
         log.warning("skipped %d conversation(s) of %s: %s", count, cfg.path, reason)
@@ -250,7 +256,8 @@ class ProblemDataModule(L.LightningDataModule):
         self.skipped.update(loaded.skipped)
         encode = self._encode_chats if self.cfg.name == "chatlog" else self._encode
         self.train = encode(loaded.train, "train")
-        self.evaluation = encode(loaded.evaluation, "eval")
+        self.evaluation = encode(loaded.validation if self.cfg.evaluate_on == "validation" else loaded.evaluation,
+                                 "eval")
         if not self.train:
             raise ConfigError(f"data: no training problem fits the model context of {self.max_context} tokens "
                               f"with {self.max_new_tokens} new tokens (max of rollout.max_new_tokens and "

@@ -90,8 +90,9 @@ def gathered_from_all_ranks(items: list, world_size: int) -> list:
 class QuickEval(L.Callback):
     """Runs :func:`evaluate_greedy` before training, every ``every_n_steps`` and at the final step."""
 
-    def __init__(self, eval_batches, cfg: EvalConfig, answer_marker: str, leak_phrases: list[str] = ()):
-        self.eval_batches, self.cfg = eval_batches, cfg
+    def __init__(self, eval_batches, cfg: EvalConfig, answer_marker: str, leak_phrases: list[str] = (),
+                 prefix: str = "eval"):
+        self.eval_batches, self.cfg, self.prefix = eval_batches, cfg, prefix
         self.answer_marker, self.leak_phrases = answer_marker, list(leak_phrases)
         self.history: list[tuple[int, EvalResult]] = []
 
@@ -103,7 +104,7 @@ class QuickEval(L.Callback):
                                  max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
                                  leak_phrases=self.leak_phrases, synced=module.sharded,
                                  rank=trainer.global_rank, world_size=trainer.world_size)
-        metrics = {**result.as_metrics(), **module.counters.as_metrics(), **self.lm_eval(module)}
+        metrics = {**result.as_metrics(self.prefix), **module.counters.as_metrics(), **self.lm_eval(module)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append((trainer.global_step, result))

@@ -1,0 +1,157 @@
+"""The comparison protocol: a learning rate per method chosen on a validation split, every method at
+its learning rate over seeds, then the report with confidence bands.
+
+    python -m sdharness.report.protocol --out protocol              # all of it (CPU: see the estimate below)
+    python -m sdharness.report.protocol --out protocol --dry-run    # print the commands only
+    python -m sdharness.report.protocol --out protocol --stage final   # reuse protocol/select
+    python -m sdharness.report.protocol --out p --jobs 2 model=tiny_random trainer.max_steps=2   # overrides apply to every job
+
+1. ``select`` (sweeps/protocol_select.yaml): every method of :data:`METHODS` at each lr of the grid,
+   seed 0, native references, scored on ``data.validation_size`` problems held out of the training
+   pool and logged as ``val/*``. Selection reads ``val/accuracy`` only (:func:`select_learning_rates`);
+   the eval split is never scored in this stage. Writes ``OUT/selection.json`` and ``OUT/selection.md``.
+2. ``final`` (sweeps/protocol_final.yaml): each method at its selected lr, seeds 0, 1, 2, native and
+   foreign references (grpo reads none: native only), 2048 problems each, 256 eval problems; one
+   multirun per method under ``OUT/final/<method>``.
+3. ``report``: ``sdharness-report OUT/final`` -> ``OUT/final/report/report.md``: mean ± 95% confidence
+   bands over seeds on every x-axis, tokens-to-target with intervals, early answers and target
+   diagnostics per method.
+
+``--jobs 2`` runs two multiruns at once (one per core, each at 1 thread) in the final stage.
+
+Time on the 2-core VM (measured 2026-12-01 at load 6-9 from other sessions, 1 thread, testbed base,
+2048 problems, 256 eval problems, 5 evals): sd/product 7.5 min wall, grpo ~23 min; a quiet VM is
+roughly 2x faster (the LOG's quiet make train). Estimated on a quiet VM, per job: sd 4 min, grpo 11,
+sft 1.5 at 2048 problems; a quarter of that (plus the two evals) at the selection stage's 512.
+Selection: 15 sd + 3 sft + 3 grpo jobs ~ 25 core-minutes. Final: 30 sd + 6 sft + 3 grpo jobs ~ 162
+core-minutes. With ``--jobs 2`` about 95 minutes wall: over the 90-minute target by a few minutes,
+so drop ``foreign`` (``--styles native``: final 81 core-minutes, about 55 minutes wall) or accept it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sdharness.report.build import build_report, markdown_table
+from sdharness.report.runs import Run, find_runs
+
+METHODS = ("sd_teacher", "sd_product", "sd_clip", "sd_entropy_matched", "sd_trust_region", "sft", "grpo")
+READS_NO_REFERENCE = ("grpo",)  # trained on answers only: the reference style does not apply
+SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+SELECTION_METRIC = "val/accuracy"
+
+
+def method_of(run: Run) -> str | None:
+    """The ``method=...`` choice a protocol job was launched with (its Hydra overrides)."""
+    return next((o.split("=", 1)[1] for o in run.overrides if o.startswith("method=")), None)
+
+
+def validation_scores(run: Run) -> list[float]:
+    """The run's ``val/accuracy`` values in step order (never ``eval/*``)."""
+    return [row[SELECTION_METRIC] for row in run.rows if row.get(SELECTION_METRIC) is not None]
+
+
+def select_learning_rates(runs: list[Run]) -> dict[str, dict]:
+    """method -> {lr, validation accuracy, candidates: [{lr, final, mean}]}: per method, the
+    ``optim.lr`` whose run ends with the best validation accuracy; ties go to the higher mean over
+    its validation evals after the first (the base model's), then to the smaller lr. Only
+    ``val/accuracy`` is read; runs without it (failed, or scored on the eval split) are skipped."""
+    candidates: dict[str, list[dict]] = {}
+    for run in runs:
+        scores, method = validation_scores(run), method_of(run)
+        if run.failure or not scores or method is None:
+            continue
+        after_start = scores[1:] or scores
+        candidates.setdefault(method, []).append({"lr": float(run.config["optim.lr"]), "final": scores[-1],
+                                                  "mean": sum(after_start) / len(after_start)})
+    chosen = {}
+    for method, options in candidates.items():
+        best = max(options, key=lambda c: (c["final"], c["mean"], -c["lr"]))
+        chosen[method] = {"lr": best["lr"], "validation_accuracy": best["final"],
+                          "candidates": sorted(options, key=lambda c: c["lr"])}
+    return chosen
+
+
+def selection_markdown(selection: dict[str, dict]) -> str:
+    rows = [[method, f"{entry['lr']:g}", f"{entry['validation_accuracy']:.3f}",
+             ", ".join(f"{c['lr']:g}: {c['final']:.3f}" for c in entry["candidates"])]
+            for method, entry in selection.items()]
+    return ("Learning rate per method, chosen on the validation split (final val/accuracy; ties: mean over the "
+            "evals after the start, then the smaller lr). The eval split was not scored.\n\n"
+            + markdown_table(["method", "lr", "val accuracy", "final val accuracy per lr"], rows))
+
+
+def train_command(config_name: str, sweep_dir: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "sdharness.train", "-m", "--config-dir", str(SWEEPS_DIR), "--config-name",
+            config_name, f"hydra.sweep.dir={sweep_dir}", *overrides]
+
+
+def final_commands(out: Path, selection: dict[str, dict], styles: list[str], seeds: str,
+                   overrides: list[str]) -> list[list[str]]:
+    commands = []
+    for method in METHODS:
+        if method not in selection:
+            continue
+        method_styles = ["native"] if method in READS_NO_REFERENCE else styles
+        commands.append(train_command("protocol_final", out / "final" / method, [
+            f"method={method}", f"optim.lr={selection[method]['lr']:g}", f"seed={seeds}",
+            f"data.solution_style={','.join(method_styles)}", *overrides]))
+    return commands
+
+
+def run_all(commands: list[list[str]], jobs: int, dry_run: bool) -> None:
+    for command in commands:
+        print("+ " + " ".join(command), flush=True)
+    if dry_run:
+        return
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        codes = list(pool.map(lambda command: subprocess.run(command).returncode, commands))
+    failed = [" ".join(c) for c, code in zip(commands, codes) if code]
+    if failed:  # a failed job is recorded in its FAILED.json and listed by the report; go on
+        print(f"sdharness-protocol: {len(failed)} multirun(s) exited non-zero; see their FAILED.json", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sdharness.report.protocol", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="protocol dir: select/, selection.json, final/, final/report/")
+    parser.add_argument("--stage", choices=("all", "select", "final"), default="all",
+                        help="final: reuse OUT/selection.json (or OUT/select)")
+    parser.add_argument("--styles", default="native,foreign", help="reference styles of the final stage")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=1, help="multiruns at once in the final stage (2 on 2 cores)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. model=tiny_random")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.stage in ("all", "select"):
+        run_all([train_command("protocol_select", out / "select", args.overrides)], 1, args.dry_run)
+        if args.dry_run:
+            return
+    if args.stage == "final" and (out / "selection.json").exists():
+        selection = json.loads((out / "selection.json").read_text())
+    else:
+        if not (out / "select").is_dir():
+            parser.error(f"no selection stage under {out / 'select'}: run --stage select first")
+        selection = select_learning_rates(find_runs(out / "select"))
+        if not selection:
+            parser.error(f"no run under {out / 'select'} logged {SELECTION_METRIC}")
+        (out / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+        (out / "selection.md").write_text(selection_markdown(selection) + "\n")
+        print(selection_markdown(selection), flush=True)
+    if args.stage == "select":
+        return
+    styles = [s for s in args.styles.split(",") if s]
+    run_all(final_commands(out, selection, styles, args.seeds, args.overrides), args.jobs, args.dry_run)
+    if args.dry_run:
+        return
+    result = build_report(find_runs(out / "final"), out / "final" / "report", title=f"comparison protocol {out}")
+    print(f"\nFinal scores:\n{result['table']}\n\nReport: {result['path']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

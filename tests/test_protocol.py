@@ -1,0 +1,116 @@
+"""The comparison protocol: the validation split, lr selection by validation only, the final commands."""
+
+import csv
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from sdharness.config import ConfigError, DataConfig, PromptConfig
+from sdharness.data.datamodule import ProblemDataModule, load_data
+from sdharness.models import char_tokenizer
+from sdharness.report.protocol import final_commands, select_learning_rates, selection_markdown
+from sdharness.report.runs import find_runs
+
+
+# ---------------------------------------------------------------- the validation split
+
+def test_validation_rows_come_from_the_training_pool_and_never_from_eval():
+    plain = load_data(DataConfig(train_size=40, eval_size=10))
+    split = load_data(DataConfig(train_size=40, eval_size=10, validation_size=8))
+    problems = lambda rows: [r["problem"] for r in rows]
+    assert problems(split.validation) == problems(plain.train)[:8]
+    assert problems(split.train) == problems(plain.train)[8:] and len(split.train) == 32
+    assert problems(split.evaluation) == problems(plain.evaluation)  # the eval split does not move
+    assert not set(problems(split.validation)) & set(problems(split.evaluation))
+    assert not set(problems(split.validation)) & set(problems(split.train))
+
+
+def test_jsonl_validation_rows_are_held_out_after_the_eval_rows(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"problem": f"p{i}", "solution": "s"}) for i in range(20)))
+    split = load_data(DataConfig(name="jsonl", path=str(path), eval_size=5, validation_size=4))
+    names = [{r["problem"] for r in rows} for rows in (split.train, split.validation, split.evaluation)]
+    assert [len(n) for n in names] == [11, 4, 5] and set().union(*names) == {f"p{i}" for i in range(20)}
+
+
+def test_evaluate_on_validation_scores_the_validation_rows():
+    cfg = DataConfig(train_size=30, eval_size=6, validation_size=5, evaluate_on="validation", batch_size=2)
+    dm = ProblemDataModule(cfg, PromptConfig(student="Q: {problem}\nA:\n", teacher="{problem}\n{solution}\n"),
+                           char_tokenizer(), max_context=512, max_new_tokens=8, eval_batch_size=4)
+    dm.setup()
+    scored = [p["problem"] for batch in dm.eval_dataloader() for p in batch.problems]
+    assert scored == [r["problem"] for r in load_data(cfg).validation] and len(dm.train) == 25
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"evaluate_on": "validation"}, "data.evaluate_on=validation needs a validation split"),
+    ({"validation_size": 256, "train_size": 256}, "data.validation_size=256 must be below data.train_size=256"),
+    ({"validation_size": -1}, "data.validation_size must be >= 0"),
+    ({"evaluate_on": "test"}, "data.evaluate_on"),
+])
+def test_bad_validation_settings_name_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(**fields)
+
+
+# ---------------------------------------------------------------- selection
+
+def selection_run(root, name, method, lr, val, eval_=None, seed=0):
+    """A stage-1 job dir: val/accuracy per eval (and, to tempt a wrong selection, eval/accuracy)."""
+    path = root / name
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"algo": {"name": method.split("_")[0]}, "optim": {"lr": lr}, "seed": seed}),
+                   path / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create([f"method={method}", f"optim.lr={lr}", f"seed={seed}"]),
+                   path / ".hydra" / "overrides.yaml")
+    with open(path / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["step", "val/accuracy", "eval/accuracy"])
+        writer.writeheader()
+        for step, value in enumerate(val):
+            writer.writerow({"step": step, "val/accuracy": value,
+                             "eval/accuracy": None if eval_ is None else eval_[step]})
+
+
+def test_selection_reads_the_validation_split_only(tmp_path):
+    # Validation prefers 1e-4 for sd_product and 3e-4 for sft; eval says the opposite.
+    selection_run(tmp_path, "0", "sd_product", 3e-5, [0.2, 0.25], eval_=[0.2, 0.6])
+    selection_run(tmp_path, "1", "sd_product", 1e-4, [0.2, 0.40], eval_=[0.2, 0.1])
+    selection_run(tmp_path, "2", "sd_product", 3e-4, [0.2, 0.30], eval_=[0.2, 0.5])
+    selection_run(tmp_path, "3", "sft", 1e-4, [0.2, 0.30], eval_=[0.2, 0.9])
+    selection_run(tmp_path, "4", "sft", 3e-4, [0.2, 0.35], eval_=[0.2, 0.1])
+    selection = select_learning_rates(find_runs(tmp_path))
+    assert {m: e["lr"] for m, e in selection.items()} == {"sd_product": 1e-4, "sft": 3e-4}
+    assert selection["sd_product"]["validation_accuracy"] == 0.4
+    assert [c["lr"] for c in selection["sd_product"]["candidates"]] == [3e-5, 1e-4, 3e-4]
+    assert "| sd_product | 0.0001 | 0.400 | 3e-05: 0.250, 0.0001: 0.400, 0.0003: 0.300 |" in selection_markdown(selection)
+
+
+def test_ties_go_to_the_higher_mean_then_the_smaller_lr(tmp_path):
+    selection_run(tmp_path, "0", "grpo", 3e-5, [0.2, 0.1, 0.3])
+    selection_run(tmp_path, "1", "grpo", 1e-4, [0.2, 0.2, 0.3])  # same final, higher mean
+    selection_run(tmp_path, "2", "sft", 1e-4, [0.2, 0.3])
+    selection_run(tmp_path, "3", "sft", 3e-5, [0.2, 0.3])  # same final and mean: the smaller lr
+    selection = select_learning_rates(find_runs(tmp_path))
+    assert selection["grpo"]["lr"] == 1e-4 and selection["sft"]["lr"] == 3e-5
+
+
+def test_runs_scored_on_the_eval_split_are_not_candidates(tmp_path):
+    selection_run(tmp_path, "0", "sd_clip", 1e-4, [0.2, 0.3])
+    path = tmp_path / "1"
+    selection_run(tmp_path, "1", "sd_clip", 3e-4, [])  # logged eval/* only
+    with open(path / "metrics.csv", "w", newline="") as handle:
+        handle.write("step,eval/accuracy\n0,0.2\n1,0.9\n")
+    assert select_learning_rates(find_runs(tmp_path))["sd_clip"]["lr"] == 1e-4
+
+
+def test_final_commands_give_each_method_its_lr_and_grpo_native_references_only(tmp_path):
+    selection = {"sd_trust_region": {"lr": 1e-4}, "grpo": {"lr": 3e-5}, "sft": {"lr": 3e-4}}
+    commands = final_commands(tmp_path, selection, ["native", "foreign"], "0,1,2", ["model=tiny_random"])
+    assert len(commands) == 3
+    by_method = {next(a for a in c if a.startswith("method=")): c for c in commands}
+    tr = by_method["method=sd_trust_region"]
+    assert "optim.lr=0.0001" in tr and "data.solution_style=native,foreign" in tr and "seed=0,1,2" in tr
+    assert f"hydra.sweep.dir={tmp_path / 'final' / 'sd_trust_region'}" in tr and tr[-1] == "model=tiny_random"
+    assert "data.solution_style=native" in by_method["method=grpo"] and "optim.lr=3e-05" in by_method["method=grpo"]
+    assert "--config-name" in tr and tr[tr.index("--config-name") + 1] == "protocol_final"
