@@ -97,9 +97,9 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     # FSDP2 shards in place: the full weights are gathered (every rank takes part) for rank 0 to save.
     weights = full_state_dict(module.model) if is_sharded(module.model) else None
     if not trainer.is_global_zero:
-        return quick_eval.history[-1][1].as_metrics()
+        return quick_eval.history[-1][1].as_metrics(quick_eval.prefix)
     save_for_inference(module.model, tokenizer, output_dir / "final_model", state_dict=weights)
-    return print_summary(quick_eval.history, module.counters, output_dir)
+    return print_summary(quick_eval.history, module.counters, output_dir, quick_eval.prefix)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

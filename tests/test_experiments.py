@@ -26,7 +26,7 @@ SWEEPS_DIR = CONF_DIR.parent / "sweeps"
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 SWEEPS = sorted(path.stem for path in SWEEPS_DIR.glob("*.yaml"))
 # One optimiser step on a few short problems, no W&B: the smallest run that goes through every stage.
-SMOKE = ["trainer.max_steps=1", "data.train_size=8", "data.eval_size=4", "data.batch_size=2",
+SMOKE = ["trainer.max_steps=1", "data.train_size=8", "data.validation_size=2", "data.eval_size=4", "data.batch_size=2",
          "rollout.max_new_tokens=8", "rollout.progress=false", "eval.max_new_tokens=8", "eval.batch_size=4",
          "logger.mode=disabled"]
 HEAVY_MODELS = ("smollm2_135m",)
@@ -58,7 +58,8 @@ def sweep_combinations(params: dict) -> list[list[str]]:
 
 
 def assert_one_step_ran(output_dir: Path, metrics: dict, batch_size: int) -> None:
-    assert math.isfinite(metrics["eval/accuracy"])
+    # The protocol's selection stage scores the validation split: val/*, never eval/*
+    assert math.isfinite(metrics["val/accuracy"] if "val/accuracy" in metrics else metrics["eval/accuracy"])
     with open(output_dir / "metrics.csv", newline="") as handle:
         seen = [float(row["train/problems_seen"]) for row in csv.DictReader(handle) if row.get("train/problems_seen")]
     assert max(seen) == batch_size  # exactly one step of one batch

@@ -140,8 +140,9 @@ class QuickEval(L.Callback):
         self.history = [(step, EvalResult(**result)) for step, result in state["history"]]
 
 
-def print_summary(evals: list, counters, output_dir) -> dict[str, float]:
-    """Print before/after eval accuracy (``QuickEval.history``) and the run's cost; return the final metrics."""
+def print_summary(evals: list, counters, output_dir, prefix: str = "eval") -> dict[str, float]:
+    """Print before/after eval accuracy (``QuickEval.history``) and the run's cost; return the final
+    metrics (``prefix``: ``val`` when the validation split was scored)."""
     labelled = [("before", *evals[0]), ("after", *evals[-1])] if evals[0][0] == 0 else [("after", *evals[-1])]
     lines = [
         f"{'':<14}{'step':>6}{'accuracy':>10}{'early_answer':>14}{'length':>8}",
@@ -151,4 +152,4 @@ def print_summary(evals: list, counters, output_dir) -> dict[str, float]:
         f"train seconds {counters.wall_seconds:.1f}, run dir {output_dir}",
     ]
     print("\n".join(lines), flush=True)
-    return evals[-1][1].as_metrics()
+    return evals[-1][1].as_metrics(prefix)

@@ -4,7 +4,8 @@ its learning rate over seeds, then the report with confidence bands.
     python -m sdharness.report.protocol --out protocol              # all of it (CPU: see the estimate below)
     python -m sdharness.report.protocol --out protocol --dry-run    # print the commands only
     python -m sdharness.report.protocol --out protocol --stage final   # reuse protocol/select
-    python -m sdharness.report.protocol --out p --jobs 2 model=tiny_random trainer.max_steps=2   # overrides apply to every job
+    python -m sdharness.report.protocol --out p --methods sd_trust_region,grpo --lrs 1e-4,3e-4 budget.problems=16
+        # a subset; trailing Hydra overrides apply to every job of both stages
 
 1. ``select`` (sweeps/protocol_select.yaml): every method of :data:`METHODS` at each lr of the grid,
    seed 0, native references, scored on ``data.validation_size`` problems held out of the training
@@ -44,6 +45,7 @@ METHODS = ("sd_teacher", "sd_product", "sd_clip", "sd_entropy_matched", "sd_trus
 READS_NO_REFERENCE = ("grpo",)  # trained on answers only: the reference style does not apply
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 SELECTION_METRIC = "val/accuracy"
+LEARNING_RATES = "3e-5,1e-4,3e-4"
 
 
 def method_of(run: Run) -> str | None:
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="protocol dir: select/, selection.json, final/, final/report/")
     parser.add_argument("--stage", choices=("all", "select", "final"), default="all",
                         help="final: reuse OUT/selection.json (or OUT/select)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="choices of sweeps/method/ to compare")
+    parser.add_argument("--lrs", default=LEARNING_RATES, help="the selection stage's optim.lr grid")
     parser.add_argument("--styles", default="native,foreign", help="reference styles of the final stage")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=1, help="multiruns at once in the final stage (2 on 2 cores)")
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.stage in ("all", "select"):
-        run_all([train_command("protocol_select", out / "select", args.overrides)], 1, args.dry_run)
+        run_all([train_command("protocol_select", out / "select", [f"method={args.methods}", f"optim.lr={args.lrs}",
+                                                                   *args.overrides])], 1, args.dry_run)
         if args.dry_run:
             return
     if args.stage == "final" and (out / "selection.json").exists():
