@@ -134,9 +134,6 @@ class DataConfig:
                 "data.validation_size is for problem data (arithmetic, jsonl), not data=chatlog; set it to 0")
         require(self.evaluate_on == "eval" or self.validation_size > 0, "data.evaluate_on=validation needs a "
                 "validation split: set data.validation_size, e.g. data.validation_size=256")
-        if self.name == "arithmetic":
-            require(self.validation_size < self.train_size, f"data.validation_size={self.validation_size} must be "
-                    f"below data.train_size={self.train_size}: it is taken from the training problems")
 
 
 @dataclass

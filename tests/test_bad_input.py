@@ -228,7 +228,7 @@ def test_integer_tau_is_accepted_as_a_float():
 # (override, message of composition_error_message, exactly); Hydra itself fails to compose these.
 UNCOMPOSABLE = {
     "misspelt_group_option": ("aggregation=prodct", "aggregation=prodct is unknown; choose one of: clip, "
-                              "entropy_matched, product, teacher (did you mean aggregation=product?)"),
+                              "entropy_matched, product, teacher, trust_region (did you mean aggregation=product?)"),
     "misspelt_key": ("aggregation.taux=1", "aggregation.taux is not a config key (did you mean aggregation.tau?); "
                      "aggregation has: name, tau"),
     "misspelt_top_level_key": ("sed=1", "sed is not a config key (did you mean seed?); the config has: algo, model"),
@@ -341,7 +341,7 @@ def test_uncomposable_config_through_the_wrapped_hydra_entry_point(tmp_path, mon
         cli_errors(main)()
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("sdharness: error: aggregation=prodct is unknown; choose one of: clip, "
-                                       "entropy_matched, product, teacher (did you mean aggregation=product?)\n")
+                                       "entropy_matched, product, teacher, trust_region (did you mean aggregation=product?)\n")
     assert "HYDRA_FULL_ERROR" not in os.environ
 
 

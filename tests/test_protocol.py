@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.data.datamodule import ProblemDataModule, load_data
+from sdharness.data.jsonl import DataError
 from sdharness.models import char_tokenizer
 from sdharness.report.protocol import final_commands, select_learning_rates, selection_markdown
 from sdharness.report.runs import find_runs
@@ -45,13 +46,17 @@ def test_evaluate_on_validation_scores_the_validation_rows():
 
 @pytest.mark.parametrize("fields, message", [
     ({"evaluate_on": "validation"}, "data.evaluate_on=validation needs a validation split"),
-    ({"validation_size": 256, "train_size": 256}, "data.validation_size=256 must be below data.train_size=256"),
     ({"validation_size": -1}, "data.validation_size must be >= 0"),
     ({"evaluate_on": "test"}, "data.evaluate_on"),
 ])
 def test_bad_validation_settings_name_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
         DataConfig(**fields)
+
+
+def test_a_validation_split_as_large_as_the_training_pool_fails_before_any_model_loads():
+    with pytest.raises(DataError, match=r"data.validation_size=256 leaves no training problem of the 256"):
+        load_data(DataConfig(train_size=256, validation_size=256))
 
 
 # ---------------------------------------------------------------- selection

@@ -143,8 +143,8 @@ def load_data(cfg: DataConfig) -> LoadedData:
     if cfg.name != "chatlog":
         train, evaluation = load_problems(cfg)
         if cfg.validation_size and cfg.validation_size >= len(train):
-            raise DataError(f"data.validation_size={cfg.validation_size} leaves no training problem of {len(train)}; "
-                            "lower it or add rows")
+            raise DataError(f"data.validation_size={cfg.validation_size} leaves no training problem of the "
+                            f"{len(train)} (it is taken from them); lower it, or raise data.train_size or add rows")
         # From the training rows, so it is disjoint from the eval split as the training rows are.
         return LoadedData(train[cfg.validation_size:], evaluation, validation=train[:cfg.validation_size])
     train, evaluation, skipped = load_chats(cfg)
