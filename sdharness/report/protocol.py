@@ -21,12 +21,11 @@ its learning rate over seeds, then the report with confidence bands.
 ``--jobs 2`` runs two multiruns at once (one per core, each at 1 thread) in the final stage.
 
 Time on the 2-core VM (measured 2026-12-01 at load 6-9 from other sessions, 1 thread, testbed base,
-2048 problems, 256 eval problems, 5 evals): sd/product 7.5 min wall, grpo ~23 min; a quiet VM is
-roughly 2x faster (the LOG's quiet make train). Estimated on a quiet VM, per job: sd 4 min, grpo 11,
-sft 1.5 at 2048 problems; a quarter of that (plus the two evals) at the selection stage's 512.
-Selection: 15 sd + 3 sft + 3 grpo jobs ~ 25 core-minutes. Final: 30 sd + 6 sft + 3 grpo jobs ~ 162
-core-minutes. With ``--jobs 2`` about 95 minutes wall: over the 90-minute target by a few minutes,
-so drop ``foreign`` (``--styles native``: final 81 core-minutes, about 55 minutes wall) or accept it.
+2048 problems, 256 eval problems, 5 evals): sd/product about 7 min wall, grpo 25.6 min. Selection
+(15 sd + 3 sft + 3 grpo jobs at 512 problems) and final (30 sd + 6 sft + 3 grpo jobs) come to about
+355 core-minutes at that load, ~3 h wall with ``--jobs 2``; on a quiet VM faster by a factor not
+measured (if 2x, ~90 min). ``--styles native`` is ~245 core-minutes at that load (~1 h wall with
+``--jobs 2`` if quiet is 2x). grpo's 8 samples per problem make it the longest job by far.
 """
 
 from __future__ import annotations
