@@ -21,10 +21,10 @@ its learning rate over seeds, then the report with confidence bands.
 ``--jobs 2`` runs two multiruns at once (one per core, each at 1 thread) in the final stage.
 
 Time on the 2-core VM (measured 2026-12-01 at load 6-9 from other sessions, 1 thread, testbed base,
-2048 problems, 256 eval problems, 5 evals): sd/product about 7 min wall, grpo 25.6 min. Selection
+2048 problems, 256 eval problems, 5 evals): sd/product about 7 min wall, grpo 25.6 min, sft 51 s. Selection
 (15 sd + 3 sft + 3 grpo jobs at 512 problems) and final (30 sd + 6 sft + 3 grpo jobs) come to about
-355 core-minutes at that load, ~3 h wall with ``--jobs 2``; on a quiet VM faster by a factor not
-measured (if 2x, ~90 min). ``--styles native`` is ~245 core-minutes at that load (~1 h wall with
+340 core-minutes at that load, ~3 h wall with ``--jobs 2``; on a quiet VM faster by a factor not
+measured (if 2x, ~90 min). ``--styles native`` is ~235 core-minutes at that load (~1 h wall with
 ``--jobs 2`` if quiet is 2x). grpo's 8 samples per problem make it the longest job by far.
 """
 
