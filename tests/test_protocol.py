@@ -112,10 +112,11 @@ def test_runs_scored_on_the_eval_split_are_not_candidates(tmp_path):
 def test_final_commands_give_each_method_its_lr_and_grpo_native_references_only(tmp_path):
     selection = {"sd_trust_region": {"lr": 1e-4}, "grpo": {"lr": 3e-5}, "sft": {"lr": 3e-4}}
     commands = final_commands(tmp_path, selection, ["native", "foreign"], "0,1,2", ["model=tiny_random"])
-    assert len(commands) == 3
-    by_method = {next(a for a in c if a.startswith("method=")): c for c in commands}
-    tr = by_method["method=sd_trust_region"]
-    assert "optim.lr=0.0001" in tr and "data.solution_style=native,foreign" in tr and "seed=0,1,2" in tr
-    assert f"hydra.sweep.dir={tmp_path / 'final' / 'sd_trust_region'}" in tr and tr[-1] == "model=tiny_random"
-    assert "data.solution_style=native" in by_method["method=grpo"] and "optim.lr=3e-05" in by_method["method=grpo"]
+    assert len(commands) == 9  # a multirun per method and seed, grpo's first (the longest jobs)
+    jobs = [(next(a for a in c if a.startswith("method=")), next(a for a in c if a.startswith("seed="))) for c in commands]
+    assert jobs[:3] == [("method=grpo", f"seed={k}") for k in range(3)]
+    tr = commands[jobs.index(("method=sd_trust_region", "seed=1"))]
+    assert "optim.lr=0.0001" in tr and "data.solution_style=native,foreign" in tr
+    assert f"hydra.sweep.dir={tmp_path / 'final' / 'sd_trust_region' / 'seed1'}" in tr and tr[-1] == "model=tiny_random"
+    assert "data.solution_style=native" in commands[0] and "optim.lr=3e-05" in commands[0]
     assert "--config-name" in tr and tr[tr.index("--config-name") + 1] == "protocol_final"

@@ -13,7 +13,7 @@ its learning rate over seeds, then the report with confidence bands.
    the eval split is never scored in this stage. Writes ``OUT/selection.json`` and ``OUT/selection.md``.
 2. ``final`` (sweeps/protocol_final.yaml): each method at its selected lr, seeds 0, 1, 2, native and
    foreign references (grpo reads none: native only), 2048 problems each, 256 eval problems; one
-   multirun per method under ``OUT/final/<method>``.
+   multirun per method and seed under ``OUT/final/<method>/seed<k>``.
 3. ``report``: ``sdharness-report OUT/final`` -> ``OUT/final/report/report.md``: mean ± 95% confidence
    bands over seeds on every x-axis, tokens-to-target with intervals, early answers and target
    diagnostics per method.
@@ -94,14 +94,15 @@ def train_command(config_name: str, sweep_dir: Path, overrides: list[str]) -> li
 
 def final_commands(out: Path, selection: dict[str, dict], styles: list[str], seeds: str,
                    overrides: list[str]) -> list[list[str]]:
+    """One multirun per method and seed (its reference styles inside), grpo first: the longest jobs
+    start first, so that ``--jobs 2`` keeps both cores busy to the end."""
     commands = []
-    for method in METHODS:
-        if method not in selection:
-            continue
+    for method in sorted((m for m in METHODS if m in selection), key=lambda m: m != "grpo"):
         method_styles = ["native"] if method in READS_NO_REFERENCE else styles
-        commands.append(train_command("protocol_final", out / "final" / method, [
-            f"method={method}", f"optim.lr={selection[method]['lr']:g}", f"seed={seeds}",
-            f"data.solution_style={','.join(method_styles)}", *overrides]))
+        for seed in seeds.split(","):
+            commands.append(train_command("protocol_final", out / "final" / method / f"seed{seed}", [
+                f"method={method}", f"optim.lr={selection[method]['lr']:g}", f"seed={seed}",
+                f"data.solution_style={','.join(method_styles)}", *overrides]))
     return commands
 
 
