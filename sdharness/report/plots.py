@@ -45,7 +45,7 @@ def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: flo
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
-    ax.set(xlabel=axis_name, ylabel="eval accuracy", title=f"Eval accuracy vs {axis_name}")
+    ax.set(xlabel=axis_name, ylabel="eval accuracy", title=f"Eval accuracy vs {axis_name} (mean, 95% CI over seeds)")
     if axis == "flops":
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     ax.grid(alpha=0.3)
