@@ -10,7 +10,7 @@ from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.data.datamodule import ProblemDataModule, load_data
 from sdharness.data.jsonl import DataError
 from sdharness.models import char_tokenizer
-from sdharness.report.protocol import final_commands, select_learning_rates, selection_markdown
+from sdharness.report.protocol import final_commands, select_commands, select_learning_rates, selection_markdown
 from sdharness.report.runs import find_runs
 
 
@@ -107,6 +107,13 @@ def test_runs_scored_on_the_eval_split_are_not_candidates(tmp_path):
     with open(path / "metrics.csv", "w", newline="") as handle:
         handle.write("step,eval/accuracy\n0,0.2\n1,0.9\n")
     assert select_learning_rates(find_runs(tmp_path))["sd_clip"]["lr"] == 1e-4
+
+
+def test_select_commands_sweep_the_lr_grid_per_method_on_the_validation_sweep(tmp_path):
+    commands = select_commands(tmp_path, ["sd_clip", "grpo"], "3e-5,1e-4", ["budget.problems=16"])
+    assert [c[c.index("--config-name") + 1] for c in commands] == ["protocol_select"] * 2
+    assert [next(a for a in c if a.startswith("method=")) for c in commands] == ["method=grpo", "method=sd_clip"]
+    assert "optim.lr=3e-5,1e-4" in commands[1] and f"hydra.sweep.dir={tmp_path / 'select' / 'sd_clip'}" in commands[1]
 
 
 def test_final_commands_give_each_method_its_lr_and_grpo_native_references_only(tmp_path):

@@ -18,13 +18,14 @@ its learning rate over seeds, then the report with confidence bands.
    bands over seeds on every x-axis, tokens-to-target with intervals, early answers and target
    diagnostics per method.
 
-``--jobs 2`` runs two multiruns at once (one per core, each at 1 thread) in the final stage.
+Both stages run one multirun per method (and, in the final stage, per seed), grpo's first, two at
+a time (``--jobs``, default 2: one per core of the 2-core VM, each job at 1 thread).
 
 Time on the 2-core VM (measured 2026-12-01 at load 6-9 from other sessions, 1 thread, testbed base,
 2048 problems, 256 eval problems, 5 evals): sd/product about 7 min wall, grpo 25.6 min, sft 51 s. Selection
 (15 sd + 3 sft + 3 grpo jobs at 512 problems) and final (30 sd + 6 sft + 3 grpo jobs) come to about
-340 core-minutes at that load, ~3 h wall with ``--jobs 2``; on a quiet VM faster by a factor not
-measured (if 2x, ~90 min). ``--styles native`` is ~235 core-minutes at that load (~1 h wall with
+340 core-minutes at that load, ~2 h 50 min wall on both cores; on a quiet VM faster by a factor
+not measured (if 2x, ~85 min: inside the 90-minute target only then). ``--styles native`` is ~235 core-minutes at that load (~1 h wall with
 ``--jobs 2`` if quiet is 2x). grpo's 8 samples per problem make it the longest job by far.
 """
 
@@ -92,6 +93,13 @@ def train_command(config_name: str, sweep_dir: Path, overrides: list[str]) -> li
             config_name, f"hydra.sweep.dir={sweep_dir}", *overrides]
 
 
+def select_commands(out: Path, methods: list[str], lrs: str, overrides: list[str]) -> list[list[str]]:
+    """One multirun per method over the lr grid, grpo first (its jobs are the longest)."""
+    return [train_command("protocol_select", out / "select" / method, [f"method={method}", f"optim.lr={lrs}",
+                                                                       *overrides])
+            for method in sorted(methods, key=lambda m: m != "grpo")]
+
+
 def final_commands(out: Path, selection: dict[str, dict], styles: list[str], seeds: str,
                    overrides: list[str]) -> list[list[str]]:
     """One multirun per method and seed (its reference styles inside), grpo first: the longest jobs
@@ -127,14 +135,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lrs", default=LEARNING_RATES, help="the selection stage's optim.lr grid")
     parser.add_argument("--styles", default="native,foreign", help="reference styles of the final stage")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=int, default=1, help="multiruns at once in the final stage (2 on 2 cores)")
+    parser.add_argument("--jobs", type=int, default=2, help="multiruns at once (2: one per core of the 2-core VM)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. model=tiny_random")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.stage in ("all", "select"):
-        run_all([train_command("protocol_select", out / "select", [f"method={args.methods}", f"optim.lr={args.lrs}",
-                                                                   *args.overrides])], 1, args.dry_run)
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        run_all(select_commands(out, methods, args.lrs, args.overrides), args.jobs, args.dry_run)
         if args.dry_run:
             return
     if args.stage == "final" and (out / "selection.json").exists():
