@@ -116,7 +116,8 @@ def main(dict_cfg: DictConfig) -> float:
         if not in_multirun():
             raise
         return record_failure(output_dir, error)
-    return metrics["eval/accuracy"]
+    # What a sweeper maximises: the validation accuracy when the run scored that split, else the eval's.
+    return metrics["val/accuracy"] if "val/accuracy" in metrics else metrics["eval/accuracy"]
 
 
 main = cli_errors(main)  # composition errors (unknown option, misspelt key) as one line, exit 2

@@ -44,6 +44,22 @@ def test_evaluate_on_validation_scores_the_validation_rows():
     assert scored == [r["problem"] for r in load_data(cfg).validation] and len(dm.train) == 25
 
 
+@pytest.mark.slow
+def test_a_run_on_the_validation_split_logs_and_returns_val_only(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+
+    done = subprocess.run([sys.executable, "-m", "sdharness.train", *TINY, "trainer.max_steps=1", "logger.mode=disabled",
+                           "data.validation_size=3", "data.evaluate_on=validation", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert any(row.get("val/accuracy") for row in rows) and "eval/accuracy" not in rows[0]
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"evaluate_on": "validation"}, "data.evaluate_on=validation needs a validation split"),
     ({"validation_size": -1}, "data.validation_size must be >= 0"),
