@@ -3,6 +3,8 @@
 import csv
 import math
 
+import pytest
+
 from sdharness.train import train
 from tests.conftest import TINY, compose_config
 
@@ -10,6 +12,7 @@ DIAGNOSTICS = ("train/unconsidered_mass", "train/kl_target_student", "train/max_
                "train/max_log_ratio_max")
 
 
+@pytest.mark.slow  # a training run
 def test_diagnostics_are_logged_every_logging_step_with_the_configured_eps(tmp_path, monkeypatch):
     import sdharness.methods.self_distill as module_file
 
