@@ -39,6 +39,14 @@ def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
     return (p * torch.where(p > 0, p_logp - q_logp, torch.zeros_like(p))).sum(-1)
 
 
+def _shifted_log_ratio(diff: torch.Tensor) -> torch.Tensor:
+    """In place, for the fused chunk's shifted differences a - b of log2-probabilities (row constants
+    not yet applied): -BIG where a = 0, i.e. where it is -inf or NaN; +inf (a > 0 = b) stays. Then
+    every product with a's probabilities is 0 there (0 * finite), and a row max never picks it."""
+    big = torch.finfo(diff.dtype).max
+    return diff.nan_to_num_(nan=-big, posinf=math.inf, neginf=-big)
+
+
 def _log_ratio_where_supported(log_ratio: torch.Tensor) -> torch.Tensor:
     """In place: log(a / b) -> 0 where a = 0, i.e. where it is -inf (b > 0) or NaN (b = 0 too);
     +inf (a > 0 = b) stays. Then ``a * log_ratio`` follows 0 log 0 = 0."""
@@ -232,28 +240,32 @@ def _fused_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, aggregation, ta
     else:
         e_g = work("p_target", rows)
         log_zg, inv_zg = _softmax_parts(g, g, e_g, unit=1.0)
-    diff = None  # log2(p_target / p_S), 0 where p_target = 0
+    # log2 p_target - log2 p_S = (g - s) - (log_zg - log_zs); the row constant is applied to the
+    # reductions, and the differences are made finite where the first distribution is 0 (see
+    # _shifted_log_ratio), one pass each.
+    diff = None  # g - s, -BIG where p_target = 0
     if divergence_name == "forward_kl":  # sum p_target (log p_target - log p_S); gradient p_S - p_target
-        diff = _log_ratio_where_supported(torch.sub(g, s, out=work("diff", rows)).sub_(log_zg - log_zs))
-        value = _rowdot(diff, e_g, scratch).mul_(inv_zg)
+        diff = _shifted_log_ratio(torch.sub(g, s, out=work("diff", rows)))
+        value = _rowdot(diff, e_g, scratch).mul_(inv_zg).sub_(log_zg - log_zs)
         grad = e_s.mul_(inv_zs * scale).addcmul_(e_g, inv_zg * -scale)
     else:  # sum p_S (log p_S - log p_target); gradient p_S (log p_S - log p_target - KL)
-        log_ratio = _log_ratio_where_supported(torch.sub(s, g, out=work("log_ratio", rows)).sub_(log_zs - log_zg))
-        value = _rowdot(log_ratio, e_s, scratch).mul_(inv_zs)
-        grad = e_s.mul_(log_ratio.sub_(value)).mul_(inv_zs * (LN2 * scale))
+        log_ratio = _shifted_log_ratio(torch.sub(s, g, out=work("log_ratio", rows)))
+        value = _rowdot(log_ratio, e_s, scratch).mul_(inv_zs).sub_(log_zs - log_zg)
+        grad = e_s.mul_(log_ratio.sub_(log_zs - log_zg + value)).mul_(inv_zs * (LN2 * scale))
     monitored = None
     if monitor:
         if diff is None:
-            diff = _log_ratio_where_supported(torch.sub(g, s, out=work("diff", rows)).sub_(log_zg - log_zs))
-            kl_target = _rowdot(diff, e_g, scratch).mul_(inv_zg)
+            diff = _shifted_log_ratio(torch.sub(g, s, out=work("diff", rows)))
+            kl_target = _rowdot(diff, e_g, scratch).mul_(inv_zg).sub_(log_zg - log_zs)
         else:
             kl_target = value
         # KL(T || S); for the teacher target it is KL(target || S)
-        kl = kl_target if g is t else _rowdot(_log_ratio_where_supported(
-            torch.sub(t, s, out=scratch).sub_(log_zt - log_zs)), e_t, scratch).mul_(inv_zt)
+        kl = kl_target if g is t else _rowdot(_shifted_log_ratio(torch.sub(t, s, out=scratch)), e_t,
+                                              scratch).mul_(inv_zt).sub_(log_zt - log_zs)
         # p_S < eps  <=>  s < log_zs + log2 eps, as a float 0/1 mask (a bool one was ~5x slower on CPU)
         unconsidered = _rowdot(torch.lt(s, log_zs + math.log2(eps), out=scratch), e_g, scratch).mul_(inv_zg * LOG2E)
-        monitored = torch.cat([kl, unconsidered, diff.amax(-1, keepdim=True), kl_target], -1) * LN2
+        top = diff.amax(-1, keepdim=True).sub_(log_zg - log_zs)  # -BIG entries (p_target = 0) never win
+        monitored = torch.cat([kl, unconsidered, top, kl_target], -1) * LN2
     return value.squeeze(-1) * LN2, monitored, grad
 
 
