@@ -22,27 +22,32 @@ ROOT = Path(__file__).resolve().parent.parent
 # checkpoint lands mid-epoch; eval every 3 steps puts an eval both before and after the kill.
 RUN = TINY + ["data.train_size=6", "trainer.max_steps=7", "trainer.checkpoint_every_n_steps=2",
               "eval.every_n_steps=3", "threads=1"]
-# Runs `train` in a fresh process; the callback SIGKILLs the process as step `kill_at` starts.
+# Runs `train` in a fresh process; the callback SIGKILLs the process in `hook` (after every other
+# callback's) once global_step is `kill_at`.
 SCRIPT = """
 import os, signal, sys
 import lightning as L
 from tests.conftest import compose_config
 from sdharness.train import train
 
-out, kill_at, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+out, kill_at, hook, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 
 class KillAt(L.Callback):
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+    pass
+
+def kill(self, trainer, *args):
+    if trainer.global_step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(KillAt, hook, kill)
 
 train(compose_config(overrides), out, callbacks=(KillAt(),))
 """
 
 
-def run(out: Path, *overrides: str, kill_at: int = -1) -> subprocess.CompletedProcess:
+def run(out: Path, *overrides: str, kill_at: int = -1, hook: str = "on_train_batch_start") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(kill_at), *RUN, *overrides],
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(kill_at), hook, *RUN, *overrides],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
@@ -69,6 +74,21 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tmp_path):
     assert metric_rows(killed) == metric_rows(whole)
     assert len({path.name.split("-")[-1] for path in (killed / "wandb").glob("offline-run-*")}) == 1
     assert "before             0" in resumed.stdout  # the start eval survives the kill in the checkpoint
+
+
+@pytest.mark.slow
+def test_a_kill_right_after_a_checkpoint_is_written_keeps_that_steps_metrics_row(tmp_path):
+    """Lightning writes a step's metrics row after every callback's ``on_train_batch_end``, so a
+    kill there, just after the step-4 checkpoint, is the instant between checkpoint and row."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run(whole).returncode == 0
+    first = run(killed, kill_at=4, hook="on_train_batch_end")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    resumed = run(killed, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metric_rows(killed) == metric_rows(whole)
+    a, b = load_file(whole / "final_model" / "model.safetensors"), load_file(killed / "final_model" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_ckpt_path_last_with_no_checkpoint_starts_afresh(tmp_path):
@@ -207,3 +227,35 @@ def test_extending_a_finished_run_and_evaluating_more_often_change_no_sample(tmp
     for other in ("extended", "evaluated"):
         weights = load_file(tmp_path / other / "final_model" / "model.safetensors")
         assert all(torch.equal(whole[name], weights[name]) for name in whole), other
+
+
+# 6 problems in batches of 2: an epoch is 3 steps, so stopping at 1, 2, 3, 4, 6 covers a checkpoint
+# one batch into an epoch, in its middle and at its end, and a chain of resumes crosses several.
+RESUME_RUN = TINY + ["data.train_size=6", "trainer.checkpoint_every_n_steps=1", "logger.mode=disabled", "threads=1",
+                     "eval.every_n_steps=4"]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "final_model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("stops", [[1], [2], [3], [4], [3, 6], [3, 5], [2, 3, 4, 6], [1, 2, 3, 4, 5, 6, 7]],
+                         ids=lambda stops: "-".join(map(str, stops)))
+def test_resuming_at_any_step_gives_the_uninterrupted_weights_and_metrics(tmp_path, stops):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(compose_config(RESUME_RUN + ["trainer.max_steps=8"]), whole)
+    for number, stop in enumerate([*stops, 8]):
+        train(compose_config(RESUME_RUN + [f"trainer.max_steps={stop}", *(["ckpt_path=last"] * bool(number))]),
+              resumed)
+        position = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["sdharness_state"]
+        assert tuple(position["data_position"]) == divmod(stop - 1, 3)[0:1] + (((stop - 1) % 3) + 1,), stop
+    a, b = final_weights(whole), final_weights(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    # Every training row is the uninterrupted run's; the resumed run has the same evals plus the
+    # final eval of each shorter run it was extended from.
+    trained = [[row for row in metric_rows(run) if row["train/loss"]] for run in (whole, resumed)]
+    assert len(trained[0]) == 8 and trained[1] == trained[0]
+    evals = [[row for row in metric_rows(run) if row["eval/accuracy"]] for run in (whole, resumed)]
+    steps = {row["step"] for row in evals[0]}
+    assert [row for row in evals[1] if row["step"] in steps] == evals[0]
+    assert {int(row["step"]) for row in evals[1] if row["step"] not in steps} <= set(stops)

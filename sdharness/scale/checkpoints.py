@@ -1,7 +1,7 @@
 """Checkpoints: when they are taken, and files that are either the previous one or the new one.
 
 ``StepCheckpoint`` writes ``last.ckpt`` every N steps and at the final step, always from inside
-the training loop. A checkpoint taken after ``fit`` returns would record the cut-short epoch as
+the training loop, and puts it in place once the step's metrics row is written. A checkpoint taken after ``fit`` returns would record the cut-short epoch as
 finished, so a run extended from it (``ckpt_path=last trainer.max_steps=<more>``) would skip the
 rest of that epoch's data.
 
@@ -28,21 +28,39 @@ def is_final_step(trainer: L.Trainer) -> bool:
 
 
 class StepCheckpoint(L.Callback):
-    """``last.ckpt`` every ``every_n_steps`` optimiser steps and at the final step."""
+    """``last.ckpt`` every ``every_n_steps`` optimiser steps and at the final step.
+
+    The checkpoint is written at the end of its step but put in place only at the next step's
+    start (or the end of training): Lightning writes a step's metrics row after every callback's
+    ``on_train_batch_end``, and a resumed run keeps the rows up to its checkpoint, so a kill
+    between the two must find the previous checkpoint, all of whose rows are on disk."""
 
     def __init__(self, path: Path, every_n_steps: int):
         self.path, self.every_n_steps = Path(path), every_n_steps
+        self.staged = self.path.with_name(f".{self.path.name}.staged")
         self.saved_step = 0
 
     def on_train_start(self, trainer, module) -> None:
         self.saved_step = trainer.global_step  # a resumed run's checkpoint holds this step already
+        if trainer.is_global_zero:  # from a killed run: its step's metrics row may be missing
+            self.staged.unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         due = is_final_step(trainer) or (self.every_n_steps and step % self.every_n_steps == 0)
         if step != self.saved_step and due:  # a skipped update leaves the step where it was
-            trainer.save_checkpoint(self.path, weights_only=False)  # optimiser and loop state too, to resume
+            trainer.save_checkpoint(self.staged, weights_only=False)  # optimiser and loop state too, to resume
             self.saved_step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._put_in_place(trainer)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._put_in_place(trainer)
+
+    def _put_in_place(self, trainer) -> None:
+        if trainer.is_global_zero and self.staged.exists():
+            os.replace(self.staged, self.path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
