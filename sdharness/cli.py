@@ -18,6 +18,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from sdharness import jobs
 from sdharness.config import TrainConfig
 
 
@@ -59,14 +60,21 @@ def composition_error_message(error: BaseException) -> str:
         details = [line.strip() for line in str(cause).splitlines() if line.strip()]
         message += f": {details[0]}" if details else ""
     override = getattr(error, "override", None)  # OverrideParseException
-    return f"cannot parse the override {override!r}: {message}" if override else message
+    if not override:
+        return message
+    key, equals, value = override.partition("=")
+    quoting = (f"; a value with braces, spaces or other special characters (a prompt template) must be quoted "
+               f"for Hydra inside the shell's quotes: '{key}=\"{value}\"'"
+               if equals and any(char in value for char in "{}[](),:=' ") and not value.startswith(('"', "'")) else "")
+    return f"cannot parse the override {override!r}: {message}{quoting}"
 
 
 def cli_errors(hydra_main: Callable) -> Callable:
     """Wrap a ``@hydra.main`` entry point so that a config Hydra cannot compose (unknown group
     option, misspelt key, ill-typed value, unparsable override) prints one
     ``sdharness: error: ...`` line naming the valid choices and exits with status 2, as the
-    app's own config and data errors do, instead of Hydra's message and status 1.
+    app's own config and data errors do, instead of Hydra's message and status 1. A multirun
+    whose jobs failed (recorded, the others run on) exits with status 1 once it ends.
     ``HYDRA_FULL_ERROR=1`` set by the user keeps Hydra's full behaviour."""
     @functools.wraps(hydra_main)
     def main(*args, **kwargs):
@@ -75,12 +83,18 @@ def cli_errors(hydra_main: Callable) -> Callable:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             return hydra_main(*args, **kwargs)
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing and exiting 1
+        jobs.failed_jobs.clear()
         try:
-            return hydra_main(*args, **kwargs)
+            result = hydra_main(*args, **kwargs)
         except (ConfigCompositionException, OverrideParseException) as error:
             print(f"sdharness: error: {composition_error_message(error)}", file=sys.stderr, flush=True)
             sys.exit(2)
         finally:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+        if jobs.failed_jobs:  # a multirun went on past failed jobs (sdharness/jobs.py); its status says so
+            print(f"sdharness: error: {len(jobs.failed_jobs)} job(s) of the sweep failed, each recorded in its "
+                  f"{jobs.FAILED_FILE}: {', '.join(jobs.failed_jobs)}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        return result
 
     return main

@@ -7,6 +7,7 @@ is merged into these dataclasses: unknown keys and ill-typed values fail at comp
 
 from __future__ import annotations
 
+import math
 import os
 import string
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ def _choice(field_name: str, value: str, choices: tuple[str, ...] | list[str]) -
 
 
 def _positive(field_name: str, value: float, fix: str = "") -> None:
-    require(value > 0, f"{field_name} must be a positive number, got {value!r}" + (f"; {fix}" if fix else ""))
+    require(0 < value < math.inf, f"{field_name} must be a finite positive number, got {value!r}" +
+             (f"; {fix}" if fix else ""))
 
 
 def placeholders(template: str, field_name: str = "template") -> set[str]:
@@ -102,6 +104,10 @@ class DataConfig:
     seed: int = 1234
     batch_size: int = 4
     answer_marker: str = "The answer is"
+    # How a completion's answer is checked, by eval, GRPO's reward, bootstrap and the probe alike:
+    # builtin (the number after answer_marker; integers, decimals, fractions compared exactly) or
+    # math_verify (the math-verify package, for free-form answers such as \frac{1}{2}).
+    checker: str = "builtin"
     # chatlog only: train on `all` earlier assistant turns or only the `first`; also the accepted
     # final turn.
     turns: str = "all"
@@ -116,9 +122,10 @@ class DataConfig:
     evaluate_on: str = "eval"
 
     def __post_init__(self):
-        from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES
+        from sdharness.data.tasks import CHECKERS, DIFFICULTY_STEPS, SOLUTION_STYLES
 
         _choice("data.name", self.name, ("arithmetic", "jsonl", "chatlog"))
+        _choice("data.checker", self.checker, CHECKERS)
         if self.name in ("jsonl", "chatlog"):
             require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")
         _choice("data.turns", self.turns, ("all", "first"))
@@ -296,6 +303,11 @@ class BudgetConfig:
     generated_tokens: int = 0
     seconds: float = 0.0
 
+    def __post_init__(self):
+        for name in ("problems", "generated_tokens", "seconds"):
+            value = getattr(self, name)
+            require(0 <= value < math.inf, f"budget.{name} must be >= 0 (0: no limit), got {value!r}")
+
 
 @dataclass
 class TeacherConfig:
@@ -338,6 +350,9 @@ class EvalConfig:
 
     def __post_init__(self):
         require(self.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {self.every_n_steps}")
+        require(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}; the "
+                 "eval decodes the answer, e.g. eval.max_new_tokens=96")
+        require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}; e.g. eval.batch_size=16")
 
 
 @dataclass
@@ -419,7 +434,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     tags: list[str] = field(default_factory=list)
     ckpt_path: Optional[str] = None  # a checkpoint file, or "last" to resume this run directory
-    # Resuming refuses a checkpoint whose model/data/prompt config differs from this one; true allows it.
+    # Resuming refuses a checkpoint whose RESUME_GROUPS settings or data file contents differ; true allows it.
     resume_allow_changes: bool = False
     output_dir: Optional[str] = None  # filled from Hydra's run directory
 

@@ -4,7 +4,8 @@ Hydra 1.3's basic launcher runs every job of a sweep in one process. A job that 
 failed, but the basic sweeper re-raises its error once the batch is done, so the sweep ends with a
 traceback and no ``on_multirun_end`` (no report); ``sys.exit`` inside a job ends the sweep at
 once. In a multirun, ``sdharness.train.main`` therefore records the error in
-``<job dir>/FAILED.json`` (read by ``sdharness-report``) and returns NaN, and the sweep goes on.
+``<job dir>/FAILED.json`` (read by ``sdharness-report``) and returns NaN, and the sweep goes on;
+once every job has run, the command exits 1 naming the failed ones.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import traceback
 from pathlib import Path
 
 FAILED_FILE = "FAILED.json"
+# Job directories whose job failed in this process: the sweep's exit status (sdharness.cli.cli_errors).
+failed_jobs: list[str] = []
 
 
 def in_multirun() -> bool:
@@ -35,9 +38,12 @@ def end_wandb_run(exit_code: int = 0) -> None:
 
 
 def failure_record(error: BaseException, tail_lines: int = 40) -> dict:
-    """Error type, message and the last ``tail_lines`` lines of its traceback."""
+    """Error type, message, the whole error line (``KeyError: 'answer'``, where the message alone
+    is ``'answer'``) and the last ``tail_lines`` lines of its traceback."""
     lines = "".join(traceback.format_exception(type(error), error, error.__traceback__)).splitlines()
-    return {"error_type": type(error).__name__, "message": str(error), "traceback_tail": "\n".join(lines[-tail_lines:])}
+    error_line = " ".join("".join(traceback.format_exception_only(type(error), error)).split())
+    return {"error_type": type(error).__name__, "message": str(error), "error_line": error_line,
+            "traceback_tail": "\n".join(lines[-tail_lines:])}
 
 
 def write_failure(output_dir: str | Path, error: BaseException) -> Path:
@@ -53,6 +59,7 @@ def record_failure(output_dir: str | Path, error: BaseException, show_traceback:
     returns NaN, the job's value for the sweeper (Optuna counts a NaN trial as failed). The job's
     W&B run was already closed as failed by ``train``."""
     path = write_failure(output_dir, error)
+    failed_jobs.append(str(output_dir))
     shown = failure_record(error)["traceback_tail"] if show_traceback else f"{type(error).__name__}: {error}"
     print(f"{shown}\nsdharness: job failed, recorded in {path}; the sweep goes on", file=sys.stderr, flush=True)
     return math.nan

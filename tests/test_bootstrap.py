@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -12,17 +14,15 @@ from sdharness.tools.bootstrap import (
     answer_hint,
     bootstrap,
     bootstrap_to_file,
-    checker,
     pick_solution,
     provenance_path,
-    resolve_checker,
     trim_solution,
 )
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.data.datamodule import DataError, read_jsonl
 from sdharness.tools.generate import named_config
 from sdharness.models import load_model_and_tokenizer
-from sdharness.data.tasks import arithmetic_split, is_correct
+from sdharness.data.tasks import answer_checker, arithmetic_split, is_correct
 from tests.conftest import TESTBED
 
 TINY = ModelConfig(name="tiny_random", source="tiny_random")
@@ -62,7 +62,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_pick_solution_shortest_first_and_none():
-    number = checker("number")
+    number = answer_checker("builtin")
     candidates = ["a long way round\nThe answer is 7.", "The answer is 8.", "3 + 4 = 7\nThe answer is 7.",
                   "The answer is 7.0", "The answer is 7."]
     assert pick_solution(candidates, "7", checker=number, rule="first") == candidates[0]
@@ -79,14 +79,13 @@ def test_helpers_hint_trim_and_checker_names():
     assert answer_hint("32") == "The answer is 32." and answer_hint(7) == "The answer is 7."
     assert trim_solution("1 + 1 = 2\nThe answer is 2.\nQ: Start with") == "1 + 1 = 2\nThe answer is 2."
     assert trim_solution("  no marker \n") == "no marker"
-    with pytest.raises(ConfigError, match="--checker"):
-        checker("sympy")
+    with pytest.raises(ConfigError, match=r"data.checker='sympy' is unknown; choose one of: builtin, math_verify"):
+        answer_checker("sympy")
 
 
 def test_math_verify_checker_free_form_answers():
     pytest.importorskip("math_verify")
-    name, check = resolve_checker("math_verify")
-    assert name == "math_verify"
+    check = answer_checker("math_verify")
     assert check("1/2 of it\nThe answer is \\frac{1}{2}.", "0.5")
     assert check("The answer is 0.5.", "\\frac{1}{2}")
     assert check("so x = 3\nThe answer is 3.\nThe answer is 4.", "3")  # the first committed answer
@@ -94,12 +93,16 @@ def test_math_verify_checker_free_form_answers():
     assert not check("", "3")
 
 
-def test_math_verify_missing_falls_back_to_number(monkeypatch, capsys):
-    monkeypatch.setattr(bs, "math_verify_available", lambda: False)
-    name, check = resolve_checker("math_verify")
-    assert name == "number"
-    assert "not installed" in capsys.readouterr().err
-    assert check("The answer is 1,024.", "1024") and not check("The answer is 3.", "4")
+def test_math_verify_missing_is_an_error_naming_the_install(monkeypatch):
+    import importlib.util
+
+    answer_checker.cache_clear()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"data.checker=math_verify needs the math-verify package: pip install "
+                                          r"math-verify, or set data.checker=builtin"):
+        answer_checker("math_verify")
+    answer_checker.cache_clear()
 
 
 # --------------------------------------------------------------------------- (b) bootstrap itself
@@ -170,7 +173,7 @@ def test_cache_reused_then_regenerated_on_any_difference(tmp_path):
     status, rows, summary = bootstrap_to_file(problems, out, k=4, **common)
     assert status == "generated" and len(calls) == 2 and summary["kept"] == 4
     record = json.loads(provenance_path(out).read_text())
-    assert record["key"]["k"] == 4 and record["key"]["checker"] == "number" and record["summary"] == summary
+    assert record["key"]["k"] == 4 and record["key"]["checker"] == "builtin" and record["summary"] == summary
     assert record["key"]["model"]["name"] == "tiny_random" and len(record["key"]["model"]["config_sha256"]) == 64
     assert read_jsonl(out, required=("problem", "solution", "answer")) == rows
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
@@ -202,19 +205,43 @@ def test_input_needs_problem_and_answer(tmp_path):
                           sample_fn=fake_sampler())
 
 
-def test_cli_end_to_end_with_tiny_random(tmp_path, capsys):
+def test_cli_end_to_end_with_tiny_random(tmp_path, capsys, monkeypatch):
     problems = write_jsonl(tmp_path / "in.jsonl", PROBLEMS[:2])
     out = tmp_path / "out.jsonl"
     argv = ["--model", "tiny_random", "--problems", str(problems), "--out", str(out), "--prompt", "testbed",
             "-k", "2", "--max-new-tokens", "4", "--unsolved", "answer_hint", "--guidance"]
+    fake = fake_sampler()  # row 0 always right, row 1 right on sample 2 only
+    monkeypatch.setattr(bs, "model_sampler", lambda *args, **kwargs: fake)
     bs.main(argv)
     first = capsys.readouterr().out
     assert "problems        2" in first and "samples         4" in first and "reused cache" not in first
+    assert "solved 1 of 2 problem(s) (2 of 4 samples correct)" in first
     bs.main(argv)
     assert "reused cache" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         bs.main(argv[:-1] + ["--prompt", "nope"])
     assert exit_info.value.code == 2 and "conf/prompt" in capsys.readouterr().err
+
+
+def test_no_problem_solved_exits_1_saying_so_and_the_rerun_reuses_the_empty_output(tmp_path, capsys, monkeypatch):
+    problems = write_jsonl(tmp_path / "in.jsonl", PROBLEMS[2:3])  # row 0 here: the fake's never-correct row 2
+    out = tmp_path / "out.jsonl"
+    fake = fake_sampler()
+    monkeypatch.setattr(bs, "model_sampler", lambda *args, **kwargs: lambda requests: fake(
+        [{**r, "row": 2} for r in requests]))
+    argv = ["--model", "tiny_random", "--problems", str(problems), "--out", str(out), "-k", "3"]
+    for reused in (False, True):
+        with pytest.raises(SystemExit) as exit_info:
+            bs.main(argv)
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 1 and ("reused cache" in captured.out) is reused
+        assert "solved 0 of 1 problem(s) (0 of 3 samples correct)" in captured.out
+        assert "sdharness-bootstrap: error: no problem was solved (0 of 3 samples checked correct)" in captured.err
+    assert out.read_text() == ""
+    record = json.loads(provenance_path(out).read_text())
+    assert record["summary"]["solved"] == 0 and record["wall_seconds"] >= 0
+    assert record["harness_version"] == importlib.metadata.version("sdharness")
+    assert abs(datetime.fromisoformat(record["date"]) - datetime.now(timezone.utc)) < timedelta(minutes=5)
 
 
 # --------------------------------------------------------------------------- (d) the testbed model

@@ -30,6 +30,13 @@ from sdharness.data.tasks import arithmetic_split
 log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("problem", "solution")
+EVAL_FIELDS = ("problem", "answer")  # eval prompts with the problem and checks the answer; no solution
+
+
+def required_fields(algo: str) -> tuple[str, ...]:
+    """What every training row of ``algo`` needs: SD's teacher prompt and SFT's target are the
+    worked solution; GRPO samples from the problem alone and rewards the answer."""
+    return ("problem", "answer") if algo == "grpo" else REQUIRED_FIELDS
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *, field: str = "data.path",
@@ -44,8 +51,11 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *,
         missing = [name for name in required if not isinstance(row.get(name), str) or not row[name].strip()]
         if missing:
             optional = "" if "answer" in required else " (answer is optional)"
+            bootstrap = (f"; rows with only problem and answer get worked solutions from `sdharness-bootstrap "
+                         f"--problems {path} --out solved.jsonl`, or train on them with algo=grpo"
+                         if "solution" in missing else "")
             raise DataError(f"{path}:{number}: field(s) {', '.join(missing)} missing or not a non-empty string; "
-                            f"every row needs {', '.join(required)}{optional}")
+                            f"every row needs {', '.join(required)}{optional}{bootstrap}")
         if "answer" in row:
             row["answer"] = str(row["answer"])
         if where:
@@ -62,20 +72,22 @@ def data_path(path: str, field: str) -> str | Path:
     return resolve_path(path, field) if path.startswith("pkg://") else path
 
 
-def load_problems(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """``(train, eval)`` problem lists for the configured data set."""
+def load_problems(cfg: DataConfig, algo: str = "sd") -> tuple[list[dict], list[dict]]:
+    """``(train, eval)`` problem lists for the configured data set; rows need the fields ``algo``
+    trains on (:func:`required_fields`), a separate eval file only problem and answer."""
     if cfg.name == "arithmetic":
         train = arithmetic_split(cfg.seed, cfg.train_size, cfg.difficulty, cfg.solution_style)
         evaluation = arithmetic_split(cfg.seed + 1, cfg.eval_size, cfg.eval_difficulty or cfg.difficulty,
                                       cfg.solution_style, exclude={row["problem"] for row in train})
         return train, evaluation
-    rows = read_jsonl(data_path(cfg.path, "data.path"), where=True)
+    rows = read_jsonl(data_path(cfg.path, "data.path"), required_fields(algo), where=True)
     if cfg.eval_path:
-        return rows, read_jsonl(data_path(cfg.eval_path, "data.eval_path"), field="data.eval_path", where=True)
+        return rows, read_jsonl(data_path(cfg.eval_path, "data.eval_path"), EVAL_FIELDS, field="data.eval_path",
+                                where=True)
     shuffled = rows[:]
     random.Random(cfg.seed).shuffle(shuffled)
     held_out = min(cfg.eval_size, len(rows) - 1)
-    if held_out < cfg.eval_size:
+    if held_out < cfg.eval_size or held_out > len(rows) - held_out:  # too few rows, or more held out than trained
         log.warning("data.path=%s has %d row(s): holding out %d for eval (data.eval_size=%d) leaves %d to train on; "
                     "add rows, lower data.eval_size or give data.eval_path", cfg.path, len(rows), held_out,
                     cfg.eval_size, len(rows) - held_out)
@@ -138,10 +150,11 @@ class LoadedData:
     validation: list[dict] = field(default_factory=list)  # held out of the training rows (data.validation_size)
 
 
-def load_data(cfg: DataConfig) -> LoadedData:
-    """Read and validate the configured data; needs no tokenizer, so it runs before any model loads."""
+def load_data(cfg: DataConfig, algo: str = "sd") -> LoadedData:
+    """Read and validate the configured data for training with ``algo``; needs no tokenizer, so it
+    runs before any model loads."""
     if cfg.name != "chatlog":
-        train, evaluation = load_problems(cfg)
+        train, evaluation = load_problems(cfg, algo)
         if cfg.validation_size and cfg.validation_size >= len(train):
             raise DataError(f"data.validation_size={cfg.validation_size} leaves no training problem of the "
                             f"{len(train)} (it is taken from them); lower it, or raise data.train_size or add rows")
@@ -177,9 +190,9 @@ class PromptBatch:
 
 class ProblemDataModule(L.LightningDataModule):
     def __init__(self, data: DataConfig, prompt: PromptConfig, tokenizer, *, max_context: int,
-                 max_new_tokens: int, eval_batch_size: int = 16, loaded: LoadedData | None = None):
+                 max_new_tokens: int, eval_batch_size: int = 16, loaded: LoadedData | None = None, algo: str = "sd"):
         super().__init__()
-        self.cfg, self.prompt, self.tokenizer = data, prompt, tokenizer
+        self.cfg, self.prompt, self.tokenizer, self.algo = data, prompt, tokenizer, algo
         self.max_context, self.max_new_tokens = max_context, max_new_tokens
         self.eval_batch_size = eval_batch_size
         self.loaded = loaded  # rows already read by load_data (the train app reads them before the model)
@@ -194,8 +207,9 @@ class ProblemDataModule(L.LightningDataModule):
         kept, too_long = [], 0
         for index, item in enumerate(problems):
             student = encode_prompt(self.prompt, self.tokenizer, render_student(self.prompt, item["problem"]))
-            teacher = encode_prompt(self.prompt, self.tokenizer,
-                                    render_teacher(self.prompt, item["problem"], item["solution"]))
+            # Rows without a solution (GRPO's, a separate eval file's) are never scored by a teacher.
+            teacher = student if "solution" not in item else encode_prompt(
+                self.prompt, self.tokenizer, render_teacher(self.prompt, item["problem"], item["solution"]))
             needed = max(len(student), len(teacher)) + self.max_new_tokens
             if needed > self.max_context:
                 if self.cfg.strict:
@@ -208,7 +222,7 @@ class ProblemDataModule(L.LightningDataModule):
                                     "such problems")
                 too_long += 1
                 continue
-            solution = self.tokenizer(item["solution"], add_special_tokens=False)["input_ids"]
+            solution = self.tokenizer(item.get("solution", ""), add_special_tokens=False)["input_ids"]
             kept.append({**item, "student_ids": student, "teacher_ids": teacher,
                          "solution_ids": solution + [self.tokenizer.eos_token_id]})
         if too_long:
@@ -252,7 +266,7 @@ class ProblemDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train:
             return
-        loaded = self.loaded or load_data(self.cfg)
+        loaded = self.loaded or load_data(self.cfg, self.algo)
         self.skipped.update(loaded.skipped)
         encode = self._encode_chats if self.cfg.name == "chatlog" else self._encode
         self.train = encode(loaded.train, "train")

@@ -20,6 +20,9 @@ def json_objects(path: str | Path, field: str = "data.path") -> Iterator[tuple[i
     path = Path(path)
     if not path.exists():
         raise DataError(f"{field}: {path} does not exist; point {field} at an existing JSONL file")
+    if path.is_dir():
+        raise DataError(f"{field}: {path} is a directory; point {field} at a JSONL file in it (one JSON object "
+                        "per line)")
     for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         where = f"{path}:{number}"
         try:

@@ -16,20 +16,32 @@ step that derives it: the symptom of a teacher's impossible knowledge leaking in
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import random
 import re
+from fractions import Fraction
+from typing import Callable
+
+from sdharness.config import ConfigError
 
 ANSWER_MARKER = "The answer is"
 DIFFICULTY_STEPS = {"single": 1, "easy": 2, "hard": 4}
 SOLUTION_STYLES = ("native", "foreign")
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+# An integer, decimal or fraction (559/5, -3/4): the forms a numeric answer takes.
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d[\d,]*(?:\.\d+)?)?"
+CHECKERS = ("builtin", "math_verify")
+
+Checker = Callable[[str, str], bool]  # (completion, answer) -> correct?
 
 
-def normalise_number(text: str) -> float | None:
-    """``'1,024'`` -> 1024.0; None for anything that is not a number."""
+def normalise_number(text: str) -> Fraction | None:
+    """The exact value of ``'1,024'``, ``'111.8'`` or ``'559/5'`` (the last two are equal); None
+    for anything that is not a number."""
+    text = text.replace(",", "").replace(" ", "").strip().rstrip(".")
     try:
-        return float(text.replace(",", "").strip().rstrip("."))
-    except ValueError:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
         return None
 
 
@@ -45,14 +57,47 @@ def extract_answer(completion: str, marker: str = ANSWER_MARKER) -> str | None:
 
 
 def is_correct(completion: str, answer: str, marker: str = ANSWER_MARKER) -> bool:
-    """True when the completion's marked answer equals ``answer`` as a number (or as text)."""
+    """True when the completion's marked answer equals ``answer`` as a number (an integer,
+    decimal or fraction, compared exactly) or, when either is not a number, as text."""
     predicted = extract_answer(completion, marker)
     if predicted is None:
         return False
     got, want = normalise_number(predicted), normalise_number(str(answer))
     if got is None or want is None:
         return predicted.strip() == str(answer).strip()
-    return abs(got - want) < 1e-6
+    return got == want
+
+
+def _math_verify_checker(marker: str) -> Checker:
+    from math_verify import parse, verify
+
+    def check(completion: str, answer: str) -> bool:
+        index = completion.find(marker)
+        if index >= 0:  # the answer the completion commits to: the rest of the marker's line
+            completion = completion[index + len(marker):].split("\n", 1)[0].strip().rstrip(".")
+        try:
+            gold = parse(str(answer)) or parse(f"${answer}$")
+            predicted = parse(completion)
+            return bool(gold) and bool(predicted) and bool(verify(gold, predicted))
+        except Exception:  # noqa: BLE001 - an unparseable completion is a wrong one
+            return False
+
+    return check
+
+
+@functools.lru_cache(maxsize=None)
+def answer_checker(name: str, marker: str = ANSWER_MARKER) -> Checker:
+    """The answer checker ``(completion, answer) -> bool`` that ``data.checker`` names, the one
+    eval, GRPO's reward, bootstrapping and the probe all call: ``builtin`` (:func:`is_correct`)
+    or ``math_verify`` (the ``math-verify`` package, for free-form answers such as ``\\frac{1}{2}``)."""
+    if name not in CHECKERS:
+        raise ConfigError(f"data.checker={name!r} is unknown; choose one of: {', '.join(CHECKERS)}")
+    if name == "math_verify":
+        if importlib.util.find_spec("math_verify") is None:
+            raise ConfigError("data.checker=math_verify needs the math-verify package: pip install math-verify, "
+                              "or set data.checker=builtin")
+        return _math_verify_checker(marker)
+    return functools.partial(is_correct, marker=marker)
 
 
 def answer_span_start(completion: str, marker: str = ANSWER_MARKER) -> int | None:
@@ -135,18 +180,20 @@ def arithmetic_split(seed: int, size: int, difficulty: str, solution_style: str 
     return problems
 
 
-def answer_match_reward(completion: str, problem: dict, answer_marker: str = ANSWER_MARKER) -> float:
-    """1.0 when the completion's marked answer equals the problem's answer, else 0.0."""
-    return float(is_correct(completion, problem["answer"], answer_marker))
+def answer_match_reward(completion: str, problem: dict, answer_marker: str = ANSWER_MARKER, *,
+                        checker: str = "builtin") -> float:
+    """1.0 when the completion's marked answer equals the problem's answer (by ``checker``), else 0.0."""
+    return float(answer_checker(checker, answer_marker)(completion, problem["answer"]))
 
 
 REWARDS = {"answer_match": answer_match_reward}
 
 
-def resolve_reward(name: str):
-    """A built-in reward by name, or ``package.module:function``."""
+def resolve_reward(name: str, checker: str = "builtin"):
+    """A built-in reward by name (answer checks by ``checker``, see :func:`answer_checker`), or
+    ``package.module:function``."""
     if name in REWARDS:
-        return REWARDS[name]
+        return functools.partial(REWARDS[name], checker=checker)
     module_name, _, function = name.partition(":")
     if not function:
         raise ValueError(f"algo.reward={name!r} is unknown; choose one of {', '.join(REWARDS)} "

@@ -15,7 +15,7 @@ import torch
 from sdharness.scale.checkpoints import is_final_step
 from sdharness.config import EvalConfig
 from sdharness.rollout.hf import generate
-from sdharness.data.tasks import is_correct, is_early_answer
+from sdharness.data.tasks import answer_checker, is_early_answer
 
 
 def leaked(text: str, phrases: list[str]) -> bool:
@@ -25,12 +25,14 @@ def leaked(text: str, phrases: list[str]) -> bool:
 
 
 def completion_metrics(texts: list[str], problems: list[dict], answer_marker: str,
-                       leak_phrases: list[str] = ()) -> dict[str, float]:
-    """Accuracy and early-answer rate against the problems' answers, and the leakage rate."""
+                       leak_phrases: list[str] = (), checker: str = "builtin") -> dict[str, float]:
+    """Accuracy (by ``checker``, see :func:`sdharness.tasks.answer_checker`) and early-answer rate
+    against the problems' answers, and the leakage rate."""
     metrics = {"leakage_rate": sum(leaked(t, leak_phrases) for t in texts) / len(texts)} if texts else {}
     checked = [(text, problem["answer"]) for text, problem in zip(texts, problems) if problem.get("answer")]
     if checked:
-        metrics["accuracy"] = sum(is_correct(text, answer, answer_marker) for text, answer in checked) / len(checked)
+        check = answer_checker(checker, answer_marker)
+        metrics["accuracy"] = sum(check(text, answer) for text, answer in checked) / len(checked)
         metrics["early_answer_rate"] = sum(is_early_answer(text, answer, answer_marker)
                                            for text, answer in checked) / len(checked)
     return metrics
@@ -50,7 +52,7 @@ class EvalResult:
 
 
 def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str,
-                    leak_phrases: list[str] = (), synced: bool = False, rank: int = 0,
+                    leak_phrases: list[str] = (), checker: str = "builtin", synced: bool = False, rank: int = 0,
                     world_size: int = 1) -> EvalResult:
     """Greedy-decode every batch of student prompts and score the completions.
 
@@ -71,7 +73,7 @@ def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_ma
             problems += batch.problems
             lengths += rollout.lengths.tolist()
     texts, problems, lengths = (gathered_from_all_ranks(part, world_size) for part in (texts, problems, lengths))
-    metrics = completion_metrics(texts, problems, answer_marker, leak_phrases)
+    metrics = completion_metrics(texts, problems, answer_marker, leak_phrases, checker)
     nan = float("nan")
     return EvalResult(metrics.get("accuracy", nan), metrics.get("early_answer_rate", nan),
                       metrics.get("leakage_rate", nan), sum(lengths) / len(lengths) if lengths else 0.0, len(texts))
@@ -102,7 +104,8 @@ class QuickEval(L.Callback):
         module.clock.pause()  # evaluation time is not training time
         result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
                                  max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
-                                 leak_phrases=self.leak_phrases, synced=module.sharded,
+                                 leak_phrases=self.leak_phrases, checker=module.cfg.data.checker,
+                                 synced=module.sharded,
                                  rank=trainer.global_rank, world_size=trainer.world_size)
         metrics = {**result.as_metrics(self.prefix), **module.counters.as_metrics(), **self.lm_eval(module)}
         for logger in trainer.loggers:

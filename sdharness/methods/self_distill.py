@@ -7,6 +7,7 @@ import torch
 
 from sdharness.config import TrainConfig
 from sdharness.data.datamodule import PromptBatch
+from sdharness.data.tasks import answer_checker
 from sdharness.distill.logits import completion_hidden, completion_logits
 from sdharness.distill.losses import distillation_loss
 from sdharness.distill.positions import loss_positions
@@ -60,7 +61,8 @@ class SelfDistillModule(PolicyModule):
             rollout = self.rollout(batch.student_ids, batch.student_mask)
             return rollout, {}, rollout_cost(batch.student_mask, rollout)
         # Guided sampling (sdharness/rollout/guided.py): not strictly on-policy.
-        return guided_rollout(batch, self.cfg.rollout, self.cfg.aggregation, self.cfg.data.answer_marker,
+        return guided_rollout(batch, self.cfg.rollout, self.cfg.aggregation,
+                              answer_checker(self.cfg.data.checker, self.cfg.data.answer_marker),
                               model=self.model, teacher_model=self.teacher.model, tokenizer=self.tokenizer,
                               sample_plain=lambda: self.rollout(batch.student_ids, batch.student_mask))
 

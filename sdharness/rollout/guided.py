@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from sdharness.data.tasks import is_correct
+from sdharness.data.tasks import Checker
 from sdharness.distill.aggregation import aggregate
 from sdharness.rollout.hf import Rollout, completion_mask, eos_token_ids
 
@@ -264,9 +264,10 @@ def merge_rollouts(plain: Rollout, guided: GuidedRollout, rows: list[int], pad_i
     return GuidedRollout(ids, mask, texts, sampling, student, flags)
 
 
-def answer_checks(texts: list[str], problems: list[dict], marker: str) -> list[bool | None]:
-    """Answer check per row; None where the problem has no answer."""
-    return [is_correct(text, problem["answer"], marker) if problem.get("answer") else None
+def answer_checks(texts: list[str], problems: list[dict], check: Checker) -> list[bool | None]:
+    """Answer check per row (``check``: :func:`sdharness.data.tasks.answer_checker`); None where
+    the problem has no answer."""
+    return [check(text, problem["answer"]) if problem.get("answer") else None
             for text, problem in zip(texts, problems)]
 
 
@@ -291,7 +292,7 @@ def sample_with_guidance(mode: str, size: int, *, plain_samples: int, sample_pla
     return (merge_rollouts(plain[0], guided, failed, pad_id) if plain else guided), failed, plain
 
 
-def guided_rollout(batch, sampling, aggregation, marker: str, *, model, teacher_model, tokenizer,
+def guided_rollout(batch, sampling, aggregation, check: Checker, *, model, teacher_model, tokenizer,
                    sample_plain: Callable[[], Rollout]) -> tuple["GuidedRollout", dict[str, float], dict[str, int]]:
     """The self-distillation training rollout under ``rollout.guidance`` != ``never``.
 
@@ -311,7 +312,7 @@ def guided_rollout(batch, sampling, aggregation, marker: str, *, model, teacher_
 
     rollout, failed, plain = sample_with_guidance(
         sampling.guidance, len(batch), plain_samples=sampling.guidance_samples, sample_plain=sample_plain, guide=guide,
-        check=lambda texts: answer_checks(texts, batch.problems, marker), pad_id=tokenizer.pad_token_id)
+        check=lambda texts: answer_checks(texts, batch.problems, check), pad_id=tokenizer.pad_token_id)
     cost = {"rollouts": 0, "generated": 0, "forward_only": 0}
     for drawn in plain:
         cost["rollouts"] += len(drawn.texts)
@@ -325,7 +326,7 @@ def guided_rollout(batch, sampling, aggregation, marker: str, *, model, teacher_
         cost["forward_only"] += int(batch.student_mask[index].sum() + batch.teacher_mask[index].sum()) + 2 * generated
     metrics = {"train/guided_fraction": len(failed) / len(batch)}
     guided_checks = [c for c in answer_checks([rollout.texts[r] for r in failed], [batch.problems[r] for r in failed],
-                                              marker) if c is not None]
+                                              check) if c is not None]
     if guided_checks:
         metrics["train/guided_accuracy"] = sum(guided_checks) / len(guided_checks)
     return rollout, metrics, cost

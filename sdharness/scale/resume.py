@@ -4,7 +4,10 @@ loads), the metric rows it still holds, and every RNG a step draws from."""
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,24 +22,50 @@ from sdharness.config import ConfigError, TrainConfig
 log = logging.getLogger(__name__)
 
 
-# Settings that decide what a checkpoint's weights and data position mean; a resume must match them.
-RESUME_GROUPS = ("model", "data", "prompt")
+# Settings that decide what a checkpoint's weights, optimiser state and data position mean; a
+# resume must match them.
+RESUME_GROUPS = ("algo", "model", "data", "prompt", "aggregation", "optim")
 # Where things live on this machine, not what they are.
 RESUME_IGNORED = ("model.cache_dir",)
+DATA_FILES = ("path", "eval_path")
 
 
 def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    """The flattened ``RESUME_GROUPS`` settings, stored in every checkpoint."""
+    """The flattened ``RESUME_GROUPS`` settings plus the sha256 of each data file's contents (a
+    file edited in place keeps its path), stored in every checkpoint."""
     flat = {}
     for group in RESUME_GROUPS:
         for key, value in OmegaConf.to_container(OmegaConf.structured(getattr(cfg, group))).items():
             if f"{group}.{key}" not in RESUME_IGNORED:
                 flat[f"{group}.{key}"] = value
+    for name in DATA_FILES:
+        if getattr(cfg.data, name):
+            flat[f"data.{name} contents (sha256)"] = _data_file_sha256(getattr(cfg.data, name), f"data.{name}")
     return flat
 
 
+def _data_file_sha256(path: str, field_name: str) -> str | None:
+    from sdharness.data.datamodule import data_path
+
+    resolved = data_path(path, field_name)
+    if not os.path.isfile(resolved):
+        return None
+    stat = os.stat(resolved)
+    return _sha256(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: re-hash a file that changed
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_resume(saved: dict[str, Any], cfg: TrainConfig, checkpoint: str) -> None:
-    """Refuse to resume ``checkpoint`` under a different model/data/prompt config, naming each field."""
+    """Refuse to resume ``checkpoint`` under a different method, model, data (settings or file
+    contents), prompt, aggregation or optimiser config, naming each field."""
     current = config_fingerprint(cfg)
     differing = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
                  for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]

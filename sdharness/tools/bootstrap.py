@@ -13,10 +13,10 @@ keeps those whose answer checks, picks one (``shortest`` or ``first``) and write
 no correct sample are reported and dropped (``--unsolved drop``) or kept with the answer alone as
 their solution and ``bootstrap.answer_only = true`` (``--unsolved answer_hint``).
 
-Answers are checked by ``number`` (:func:`sdharness.data.tasks.is_correct`: the number after the
-answer marker, the built-in tasks' checker) or ``math_verify`` (the ``math-verify`` package, for
-free-form math answers such as ``\\frac{1}{2}``; without it the number checker is used, with a
-warning). A solution is trimmed after the line holding its answer marker (``--no-trim`` keeps
+Answers are checked by :func:`sdharness.data.tasks.answer_checker`, the checker training's eval and
+GRPO reward use: ``builtin`` (the number after the answer marker; integers, decimals and fractions
+compared exactly) or ``math_verify`` (the ``math-verify`` package, for free-form math answers such
+as ``\\frac{1}{2}``). A solution is trimmed after the line holding its answer marker (``--no-trim`` keeps
 the whole completion).
 
 The output is cached: ``<out>.provenance.json`` records the input's sha256, the model identity,
@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import sys
 import tempfile
+import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -48,65 +51,16 @@ from sdharness.tools.generate import named_config, add_model_arguments, model_co
 from sdharness.rollout.guided import guided_generate
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.rollout.hf import generate
-from sdharness.data.tasks import ANSWER_MARKER, is_correct
+from sdharness.data.tasks import ANSWER_MARKER, CHECKERS, Checker, answer_checker
 
 log = logging.getLogger(__name__)
 
 RULES = ("shortest", "first")
 UNSOLVED_POLICIES = ("drop", "answer_hint")
-CHECKERS = ("number", "math_verify")
 CACHE_VERSION = 1
 SUMMARY_FIELDS = ("problems", "solved", "unsolved", "samples", "correct_samples", "pass_rate", "kept", "dropped")
 
-Checker = Callable[[str, str], bool]  # (completion, answer) -> correct?
 SampleFn = Callable[[list[dict]], list[str]]  # one completion per request, see bootstrap()
-
-
-# --------------------------------------------------------------------------- answer checking
-
-
-def math_verify_available() -> bool:
-    try:
-        import math_verify  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _math_verify_checker(marker: str) -> Checker:
-    from math_verify import parse, verify
-
-    def check(completion: str, answer: str) -> bool:
-        index = completion.find(marker)
-        if index >= 0:  # the answer the completion commits to: the rest of the marker's line
-            completion = completion[index + len(marker):].split("\n", 1)[0].strip().rstrip(".")
-        try:
-            gold = parse(str(answer)) or parse(f"${answer}$")
-            predicted = parse(completion)
-            return bool(gold) and bool(predicted) and bool(verify(gold, predicted))
-        except Exception:  # noqa: BLE001 - an unparseable completion is a wrong one
-            return False
-
-    return check
-
-
-def resolve_checker(name: str, marker: str = ANSWER_MARKER) -> tuple[str, Checker]:
-    """``(effective name, checker)``; ``math_verify`` falls back to ``number`` when not installed."""
-    if name not in CHECKERS:
-        raise ConfigError(f"--checker {name}: unknown; choose one of {', '.join(CHECKERS)}")
-    if name == "math_verify":
-        if math_verify_available():
-            return "math_verify", _math_verify_checker(marker)
-        message = ("--checker math_verify: the math-verify package is not installed (pip install math-verify); "
-                   "falling back to the built-in number checker")
-        log.warning(message)
-        print(f"sdharness-bootstrap: warning: {message}", file=sys.stderr, flush=True)
-    return "number", lambda completion, answer: is_correct(completion, answer, marker)
-
-
-def checker(name: str, marker: str = ANSWER_MARKER) -> Checker:
-    """The answer checker ``(completion, answer) -> bool`` called ``name`` (``number``, ``math_verify``)."""
-    return resolve_checker(name, marker)[1]
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -177,7 +131,7 @@ def model_sampler(model, tokenizer, prompt_cfg: PromptConfig, *, max_new_tokens:
 def bootstrap(model, tokenizer, rows: list[dict], *, k: int, prompt_cfg: PromptConfig | None = None,
               max_new_tokens: int = 96, temperature: float = 1.0, top_p: float = 1.0, guidance: bool = False,
               aggregation: str = "product", tau: float = 2.0, rule: str = "shortest", unsolved: str = "drop",
-              checker: str | Checker = "number", batch_size: int = 8, seed: int = 0, marker: str = ANSWER_MARKER,
+              checker: str | Checker = "builtin", batch_size: int = 8, seed: int = 0, marker: str = ANSWER_MARKER,
               trim: bool = True, sample_fn: SampleFn | None = None) -> tuple[list[dict], dict]:
     """Sample ``k`` solutions per row, keep a correct one; ``(rows_out, summary)``.
 
@@ -198,7 +152,7 @@ def bootstrap(model, tokenizer, rows: list[dict], *, k: int, prompt_cfg: PromptC
         raise ConfigError(f"--unsolved {unsolved}: unknown; choose one of {', '.join(UNSOLVED_POLICIES)}")
     if rule not in RULES:
         raise ConfigError(f"--rule {rule}: unknown; choose one of {', '.join(RULES)}")
-    check = resolve_checker(checker, marker)[1] if isinstance(checker, str) else checker
+    check = answer_checker(checker, marker) if isinstance(checker, str) else checker
     if sample_fn is None:
         if prompt_cfg is None:
             raise ConfigError("bootstrap: prompt_cfg is required to sample from a model")
@@ -281,6 +235,14 @@ def model_identity(cfg: ModelConfig) -> dict:
             "config_sha256": hashlib.sha256(_canonical(parts).encode()).hexdigest()}
 
 
+def harness_version() -> str:
+    """The installed sdharness version (a checkout that is not installed says so)."""
+    try:
+        return importlib.metadata.version("sdharness")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def provenance_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".provenance.json")
@@ -317,7 +279,7 @@ def cached(out: str | Path, key: dict) -> dict | None:
 def bootstrap_to_file(problems: str | Path, out: str | Path, *, model_cfg: ModelConfig, prompt_cfg: PromptConfig,
                       k: int = 4, max_new_tokens: int = 96, temperature: float = 1.0, top_p: float = 1.0,
                       guidance: bool = False, aggregation: str = "product", tau: float = 2.0,
-                      rule: str = "shortest", unsolved: str = "drop", checker: str = "number", batch_size: int = 8,
+                      rule: str = "shortest", unsolved: str = "drop", checker: str = "builtin", batch_size: int = 8,
                       seed: int = 0, marker: str = ANSWER_MARKER, trim: bool = True,
                       sample_fn: SampleFn | None = None, loader=None) -> tuple[str, list[dict], dict]:
     """Bootstrap ``problems`` (JSONL) into ``out`` with a provenance sidecar, or reuse the cache.
@@ -331,18 +293,20 @@ def bootstrap_to_file(problems: str | Path, out: str | Path, *, model_cfg: Model
             raise ConfigError(f"{name} {value}: unknown; choose one of {', '.join(choices)}")
     problems = data_path(str(problems), "--problems")  # pkg://sdharness/assets/... works too
     rows = read_jsonl(problems, required=("problem", "answer"))
-    checker_name, check = resolve_checker(checker, marker)
+    check = answer_checker(checker, marker)
     sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
     if guidance:
         sampling.update(aggregation=aggregation, tau=tau)
     key = {"version": CACHE_VERSION, "input_sha256": sha256_file(problems), "model": model_identity(model_cfg),
            "prompt": asdict(prompt_cfg), "sampling": sampling, "k": k, "guidance": guidance, "rule": rule,
-           "checker": checker_name, "unsolved": unsolved, "seed": seed, "answer_marker": marker, "trim": trim}
+           "checker": checker, "unsolved": unsolved, "seed": seed, "answer_marker": marker, "trim": trim}
     key = json.loads(_canonical(key))
     record = cached(out, key)
-    if record is not None:
-        return "reused", read_jsonl(out, required=("problem", "solution", "answer")), record["summary"]
+    if record is not None:  # an output that kept nothing (every problem dropped) is a valid cache too
+        rows_out = read_jsonl(out, required=("problem", "solution", "answer")) if record["summary"]["kept"] else []
+        return "reused", rows_out, record["summary"]
 
+    started = time.monotonic()
     model = tokenizer = None
     if sample_fn is None:
         if loader is None:
@@ -357,7 +321,9 @@ def bootstrap_to_file(problems: str | Path, out: str | Path, *, model_cfg: Model
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows_out)
     _atomic_write(out, text)
     record = {"key": key, "summary": summary, "problems_path": str(problems),
-              "output_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+              "output_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+              "harness_version": harness_version(), "wall_seconds": round(time.monotonic() - started, 3),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _atomic_write(provenance_path(out), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return "generated", rows_out, summary
 
@@ -389,7 +355,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rule", choices=RULES, default="shortest", help="which correct sample to keep")
     parser.add_argument("--unsolved", choices=UNSOLVED_POLICIES, default="drop",
                         help="problems without a correct sample: drop, or keep with the answer alone")
-    parser.add_argument("--checker", choices=CHECKERS, default="number")
+    parser.add_argument("--checker", choices=CHECKERS, default="builtin",
+                        help="answer checker, as data.checker in training (sdharness.tasks.answer_checker)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -420,6 +387,13 @@ def main(argv=None) -> None:
         print(f"reused cache: {args.out} (provenance {provenance_path(args.out)} matches)")
     print(format_summary(summary))
     print(f"-> {args.out}")
+    print(f"solved {summary['solved']} of {summary['problems']} problem(s) ({summary['correct_samples']} of "
+          f"{summary['samples']} samples correct)", flush=True)
+    if not summary["solved"]:
+        print(f"sdharness-bootstrap: error: no problem was solved (0 of {summary['samples']} samples checked "
+              f"correct), so {args.out} has no worked solution; try a stronger --model-dir, more samples (-k), "
+              "--guidance, or check the answers and --answer-marker", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

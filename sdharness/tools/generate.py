@@ -27,7 +27,7 @@ from sdharness.rollout.guided import answer_checks, guided_generate, sample_with
 from sdharness.models import load_model_and_tokenizer
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.rollout.hf import generate
-from sdharness.data.tasks import ANSWER_MARKER, is_correct
+from sdharness.data.tasks import ANSWER_MARKER, answer_checker, is_correct
 
 
 
@@ -100,7 +100,7 @@ def run(args) -> list[dict]:
             rollout, guided, _ = sample_with_guidance(
                 args.guidance, len(chunk), plain_samples=args.guidance_samples,
                 sample_plain=lambda student=student: generate(model, tokenizer, *student, **sampling), guide=guide,
-                check=lambda texts, chunk=chunk: answer_checks(texts, chunk, args.answer_marker),
+                check=lambda texts, chunk=chunk: answer_checks(texts, chunk, answer_checker("builtin", args.answer_marker)),
                 pad_id=tokenizer.pad_token_id)
             texts = rollout.texts
         guided = [row in guided for row in range(len(chunk))]
