@@ -41,7 +41,7 @@ def failure_record(error: BaseException, tail_lines: int = 40) -> dict:
     """Error type, message, the whole error line (``KeyError: 'answer'``, where the message alone
     is ``'answer'``) and the last ``tail_lines`` lines of its traceback."""
     lines = "".join(traceback.format_exception(type(error), error, error.__traceback__)).splitlines()
-    error_line = " ".join("".join(traceback.format_exception_only(type(error), error)).split())
+    error_line = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return {"error_type": type(error).__name__, "message": str(error), "error_line": error_line,
             "traceback_tail": "\n".join(lines[-tail_lines:])}
 

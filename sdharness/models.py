@@ -98,7 +98,6 @@ def gguf_cache_dir(cfg: ModelConfig, gguf: Path) -> Path:
 
 def _convert_gguf(cfg: ModelConfig, source: Path, target: Path) -> None:
     """Dequantise a GGUF file once and keep an HF copy, written atomically."""
-    log.info("converting %s to %s (once)", source / cfg.gguf_file, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32)
@@ -131,6 +130,7 @@ def load_model_and_tokenizer(cfg: ModelConfig):
             if (cached / "config.json").exists():
                 log.info("model %s: %s, converted before into %s", cfg.name, directory / cfg.gguf_file, cached)
             else:
+                log.info("model %s: converting %s into %s (once)", cfg.name, directory / cfg.gguf_file, cached)
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 _convert_gguf(cfg, directory, cached)
             directory = cached

@@ -38,12 +38,12 @@ def line(row: dict) -> bytes:
     return json.dumps(row).encode()
 
 
-def datamodule(path, *, name="jsonl", max_context=1024, prompt=PROMPT, **data):
+def datamodule(path, *, name="jsonl", max_context=1024, prompt=PROMPT, algo="sd", **data):
     from sdharness.models import char_tokenizer
 
     data = {"eval_size": 1, "batch_size": 2, **data}
     return ProblemDataModule(DataConfig(name=name, path=str(path), **data), prompt, char_tokenizer(),
-                             max_context=max_context, max_new_tokens=16)
+                             max_context=max_context, max_new_tokens=16, algo=algo)
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -105,6 +105,70 @@ def test_windows_crlf_line_endings_and_byte_order_mark_just_work(tmp_path, name)
     assert not any("\r" in item["problem"] + item["solution"] for item in dm.train + dm.evaluation)
 
 
+def test_data_path_that_is_a_directory_names_the_field(tmp_path):
+    with pytest.raises(DataError, match=rf"data.path: {tmp_path} is a directory; point data.path at a JSONL file in "
+                                        r"it \(one JSON object per line\)"):
+        datamodule(tmp_path).setup()
+
+
+# --------------------------------------------------------------- fields each method needs
+
+ANSWER_ONLY = {"problem": "Start with 2. Add 3.", "answer": "5"}
+SOLUTION_ONLY = {"problem": "Start with 2. Add 3.", "solution": "2 + 3 = 5\nThe answer is 5."}
+
+
+def test_grpo_trains_on_answer_only_rows(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(line({**ANSWER_ONLY, "problem": f"Start with {i}. Add 3."}) for i in range(4)))
+    dm = datamodule(path, algo="grpo")
+    dm.setup()
+    assert len(dm.train) == 3 and len(dm.evaluation) == 1
+    batch = dm.collate(dm.train[:2])
+    assert [p["answer"] for p in batch.problems] == ["5", "5"] and "solution" not in batch.problems[0]
+
+
+@pytest.mark.parametrize("algo", ["sd", "sft"])
+def test_answer_only_rows_under_sd_or_sft_point_to_bootstrap(tmp_path, algo):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(line(ROW) + b"\n" + line(ANSWER_ONLY))
+    with pytest.raises(DataError, match=r"train.jsonl:2: field\(s\) solution missing or not a non-empty string; "
+                       r"every row needs problem, solution \(answer is optional\); rows with only problem and answer "
+                       r"get worked solutions from `sdharness-bootstrap --problems .*train.jsonl --out solved.jsonl`, "
+                       r"or train on them with algo=grpo"):
+        datamodule(path, algo=algo).setup()
+
+
+def test_a_grpo_row_without_an_answer_is_refused_by_file_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(line(ROW) + b"\n" + line(SOLUTION_ONLY))
+    with pytest.raises(DataError, match=r"train.jsonl:2: field\(s\) answer missing or not a non-empty string; every "
+                                        r"row needs problem, answer$"):
+        datamodule(path, algo="grpo").setup()
+
+
+def test_eval_file_needs_the_answer_not_the_solution(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(line(ROW) + b"\n" + line(ROW))
+    (tmp_path / "eval.jsonl").write_bytes(line(ANSWER_ONLY))
+    dm = datamodule(tmp_path / "train.jsonl", eval_path=str(tmp_path / "eval.jsonl"))
+    dm.setup()
+    assert [item["answer"] for item in dm.evaluation] == ["5"]
+    (tmp_path / "eval.jsonl").write_bytes(line(SOLUTION_ONLY))
+    with pytest.raises(DataError, match=r"eval.jsonl:1: field\(s\) answer missing .*; every row needs problem, answer"):
+        datamodule(tmp_path / "train.jsonl", eval_path=str(tmp_path / "eval.jsonl")).setup()
+
+
+def test_grpo_trains_end_to_end_on_an_answer_only_file(tmp_path):
+    from sdharness.train import train
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(line({"problem": f"Start with {i}. Add 3.", "answer": str(i + 3)}) for i in range(5)))
+    train(compose_config(TINY + ["data=jsonl", f"data.path={path}", "data.eval_size=1", "algo=grpo",
+                                 "algo.group_size=2", "trainer.max_steps=1", "logger.mode=disabled",
+                                 "eval.at_start=false"]), tmp_path / "run")
+    rows = [r for r in read_metrics(tmp_path / "run") if r.get("train/reward")]
+    assert len(rows) == 1 and float(rows[0]["train/problems_seen"]) == 2.0
+
+
 # ----------------------------------------------------------------------------- small data sets
 
 
@@ -134,6 +198,21 @@ def test_one_row_file_trains_and_warns_that_nothing_is_held_out(tmp_path, caplog
     assert len(dm.train) == 1 and dm.evaluation == []
     assert "has 1 row(s): holding out 0 for eval (data.eval_size=32) leaves 1 to train on" in caplog.text
     assert "no held-out problem to evaluate (data.eval_size=32): eval metrics will be NaN" in caplog.text
+
+
+def test_eval_size_holding_out_most_of_the_file_warns_naming_the_field(tmp_path, caplog):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(line({**ROW, "problem": f"Start with {i}. Add 3."}) for i in range(40)))
+    dm = datamodule(path, eval_size=32)
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        dm.setup()
+    assert len(dm.train) == 8 and len(dm.evaluation) == 32
+    assert "has 40 row(s): holding out 32 for eval (data.eval_size=32) leaves 8 to train on; add rows, lower " \
+           "data.eval_size or give data.eval_path" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        datamodule(path, eval_size=20).setup()  # as many held out as trained on: no warning
+    assert "holding out" not in caplog.text
 
 
 # ------------------------------------------------------------------- prompts longer than the context
@@ -187,10 +266,19 @@ def test_skipped_problems_reach_the_run_metrics(tmp_path):
 
 # (overrides, ConfigError message as a regex)
 BAD_VALUES = {
-    "tau_zero": (["aggregation.tau=0"], r"aggregation.tau must be a positive number, got 0.0; e.g. aggregation.tau=2.0"),
-    "tau_negative": (["aggregation.tau=-1"], r"aggregation.tau must be a positive number, got -1.0"),
-    "rollout_temperature_zero": (["rollout.temperature=0"], r"rollout.temperature must be a positive number, got "
-                                 r"0.0; rollouts sample, so set e.g. rollout.temperature=1.0"),
+    "tau_zero": (["aggregation.tau=0"], r"aggregation.tau must be a finite positive number, got 0.0; e.g. "
+                 r"aggregation.tau=2.0"),
+    "tau_negative": (["aggregation.tau=-1"], r"aggregation.tau must be a finite positive number, got -1.0"),
+    "tau_infinite": (["aggregation.tau=inf"], r"aggregation.tau must be a finite positive number, got inf"),
+    "rollout_temperature_zero": (["rollout.temperature=0"], r"rollout.temperature must be a finite positive number, "
+                                 r"got 0.0; rollouts sample, so set e.g. rollout.temperature=1.0"),
+    "negative_problem_budget": (["budget.problems=-5"], r"budget.problems must be >= 0 \(0: no limit\), got -5"),
+    "negative_token_budget": (["budget.generated_tokens=-1"], r"budget.generated_tokens must be >= 0 \(0: no limit\)"),
+    "negative_time_budget": (["budget.seconds=-0.5"], r"budget.seconds must be >= 0 \(0: no limit\), got -0.5"),
+    "eval_max_new_tokens_zero": (["eval.max_new_tokens=0"], r"eval.max_new_tokens must be >= 1, got 0; the eval "
+                                 r"decodes the answer, e.g. eval.max_new_tokens=96"),
+    "eval_batch_size_zero": (["eval.batch_size=0"], r"eval.batch_size must be >= 1, got 0; e.g. eval.batch_size=16"),
+    "unknown_checker": (["data.checker=sympy"], r"data.checker='sympy' is unknown; choose one of: builtin, math_verify"),
     "grpo_group_size_1": (["algo=grpo", "algo.group_size=1"], r"algo.group_size=1: GRPO needs at least 2 samples per "
                           r"problem.*; set algo.group_size=8"),
     "student_template_without_problem": (["prompt.student='Solve it.'"], r"prompt.student must use exactly the "
@@ -265,6 +353,61 @@ def test_model_directory_without_config_json_is_named(tmp_path):
     cfg = to_train_config(compose_config(TINY + ["model=local", f"model.path={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"no config.json in .*; for a .gguf file use model.source=gguf"):
         load_model_and_tokenizer(cfg.model)
+
+
+def test_model_directory_with_weights_but_no_tokenizer_is_named(tmp_path):
+    from sdharness.models import char_tokenizer, load_model_and_tokenizer, tiny_random_model
+
+    tiny_random_model(to_train_config(compose_config(TINY)).model, char_tokenizer()).save_pretrained(tmp_path)
+    cfg = to_train_config(compose_config(TINY + ["model=local", f"model.path={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"model.path='.*': .* has no tokenizer \(none of tokenizer.json, "
+                                          r"tokenizer.model, vocab.json, spiece.model\); save it beside the weights"):
+        load_model_and_tokenizer(cfg.model)
+
+
+def test_corrupt_gguf_file_is_one_error_naming_the_field(tmp_path):
+    from sdharness.models import load_model_and_tokenizer
+
+    (tmp_path / "B.gguf").write_bytes(bytes(range(256)) * 16)
+    cfg = to_train_config(compose_config(TINY + ["model=local", "model.source=gguf", f"model.path={tmp_path}",
+                                                 "model.gguf_file=B.gguf", f"model.cache_dir={tmp_path / 'cache'}"]))
+    with pytest.raises(ConfigError, match=r"model.gguf_file='B.gguf': .*B.gguf cannot be read as a GGUF model \(.*does "
+                                          r"not start with the GGUF magic bytes.*\); point model.gguf_file at a GGUF"):
+        load_model_and_tokenizer(cfg.model)
+
+
+def test_gguf_conversion_cache_is_keyed_by_the_file_not_the_model_name(tmp_path, monkeypatch, caplog):
+    """Two GGUF files under one model.name: each run gets its own file's weights, and the log
+    names the file converted (the conversion itself is replaced by saving a seeded tiny model)."""
+    import sdharness.models as models
+
+    converted = []
+
+    def convert(cfg, source, target):
+        seed = {"A.gguf": 1, "B.gguf": 2}[cfg.gguf_file]
+        tokenizer = models.char_tokenizer()
+        models.tiny_random_model(models.ModelConfig(seed=seed), tokenizer).save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        converted.append(cfg.gguf_file)
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    weights = {}
+    for name in ("A", "B", "A"):
+        directory = tmp_path / f"dir_{name}"
+        if not directory.exists():
+            directory.mkdir()
+            (directory / f"{name}.gguf").write_bytes(name.encode() * 100)
+        cfg = to_train_config(compose_config(TINY + ["model=local", "model.source=gguf", f"model.path={directory}",
+                                                     f"model.gguf_file={name}.gguf",
+                                                     f"model.cache_dir={tmp_path / 'cache'}"]))
+        with caplog.at_level(logging.INFO, logger="sdharness"):
+            model, _ = models.load_model_and_tokenizer(cfg.model)
+        assert f"{directory / (name + '.gguf')}" in caplog.text
+        weights.setdefault(name, []).append(model.model.embed_tokens.weight.detach().clone())
+    expected = [models.tiny_random_model(models.ModelConfig(seed=seed), models.char_tokenizer()).model.embed_tokens.weight
+                for seed in (1, 2)]
+    assert torch.equal(weights["A"][0], expected[0]) and torch.equal(weights["B"][0], expected[1])
+    assert torch.equal(weights["A"][1], expected[0]) and converted == ["A.gguf", "B.gguf"]  # A's cache reused
 
 
 @pytest.mark.parametrize("name", ["jsonl", "chatlog"])
@@ -343,6 +486,45 @@ def test_uncomposable_config_through_the_wrapped_hydra_entry_point(tmp_path, mon
     assert capsys.readouterr().err == ("sdharness: error: aggregation=prodct is unknown; choose one of: clip, "
                                        "entropy_matched, product, teacher, trust_region (did you mean aggregation=product?)\n")
     assert "HYDRA_FULL_ERROR" not in os.environ
+
+
+def test_unquoted_template_override_suggests_quoting():
+    from hydra.errors import OverrideParseException
+
+    with pytest.raises(OverrideParseException) as error:
+        compose_config(TINY + ["prompt.student=Q: {problem} A:"])
+    assert composition_error_message(error.value).endswith(
+        "must be quoted for Hydra inside the shell's quotes: 'prompt.student=\"Q: {problem} A:\"'")
+    cfg = to_train_config(compose_config(TINY + ['prompt.student="Q: {problem} A:"']))  # the suggested form works
+    assert cfg.prompt.student == "Q: {problem} A:"
+
+
+def test_failure_record_carries_the_whole_error_line():
+    from sdharness.jobs import failure_record
+
+    try:
+        {}["answer"]
+    except KeyError as error:
+        record = failure_record(error)
+    assert record["message"] == "'answer'" and record["error_line"] == "KeyError: 'answer'"
+
+
+def test_multirun_with_a_failed_job_finishes_the_others_and_exits_1(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"\n".join(line({**ROW, "problem": f"Start with {i}. Add 3."}) for i in range(3)))
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "sdharness.train", "-m", *TINY, "logger.mode=disabled", "threads=1",
+                             "data=jsonl", f"data.path={tmp_path / 'missing.jsonl'},{good}", "data.eval_size=1",
+                             "algo=sft", "trainer.max_steps=1", "eval.at_start=false",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert (tmp_path / "sweep" / "1" / "final_model").is_dir()  # the job after the failed one ran
+    record = json.loads((tmp_path / "sweep" / "0" / "FAILED.json").read_text())
+    assert record["error_line"].startswith("DataError: data.path: ") and "missing.jsonl does not exist" in \
+        record["error_line"]
+    assert f"sdharness: error: 1 job(s) of the sweep failed, each recorded in its FAILED.json: {tmp_path / 'sweep' / '0'}" \
+        in result.stderr
 
 
 CLI = {
