@@ -60,13 +60,13 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    loaded = load_data(cfg.data)  # a malformed data file fails now, not after a model load
+    loaded = load_data(cfg.data, cfg.algo.name)  # a malformed data file fails now, not after a model load
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     uses_chat_template(cfg.prompt, tokenizer)  # fails now, not mid-run, if a required template is missing
     datamodule = ProblemDataModule(cfg.data, cfg.prompt, tokenizer,
                                    max_context=getattr(model.config, "max_position_embeddings", 10**9),
                                    max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
-                                   eval_batch_size=cfg.eval.batch_size, loaded=loaded)
+                                   eval_batch_size=cfg.eval.batch_size, loaded=loaded, algo=cfg.algo.name)
     datamodule.setup()
     module = method_class(cfg.algo.name)(model, tokenizer, cfg)
 

@@ -17,8 +17,12 @@ from sdharness.methods.policy_gradient import clipped_policy_loss, group_advanta
 class GRPOModule(PolicyModule):
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         super().__init__(model, tokenizer, cfg)
-        self.reward_fn = resolve_reward(cfg.algo.reward)
+        self.reward_fn = resolve_reward(cfg.algo.reward, cfg.data.checker)
         self.reference = self.shadow_weights("reference_model", "initial" if cfg.algo.beta > 0 else "live")
+
+    @property
+    def loss_is_token_mean(self) -> bool:
+        return self.cfg.algo.loss_aggregation == "token_mean"
 
     def _logprobs(self, model, prompt_ids, prompt_mask, rollout) -> torch.Tensor:
         logits = completion_logits(model, prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask)

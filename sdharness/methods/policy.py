@@ -23,6 +23,7 @@ from sdharness.eval.quick import completion_metrics, gathered_from_all_ranks
 from sdharness.methods.accounting import Counters, WallClock, rollout_cost
 from sdharness.methods.schedule import lr_lambda
 from sdharness.rollout.hf import Rollout, eos_token_ids, generate
+from sdharness.scale.checkpoints import StepCheckpoint
 from sdharness.scale.resume import config_fingerprint, restore_rng, rng_state
 from sdharness.scale.sharding import is_sharded, local_part, shard_model
 
@@ -44,7 +45,8 @@ class PolicyModule(L.LightningModule):
         self.step_counts = Counters()  # this rank's work in the current step, not yet summed
         self.clock = WallClock(self.counters)
         self.skipped_in_a_row = 0
-        self.batches_in_epoch = 0  # data position, checkpointed so a resumed run skips what it trained on
+        # (epoch, batches of it trained): checkpointed, so a resumed run skips what it trained on
+        self.data_position = (0, 0)
         self.rng_to_restore: dict | None = None
         self.vllm = None  # rollout.backend=vllm: see vllm_engine()
         self.weights_changed = False
@@ -53,6 +55,12 @@ class PolicyModule(L.LightningModule):
 
     def losses(self, batch: PromptBatch) -> Iterator[tuple[torch.Tensor, dict]]:
         raise NotImplementedError
+
+    @property
+    def loss_is_token_mean(self) -> bool:
+        """Whether ``losses`` yields the mean over its ``train/loss_tokens`` tokens (see
+        :func:`global_token_mean_scale`); a method averaging otherwise says so."""
+        return True
 
     def shadow_weights(self, attribute: str, mode: str, decay: float = 0.99) -> "ShadowWeights":
         """Scoring-only weights of the policy (:class:`ShadowWeights`); a copy of its own, if the mode
@@ -104,6 +112,7 @@ class PolicyModule(L.LightningModule):
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         metrics: dict = {}
         for loss, step_metrics in self.losses(batch):
+            loss = loss * self._global_token_mean_scale(step_metrics.get("train/loss_tokens"))
             metrics = {"train/loss": loss.detach(), **step_metrics}  # logged for skipped updates too
             optimizer.zero_grad()
             if torch.isfinite(loss):
@@ -119,15 +128,32 @@ class PolicyModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val,
                                 gradient_clip_algorithm="norm")
             optimizer.step()
+            # Freed now: otherwise this step's gradients stay allocated through the next rollout.
+            optimizer.zero_grad(set_to_none=True)
             schedule.step()
             self.skipped_in_a_row = 0
             self.after_optimizer_step()
             self.weights_changed = True
-        self.batches_in_epoch += 1
+        optimizer.zero_grad(set_to_none=True)  # a skipped update's gradients too
+        # Advanced here, not reset by on_train_epoch_start, which Lightning does not call when it
+        # resumes from a checkpoint taken at an epoch's end.
+        epoch, done = self.data_position
+        self.data_position = (self.current_epoch, done + 1 if epoch == self.current_epoch else 1)
         self._sum_step_counts()
         if metrics:
             self.log_dict(metrics, batch_size=len(batch), sync_dist=True)  # mean over ranks
             self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(batch))
+
+    def _global_token_mean_scale(self, local_tokens: float | None) -> float:
+        """Factor turning this rank's token-mean loss into its share of the mean over every rank's
+        tokens: the strategy averages gradients over ranks, which is the global token mean only
+        when every rank holds as many loss tokens. 1 on one process."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1 or local_tokens is None or not self.loss_is_token_mean:
+            return 1.0
+        total = self.trainer.strategy.reduce(torch.tensor(float(local_tokens), dtype=torch.float64,
+                                                          device=self.device), reduce_op="sum")
+        return global_token_mean_scale(float(local_tokens), float(total), world)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Loss and every gradient finite, agreed across ranks (sharded strategies see parts)."""
@@ -142,10 +168,15 @@ class PolicyModule(L.LightningModule):
         log.warning("step %d: %s; update skipped (%d in a row, limit %d)", self.global_step, reason,
                     self.skipped_in_a_row, limit)
         if self.skipped_in_a_row >= limit:
+            saved = next((callback.path for callback in self.trainer.callbacks
+                          if isinstance(callback, StepCheckpoint) and callback.path.exists()), None)
+            kept = (f"The last good checkpoint, {saved}, is kept" if saved else
+                    f"No checkpoint was written yet (trainer.checkpoint_every_n_steps="
+                    f"{self.cfg.trainer.checkpoint_every_n_steps})")
+            resume = ", then resume with ckpt_path=last" if saved else ""
             raise SkippedUpdatesError(
-                f"{self.skipped_in_a_row} consecutive updates were skipped (the last for {reason}); stopping. The "
-                "last good checkpoint is kept; lower optim.lr or check the data and rollouts (are completions "
-                "empty?), then resume with ckpt_path=last")
+                f"{self.skipped_in_a_row} consecutive updates were skipped (the last for {reason}); stopping. {kept}; "
+                f"lower optim.lr or check the data and rollouts (are completions empty?){resume}")
 
     def count(self, **work) -> None:
         """Record this rank's work in the step (see ``Counters.add``); summed over ranks at step end."""
@@ -158,9 +189,6 @@ class PolicyModule(L.LightningModule):
 
     def after_optimizer_step(self) -> None:
         """Hook for state that follows the weights (e.g. an EMA teacher)."""
-
-    def on_train_epoch_start(self) -> None:
-        self.batches_in_epoch = 0  # not called when resuming mid-epoch (Lightning skips it)
 
     def on_train_start(self) -> None:
         if self.rng_to_restore is not None:  # last, after the start-of-training hooks, as in the original run
@@ -188,7 +216,7 @@ class PolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["sdharness_counters"] = self.counters.state_dict()
         checkpoint["sdharness_state"] = {
-            "data_position": (self.current_epoch, self.batches_in_epoch), "rng": self._rng_states_of_all_ranks(),
+            "data_position": self.data_position, "rng": self._rng_states_of_all_ranks(),
             "skipped_in_a_row": self.skipped_in_a_row}
         checkpoint["sdharness_config"] = config_fingerprint(self.cfg)
         # A resumed run continues the same W&B run rather than starting a second one.
@@ -199,12 +227,12 @@ class PolicyModule(L.LightningModule):
         self.counters.load_state_dict(checkpoint.get("sdharness_counters", {}))
         state = checkpoint.get("sdharness_state")
         if state:
-            epoch, self.batches_in_epoch = state["data_position"]
+            self.data_position = tuple(state["data_position"])
             self.skipped_in_a_row = state["skipped_in_a_row"]
             self.rng_to_restore = self._this_ranks_rng_state(state["rng"])
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if datamodule is not None:
-                datamodule.resume_position = (epoch, self.batches_in_epoch)
+                datamodule.resume_position = self.data_position
 
     def _rng_states_of_all_ranks(self) -> list[dict]:
         """Every rank's RNG state: each rank samples its own rollouts, so each resumes its own
@@ -220,7 +248,8 @@ class PolicyModule(L.LightningModule):
 
     def rollout_metrics(self, rollout: Rollout, problems: list[dict]) -> dict[str, float]:
         metrics = {f"train/rollout_{k}": v for k, v in completion_metrics(
-            rollout.texts, problems, self.cfg.data.answer_marker, self.cfg.prompt.leak_phrases).items()}
+            rollout.texts, problems, self.cfg.data.answer_marker, self.cfg.prompt.leak_phrases,
+            self.cfg.data.checker).items()}
         metrics["train/completion_length"] = rollout.lengths.float().mean().item()
         return metrics
 
@@ -229,6 +258,13 @@ class PolicyModule(L.LightningModule):
         cost = rollout_cost(prompt_mask, rollout)
         self.count(**cost)
         return cost["generated"]
+
+
+def global_token_mean_scale(local_tokens: float, global_tokens: float, world_size: int) -> float:
+    """``world_size * local_tokens / global_tokens``: a rank's token-mean loss times this, with
+    gradients then averaged over ranks, gives the gradient of the mean over all ranks' tokens
+    (sum_r local_r mean_r / global). 0 when no rank has a token."""
+    return world_size * local_tokens / global_tokens if global_tokens > 0 else 0.0
 
 
 class ShadowWeights:

@@ -55,6 +55,16 @@ class StepCheckpoint(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._put_in_place(trainer)
 
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        # Every checkpoint is taken inside an epoch, which Lightning counts as started (one more
+        # than processed). Resumed from a checkpoint taken at an epoch's end, Lightning runs the
+        # next epoch without counting its start, and a checkpoint of that epoch would resume one
+        # epoch too far (another data order); the count is set as an uninterrupted run has it.
+        progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+        for counts in (progress["current"], progress["total"]):
+            if counts["started"] <= counts["processed"]:
+                counts["ready"] = counts["started"] = counts["processed"] + 1
+
     def on_train_end(self, trainer, module) -> None:
         self._put_in_place(trainer)
 
