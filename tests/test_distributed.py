@@ -43,8 +43,15 @@ class SaveWeights(L.Callback):
 class SaveBatches(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         torch.save([p["problem"] for p in batch.problems], f"{out}/rank{trainer.global_rank}_step{trainer.global_step}.pt")
+        torch.save(int(batch.solution_mask.sum()), f"{out}/rank{trainer.global_rank}_step{trainer.global_step}_solution_tokens.pt")
 
-train(compose_config(overrides), out, callbacks=(SaveBatches(), SaveWeights()))
+class SaveFirstGradients(L.Callback):
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if trainer.global_step == 0 and not is_sharded(module.model):
+            torch.save({name: p.grad.detach().clone() for name, p in module.model.named_parameters() if p.grad is not None},
+                       f"{out}/rank{trainer.global_rank}_gradients.pt")
+
+train(compose_config(overrides), out, callbacks=(SaveBatches(), SaveWeights(), SaveFirstGradients()))
 """
 
 
@@ -108,6 +115,22 @@ def test_two_process_ddp_self_distillation_matches_single_process_totals(tmp_pat
     totals = last_counters(sampled)
     assert totals["train/problems_seen"] == totals["train/rollouts"] == 12  # 3 steps x 2 ranks x 2
     assert totals["train/generated_tokens"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [["data=chatlog"], ["algo=sft", "data.train_size=8"]], ids=["sd_logged_chats", "sft"])
+def test_ddp_gradient_is_the_mean_over_every_ranks_loss_tokens(tmp_path, method):
+    """Two ranks holding different numbers of loss tokens (logged turns or solutions of different
+    lengths, no sampling) take the update one process takes on their whole global batch."""
+    ddp = run(tmp_path, "ddp", *method, *DDP, "data.batch_size=2", "trainer.max_steps=1", "trainer.gradient_clip_val=null")
+    single = run(tmp_path, "single", *method, "data.batch_size=4", "trainer.max_steps=1", "trainer.gradient_clip_val=null")
+    tokens = [torch.load(ddp / f"rank{rank}_step0_solution_tokens.pt") for rank in range(2)]
+    assert tokens[0] != tokens[1] and sum(tokens) == torch.load(single / "rank0_step0_solution_tokens.pt")
+    ours, theirs = torch.load(ddp / "rank0_gradients.pt"), torch.load(single / "rank0_gradients.pt")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert_identical_weights(ddp)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

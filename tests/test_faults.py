@@ -2,7 +2,9 @@
 uninterrupted run ends; a resume under a different model/data config is refused by name."""
 
 import csv
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,6 +118,30 @@ def test_resume_with_a_different_data_or_model_config_is_refused_by_field(tmp_pa
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+@pytest.mark.parametrize("change", ["algo=sft", "optim.lr=2e-2", "optim.weight_decay=0.1", "aggregation=clip",
+                                    "aggregation.tau=3.0", "data file edited in place"])
+def test_resume_refuses_a_changed_method_optimiser_aggregation_or_data_file(tmp_path, change):
+    rows = [{"problem": f"Start with {i}. Add 3.", "solution": f"{i} + 3 = {i + 3}\nThe answer is {i + 3}.",
+             "answer": str(i + 3)} for i in range(6)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    base = TINY + ["data=jsonl", f"data.path={data}", "data.eval_size=2", "trainer.max_steps=1",
+                   "logger.mode=disabled", "eval.at_start=false"]
+    train(compose_config(base), tmp_path / "run")
+    if change == "data file edited in place":
+        data.write_text("".join(json.dumps({**row, "answer": "0"}) + "\n" for row in rows))
+        overrides, field = [], r"data.path contents \(sha256\): checkpoint '[0-9a-f]{64}', now '[0-9a-f]{64}'"
+    else:
+        overrides = [change]
+        key = {"algo=sft": "algo.name", "aggregation=clip": "aggregation.name"}.get(change, change.split("=")[0])
+        field = rf"{re.escape(key)}: checkpoint .*, now "
+    resume = base + ["trainer.max_steps=2", "ckpt_path=last", *overrides]
+    with pytest.raises(ConfigError, match=rf"was trained with a different config: .*{field}.*resume_allow_changes=true"):
+        train(compose_config(resume), tmp_path / "run")
+    train(compose_config(resume + ["resume_allow_changes=true"]), tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
 def batches(sampler: EpochSampler, batch_size: int) -> list[list[int]]:
     order = list(sampler)
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -194,7 +220,8 @@ def test_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_
     good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
     poison_losses(monkeypatch, None)
     with pytest.raises(SkippedUpdatesError, match=r"2 consecutive updates were skipped \(the last for a non-finite "
-                       r"loss or gradient\).*resume with ckpt_path=last"):
+                       r"loss or gradient\); stopping. The last good checkpoint, .*last.ckpt, is kept; .*then resume "
+                       r"with ckpt_path=last$"):
         train(compose_config(TINY + ["trainer.max_steps=4", "trainer.max_consecutive_skipped=2", "ckpt_path=last",
                                      "trainer.checkpoint_every_n_steps=1", "logger.mode=disabled"]), tmp_path)
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == good

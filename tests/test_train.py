@@ -136,3 +136,19 @@ def test_lr_schedules_warm_up_then_decay_to_their_floor(floor):
     assert factor(6, "cosine") == pytest.approx(floor + (1 - floor) / 2)
     for schedule in ("linear", "cosine"):
         assert factor(10, schedule) == pytest.approx(floor) and factor(50, schedule) == pytest.approx(floor)
+
+
+@pytest.mark.parametrize("algo", ["sd", "sft", "grpo"])
+def test_gradients_are_freed_after_every_training_step(tmp_path, algo):
+    """Last step's gradients must not stay allocated through the next rollout."""
+    import lightning as L
+
+    grads_after_step = []
+
+    class Grads(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            grads_after_step.append([p.grad is None for p in module.model.parameters()])
+
+    train(compose_config(TINY + [f"algo={algo}", "algo.group_size=2", "logger.mode=disabled", "eval.at_start=false"]),
+          tmp_path, callbacks=(Grads(),))
+    assert len(grads_after_step) == 2 and all(all(step) for step in grads_after_step)

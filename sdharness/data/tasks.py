@@ -29,7 +29,8 @@ ANSWER_MARKER = "The answer is"
 DIFFICULTY_STEPS = {"single": 1, "easy": 2, "hard": 4}
 SOLUTION_STYLES = ("native", "foreign")
 # An integer, decimal or fraction (559/5, -3/4): the forms a numeric answer takes.
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d[\d,]*(?:\.\d+)?)?"
+_UNSIGNED = r"\d+(?:,\d{3})*(?:\.\d+)?"  # 1,024 or 111.8; a trailing comma is punctuation
+_NUMBER = rf"-?{_UNSIGNED}(?:\s*/\s*{_UNSIGNED})?"
 CHECKERS = ("builtin", "math_verify")
 
 Checker = Callable[[str, str], bool]  # (completion, answer) -> correct?
