@@ -533,6 +533,12 @@ CLI = {
                               "of: clip, entropy_matched, product, teacher"),
     "nonexistent_model_path": (["model=local", "model.path=/nope"], "sdharness: error: model.path='/nope': /nope "
                                "does not exist; point model.path at a local model directory"),
+    "data_path_a_directory": (["data=jsonl", "data.path=tests"], "sdharness: error: data.path: tests is a directory; "
+                              "point data.path at a JSONL file in it"),
+    "eval_batch_size_zero": (["eval.batch_size=0"], "sdharness: error: eval.batch_size must be >= 1, got 0"),
+    "eval_max_new_tokens_zero": (["eval.max_new_tokens=0"], "sdharness: error: eval.max_new_tokens must be >= 1"),
+    "unquoted_template": (["prompt.student=Q: {problem} A:"], "must be quoted for Hydra inside the shell's quotes: "
+                          "'prompt.student=\"Q: {problem} A:\"'"),
 }
 
 
