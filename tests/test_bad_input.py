@@ -146,6 +146,14 @@ def test_a_grpo_row_without_an_answer_is_refused_by_file_line(tmp_path):
         datamodule(path, algo="grpo").setup()
 
 
+def test_a_grpo_chat_log_without_answers_is_refused_by_file_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(line({**CHAT, "answer": "4"}) + b"\n" + line(CHAT) + b"\n" + line({**CHAT, "answer": "4"}))
+    with pytest.raises(DataError, match=r"train.jsonl:2: algo=grpo rewards the answer, but this conversation has no "
+                                        r"\"answer\" field; give every conversation one, or use algo=sd"):
+        datamodule(path, name="chatlog", algo="grpo").setup()
+
+
 def test_eval_file_needs_the_answer_not_the_solution(tmp_path):
     (tmp_path / "train.jsonl").write_bytes(line(ROW) + b"\n" + line(ROW))
     (tmp_path / "eval.jsonl").write_bytes(line(ANSWER_ONLY))
@@ -157,6 +165,7 @@ def test_eval_file_needs_the_answer_not_the_solution(tmp_path):
         datamodule(tmp_path / "train.jsonl", eval_path=str(tmp_path / "eval.jsonl")).setup()
 
 
+@pytest.mark.slow
 def test_grpo_trains_end_to_end_on_an_answer_only_file(tmp_path):
     from sdharness.train import train
 
@@ -510,6 +519,7 @@ def test_failure_record_carries_the_whole_error_line():
     assert record["message"] == "'answer'" and record["error_line"] == "KeyError: 'answer'"
 
 
+@pytest.mark.slow
 def test_multirun_with_a_failed_job_finishes_the_others_and_exits_1(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_bytes(b"\n".join(line({**ROW, "problem": f"Start with {i}. Add 3."}) for i in range(3)))

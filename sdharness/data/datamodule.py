@@ -167,6 +167,10 @@ def load_data(cfg: DataConfig, algo: str = "sd") -> LoadedData:
         raise DataError(f"data.path={cfg.path}: no assistant turn to train on; with data.turns={cfg.turns} and "
                         "data.include_final=false only conversations with more than one assistant turn give "
                         "examples; set data.include_final=true")
+    unanswered = next((example for example in train if "answer" not in example), None)
+    if "answer" in required_fields(algo) and unanswered is not None:
+        raise DataError(f"{unanswered['path']}:{unanswered['line']}: algo={algo} rewards the answer, but this "
+                        "conversation has no \"answer\" field; give every conversation one, or use algo=sd")
     return LoadedData(train, evaluation, skipped)
 
 
