@@ -1,9 +1,9 @@
 """Checkpoints: when they are taken, and files that are either the previous one or the new one.
 
 ``StepCheckpoint`` writes ``last.ckpt`` every N steps and at the final step, always from inside
-the training loop, and puts it in place once the step's metrics row is written. A checkpoint taken after ``fit`` returns would record the cut-short epoch as
-finished, so a run extended from it (``ckpt_path=last trainer.max_steps=<more>``) would skip the
-rest of that epoch's data.
+the training loop, and puts it in place once the step's metrics row is written. A checkpoint
+taken after ``fit`` returns would record the cut-short epoch as finished, so a run extended from
+it (``ckpt_path=last trainer.max_steps=<more>``) would skip the rest of that epoch's data.
 
 Lightning's own writer stages the file in the system temp directory and moves it into place;
 when that directory is on another filesystem (``/tmp`` on tmpfs, a node-local disk, a cluster's

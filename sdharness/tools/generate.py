@@ -27,7 +27,7 @@ from sdharness.rollout.guided import answer_checks, guided_generate, sample_with
 from sdharness.models import load_model_and_tokenizer
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.rollout.hf import generate
-from sdharness.data.tasks import ANSWER_MARKER, answer_checker, is_correct
+from sdharness.data.tasks import ANSWER_MARKER, answer_checker
 
 
 
@@ -83,6 +83,7 @@ def run(args) -> list[dict]:
     torch.manual_seed(args.seed)  # plain sampling goes through HF generate and torch's global generator
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     greedy=args.greedy)
+    check = answer_checker("builtin", args.answer_marker)
     rows = []
     for start in range(0, len(problems), args.batch_size):
         chunk = problems[start:start + args.batch_size]
@@ -100,14 +101,14 @@ def run(args) -> list[dict]:
             rollout, guided, _ = sample_with_guidance(
                 args.guidance, len(chunk), plain_samples=args.guidance_samples,
                 sample_plain=lambda student=student: generate(model, tokenizer, *student, **sampling), guide=guide,
-                check=lambda texts, chunk=chunk: answer_checks(texts, chunk, answer_checker("builtin", args.answer_marker)),
+                check=lambda texts, chunk=chunk: answer_checks(texts, chunk, check),
                 pad_id=tokenizer.pad_token_id)
             texts = rollout.texts
         guided = [row in guided for row in range(len(chunk))]
         for item, text, flag in zip(chunk, texts, guided):
             answer = item.get("answer")
             rows.append({"problem": item["problem"], "answer": answer, "completion": text, "guided": flag,
-                         "is_correct": is_correct(text, answer, args.answer_marker) if answer else None})
+                         "is_correct": check(text, answer) if answer else None})
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w", encoding="utf-8") as handle:
