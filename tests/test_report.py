@@ -276,13 +276,16 @@ def test_wandb_group_is_read_through_the_api(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_tiny_sweep_reports_completed_and_failed_jobs(tmp_path):
     """tests/sweeps/tiny.yaml: sd and grpo complete; a missing data file (DataError) and a missing
-    checkpoint fail inside their jobs, and the sweep goes on."""
+    checkpoint fail inside their jobs, and the sweep goes on (and exits 1 at its end)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "sdharness.train", "-m", "--config-dir", str(REPO / "tests" / "sweeps"),
          "--config-name", "tiny", *TINY, "rollout.max_new_tokens=8", "eval.max_new_tokens=8",
          f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the sweep runs every job, reports, then exits 1 naming the failed ones
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"sdharness: error: 2 job(s) of the sweep failed, each recorded in its {FAILED_FILE}: {tmp_path / '2'}, " \
+           f"{tmp_path / '3'}" in result.stderr
     assert "Final scores" in result.stdout and "| grpo | 1 |" in result.stdout
     assert (tmp_path / "2" / FAILED_FILE).exists() and (tmp_path / "3" / FAILED_FILE).exists()
     # each job has its own W&B run (the jobs share one process)
