@@ -122,10 +122,10 @@ class DataConfig:
     evaluate_on: str = "eval"
 
     def __post_init__(self):
-        from sdharness.data.tasks import CHECKERS, DIFFICULTY_STEPS, SOLUTION_STYLES
+        from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES, answer_checker
 
         _choice("data.name", self.name, ("arithmetic", "jsonl", "chatlog"))
-        _choice("data.checker", self.checker, CHECKERS)
+        answer_checker(self.checker, self.answer_marker)  # an unknown name, or math_verify not installed, fails now
         if self.name in ("jsonl", "chatlog"):
             require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")
         _choice("data.turns", self.turns, ("all", "first"))

@@ -50,3 +50,17 @@ def test_grpo_module_and_bootstrap_use_data_checker():
     module = GRPOModule(*load_model_and_tokenizer(cfg.model), cfg)
     assert module.reward_fn("The answer is \\frac{1}{2}.", {"answer": "0.5"}, "The answer is") == 1.0
     assert bootstrap.answer_checker is answer_checker  # bootstrap's --checker is the same choice
+
+
+def test_math_verify_checker_without_the_package_fails_at_config_time(monkeypatch):
+    import importlib.util
+
+    from sdharness.config import ConfigError
+
+    answer_checker.cache_clear()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"data.checker=math_verify needs the math-verify package: pip install "
+                                          r"math-verify, or set data.checker=builtin"):
+        to_train_config(compose_config(TINY + ["data.checker=math_verify"]))
+    answer_checker.cache_clear()
