@@ -133,6 +133,36 @@ def test_ddp_gradient_is_the_mean_over_every_ranks_loss_tokens(tmp_path, method)
     assert_identical_weights(ddp)
 
 
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_grpo_rank_losses_scaled_by_their_share_average_to_the_whole_batch_gradient(aggregation):
+    """What DDP does with two ranks' GRPO losses (each scaled by global_mean_scale, then the
+    gradients averaged), in float64: the gradient of the loss over the whole batch."""
+    from sdharness.methods.policy import global_mean_scale
+    from sdharness.methods.policy_gradient import clipped_policy_loss
+
+    torch.manual_seed(0)
+    logprobs = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    advantages = torch.randn(4, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 3, 0])  # rank 0 holds 8 tokens in 2 sequences, rank 1 3 in 1
+    mask = torch.arange(6) < lengths[:, None]
+
+    def loss(rows):
+        return clipped_policy_loss(logprobs[rows], logprobs[rows].detach(), advantages[rows], mask[rows],
+                                   aggregation=aggregation)[0]
+
+    def count(rows):
+        return float(mask[rows].sum() if aggregation == "token_mean" else (mask[rows].sum(-1) > 0).sum())
+
+    (whole,) = torch.autograd.grad(loss(slice(0, 4)), logprobs)
+    ranks = [slice(0, 2), slice(2, 4)]
+    total = sum(count(rows) for rows in ranks)
+    averaged = sum(torch.autograd.grad(loss(rows) * global_mean_scale(count(rows), total, 2), logprobs)[0]
+                   for rows in ranks) / 2
+    torch.testing.assert_close(averaged, whole, rtol=1e-12, atol=1e-15)
+    unscaled = sum(torch.autograd.grad(loss(rows), logprobs)[0] for rows in ranks) / 2
+    assert not torch.allclose(unscaled, whole)  # the per-rank mean DDP took before
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -21,8 +21,8 @@ class GRPOModule(PolicyModule):
         self.reference = self.shadow_weights("reference_model", "initial" if cfg.algo.beta > 0 else "live")
 
     @property
-    def loss_is_token_mean(self) -> bool:
-        return self.cfg.algo.loss_aggregation == "token_mean"
+    def loss_mean_over(self) -> str:
+        return "train/loss_tokens" if self.cfg.algo.loss_aggregation == "token_mean" else "train/loss_sequences"
 
     def _logprobs(self, model, prompt_ids, prompt_mask, rollout) -> torch.Tensor:
         logits = completion_logits(model, prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask)
@@ -55,4 +55,5 @@ class GRPOModule(PolicyModule):
                 epsilon=algo.epsilon, beta=algo.beta, ref_logprobs=ref, aggregation=algo.loss_aggregation)
             self.count(trained=pass_tokens)
             yield loss, {**metrics, "train/loss_tokens": float(rollout.completion_mask.sum()),
+                         "train/loss_sequences": float((rollout.completion_mask.sum(-1) > 0).sum()),
                          **{f"train/{k}": v for k, v in stats.items()}}

@@ -57,10 +57,11 @@ class PolicyModule(L.LightningModule):
         raise NotImplementedError
 
     @property
-    def loss_is_token_mean(self) -> bool:
-        """Whether ``losses`` yields the mean over its ``train/loss_tokens`` tokens (see
-        :func:`global_token_mean_scale`); a method averaging otherwise says so."""
-        return True
+    def loss_mean_over(self) -> str:
+        """The step metric counting what each loss of ``losses`` is the mean over: its tokens
+        (``train/loss_tokens``) unless the method says otherwise. Under DDP/FSDP the count is
+        summed over ranks so that the update is the mean over all of them (:func:`global_mean_scale`)."""
+        return "train/loss_tokens"
 
     def shadow_weights(self, attribute: str, mode: str, decay: float = 0.99) -> "ShadowWeights":
         """Scoring-only weights of the policy (:class:`ShadowWeights`); a copy of its own, if the mode
@@ -112,7 +113,7 @@ class PolicyModule(L.LightningModule):
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         metrics: dict = {}
         for loss, step_metrics in self.losses(batch):
-            loss = loss * self._global_token_mean_scale(step_metrics.get("train/loss_tokens"))
+            loss = loss * self._global_mean_scale(step_metrics[self.loss_mean_over])
             metrics = {"train/loss": loss.detach(), **step_metrics}  # logged for skipped updates too
             optimizer.zero_grad()
             if torch.isfinite(loss):
@@ -144,16 +145,16 @@ class PolicyModule(L.LightningModule):
             self.log_dict(metrics, batch_size=len(batch), sync_dist=True)  # mean over ranks
             self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(batch))
 
-    def _global_token_mean_scale(self, local_tokens: float | None) -> float:
-        """Factor turning this rank's token-mean loss into its share of the mean over every rank's
-        tokens: the strategy averages gradients over ranks, which is the global token mean only
-        when every rank holds as many loss tokens. 1 on one process."""
+    def _global_mean_scale(self, local_count: float) -> float:
+        """Factor turning this rank's mean loss into its share of the mean over every rank's tokens
+        (or sequences): the strategy averages gradients over ranks, which is the global mean only
+        when every rank holds as many. 1 on one process."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        if world == 1 or local_tokens is None or not self.loss_is_token_mean:
+        if world == 1:
             return 1.0
-        total = self.trainer.strategy.reduce(torch.tensor(float(local_tokens), dtype=torch.float64,
+        total = self.trainer.strategy.reduce(torch.tensor(float(local_count), dtype=torch.float64,
                                                           device=self.device), reduce_op="sum")
-        return global_token_mean_scale(float(local_tokens), float(total), world)
+        return global_mean_scale(float(local_count), float(total), world)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Loss and every gradient finite, agreed across ranks (sharded strategies see parts)."""
@@ -260,11 +261,11 @@ class PolicyModule(L.LightningModule):
         return cost["generated"]
 
 
-def global_token_mean_scale(local_tokens: float, global_tokens: float, world_size: int) -> float:
-    """``world_size * local_tokens / global_tokens``: a rank's token-mean loss times this, with
-    gradients then averaged over ranks, gives the gradient of the mean over all ranks' tokens
-    (sum_r local_r mean_r / global). 0 when no rank has a token."""
-    return world_size * local_tokens / global_tokens if global_tokens > 0 else 0.0
+def global_mean_scale(local_count: float, global_count: float, world_size: int) -> float:
+    """``world_size * local_count / global_count``: a rank's mean loss (over ``local_count``
+    tokens or sequences) times this, with gradients then averaged over ranks, gives the gradient of
+    the mean over all ranks' (sum_r local_r mean_r / global). 0 when no rank has any."""
+    return world_size * local_count / global_count if global_count > 0 else 0.0
 
 
 class ShadowWeights:
