@@ -52,7 +52,7 @@ def test_grpo_module_and_bootstrap_use_data_checker():
     assert bootstrap.answer_checker is answer_checker  # bootstrap's --checker is the same choice
 
 
-def test_math_verify_checker_without_the_package_fails_at_config_time(monkeypatch):
+def test_math_verify_checker_without_the_package_is_an_error_naming_the_install(monkeypatch):
     import importlib.util
 
     from sdharness.config import ConfigError
@@ -60,7 +60,10 @@ def test_math_verify_checker_without_the_package_fails_at_config_time(monkeypatc
     answer_checker.cache_clear()
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else find_spec(name, *a))
-    with pytest.raises(ConfigError, match=r"data.checker=math_verify needs the math-verify package: pip install "
-                                          r"math-verify, or set data.checker=builtin"):
+    message = r"data.checker=math_verify needs the math-verify package: pip install math-verify, or set " \
+              r"data.checker=builtin"
+    with pytest.raises(ConfigError, match=message):
         to_train_config(compose_config(TINY + ["data.checker=math_verify"]))
+    with pytest.raises(ConfigError, match=message):  # sdharness-bootstrap --checker math_verify: the same function
+        answer_checker("math_verify")
     answer_checker.cache_clear()
