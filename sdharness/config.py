@@ -24,6 +24,7 @@ from sdharness.rollout import BACKENDS, GUIDANCE_MODES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"  # the checkout's conf/ (the package is installed editable)
+SWEEPS_DIR = PACKAGE_DIR.parent / "sweeps"
 
 
 class ConfigError(ValueError):

@@ -18,11 +18,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from sdharness.config import CONF_DIR, register_configs, to_train_config
+from sdharness.config import CONF_DIR, SWEEPS_DIR, register_configs, to_train_config
 from sdharness.train import train
 from tests.conftest import compose_config
 
-SWEEPS_DIR = CONF_DIR.parent / "sweeps"
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 SWEEPS = sorted(path.stem for path in SWEEPS_DIR.glob("*.yaml"))
 # One optimiser step on a few short problems, no W&B: the smallest run that goes through every stage.

@@ -10,7 +10,7 @@ from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.data.datamodule import ProblemDataModule, load_data
 from sdharness.data.jsonl import DataError
 from sdharness.models import char_tokenizer
-from sdharness.report.protocol import final_commands, select_commands, select_learning_rates, selection_markdown
+from sdharness.tools.protocol import final_commands, select_commands, select_learning_rates, selection_markdown
 from sdharness.report.runs import find_runs
 
 

@@ -1,13 +1,13 @@
 """The comparison protocol: a learning rate per method chosen on a validation split, every method at
 its learning rate over seeds, then the report with confidence bands.
 
-    python -m sdharness.report.protocol --out protocol              # all of it (CPU: see the estimate below)
-    python -m sdharness.report.protocol --out protocol --dry-run    # print the commands only
-    python -m sdharness.report.protocol --out protocol --stage final   # reuse protocol/select
-    python -m sdharness.report.protocol --out p --methods sd_trust_region,grpo --lrs 1e-4,3e-4 budget.problems=16
+    sdharness-protocol --out protocol              # all of it (CPU: see the estimate below)
+    sdharness-protocol --out protocol --dry-run    # print the commands only
+    sdharness-protocol --out protocol --stage final   # reuse protocol/select
+    sdharness-protocol --out p --methods sd_trust_region,grpo --lrs 1e-4,3e-4 budget.problems=16
         # a subset; trailing Hydra overrides apply to every job of both stages
 
-1. ``select`` (sweeps/protocol_select.yaml): every method of :data:`METHODS` at each lr of the grid,
+1. ``select`` (sweeps/protocol_select.yaml): every method of :data:`METHOD_CHOICES` at each lr of the grid,
    seed 0, native references, scored on ``data.validation_size`` problems held out of the training
    pool and logged as ``val/*``. Selection reads ``val/accuracy`` only (:func:`select_learning_rates`);
    the eval split is never scored in this stage. Writes ``OUT/selection.json`` and ``OUT/selection.md``.
@@ -38,12 +38,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sdharness.config import SWEEPS_DIR
 from sdharness.report.build import build_report, markdown_table
 from sdharness.report.runs import Run, find_runs
 
-METHODS = ("sd_teacher", "sd_product", "sd_clip", "sd_entropy_matched", "sd_trust_region", "sft", "grpo")
+# The choices of sweeps/method/, one per compared method; a new file there joins the protocol.
+METHOD_CHOICES = tuple(sorted(path.stem for path in (SWEEPS_DIR / "method").glob("*.yaml")))
 READS_NO_REFERENCE = ("grpo",)  # trained on answers only: the reference style does not apply
-SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 SELECTION_METRIC = "val/accuracy"
 LEARNING_RATES = "3e-5,1e-4,3e-4"
 
@@ -105,7 +106,7 @@ def final_commands(out: Path, selection: dict[str, dict], styles: list[str], see
     """One multirun per method and seed (its reference styles inside), grpo first: the longest jobs
     start first, so that ``--jobs 2`` keeps both cores busy to the end."""
     commands = []
-    for method in sorted((m for m in METHODS if m in selection), key=lambda m: m != "grpo"):
+    for method in sorted((m for m in METHOD_CHOICES if m in selection), key=lambda m: m != "grpo"):
         method_styles = ["native"] if method in READS_NO_REFERENCE else styles
         for seed in seeds.split(","):
             commands.append(train_command("protocol_final", out / "final" / method / f"seed{seed}", [
@@ -127,11 +128,11 @@ def run_all(commands: list[list[str]], jobs: int, dry_run: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sdharness.report.protocol", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="sdharness-protocol", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="protocol dir: select/, selection.json, final/, final/report/")
     parser.add_argument("--stage", choices=("all", "select", "final"), default="all",
                         help="final: reuse OUT/selection.json (or OUT/select)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="choices of sweeps/method/ to compare")
+    parser.add_argument("--methods", default=",".join(METHOD_CHOICES), help="choices of sweeps/method/ to compare")
     parser.add_argument("--lrs", default=LEARNING_RATES, help="the selection stage's optim.lr grid")
     parser.add_argument("--styles", default="native,foreign", help="reference styles of the final stage")
     parser.add_argument("--seeds", default="0,1,2")
@@ -142,9 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if args.stage in ("all", "select"):
         methods = [m for m in args.methods.split(",") if m]
-        unknown = [m for m in methods if m not in METHODS]
+        unknown = [m for m in methods if m not in METHOD_CHOICES]
         if unknown:
-            parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+            parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_CHOICES)}")
         run_all(select_commands(out, methods, args.lrs, args.overrides), args.jobs, args.dry_run)
         if args.dry_run:
             return
