@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdharness-installed
 
-.PHONY: install train test test-fast
+.PHONY: install train test test-fast gpu-check
 install: $(STAMP)
 
 # torch==2.13.0 first: it is the CPU wheel on disk, and every later torch requirement accepts it,
@@ -29,3 +29,9 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not reproduce" $(ARGS)
+
+# One CUDA GPU, under 8 minutes, one PASS/FAIL/SKIP table (not part of `make test` or CI): SD/SFT/GRPO
+# steps under bf16-mixed, rollout=vllm, trainer=fsdp and deepspeed at world size 1, the full bench.
+# vllm and deepspeed rows are SKIP unless installed (README: GPU check).
+gpu-check: install
+	$(PY) -m sdharness.tools.gpu_check $(ARGS)

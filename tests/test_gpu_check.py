@@ -1,0 +1,106 @@
+"""The CPU-testable parts of `make gpu-check`: the table, a check's failure modes (exception, a
+missing piece, a dead process, a hang) becoming rows, and the no-CUDA exit. The checks themselves
+need a CUDA GPU and have not run in this project's CI."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from sdharness.tools import gpu_check
+from sdharness.tools.gpu_check import Row, Skip
+
+
+def passing(figure):
+    return [Row("fine", "PASS", figure, "detail")]
+
+
+def raising():
+    raise ValueError("first line\nthe reason is here")
+
+
+def missing_piece():
+    raise Skip("vllm is not installed: pip install -e '.[vllm]'")
+
+
+def dying():
+    os._exit(3)
+
+
+def hanging():
+    time.sleep(60)
+
+
+def test_rows_format_as_one_aligned_table():
+    rows = [Row("sd step, bf16-mixed", "PASS", "0.21 s/step, 2.1 GiB peak", "4 steps"),
+            Row("vllm", "SKIP", "0 s", "vllm is not installed"), Row("bench", "FAIL", "", "timed out after 9 s")]
+    assert gpu_check.format_rows(rows, "head").splitlines() == [
+        "head",
+        "check                result  figure                     detail",
+        "-" * (19 + 25 + 18),
+        "sd step, bf16-mixed  PASS    0.21 s/step, 2.1 GiB peak  4 steps",
+        "vllm                 SKIP    0 s                        vllm is not installed",
+        "bench                FAIL                               timed out after 9 s",
+        "1 passed, 1 failed, 1 skipped",
+    ]
+
+
+def test_a_check_that_works_returns_its_rows():
+    assert gpu_check.run_check("fine", passing, "1.0 s", timeout=60) == [Row("fine", "PASS", "1.0 s", "detail")]
+
+
+@pytest.mark.parametrize("fn, status, detail", [
+    (raising, "FAIL", "ValueError: the reason is here"),
+    (missing_piece, "SKIP", "vllm is not installed: pip install -e '.[vllm]'"),
+    (dying, "FAIL", "the check's process exited with code 3 before reporting"),
+])
+def test_a_failing_check_is_one_row_with_its_reason(fn, status, detail):
+    (row,) = gpu_check.run_check("named", fn, timeout=60)
+    assert (row.check, row.status, row.detail) == ("named", status, detail)
+
+
+def test_a_hanging_check_is_killed_at_its_limit():
+    start = time.monotonic()
+    (row,) = gpu_check.run_check("slow", hanging, timeout=2)
+    assert (row.status, row.detail) == ("FAIL", "timed out after 2 s")
+    assert time.monotonic() - start < 20
+
+
+def test_no_budget_left_skips_without_starting():
+    assert gpu_check.run_check("late", dying, timeout=0) == [
+        Row("late", "SKIP", detail="no time left in the check's budget")]
+
+
+def test_without_cuda_one_line_and_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu_check, "run_check", lambda *a, **k: pytest.fail("no check may start without CUDA"))
+    assert gpu_check.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"sdharness gpu-check: no CUDA device visible (torch {torch.__version__}, CUDA build "
+                   f"{torch.version.cuda or 'none'}); run it on a machine with one NVIDIA GPU and a CUDA torch")
+
+
+def test_an_unknown_check_name_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--only", "sd,warp"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("sdharness: error: --only warp: unknown; choose from sd,sft,grpo,")
+
+
+def test_rows_of_every_check_fail_the_exit_status(monkeypatch, capsys):
+    """With CUDA (faked), each selected check runs in order and one FAIL row makes the exit 1."""
+    monkeypatch.setattr(gpu_check, "no_cuda_line", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    ran = []
+
+    def fake_run(name, fn, *args, timeout):
+        ran.append((name, args))
+        return [Row(name, "FAIL" if name == "fsdp" else "PASS", "1 s")]
+
+    monkeypatch.setattr(gpu_check, "run_check", fake_run)
+    assert gpu_check.main(["--only", "sd,fsdp"]) == 1
+    assert ran == [("sd", ("sd",)), ("fsdp", ("fsdp",))]
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("sdharness gpu-check: Fake GPU, torch ")
+    assert out.splitlines()[-1] == "1 passed, 1 failed, 0 skipped"
