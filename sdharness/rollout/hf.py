@@ -87,7 +87,8 @@ def generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             generation_config=config,
-            logits_processor=LogitsProcessorList([_ProgressBar(bar)]),
+            # A hidden bar ticks nothing: HF inspects every processor's signature on every token.
+            logits_processor=LogitsProcessorList([] if bar.disable else [_ProgressBar(bar)]),
             synced_gpus=synced,
         )
     model.train(was_training)

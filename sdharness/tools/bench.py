@@ -382,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None,
                         help="processes per method for SD/SFT steps, alternated (default: 1 with --tiny, else 2)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated case names to run (bench and peer cases of the mode), e.g. smollm2_135m@128")
     parser.add_argument("--peer", choices=["trl"], default=None,
                         help=f"also run TRL's SDFT and SFT trainers against sdharness's (trl=={peer.TRL_VERSION}, "
                         "the `peers` extra) and print sdharness/TRL ratios")
@@ -397,10 +399,19 @@ def main(argv: list[str] | None = None) -> None:
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     repeats = args.repeats or {"tiny": 1, "quick": 3, "full": 5}[mode]
     rounds = args.rounds or (1 if mode == "tiny" else 2)
-    report = run_cases(cases(mode), repeats, args.threads, rounds)
-    if args.peer and skip is None:
+    bench_cases, peer_cases = cases(mode), peer.peer_cases(mode) if args.peer and skip is None else []
+    if args.cases:
+        wanted = {name.strip() for name in args.cases.split(",")}
+        known = {case.name for case in bench_cases + peer.peer_cases(mode)}
+        if wanted - known:
+            parser.exit(2, f"sdharness: error: --cases {','.join(sorted(wanted - known))}: no such case in this mode; "
+                        f"choose from {', '.join(sorted(known))}\n")
+        bench_cases = [case for case in bench_cases if case.name in wanted]
+        peer_cases = [case for case in peer_cases if case.name in wanted]
+    report = run_cases(bench_cases, repeats, args.threads, rounds)
+    if peer_cases:
         report["peer"] = {"name": args.peer, "version": peer.TRL_VERSION, "unequal": list(peer.UNEQUAL), "cases": [
-            peer.run_peer_case(case, repeats, args.threads, rounds, _fresh) for case in peer.peer_cases(mode)]}
+            peer.run_peer_case(case, repeats, args.threads, rounds, _fresh) for case in peer_cases]}
     elif skip:
         report["peer"] = {"name": args.peer, "skipped": skip}
     print(json.dumps(report, indent=2) if args.json else format_table(report))

@@ -1,0 +1,24 @@
+"""A rollout without a visible progress bar hands HF generate no logits processor: HF inspects
+each processor's signature on every generated token, a per-token cost for nothing."""
+
+import torch
+
+from sdharness.config import ModelConfig
+from sdharness.models import load_model_and_tokenizer
+from sdharness.rollout import generate
+
+
+def test_hidden_progress_bar_adds_no_logits_processor():
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny_random"))
+    seen = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(list(kwargs["logits_processor"]))
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    rollout = generate(model, tokenizer, ids, torch.ones_like(ids), max_new_tokens=4, greedy=True, progress=False)
+    assert seen == [[]]
+    assert rollout.completion_ids.shape == (2, 4)
