@@ -46,10 +46,12 @@ def test_rows_format_as_one_aligned_table():
     ]
 
 
+@pytest.mark.slow  # spawns a process
 def test_a_check_that_works_returns_its_rows():
     assert gpu_check.run_check("fine", passing, "1.0 s", timeout=60) == [Row("fine", "PASS", "1.0 s", "detail")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn, status, detail", [
     (raising, "FAIL", "ValueError: the reason is here"),
     (missing_piece, "SKIP", "vllm is not installed: pip install -e '.[vllm]'"),
@@ -60,6 +62,7 @@ def test_a_failing_check_is_one_row_with_its_reason(fn, status, detail):
     assert (row.check, row.status, row.detail) == ("named", status, detail)
 
 
+@pytest.mark.slow
 def test_a_hanging_check_is_killed_at_its_limit():
     start = time.monotonic()
     (row,) = gpu_check.run_check("slow", hanging, timeout=2)

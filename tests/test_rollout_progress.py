@@ -5,7 +5,7 @@ import torch
 
 from sdharness.config import ModelConfig
 from sdharness.models import load_model_and_tokenizer
-from sdharness.rollout import generate
+from sdharness.rollout.hf import generate
 
 
 def test_hidden_progress_bar_adds_no_logits_processor():

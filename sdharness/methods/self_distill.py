@@ -45,6 +45,9 @@ class SelfDistillModule(PolicyModule):
                                    tau=self.cfg.aggregation.tau, divergence_name=self.cfg.loss.divergence,
                                    beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size, token_weights=weights,
                                    monitor_kl=logging_step, unconsidered_eps=self.cfg.loss.unconsidered_eps)
+        # This generator stays suspended through backward and the optimiser step: it must not keep the
+        # [batch, length, vocab] student logits alive there (the loss saved the gradient it needs).
+        del student_logits, teacher_logits
         self._count(batch, rollout, cost)
         monitored = {} if result.teacher_student_kl is None else {
             "train/teacher_student_kl": result.teacher_student_kl,

@@ -14,5 +14,6 @@ class SFTModule(PolicyModule):
         logits = completion_logits(self.model, batch.student_ids, batch.student_mask,
                                    batch.solution_ids, batch.solution_mask)
         loss = token_cross_entropy(logits, batch.solution_ids, batch.solution_mask)
+        del logits  # not kept through backward by this suspended generator (cross-entropy saved what it needs)
         self.count(problems=len(batch), trained=int(batch.student_mask.sum() + batch.solution_mask.sum()))
         yield loss, {"train/loss_tokens": float(batch.solution_mask.sum())}
