@@ -100,7 +100,7 @@ def test_text_of_length_is_exact_for_word_and_character_tokenizers():
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL (the peers extra) is not installed")
 def test_tiny_peer_end_to_end(capsys, monkeypatch):
     bench.main(["--tiny", "--threads", "1", "--peer", "trl", "--json"])
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)  # nothing but the JSON on stdout
     (entry,) = report["peer"]["cases"]
     assert entry["name"] == "tiny_random@16" and report["peer"]["version"] == "1.16.0"
     for method in ("sd", "sft"):

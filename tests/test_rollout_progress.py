@@ -22,3 +22,23 @@ def test_hidden_progress_bar_adds_no_logits_processor():
     rollout = generate(model, tokenizer, ids, torch.ones_like(ids), max_new_tokens=4, greedy=True, progress=False)
     assert seen == [[]]
     assert rollout.completion_ids.shape == (2, 4)
+
+
+def test_sampling_uses_the_full_distribution(monkeypatch):
+    """temperature 1, top_p 1: no logits warper may truncate the policy (transformers adds a top-50
+    filter unless top_k is 0), or rollouts are not samples of the model being trained."""
+    from transformers.generation import utils
+
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny_random"))
+    assert model.config.vocab_size > 50
+    built = []
+    original = utils.GenerationMixin._get_logits_processor
+
+    def spy(self, *args, **kwargs):
+        built.append(original(self, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(utils.GenerationMixin, "_get_logits_processor", spy)
+    ids = torch.tensor([[5, 6, 7]])
+    generate(model, tokenizer, ids, torch.ones_like(ids), max_new_tokens=2, progress=False)
+    assert [type(p).__name__ for p in built[-1]] == []

@@ -75,7 +75,7 @@ def generate(
         do_sample=not greedy,
         temperature=None if greedy else temperature,
         top_p=None if greedy else top_p,
-        top_k=None,
+        top_k=0,  # None would fall back to transformers' default top-k of 50: rollouts off the policy
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -20,6 +20,7 @@ absolute and above the RSS at that start. Processes alternate sdharness, TRL, TR
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import statistics
@@ -253,7 +254,8 @@ def run_trl(case: PeerCase, method: str, repeats: int, threads: int | None) -> d
             record.step_end()
 
     trainer.add_callback(Clock())
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # HF Trainer prints its run summary, which --json must not carry
+        trainer.train()
     return record.result(model)
 
 
