@@ -107,3 +107,17 @@ def test_rows_of_every_check_fail_the_exit_status(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("sdharness gpu-check: Fake GPU, torch ")
     assert out.splitlines()[-1] == "1 passed, 1 failed, 0 skipped"
+
+
+@pytest.mark.parametrize("overrides, strategy", [
+    (gpu_check.method_overrides("sd"), "auto"), (gpu_check.method_overrides("sft"), "auto"),
+    (gpu_check.method_overrides("grpo"), "auto"), (gpu_check.strategy_overrides("fsdp"), "fsdp"),
+    (gpu_check.strategy_overrides("deepspeed"), "deepspeed_stage_2")])
+def test_training_checks_compose_valid_configs(overrides, strategy):
+    """A misspelt override would fail every training row on the GPU: each composes and validates here."""
+    from sdharness.config import to_train_config
+
+    cfg = to_train_config(gpu_check._compose(overrides))
+    assert (cfg.model.name, cfg.trainer.accelerator, cfg.trainer.precision) == ("smollm2_135m", "gpu", "bf16-mixed")
+    assert (cfg.trainer.max_steps, cfg.trainer.devices, cfg.trainer.strategy) == (4, 1, strategy)
+    assert cfg.logger.mode == "disabled" and cfg.rollout.progress is False

@@ -121,8 +121,16 @@ def _compose(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
+def method_overrides(algo: str) -> list[str]:
+    return TRAIN_OVERRIDES + [f"algo={algo}"]
+
+
+def strategy_overrides(trainer: str) -> list[str]:
+    return TRAIN_OVERRIDES + [f"trainer={trainer}", "trainer.devices=1", "trainer.precision=bf16-mixed"]
+
+
 def _timed_train(overrides: list[str]) -> tuple[list[float], float, float]:
-    """Train with ``overrides``; ``(seconds per step, last train/loss, peak GiB allocated)``."""
+    """Train with ``overrides`` (complete); ``(seconds per step, last train/loss, peak GiB allocated)``."""
     import lightning as L
     import torch
 
@@ -145,7 +153,7 @@ def _timed_train(overrides: list[str]) -> tuple[list[float], float, float]:
     clock = Clock()
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="sdharness-gpu-check-") as output:
-        train(_compose(TRAIN_OVERRIDES + overrides), output, callbacks=(clock,))
+        train(_compose(overrides), output, callbacks=(clock,))
     if clock.precision != "bf16-mixed":
         raise RuntimeError(f"trained under precision {clock.precision}, not bf16-mixed")
     if not clock.times or not torch.isfinite(torch.tensor(clock.loss)):
@@ -159,14 +167,14 @@ def _step_figure(times: list[float], peak_gib: float) -> str:
 
 
 def check_method(algo: str) -> list[Row]:
-    times, loss, peak = _timed_train([f"algo={algo}"])
+    times, loss, peak = _timed_train(method_overrides(algo))
     return [Row(f"{algo} step, bf16-mixed", "PASS", _step_figure(times, peak), f"{len(times)} steps, loss {loss:.4g}")]
 
 
 def check_strategy(trainer: str) -> list[Row]:
     if trainer == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise Skip("deepspeed is not installed: pip install deepspeed")
-    times, loss, peak = _timed_train([f"trainer={trainer}", "trainer.devices=1", "trainer.precision=bf16-mixed"])
+    times, loss, peak = _timed_train(strategy_overrides(trainer))
     name = {"fsdp": "trainer=fsdp (FSDP2), 1 GPU", "deepspeed": "trainer=deepspeed (ZeRO-2), 1 GPU"}[trainer]
     return [Row(name, "PASS", _step_figure(times, peak), f"sd, {len(times)} steps, loss {loss:.4g}")]
 
