@@ -17,6 +17,9 @@ of guided sampling and of logged-chat distillation.
   Guided sampling (``sdharness.rollout.guided``, student and teacher rows in one forward per token) is
   timed per generated token against the batched plain rollout (models with a tokenizer only).
 
+``--peer trl`` adds TRL's SDFT and SFT trainers against sdharness's (``sdharness/tools/peer.py``);
+``--cases`` runs the named cases only.
+
 Every (case, method) runs in a fresh process (forkserver with this module preloaded, so a case
 pays no re-import): medians over ``repeats`` steps after one warm-up. SD and SFT each run in
 ``rounds`` processes, alternating SD, SFT, SFT, SD, ... so that load from other jobs on a shared
