@@ -5,16 +5,34 @@ from __future__ import annotations
 
 import torch
 
-from sdharness.config import TrainConfig
+from sdharness.config import AggregationConfig, LossConfig, TrainConfig
 from sdharness.data.datamodule import PromptBatch
 from sdharness.data.tasks import answer_checker
 from sdharness.distill.logits import completion_hidden, completion_logits
-from sdharness.distill.losses import distillation_loss
+from sdharness.distill.losses import DistillationLoss, distillation_loss
 from sdharness.distill.positions import loss_positions
 from sdharness.methods.accounting import rollout_cost
 from sdharness.methods.policy import PolicyModule
 from sdharness.rollout.guided import guided_rollout, guided_token_weights
 from sdharness.rollout.hf import Rollout
+
+
+def score_and_distil(student_model, teacher_model, student_ids, student_mask, teacher_ids, teacher_mask, g, g_mask,
+                     loss_mask, aggregation: AggregationConfig, loss: LossConfig, *,
+                     token_weights: torch.Tensor | None = None, monitor: bool = True) -> DistillationLoss:
+    """The SD step after the rollout: teacher logits on ``[teacher prompt, g]`` (no gradient, kept as
+    hidden states), student logits on ``[student prompt, g]``, then the chunked loss on ``loss_mask``.
+
+    The logits live only inside this call: the loss has already computed the gradient it hands
+    backward, so nothing of size ``[batch, length, vocab]`` outlives it but that gradient.
+    """
+    with torch.no_grad():
+        teacher_logits = completion_hidden(teacher_model, teacher_ids, teacher_mask, g, g_mask)
+    student_logits = completion_logits(student_model, student_ids, student_mask, g, g_mask)
+    return distillation_loss(student_logits, teacher_logits, loss_mask, aggregation=aggregation.name,
+                             tau=aggregation.tau, divergence_name=loss.divergence, beta=loss.beta,
+                             chunk_size=loss.chunk_size, token_weights=token_weights, monitor_kl=monitor,
+                             unconsidered_eps=loss.unconsidered_eps)
 
 
 class SelfDistillModule(PolicyModule):
@@ -32,22 +50,15 @@ class SelfDistillModule(PolicyModule):
     def losses(self, batch: PromptBatch):
         rollout, guidance, cost = self.sample(batch)
         g, g_mask = rollout.completion_ids, rollout.completion_mask
-        with torch.no_grad():
-            teacher_logits = completion_hidden(self.teacher.model, batch.teacher_ids, batch.teacher_mask, g, g_mask)
-        student_logits = completion_logits(self.model, batch.student_ids, batch.student_mask, g, g_mask)
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
         weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.rollout)  # None unless enabled
         # The teacher-student KL and the target diagnostics are only for the log: computed on the
         # steps Lightning writes out.
         logging_step = self._trainer is None or self.trainer._logger_connector.should_update_logs
-        result = distillation_loss(student_logits, teacher_logits, mask, aggregation=self.cfg.aggregation.name,
-                                   tau=self.cfg.aggregation.tau, divergence_name=self.cfg.loss.divergence,
-                                   beta=self.cfg.loss.beta, chunk_size=self.cfg.loss.chunk_size, token_weights=weights,
-                                   monitor_kl=logging_step, unconsidered_eps=self.cfg.loss.unconsidered_eps)
-        # This generator stays suspended through backward and the optimiser step: it must not keep the
-        # [batch, length, vocab] student logits alive there (the loss saved the gradient it needs).
-        del student_logits, teacher_logits
+        result = score_and_distil(self.model, self.teacher.model, batch.student_ids, batch.student_mask,
+                                  batch.teacher_ids, batch.teacher_mask, g, g_mask, mask, self.cfg.aggregation,
+                                  self.cfg.loss, token_weights=weights, monitor=logging_step)
         self._count(batch, rollout, cost)
         monitored = {} if result.teacher_student_kl is None else {
             "train/teacher_student_kl": result.teacher_student_kl,

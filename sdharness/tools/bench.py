@@ -51,9 +51,10 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from sdharness.config import PACKAGE_DIR, ModelConfig
-from sdharness.distill.logits import completion_hidden, completion_logits
-from sdharness.distill.losses import distillation_loss, token_cross_entropy
+from sdharness.config import PACKAGE_DIR, AggregationConfig, LossConfig, ModelConfig
+from sdharness.distill.logits import completion_logits
+from sdharness.distill.losses import token_cross_entropy
+from sdharness.methods.self_distill import score_and_distil
 from sdharness.rollout.guided import guided_generate
 from sdharness.tools import peer
 from sdharness.models import load_model_and_tokenizer
@@ -128,11 +129,8 @@ def step_batch(case: Case, vocab: int, device) -> dict[str, torch.Tensor]:
 
 
 def sd_step(model, optimizer, d) -> None:
-    with torch.no_grad():
-        teacher = completion_hidden(model, d["teacher_ids"], d["teacher_mask"], d["g"], d["g_mask"])
-    student = completion_logits(model, d["student_ids"], d["student_mask"], d["g"], d["g_mask"])
-    result = distillation_loss(student, teacher, d["g_mask"], aggregation="product", tau=2.0,
-                               divergence_name="forward_kl")
+    result = score_and_distil(model, model, d["student_ids"], d["student_mask"], d["teacher_ids"], d["teacher_mask"],
+                              d["g"], d["g_mask"], d["g_mask"], AggregationConfig("product", 2.0), LossConfig())
     _update(optimizer, result.loss)
 
 
