@@ -1,9 +1,9 @@
 """``sdharness-bench``: cost of a self-distillation step against an SFT step, of batched rollouts,
 of guided sampling and of logged-chat distillation.
 
-* SD step: teacher ``completion_hidden`` (no grad) + student ``completion_logits`` +
-  ``distillation_loss`` (product, tau 2, forward_kl, with the monitoring KL, as every training step
-  logs it) + backward + AdamW step, on a FIXED random completion (generation excluded). SFT step:
+* SD step: the training step's ``score_and_distil`` (teacher hidden states without gradient,
+  student logits, chunked loss: product, tau 2, forward_kl, with the monitoring figures) + backward
+  + AdamW step, on a FIXED random completion (generation excluded). SFT step:
   ``completion_logits`` + token-mean cross-entropy (as ``SFTModule``) + backward + AdamW step on
   the same batch: same prompt and completion tokens.
 * Logged-chat distillation (``data=chatlog``) is exactly that SD step: ``g`` is the logged turn,
