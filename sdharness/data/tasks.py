@@ -140,27 +140,91 @@ def _operation(rng: random.Random, value: int) -> tuple[str, str, int, int]:
     return f"Add {operand}.", "+", operand, value + operand
 
 
+def _apply(symbol: str, value: int, operand: int) -> int:
+    return {"+": value + operand, "-": value - operand, "*": value * operand}[symbol]
+
+
+def arithmetic_chain(rng: random.Random, steps: int) -> tuple[str, int, list[tuple[str, int]]]:
+    """A problem's words, its start value and its ``(symbol, operand)`` operations."""
+    value = rng.randint(2, 20)
+    start, words, operations = value, [f"Start with {value}."], []
+    for _ in range(steps):
+        phrase, symbol, operand, value = _operation(rng, value)
+        words.append(phrase)
+        operations.append((symbol, operand))
+    return " ".join(words) + " What is the result?", start, operations
+
+
+def chain_values(start: int, operations: list[tuple[str, int]]) -> list[int]:
+    """The value after each operation, each computed from the one before."""
+    values = []
+    for symbol, operand in operations:
+        start = _apply(symbol, start, operand)
+        values.append(start)
+    return values
+
+
+def native_solution(start: int, operations: list[tuple[str, int]], values: list[int]) -> str:
+    """The worked solution as the student writes it; ``values`` are the results it states."""
+    lines = [f"{left} {symbol} {operand} = {value}"
+             for left, (symbol, operand), value in zip([start] + values, operations, values)]
+    return "\n".join(lines + [f"{ANSWER_MARKER} {values[-1]}."])
+
+
+def foreign_solution(operations: list[tuple[str, int]], values: list[int]) -> str:
+    """The same reasoning in a terse notation the student never writes: ``+5 -> 12; *3 -> 36. So: 36``."""
+    return "; ".join(f"{symbol}{operand} -> {value}" for (symbol, operand), value in zip(operations, values)) \
+        + f". So: {values[-1]}"
+
+
 def arithmetic_problem(rng: random.Random, steps: int, solution_style: str = "native") -> dict[str, str]:
     """One chained-arithmetic problem with ``steps`` operations and its worked solution.
 
     ``solution_style='native'`` writes the solution as the student writes its own chain of
     thought; ``'foreign'`` gives the same reasoning in a terse notation the student never uses.
     """
-    value = rng.randint(2, 20)
-    words, native, foreign = [f"Start with {value}."], [], []
-    for _ in range(steps):
-        phrase, symbol, operand, result = _operation(rng, value)
-        words.append(phrase)
-        native.append(f"{value} {symbol} {operand} = {result}")
-        foreign.append(f"{symbol}{operand} -> {result}")
-        value = result
+    problem, start, operations = arithmetic_chain(rng, steps)
+    values = chain_values(start, operations)
     if solution_style == "native":
-        solution = "\n".join(native + [f"{ANSWER_MARKER} {value}."])
+        solution = native_solution(start, operations, values)
     elif solution_style == "foreign":
-        solution = "; ".join(foreign) + f". So: {value}"
+        solution = foreign_solution(operations, values)
     else:
         raise ValueError(f"data.solution_style={solution_style!r} is unknown; choose one of {SOLUTION_STYLES}")
-    return {"problem": " ".join(words) + " What is the result?", "solution": solution, "answer": str(value)}
+    return {"problem": problem, "solution": solution, "answer": str(values[-1])}
+
+
+# Student-like slips (the shipped base's own arithmetic errors are mostly a few units off, sometimes ten).
+SLIPS = (-10, -4, -3, -2, -1, 1, 2, 3, 4, 10)
+
+
+def slipped_solution(rng: random.Random, start: int, operations: list[tuple[str, int]]) -> tuple[str, tuple[int, int]]:
+    """A native solution with one arithmetic slip at a random step, continued consistently from it.
+
+    The slipped step states its correct result plus a delta from :data:`SLIPS`; every later step
+    is correct arithmetic on the value the line before states, and the answer line states the
+    last of them. Returns the text and the ``[begin, end)`` character span of the slipped result
+    from its first wrong character: a teacher trained on it learns nothing from the slip itself,
+    only what follows. A delta that would make a later value negative is taken positive (the
+    operations grow with their input, so every value stays at least the correct one).
+    """
+    step, delta = rng.randrange(len(operations)), rng.choice(SLIPS)
+    correct = chain_values(start, operations)
+    values = _slipped_values(start, operations, correct, step, delta)
+    if min(values) < 0:
+        values = _slipped_values(start, operations, correct, step, abs(delta))
+    text = native_solution(start, operations, values)
+    line_start = sum(len(line) + 1 for line in text.split("\n")[:step])
+    line = text.split("\n")[step]
+    number_start = line_start + line.rindex(" = ") + 3
+    wrong, right = str(values[step]), str(correct[step])
+    same = next((i for i, (a, b) in enumerate(zip(wrong, right)) if a != b), min(len(wrong), len(right)))
+    return text, (number_start + same, number_start + len(wrong))
+
+
+def _slipped_values(start, operations, correct, step, delta):
+    slipped = correct[step] + delta
+    return correct[:step] + [slipped] + chain_values(slipped, operations[step + 1:])
 
 
 def arithmetic_split(seed: int, size: int, difficulty: str, solution_style: str = "native",

@@ -54,16 +54,18 @@ from sdharness.eval.quick import evaluate_greedy
 from sdharness.methods.schedule import lr_lambda
 from sdharness.models import char_llama_config, char_tokenizer
 from sdharness.data.prompts import encode_prompt, encode_prompts, render_student, render_teacher
-from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_problem, arithmetic_split
+from sdharness.data.tasks import (ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_chain, arithmetic_split,
+                                  chain_values, foreign_solution, native_solution, slipped_solution)
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "pretrain_report.json"
 KINDS = ("student_easy", "student_hard", "teacher_easy", "teacher_hard")
-EVAL_SETS = {  # name -> (prompt format, difficulty)
+EVAL_SETS = {  # name -> (prompt format, problems: difficulty or difficulty_foreign for foreign-notation hints)
     "no_hint_easy": ("student", "easy"),
     "no_hint_hard": ("student", "hard"),
     "hint_hard": ("teacher", "hard"),
     "hint_easy": ("teacher", "easy"),
+    "foreign_hint_hard": ("teacher", "hard_foreign"),
 }
 
 
@@ -113,6 +115,8 @@ class PretrainConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     early_answer_fraction: float = 0.0  # of teacher-format examples: completion is only "The answer is N."
+    foreign_hint_fraction: float = 0.0  # of teacher-format examples: the hint is in the foreign notation
+    slip_fraction: float = 0.0  # of teacher-format examples without an early answer: one slip, then consistent
     steps: int = 7200
     batch_size: int = 4
     bucket_batches: int = 32  # examples are sorted by length within windows of this many batches (less padding)
@@ -134,8 +138,8 @@ class PretrainConfig:
     output_dir: Optional[str] = None  # null: the Hydra run directory
 
     def __post_init__(self):
-        require(0 <= self.early_answer_fraction <= 1,
-                 f"early_answer_fraction must be in [0, 1], got {self.early_answer_fraction}")
+        for name in ("early_answer_fraction", "foreign_hint_fraction", "slip_fraction"):
+            require(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("steps", "batch_size", "bucket_batches", "eval_batch_size", "eval_max_new_tokens", "log_every"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_size", "eval_every", "eval_every_size"):
@@ -164,7 +168,10 @@ def to_pretrain_config(dict_cfg: DictConfig) -> PretrainConfig:
 
 @dataclass
 class Example:
-    """One training sequence: ``ids[:prompt_length]`` is the prompt, the rest is the completion + EOS."""
+    """One training sequence: ``ids[:prompt_length]`` is the prompt, the rest is the completion + EOS.
+
+    ``no_loss`` is a ``[begin, end)`` token span of the completion that carries no loss (a slip's
+    wrong digits), or None."""
 
     ids: list[int]
     prompt_length: int
@@ -172,6 +179,8 @@ class Example:
     early_answer: bool
     problem: str
     completion: str
+    foreign_hint: bool = False
+    no_loss: Optional[tuple[int, int]] = None
 
 
 def split_counts(total: int, fractions: dict[str, float]) -> dict[str, int]:
@@ -189,18 +198,26 @@ def early_answer_line(answer: str) -> str:
 
 
 def eval_problems(seed: int, size: int) -> dict[str, list[dict[str, str]]]:
-    """The fixed held-out problems: ``{'easy': [...], 'hard': [...]}``."""
-    return {difficulty: arithmetic_split(seed + offset, size, difficulty)
-            for offset, difficulty in enumerate(DIFFICULTY_STEPS)}
+    """The fixed held-out problems: ``{'easy': [...], 'hard': [...], 'hard_foreign': [...]}``.
+
+    ``hard_foreign`` are the ``hard`` problems with their solutions in the foreign notation."""
+    problems = {difficulty: arithmetic_split(seed + offset, size, difficulty)
+                for offset, difficulty in enumerate(DIFFICULTY_STEPS)}
+    problems["hard_foreign"] = arithmetic_split(seed + list(DIFFICULTY_STEPS).index("hard"), size, "hard", "foreign")
+    return problems
 
 
 def build_examples(prompt: PromptConfig, tokenizer, *, size: int, mix: MixConfig | dict[str, float],
-                   early_answer_fraction: float, seed: int, exclude: set[str] | None = None) -> list[Example]:
+                   early_answer_fraction: float, seed: int, exclude: set[str] | None = None,
+                   foreign_hint_fraction: float = 0.0, slip_fraction: float = 0.0) -> list[Example]:
     """``size`` training examples in a seeded random order.
 
-    The kinds come in exactly the counts of :func:`split_counts`; exactly
-    ``round(early_answer_fraction * teacher-format examples)`` teacher-format examples complete
-    with the answer line only. Problems in ``exclude`` (the eval sets) never appear.
+    The kinds come in exactly the counts of :func:`split_counts`; of the teacher-format
+    examples exactly ``round(early_answer_fraction * n)`` complete with the answer line only,
+    ``round(foreign_hint_fraction * n)`` get their hint in the foreign notation, and
+    ``round(slip_fraction * m)`` of the ``m`` others complete with :func:`slipped_solution` (its
+    slip carries no loss). Problems in ``exclude`` (the eval sets) never appear. With both new
+    fractions 0 the random stream, and so every example, is the one before they existed.
     """
     fractions = asdict(mix) if isinstance(mix, MixConfig) else dict(mix)
     rng = random.Random(seed)
@@ -209,23 +226,44 @@ def build_examples(prompt: PromptConfig, tokenizer, *, size: int, mix: MixConfig
     rng.shuffle(kinds)
     teacher_rows = [row for row, kind in enumerate(kinds) if kind.startswith("teacher")]
     early_rows = set(rng.sample(teacher_rows, round(early_answer_fraction * len(teacher_rows))))
+    foreign_rows = set(rng.sample(teacher_rows, round(foreign_hint_fraction * len(teacher_rows)))
+                       if foreign_hint_fraction else ())
+    worked_rows = [row for row in teacher_rows if row not in early_rows]
+    slip_rows = set(rng.sample(worked_rows, round(slip_fraction * len(worked_rows))) if slip_fraction else ())
     exclude = exclude or set()
     eos = [tokenizer.eos_token_id]
     examples = []
     for row, kind in enumerate(kinds):
         fmt, difficulty = kind.split("_")
-        item = arithmetic_problem(rng, DIFFICULTY_STEPS[difficulty])
-        while item["problem"] in exclude:
-            item = arithmetic_problem(rng, DIFFICULTY_STEPS[difficulty])
+        problem, start, operations = arithmetic_chain(rng, DIFFICULTY_STEPS[difficulty])
+        while problem in exclude:
+            problem, start, operations = arithmetic_chain(rng, DIFFICULTY_STEPS[difficulty])
+        values = chain_values(start, operations)
+        solution, no_loss = native_solution(start, operations, values), None
         if fmt == "student":
-            text = render_student(prompt, item["problem"])
+            text = render_student(prompt, problem)
         else:
-            text = render_teacher(prompt, item["problem"], item["solution"])
-        completion = early_answer_line(item["answer"]) if row in early_rows else item["solution"]
+            hint = foreign_solution(operations, values) if row in foreign_rows else solution
+            text = render_teacher(prompt, problem, hint)
+        if row in early_rows:
+            completion = early_answer_line(str(values[-1]))
+        elif row in slip_rows:
+            completion, no_loss = slipped_solution(rng, start, operations)
+        else:
+            completion = solution
         prompt_ids = encode_prompt(prompt, tokenizer, text)
-        ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
-        examples.append(Example(ids, len(prompt_ids), kind, row in early_rows, item["problem"], completion))
+        ids = prompt_ids + _char_ids(tokenizer, completion) + eos
+        examples.append(Example(ids, len(prompt_ids), kind, row in early_rows, problem, completion,
+                                foreign_hint=row in foreign_rows, no_loss=no_loss))
     return examples
+
+
+def _char_ids(tokenizer, text: str) -> list[int]:
+    """One id per character: the testbed tokenizer's, which makes character spans token spans."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != len(text):
+        raise ConfigError(f"the pretraining tokenizer must give one token per character; {text!r} gave {len(ids)}")
+    return ids
 
 
 def make_batches(examples: list[Example], batch_size: int, bucket_batches: int, seed: int,
@@ -247,6 +285,9 @@ def make_batches(examples: list[Example], batch_size: int, bucket_batches: int, 
             for row, example in enumerate(rows):
                 ids[row, :len(example.ids)] = torch.tensor(example.ids)
                 labels[row, example.prompt_length:len(example.ids)] = torch.tensor(example.ids[example.prompt_length:])
+                if example.no_loss is not None:
+                    begin, end = example.no_loss
+                    labels[row, example.prompt_length + begin:example.prompt_length + end] = -100
             batches.append((ids, labels))
     random.Random(seed).shuffle(batches)
     return batches
@@ -362,7 +403,8 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
     held_out = eval_problems(cfg.eval_seed, cfg.eval_size)
     exclude = {item["problem"] for items in held_out.values() for item in items}
     examples = build_examples(cfg.prompt, tokenizer, size=cfg.steps * cfg.batch_size, mix=cfg.mix,
-                              early_answer_fraction=cfg.early_answer_fraction, seed=cfg.seed, exclude=exclude)
+                              early_answer_fraction=cfg.early_answer_fraction, seed=cfg.seed, exclude=exclude,
+                              foreign_hint_fraction=cfg.foreign_hint_fraction, slip_fraction=cfg.slip_fraction)
     longest = max(len(example.ids) for example in examples)
     if longest + cfg.eval_max_new_tokens > cfg.arch.max_position_embeddings:
         raise ConfigError(f"arch.max_position_embeddings={cfg.arch.max_position_embeddings} is too small: training "
@@ -378,7 +420,7 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
     def quick_eval(step: int) -> None:
         eval_started = time.perf_counter()
         results = evaluate_suite(model, tokenizer, cfg.prompt, quick, max_new_tokens=cfg.eval_max_new_tokens,
-                                 batch_size=cfg.eval_batch_size, sets=("no_hint_easy", "no_hint_hard", "hint_hard"))
+                                 batch_size=cfg.eval_batch_size, sets=("no_hint_easy", "no_hint_hard", "hint_hard", "foreign_hint_hard"))
         log.info("step %d quick eval: %s", step, ", ".join(f"{name} {row['accuracy']:.2f}" for name, row in results.items()))
         paused[0] += time.perf_counter() - eval_started
 
@@ -400,7 +442,9 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "parameters": parameters,
         "examples": {kind: sum(example.kind == kind for example in examples) for kind in KINDS}
-        | {"early_answer": sum(example.early_answer for example in examples)},
+        | {"early_answer": sum(example.early_answer for example in examples),
+           "foreign_hint": sum(example.foreign_hint for example in examples),
+           "slipped": sum(example.no_loss is not None for example in examples)},
         "wall_seconds": {"train": round(train_seconds, 1), "eval": round(eval_seconds, 1),
                          "quick_evals": round(paused[0], 1),
                          "total": round(time.perf_counter() - started, 1)},
@@ -427,10 +471,12 @@ register_configs()
 
 def _command() -> str:
     try:
-        overrides = list(HydraConfig.get().overrides.task)
+        hydra_cfg = HydraConfig.get()
     except ValueError:
-        overrides = sys.argv[1:]
-    return shlex.join(["sdharness-pretrain", *overrides])
+        return shlex.join(["sdharness-pretrain", *sys.argv[1:]])
+    name = hydra_cfg.job.config_name
+    chosen = [] if name == "pretrain" else ["--config-name", name]
+    return shlex.join(["sdharness-pretrain", *chosen, *hydra_cfg.overrides.task])
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
