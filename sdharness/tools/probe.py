@@ -1,0 +1,430 @@
+"""Can this model be its own teacher? ``sdharness-probe`` measures it before any training.
+
+    sdharness-probe                                              # the testbed base, 128 HARD problems
+    sdharness-probe model=smollm2_135m prompt=cot data.eval_size=32
+    sdharness-probe model=local model.path=DIR data=jsonl data.path=FILE
+
+A Hydra app on the training configs (model, data, prompt, logger). On the held-out split it
+samples one student completion ``g`` per problem (``temperature``), scores ``g`` after the student
+and after the teacher prompt, and prints the teacher-quality table, also written to
+``<run dir>/probe.json`` and logged to W&B (the training logger's settings, offline without a key):
+
+* greedy accuracy without and with the hint, and the hinted teacher's early-answer rate;
+* when the reference is in the student's own format: the first token where ``g`` leaves the
+  reference; there, how often the teacher's argmax is the reference token, and the mean
+  probability the teacher and the student give it; KL(teacher||student) per token before and
+  after that position;
+* per aggregation of the registry, at its default tau (``conf/aggregation/<name>.yaml``): the
+  target's mass on tokens the student gives less than ``eps``, and max q/p_S;
+* for the built-in arithmetic task, where ``g`` first slips in a result: the student-consistent
+  continuation (``g`` to the end of that line, then correct arithmetic on the student's own
+  result) is scored after the teacher prompt, and at the first token where the next result
+  differs from the reference's, the teacher's argmax is the consistent one (follows), the
+  reference's (copies) or neither.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sdharness.config import (ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, _require,
+                              resolve_wandb_mode)
+from sdharness.data import load_problems
+from sdharness.distill.aggregation import AGGREGATIONS, aggregate
+from sdharness.distill.diagnostics import target_diagnostics
+from sdharness.logits import completion_logits
+from sdharness.models import load_model_and_tokenizer
+from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher
+from sdharness.rollout import eos_token_ids, generate
+from sdharness.tasks import arithmetic_split, is_correct, is_early_answer
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's conf/ (editable install)
+RESULT_NAME = "probe.json"
+OPERATION = re.compile(r"(Add|Subtract|Multiply by) (\d+)\.")
+SYMBOLS = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
+STEP_LINE = re.compile(r"^(-?\d+) ([-+*]) (\d+) = (-?\d+)$")
+
+
+@dataclass
+class ProbeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    max_new_tokens: int = 96
+    temperature: float = 1.0  # of the student samples g; the greedy accuracies decode greedily
+    batch_size: int = 32
+    eps: float = 1e-3  # "tokens the student does not consider": p_S < eps
+    seed: int = 0
+    threads: int = 1
+    output_dir: Optional[str] = None  # null: the Hydra run directory
+
+    def __post_init__(self):
+        _require(self.data.name != "chatlog", "sdharness-probe samples g from problems; data=chatlog has no "
+                 "problems to sample for. Use data=arithmetic, data=jsonl or data=gsm_symbolic")
+        for name in ("max_new_tokens", "batch_size"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
+        _require(0 < self.eps < 1, f"eps must be in (0, 1), got {self.eps}")
+        _require(self.data.eval_size >= 1, "data.eval_size is the number of problems probed; set it >= 1")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="probe_schema", node=ProbeConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure figures
+# --------------------------------------------------------------------------------------------
+
+
+def first_deviation(completion: list[int], reference: list[int]) -> int | None:
+    """The first index where ``completion`` leaves ``reference``; None when it never does
+    (equal, or ``completion`` stops inside it)."""
+    for index, (token, expected) in enumerate(zip(completion, reference)):
+        if token != expected:
+            return index
+    return len(reference) if len(completion) > len(reference) else None
+
+
+def kl_per_position(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) at each position; ``[..., vocab]`` -> ``[...]``."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
+def chain_operations(problem: str) -> list[tuple[str, int]]:
+    """The ``(symbol, operand)`` operations of a built-in arithmetic problem, in order."""
+    return [(SYMBOLS[word], int(operand)) for word, operand in OPERATION.findall(problem)]
+
+
+def consistent_continuation(problem: str, completion: str, reference: str, slip_at: int) -> dict | None:
+    """The student-consistent continuation of a completion that first leaves ``reference`` at
+    character ``slip_at`` inside a step's result, or None when the slip is anything else.
+
+    ``text`` is ``completion`` up to the end of the slipped line, then each later step computed
+    correctly from the value before it, then the answer line; ``next_start`` is the character
+    where the next result (the next step's, or the answer's after a slip in the last step)
+    begins in ``text``; ``consistent`` and ``copied`` are that result as ``text`` states it and as
+    the reference states it.
+    """
+    operations = chain_operations(problem)
+    line_start = completion.rfind("\n", 0, slip_at) + 1
+    line_end = completion.find("\n", slip_at)
+    line = completion[line_start:line_end if line_end >= 0 else len(completion)]
+    step = completion[:line_start].count("\n")
+    parsed = STEP_LINE.match(line)
+    if parsed is None or step >= len(operations) or slip_at < line_start + line.rindex(" = ") + 3:
+        return None
+    if (parsed.group(2), int(parsed.group(3))) != operations[step]:
+        return None
+    reference_lines = reference.split("\n")
+    value = int(parsed.group(4))
+    text = completion[:line_start] + line
+    if step + 1 < len(operations):
+        symbol, operand = operations[step + 1]
+        text += f"\n{value} {symbol} {operand} = "
+        consistent = str({"+": value + operand, "-": value - operand, "*": value * operand}[symbol])
+        copied = STEP_LINE.match(reference_lines[step + 1]).group(4)
+    else:
+        text += "\nThe answer is "
+        consistent = str(value)
+        copied = re.search(r"-?\d+", reference_lines[-1]).group(0)
+    next_start = len(text)
+    return {"text": text + consistent, "next_start": next_start, "consistent": consistent, "copied": copied}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _rate(count: int, total: int) -> float | None:
+    return count / total if total else None
+
+
+# --------------------------------------------------------------------------------------------
+# The probe
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Accumulator:
+    """Running sums over problems, turned into the figures by :meth:`figures`."""
+
+    problems: int = 0
+    deviating: int = 0
+    argmax_is_reference: int = 0
+    p_teacher_reference: list[float] = field(default_factory=list)
+    p_student_reference: list[float] = field(default_factory=list)
+    kl_before: list[float] = field(default_factory=list)
+    kl_after: list[float] = field(default_factory=list)
+    slips: int = 0
+    follows: int = 0
+    copies: int = 0
+    aggregation: dict = field(default_factory=dict)  # name -> {"mass": [...], "log_ratio": [...], "kl": [...]}
+
+
+def _hinted_texts(cfg: ProbeConfig, problems: list[dict]) -> dict[str, list[str]]:
+    """Teacher prompts per reference style: the data's own and, for the built-in task, the other."""
+    styles = {cfg.data.solution_style if cfg.data.name == "arithmetic" else "given": problems}
+    if cfg.data.name == "arithmetic":
+        other = "foreign" if cfg.data.solution_style == "native" else "native"
+        _, styled = load_problems(DataConfig(**{**asdict(cfg.data), "solution_style": other}))
+        styles[other] = styled[:len(problems)]
+    return {style: [render_teacher(cfg.prompt, row["problem"], row["solution"]) for row in rows]
+            for style, rows in styles.items()}
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def _encode(cfg: ProbeConfig, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return left_pad([encode_prompt(cfg.prompt, tokenizer, text) for text in texts], pad)
+
+
+def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> dict:
+    """Greedy accuracy without and with each hint style; early-answer rate of the hinted teacher."""
+    marker = cfg.data.answer_marker
+    answers = [row.get("answer") for row in problems]
+    prompts = {"no_hint": [render_student(cfg.prompt, row["problem"]) for row in problems]}
+    prompts |= {f"hint_{style}": texts for style, texts in _hinted_texts(cfg, problems).items()}
+    figures = {}
+    for name, texts in prompts.items():
+        completions = []
+        for _, chunk in _batches(texts, cfg.batch_size):
+            ids, mask = _encode(cfg, tokenizer, chunk)
+            completions += generate(model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens, greedy=True).texts
+        checked = [(text, answer) for text, answer in zip(completions, answers) if answer]
+        figures[name] = {"accuracy": _rate(sum(is_correct(t, a, marker) for t, a in checked), len(checked)),
+                         "early_answer_rate": _rate(sum(is_early_answer(t, a, marker) for t, a in checked), len(checked))}
+    return figures
+
+
+def default_taus() -> dict[str, float]:
+    """Each registered aggregation's tau as its ``conf/aggregation/<name>.yaml`` sets it."""
+    taus = {}
+    for name in AGGREGATIONS:
+        path = CONFIG_DIR / "aggregation" / f"{name}.yaml"
+        if not path.exists():
+            raise ConfigError(f"aggregation {name!r} is registered but {path} is missing; every aggregation needs "
+                              "its YAML (name, tau)")
+        taus[name] = float(OmegaConf.load(path).tau)
+    return taus
+
+
+def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], taus: dict[str, float]) -> Accumulator:
+    """Sample g per problem and accumulate the deviation, KL, aggregation and slip figures."""
+    acc = Accumulator(aggregation={name: {"mass": [], "log_ratio": [], "kl": []} for name in taus})
+    native = cfg.data.name != "arithmetic" or cfg.data.solution_style == "native"
+    arithmetic = cfg.data.name == "arithmetic" and native
+    eos = eos_token_ids(model, tokenizer)
+    torch.manual_seed(cfg.seed)
+    for _, rows in _batches(problems, cfg.batch_size):
+        student_ids, student_mask = _encode(cfg, tokenizer, [render_student(cfg.prompt, r["problem"]) for r in rows])
+        teacher_texts = [render_teacher(cfg.prompt, r["problem"], r["solution"]) for r in rows]
+        teacher_ids, teacher_mask = _encode(cfg, tokenizer, teacher_texts)
+        rollout = generate(model, tokenizer, student_ids, student_mask, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature)
+        g, g_mask = rollout.completion_ids, rollout.completion_mask
+        with torch.no_grad():
+            t_logp = torch.log_softmax(completion_logits(model, teacher_ids, teacher_mask, g, g_mask).float(), -1)
+            s_logits = completion_logits(model, student_ids, student_mask, g, g_mask).float()
+        s_logp = torch.log_softmax(s_logits, -1)
+        valid = g_mask.bool()
+        for name, tau in taus.items():
+            target = aggregate(t_logp, s_logp, name=name, tau=tau)
+            diagnostics = target_diagnostics(target, s_logp, eps=cfg.eps)
+            acc.aggregation[name]["mass"] += diagnostics["unconsidered_mass"][valid].tolist()
+            acc.aggregation[name]["log_ratio"] += diagnostics["max_log_ratio"][valid].tolist()
+            acc.aggregation[name]["kl"] += diagnostics["kl_target_student"][valid].tolist()
+        kl = kl_per_position(t_logp, s_logp)
+        for row, problem in enumerate(rows):
+            acc.problems += 1
+            length = int(valid[row].sum())
+            completion = g[row, :length].tolist()
+            if not native:
+                continue
+            # Ending where the reference ends is no deviation; the EOS closes the reference.
+            reference = tokenizer(problem["solution"], add_special_tokens=False)["input_ids"] + [eos[0]]
+            at = first_deviation(completion, reference)
+            if at is None or at >= length or (at == len(reference) - 1 and completion[at] in eos):
+                continue
+            acc.deviating += 1
+            expected = reference[at] if at < len(reference) else None
+            if expected is not None:
+                acc.argmax_is_reference += int(t_logp[row, at].argmax()) == expected
+                acc.p_teacher_reference.append(t_logp[row, at, expected].exp().item())
+                acc.p_student_reference.append(s_logp[row, at, expected].exp().item())
+            acc.kl_before += kl[row, :at].tolist()
+            acc.kl_after += kl[row, at + 1:length].tolist()
+            if arithmetic:
+                _follow_or_copy(cfg, model, tokenizer, acc, problem, completion, at, teacher_texts[row])
+    return acc
+
+
+def _follow_or_copy(cfg, model, tokenizer, acc: Accumulator, problem: dict, completion: list[int], at: int,
+                    teacher_text: str) -> None:
+    """Score the student-consistent continuation after the teacher prompt; count follows/copies."""
+    prefix_text = tokenizer.decode(completion[:at], skip_special_tokens=True)
+    text = tokenizer.decode(completion, skip_special_tokens=True)
+    continuation = consistent_continuation(problem["problem"], text, problem["solution"], len(prefix_text))
+    if continuation is None:
+        return
+    acc.slips += 1
+    ids = tokenizer(continuation["text"], add_special_tokens=False)["input_ids"]
+    copied = tokenizer(continuation["text"][:continuation["next_start"]] + continuation["copied"],
+                       add_special_tokens=False)["input_ids"]
+    differ = next((i for i, (a, b) in enumerate(zip(ids, copied)) if a != b), None)
+    if differ is None:
+        return
+    teacher_ids, teacher_mask = _encode(cfg, tokenizer, [teacher_text])
+    completion_ids = torch.tensor([ids])
+    with torch.no_grad():
+        logits = completion_logits(model, teacher_ids, teacher_mask, completion_ids, torch.ones_like(completion_ids))
+    choice = int(logits[0, differ].argmax())
+    acc.follows += choice == ids[differ]
+    acc.copies += choice == copied[differ]
+
+
+def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float) -> dict:
+    """The probe's result: every figure, with the counts behind it."""
+    aggregations = {}
+    for name, rows in acc.aggregation.items():
+        ratios = sorted(rows["log_ratio"])
+        aggregations[name] = {
+            "tau": taus[name],
+            "unconsidered_mass": _mean(rows["mass"]),
+            "max_ratio_median": math.exp(ratios[len(ratios) // 2]) if ratios else None,
+            "max_ratio_max": math.exp(ratios[-1]) if ratios else None,
+            "kl_target_student": _mean(rows["kl"]),
+            "tokens": len(ratios),
+        }
+    return {
+        "greedy": greedy,
+        "problems": acc.problems,
+        "deviation": {
+            "deviating": acc.deviating,
+            "teacher_argmax_is_reference": _rate(acc.argmax_is_reference, len(acc.p_teacher_reference)),
+            "p_teacher_reference": _mean(acc.p_teacher_reference),
+            "p_student_reference": _mean(acc.p_student_reference),
+            "kl_before": _mean(acc.kl_before),
+            "kl_after": _mean(acc.kl_after),
+        },
+        "after_slip": {"slips": acc.slips, "follows_student": _rate(acc.follows, acc.slips),
+                       "copies_reference": _rate(acc.copies, acc.slips)},
+        "aggregation": aggregations,
+        "eps": eps,
+    }
+
+
+def _cell(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and value >= 1e4:
+        return f"{value:.2e}"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_table(result: dict) -> str:
+    """The teacher-quality table as printed (and stored in probe.json as ``table``)."""
+    rows = []
+    for name, row in result["greedy"].items():
+        label = "no hint" if name == "no_hint" else f"hint ({name.removeprefix('hint_')})"
+        rows.append((f"greedy accuracy, {label}", _cell(row["accuracy"])))
+        if name != "no_hint":
+            rows.append((f"early-answer rate, teacher with hint ({name.removeprefix('hint_')})",
+                         _cell(row["early_answer_rate"])))
+    deviation = result["deviation"]
+    rows += [
+        ("samples leaving the reference", f"{deviation['deviating']}/{result['problems']}"),
+        ("at the first deviation: teacher argmax = reference", _cell(deviation["teacher_argmax_is_reference"])),
+        ("at the first deviation: mean p_T(reference)", _cell(deviation["p_teacher_reference"])),
+        ("at the first deviation: mean p_S(reference)", _cell(deviation["p_student_reference"])),
+        ("KL(teacher||student) per token, before it", _cell(deviation["kl_before"])),
+        ("KL(teacher||student) per token, after it", _cell(deviation["kl_after"])),
+    ]
+    slip = result["after_slip"]
+    if slip["slips"]:
+        rows += [("samples whose first deviation is a slipped result", str(slip["slips"])),
+                 ("next result: teacher follows the student's value", _cell(slip["follows_student"])),
+                 ("next result: teacher copies the reference", _cell(slip["copies_reference"]))]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'figure':<{width}}  value"] + [f"{label:<{width}}  {value}" for label, value in rows]
+    lines += ["", f"{'aggregation':<16}{'tau':>6}{'mass p_S<' + format(result['eps'], 'g'):>16}"
+                  f"{'max q/p_S median':>18}{'max q/p_S max':>15}{'KL(q||p_S)':>12}"]
+    for name, row in result["aggregation"].items():
+        lines.append(f"{name:<16}{row['tau']:>6g}{_cell(row['unconsidered_mass'], 4):>16}"
+                     f"{_cell(row['max_ratio_median'], 2):>18}{_cell(row['max_ratio_max'], 2):>15}"
+                     f"{_cell(row['kl_target_student']):>12}")
+    return "\n".join(lines)
+
+
+def _flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        return {key: item for name, inner in value.items() for key, item in _flatten(f"{prefix}/{name}", inner).items()}
+    return {prefix: value} if isinstance(value, (int, float)) and value is not None else {}
+
+
+def log_to_wandb(cfg: ProbeConfig, result: dict, output_dir: Path, config_dict: dict) -> None:
+    mode = resolve_wandb_mode(cfg.logger.mode)
+    if mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group, mode=mode,
+                     dir=str(output_dir), job_type="probe", config=config_dict)
+    run.summary.update(_flatten("probe", {key: result[key] for key in ("greedy", "deviation", "after_slip")}))
+    columns = ["aggregation", "tau", "unconsidered_mass", "max_ratio_median", "max_ratio_max", "kl_target_student"]
+    table = wandb.Table(columns=columns, data=[[name] + [row[key] for key in columns[1:]]
+                                               for name, row in result["aggregation"].items()])
+    run.log({"probe/aggregation": table} | _flatten("probe/aggregation", result["aggregation"]))
+    run.finish()
+
+
+def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = None) -> dict:
+    """Run every figure on the held-out split; print, write ``probe.json``, log; return the result."""
+    output_dir = Path(output_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model.eval()
+    _, problems = load_problems(cfg.data)
+    taus = default_taus()
+    greedy = greedy_figures(cfg, model, tokenizer, problems)
+    acc = sample_figures(cfg, model, tokenizer, problems, taus)
+    result = figures(greedy, acc, taus, cfg.eps)
+    result["table"] = format_table(result)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULT_NAME).write_text(json.dumps(result, indent=2) + "\n")
+    print(result["table"], flush=True)
+    print(f"{acc.problems} problems; written to {output_dir / RESULT_NAME}", flush=True)
+    log_to_wandb(cfg, result, output_dir, config_dict or OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return result
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="probe")
+def main(dict_cfg: DictConfig) -> None:
+    cfg = OmegaConf.to_object(dict_cfg)
+    probe(cfg, cfg.output_dir or HydraConfig.get().runtime.output_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+
+
+if __name__ == "__main__":
+    main()
