@@ -2,8 +2,9 @@ import random
 
 import pytest
 
-from sdharness.data.tasks import (answer_span_start, arithmetic_problem, arithmetic_split, extract_answer,
-                             is_correct, is_early_answer)
+from sdharness.data.tasks import (answer_span_start, arithmetic_chain, arithmetic_problem, arithmetic_split, chain_values,
+                                  extract_answer, foreign_solution, is_correct, is_early_answer, native_solution,
+                                  slipped_solution)
 
 
 def test_split_is_deterministic_distinct_and_sized():
@@ -68,3 +69,60 @@ def test_extract_answer_and_span():
 ])
 def test_early_answer(text, early):
     assert is_early_answer(text, "36" if "36" in text else "12") is early
+
+
+class _Fixed:
+    """A stand-in random source: the slipped step and the slip are chosen by the test."""
+
+    def __init__(self, step: int, delta: int):
+        self.step, self.delta = step, delta
+
+    def randrange(self, stop: int) -> int:
+        assert 0 <= self.step < stop
+        return self.step
+
+    def choice(self, options):
+        assert self.delta in options
+        return self.delta
+
+
+@pytest.mark.parametrize("start,operations,step,delta,text,span", [
+    # 12 * 3 = 36 written 35; every later step is right about 35; only the wrong digit is masked
+    (7, [("+", 5), ("*", 3), ("-", 4)], 1, -1,
+     "7 + 5 = 12\n12 * 3 = 35\n35 - 4 = 31\nThe answer is 31.", (21, 22)),
+    # a slip in the last step carries into the answer line; its first digit is already wrong
+    (10, [("*", 2), ("+", 3)], 1, 10, "10 * 2 = 20\n20 + 3 = 33\nThe answer is 33.", (21, 23)),
+    # 3 - 2 = 1 slipped by -4 would make a later value negative: the slip is taken positive
+    (3, [("-", 2), ("-", 1)], 0, -4, "3 - 2 = 5\n5 - 1 = 4\nThe answer is 4.", (8, 9)),
+    # a slip that changes the number of digits: 95 + 3 = 98 written 102, masked whole
+    (95, [("+", 3), ("*", 2)], 0, 4, "95 + 3 = 102\n102 * 2 = 204\nThe answer is 204.", (9, 12)),
+])
+def test_slipped_solution_continues_consistently_from_the_slip(start, operations, step, delta, text, span):
+    got, got_span = slipped_solution(_Fixed(step, delta), start, operations)
+    assert (got, got_span) == (text, span)
+
+
+def test_slipped_solution_from_a_real_random_source_is_consistent_after_exactly_one_slip():
+    rng = random.Random(11)
+    for _ in range(200):
+        _, start, operations = arithmetic_chain(rng, 4)
+        text, (begin, end) = slipped_solution(rng, start, operations)
+        lines = text.splitlines()
+        wrong = [left for left in lines[:-1] if eval(left.split(" = ")[0]) != int(left.split(" = ")[1])]
+        assert len(wrong) == 1  # exactly one slipped step ...
+        for before, after in zip(lines[:-2], lines[1:-1]):  # ... and each line starts from the one before
+            assert after.split()[0] == before.split(" = ")[1]
+        assert lines[-1] == f"The answer is {lines[-2].split(' = ')[1]}."
+        assert text[begin:end] and text[begin:end].lstrip("-").isdigit()
+        assert min(int(line.split(" = ")[1]) for line in lines[:-1]) >= 0
+
+
+def test_native_and_foreign_solutions_of_a_chain():
+    operations = [("+", 5), ("*", 3), ("-", 4)]
+    values = chain_values(7, operations)
+    assert values == [12, 36, 32]
+    assert native_solution(7, operations, values) == "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 32\nThe answer is 32."
+    assert foreign_solution(operations, values) == "+5 -> 12; *3 -> 36; -4 -> 32. So: 32"
+    problem, start, chain = arithmetic_chain(random.Random(3), 3)
+    item = arithmetic_problem(random.Random(3), 3, "foreign")
+    assert item["problem"] == problem and item["solution"] == foreign_solution(chain, chain_values(start, chain))

@@ -169,3 +169,35 @@ def test_short_self_distillation_run_moves_no_hint_hard_accuracy(tmp_path):
     with open(tmp_path / "metrics.csv") as handle:
         accuracies = [float(r["eval/accuracy"]) for r in csv.DictReader(handle) if r.get("eval/accuracy")]
     assert len(accuracies) == 2 and accuracies[0] != accuracies[1]
+
+
+def test_foreign_hints_and_slips_are_exact_and_the_slip_carries_no_loss():
+    prompt = PromptConfig(**OmegaConf.to_container(compose_config(config_name="pretrain").prompt))
+    tokenizer = char_tokenizer()
+    mix = MixConfig(student_easy=0.2, student_hard=0.2, teacher_easy=0.2, teacher_hard=0.4)
+    examples = build_examples(prompt, tokenizer, size=200, mix=mix, early_answer_fraction=0.25, seed=5,
+                              foreign_hint_fraction=0.5, slip_fraction=0.5)
+    teacher, early = _teacher_split(examples)
+    assert len(teacher) == 120 and len(early) == 30
+    assert sum(example.foreign_hint for example in teacher) == 60
+    slipped = [example for example in examples if example.no_loss is not None]
+    assert len(slipped) == 45 and not any(example.early_answer for example in slipped)  # half of the 90 worked
+    assert all(not example.foreign_hint and example.no_loss is None for example in examples
+               if example.kind.startswith("student"))
+    for example in teacher:
+        prompt_text = tokenizer.decode(example.ids[:example.prompt_length], skip_special_tokens=True)
+        hint = prompt_text.split("Reference solution:\n")[1]
+        assert (" -> " in hint and ". So: " in hint) == example.foreign_hint
+        assert ("The answer is" in hint) != example.foreign_hint
+    for ids, labels in make_batches(examples, batch_size=8, bucket_batches=2, seed=5, pad_id=tokenizer.pad_token_id):
+        for row in range(ids.shape[0]):
+            example = next((e for e in slipped if torch.equal(ids[row, :len(e.ids)], torch.tensor(e.ids))
+                            and (len(e.ids) == ids.shape[1] or ids[row, len(e.ids)] == tokenizer.pad_token_id)), None)
+            if example is None:
+                continue
+            begin, end = example.no_loss
+            unsupervised = (labels[row] == -100).nonzero().flatten().tolist()
+            completion_gap = [i - example.prompt_length for i in unsupervised
+                              if example.prompt_length <= i < len(example.ids)]
+            assert completion_gap == list(range(begin, end))  # exactly the slipped digits, nothing else
+            assert example.completion[begin:end].isdigit()

@@ -1,0 +1,56 @@
+"""sdharness-probe: its pure figures on hand-checked cases, and the table on the shipped testbed base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdharness.tools.probe import chain_operations, consistent_continuation, first_deviation, kl_per_position
+
+PROBLEM = "Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?"
+REFERENCE = "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 32\nThe answer is 32."
+
+
+def test_first_deviation():
+    assert first_deviation([1, 2, 3], [1, 2, 3]) is None
+    assert first_deviation([1, 2], [1, 2, 3]) is None  # stopped inside the reference
+    assert first_deviation([1, 5, 3], [1, 2, 3]) == 1
+    assert first_deviation([1, 2, 3, 4], [1, 2, 3]) == 3  # went on past its end
+
+
+def test_chain_operations_reads_the_problem():
+    assert chain_operations(PROBLEM) == [("+", 5), ("*", 3), ("-", 4)]
+
+
+def test_consistent_continuation_after_a_slipped_result():
+    completion = "7 + 5 = 12\n12 * 3 = 35\n35 - 4 = 30\nThe answer is 30."
+    slip_at = completion.index("35") + 1  # "3" agrees with the reference's 36, "5" does not
+    got = consistent_continuation(PROBLEM, completion, REFERENCE, slip_at)
+    assert got == {"text": "7 + 5 = 12\n12 * 3 = 35\n35 - 4 = 31", "next_start": len("7 + 5 = 12\n12 * 3 = 35\n35 - 4 = "),
+                   "consistent": "31", "copied": "32"}
+
+
+def test_consistent_continuation_after_a_slip_in_the_last_step_is_the_answer_line():
+    completion = "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 33\nThe answer is 33."
+    got = consistent_continuation(PROBLEM, completion, REFERENCE, completion.index("33") + 1)
+    assert got["text"] == "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 33\nThe answer is 33"
+    assert (got["consistent"], got["copied"]) == ("33", "32")
+
+
+@pytest.mark.parametrize("completion,slip_at", [
+    ("7 + 6 = 13\n", 4),                   # a misread operand, not a slipped result
+    ("7 + 5 = 12\nThe answer is 12.", 11),  # stopped early
+    ("7 * 5 = 35\n", 2),                   # the wrong operation
+])
+def test_consistent_continuation_is_none_for_other_deviations(completion, slip_at):
+    assert consistent_continuation(PROBLEM, completion, REFERENCE, slip_at) is None
+
+
+def test_kl_per_position_matches_float64():
+    torch.manual_seed(0)
+    t = torch.log_softmax(torch.randn(3, 5, 11), -1)
+    s = torch.log_softmax(torch.randn(3, 5, 11), -1)
+    t64, s64 = t.double(), s.double()
+    expected = (t64.exp() * (t64 - s64)).sum(-1)
+    assert torch.allclose(kl_per_position(t, s).double(), expected, atol=1e-6)
+    assert torch.allclose(kl_per_position(t, t), torch.zeros(3, 5), atol=1e-6)
