@@ -39,19 +39,18 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.config import (ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, _require,
+from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, require,
                               resolve_wandb_mode)
-from sdharness.data import load_problems
+from sdharness.data.datamodule import load_problems
+from sdharness.data.prompts import encode_prompts, render_student, render_teacher
+from sdharness.data.tasks import is_correct, is_early_answer
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
-from sdharness.logits import completion_logits
+from sdharness.distill.logits import completion_logits
 from sdharness.models import load_model_and_tokenizer
-from sdharness.prompts import encode_prompt, left_pad, render_student, render_teacher
-from sdharness.rollout import eos_token_ids, generate
-from sdharness.tasks import arithmetic_split, is_correct, is_early_answer
+from sdharness.rollout.hf import eos_token_ids, generate
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's conf/ (editable install)
 RESULT_NAME = "probe.json"
 OPERATION = re.compile(r"(Add|Subtract|Multiply by) (\d+)\.")
 SYMBOLS = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
@@ -73,13 +72,13 @@ class ProbeConfig:
     output_dir: Optional[str] = None  # null: the Hydra run directory
 
     def __post_init__(self):
-        _require(self.data.name != "chatlog", "sdharness-probe samples g from problems; data=chatlog has no "
+        require(self.data.name != "chatlog", "sdharness-probe samples g from problems; data=chatlog has no "
                  "problems to sample for. Use data=arithmetic, data=jsonl or data=gsm_symbolic")
         for name in ("max_new_tokens", "batch_size"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
-        _require(0 < self.eps < 1, f"eps must be in (0, 1), got {self.eps}")
-        _require(self.data.eval_size >= 1, "data.eval_size is the number of problems probed; set it >= 1")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
+        require(0 < self.eps < 1, f"eps must be in (0, 1), got {self.eps}")
+        require(self.data.eval_size >= 1, "data.eval_size is the number of problems probed; set it >= 1")
 
 
 def register_configs() -> None:
@@ -192,11 +191,6 @@ def _batches(items: list, size: int):
         yield start, items[start:start + size]
 
 
-def _encode(cfg: ProbeConfig, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return left_pad([encode_prompt(cfg.prompt, tokenizer, text) for text in texts], pad)
-
-
 def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> dict:
     """Greedy accuracy without and with each hint style; early-answer rate of the hinted teacher."""
     marker = cfg.data.answer_marker
@@ -207,7 +201,7 @@ def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> 
     for name, texts in prompts.items():
         completions = []
         for _, chunk in _batches(texts, cfg.batch_size):
-            ids, mask = _encode(cfg, tokenizer, chunk)
+            ids, mask = encode_prompts(cfg.prompt, tokenizer, chunk)
             completions += generate(model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens, greedy=True).texts
         checked = [(text, answer) for text, answer in zip(completions, answers) if answer]
         figures[name] = {"accuracy": _rate(sum(is_correct(t, a, marker) for t, a in checked), len(checked)),
@@ -215,15 +209,16 @@ def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> 
     return figures
 
 
-def default_taus() -> dict[str, float]:
-    """Each registered aggregation's tau as its ``conf/aggregation/<name>.yaml`` sets it."""
+def default_taus() -> dict[str, float | None]:
+    """Each registered aggregation's tau as its ``conf/aggregation/<name>.yaml`` sets it (None
+    where the aggregation ignores tau)."""
     taus = {}
-    for name in AGGREGATIONS:
-        path = CONFIG_DIR / "aggregation" / f"{name}.yaml"
+    for name, aggregation in AGGREGATIONS.items():
+        path = CONF_DIR / "aggregation" / f"{name}.yaml"
         if not path.exists():
             raise ConfigError(f"aggregation {name!r} is registered but {path} is missing; every aggregation needs "
                               "its YAML (name, tau)")
-        taus[name] = float(OmegaConf.load(path).tau)
+        taus[name] = float(OmegaConf.load(path).tau) if aggregation.uses_tau else None
     return taus
 
 
@@ -235,9 +230,9 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
     eos = eos_token_ids(model, tokenizer)
     torch.manual_seed(cfg.seed)
     for _, rows in _batches(problems, cfg.batch_size):
-        student_ids, student_mask = _encode(cfg, tokenizer, [render_student(cfg.prompt, r["problem"]) for r in rows])
+        student_ids, student_mask = encode_prompts(cfg.prompt, tokenizer, [render_student(cfg.prompt, r["problem"]) for r in rows])
         teacher_texts = [render_teacher(cfg.prompt, r["problem"], r["solution"]) for r in rows]
-        teacher_ids, teacher_mask = _encode(cfg, tokenizer, teacher_texts)
+        teacher_ids, teacher_mask = encode_prompts(cfg.prompt, tokenizer, teacher_texts)
         rollout = generate(model, tokenizer, student_ids, student_mask, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature)
         g, g_mask = rollout.completion_ids, rollout.completion_mask
@@ -247,11 +242,11 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
         s_logp = torch.log_softmax(s_logits, -1)
         valid = g_mask.bool()
         for name, tau in taus.items():
-            target = aggregate(t_logp, s_logp, name=name, tau=tau)
+            target = aggregate(t_logp, s_logp, name=name, tau=1.0 if tau is None else tau)
             diagnostics = target_diagnostics(target, s_logp, eps=cfg.eps)
-            acc.aggregation[name]["mass"] += diagnostics["unconsidered_mass"][valid].tolist()
-            acc.aggregation[name]["log_ratio"] += diagnostics["max_log_ratio"][valid].tolist()
-            acc.aggregation[name]["kl"] += diagnostics["kl_target_student"][valid].tolist()
+            acc.aggregation[name]["mass"] += diagnostics.unconsidered_mass[valid].tolist()
+            acc.aggregation[name]["log_ratio"] += diagnostics.max_log_ratio[valid].tolist()
+            acc.aggregation[name]["kl"] += diagnostics.kl_target_student[valid].tolist()
         kl = kl_per_position(t_logp, s_logp)
         for row, problem in enumerate(rows):
             acc.problems += 1
@@ -292,7 +287,7 @@ def _follow_or_copy(cfg, model, tokenizer, acc: Accumulator, problem: dict, comp
     differ = next((i for i, (a, b) in enumerate(zip(ids, copied)) if a != b), None)
     if differ is None:
         return
-    teacher_ids, teacher_mask = _encode(cfg, tokenizer, [teacher_text])
+    teacher_ids, teacher_mask = encode_prompts(cfg.prompt, tokenizer, [teacher_text])
     completion_ids = torch.tensor([ids])
     with torch.no_grad():
         logits = completion_logits(model, teacher_ids, teacher_mask, completion_ids, torch.ones_like(completion_ids))
@@ -368,7 +363,7 @@ def format_table(result: dict) -> str:
     lines += ["", f"{'aggregation':<16}{'tau':>6}{'mass p_S<' + format(result['eps'], 'g'):>16}"
                   f"{'max q/p_S median':>18}{'max q/p_S max':>15}{'KL(q||p_S)':>12}"]
     for name, row in result["aggregation"].items():
-        lines.append(f"{name:<16}{row['tau']:>6g}{_cell(row['unconsidered_mass'], 4):>16}"
+        lines.append(f"{name:<16}{'–' if row['tau'] is None else format(row['tau'], 'g'):>6}{_cell(row['unconsidered_mass'], 4):>16}"
                      f"{_cell(row['max_ratio_median'], 2):>18}{_cell(row['max_ratio_max'], 2):>15}"
                      f"{_cell(row['kl_target_student']):>12}")
     return "\n".join(lines)
@@ -420,7 +415,7 @@ def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = N
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="probe")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="probe")
 def main(dict_cfg: DictConfig) -> None:
     cfg = OmegaConf.to_object(dict_cfg)
     probe(cfg, cfg.output_dir or HydraConfig.get().runtime.output_dir, OmegaConf.to_container(dict_cfg, resolve=True))
