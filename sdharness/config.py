@@ -432,7 +432,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    threads: str = "auto"  # torch intra-op threads: auto (by model size, sdharness.models.torch_threads), 0 (torch's default) or N
     tags: list[str] = field(default_factory=list)
     ckpt_path: Optional[str] = None  # a checkpoint file, or "last" to resume this run directory
     # Resuming refuses a checkpoint whose RESUME_GROUPS settings or data file contents differ; true allows it.
@@ -440,6 +440,7 @@ class TrainConfig:
     output_dir: Optional[str] = None  # filled from Hydra's run directory
 
     def __post_init__(self):
+        check_threads(self.threads)
         require(not (self.trainer.shards_weights and self.rollout.guidance != "never"),
                  f"rollout.guidance={self.rollout.guidance} needs unsharded weights: guided sampling steps each "
                  f"problem on its own schedule, which trainer.strategy={self.trainer.strategy} cannot keep in "
@@ -455,6 +456,11 @@ class TrainConfig:
                  "logged, not sampled; set rollout.guidance=never")
 
 
+
+
+def check_threads(value: str, field_name: str = "threads") -> None:
+    require(value == "auto" or (value.isdigit()), f"{field_name}={value!r} must be auto (by model size), "
+            "0 (torch's default: one thread per core) or a positive number of threads")
 
 
 def _unknown_keys(given: dict, known: dict, prefix: str = "") -> list[str]:

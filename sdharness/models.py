@@ -22,6 +22,22 @@ from sdharness.config import ConfigError, ModelConfig
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Below this a model's matrix products are too small to split across cores: on the 2-core VM a
+# second thread made the 0.45M testbed 10x slower and SmolLM2-135M 5.5x slower beside other jobs.
+SINGLE_THREAD_PARAMETERS = 50_000_000
+
+
+def torch_threads(setting: str, parameters: int, cpus: int | None = None) -> int:
+    """The intra-op thread count for ``threads=<setting>``; 0 means torch's default.
+
+    ``auto``: 1 below :data:`SINGLE_THREAD_PARAMETERS` parameters, else half the cores (at least
+    1), so that a second job of the same size fits beside it without either spinning against the
+    other; an integer is taken as given."""
+    if setting != "auto":
+        return int(setting)
+    if parameters < SINGLE_THREAD_PARAMETERS:
+        return 1
+    return max(1, (cpus or os.cpu_count() or 1) // 2)
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:

@@ -29,7 +29,7 @@ from sdharness.jobs import end_wandb_run, in_multirun, record_failure
 from sdharness.methods import method_class
 from sdharness.methods.accounting import BudgetStop
 from sdharness.methods.policy import SkippedUpdatesError
-from sdharness.models import load_model_and_tokenizer, save_for_inference
+from sdharness.models import load_model_and_tokenizer, save_for_inference, torch_threads
 from sdharness.report.loggers import make_loggers
 from sdharness.scale.checkpoints import AtomicCheckpointIO, StepCheckpoint
 from sdharness.scale.resume import resume_from
@@ -57,11 +57,11 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     output_dir = Path(output_dir)
     resume = resume_from(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-
     loaded = load_data(cfg.data, cfg.algo.name)  # a malformed data file fails now, not after a model load
     model, tokenizer = load_model_and_tokenizer(cfg.model)
+    threads = torch_threads(cfg.threads, sum(p.numel() for p in model.parameters()))
+    if threads:
+        torch.set_num_threads(threads)
     uses_chat_template(cfg.prompt, tokenizer)  # fails now, not mid-run, if a required template is missing
     datamodule = ProblemDataModule(cfg.data, cfg.prompt, tokenizer,
                                    max_context=getattr(model.config, "max_position_embeddings", 10**9),

@@ -39,15 +39,15 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, require,
-                              resolve_wandb_mode)
+from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, check_threads,
+                              require, resolve_wandb_mode)
 from sdharness.data.datamodule import load_problems
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.data.tasks import is_correct, is_early_answer
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import completion_logits
-from sdharness.models import load_model_and_tokenizer
+from sdharness.models import load_model_and_tokenizer, torch_threads
 from sdharness.rollout.hf import eos_token_ids, generate
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class ProbeConfig:
     batch_size: int = 32
     eps: float = 1e-3  # "tokens the student does not consider": p_S < eps
     seed: int = 0
-    threads: int = 1
+    threads: str = "auto"  # as sdharness-train's: auto, 0 (torch's default) or N
     output_dir: Optional[str] = None  # null: the Hydra run directory
 
     def __post_init__(self):
@@ -78,6 +78,7 @@ class ProbeConfig:
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
         require(0 < self.eps < 1, f"eps must be in (0, 1), got {self.eps}")
+        check_threads(self.threads)
         require(self.data.eval_size >= 1, "data.eval_size is the number of problems probed; set it >= 1")
 
 
@@ -394,9 +395,10 @@ def log_to_wandb(cfg: ProbeConfig, result: dict, output_dir: Path, config_dict: 
 def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = None) -> dict:
     """Run every figure on the held-out split; print, write ``probe.json``, log; return the result."""
     output_dir = Path(output_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
+    threads = torch_threads(cfg.threads, sum(p.numel() for p in model.parameters()))
+    if threads:
+        torch.set_num_threads(threads)
     model.eval()
     _, problems = load_problems(cfg.data)
     taus = default_taus()
