@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.tools.probe import chain_operations, consistent_continuation, first_deviation, kl_per_position
 
 PROBLEM = "Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?"
@@ -54,3 +57,32 @@ def test_kl_per_position_matches_float64():
     expected = (t64.exp() * (t64 - s64)).sum(-1)
     assert torch.allclose(kl_per_position(t, s).double(), expected, atol=1e-6)
     assert torch.allclose(kl_per_position(t, t), torch.zeros(3, 5), atol=1e-6)
+
+
+def run_probe(tmp_path, overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf
+
+    from sdharness.tools.probe import RESULT_NAME, probe
+    from tests.conftest import compose_config
+
+    cfg = OmegaConf.to_object(compose_config(overrides + ["logger.mode=disabled"], config_name="probe"))
+    result = probe(cfg, tmp_path)
+    assert json.loads((tmp_path / RESULT_NAME).read_text()) == result
+    return result
+
+
+def test_probe_on_the_stress_case_base_shows_the_copying_teacher(tmp_path):
+    """The first base (model=testbed_v1), 16 HARD problems. Measured (seed 0, 1 thread): no hint
+    0.250, native hint 1.000, foreign hint 0.000; 14/16 samples leave the reference, all 14 with a
+    slipped result; at the first deviation the teacher's argmax is the reference token 14/14
+    (mean p_T 0.999, p_S 0.297); KL per token 0.018 before, 0.293 after; on the next result
+    it copies the reference 14/14 and follows the student 0/14."""
+    result = run_probe(tmp_path, ["model=testbed_v1", "data.eval_size=16"])
+    greedy, deviation, slip = result["greedy"], result["deviation"], result["after_slip"]
+    assert greedy["hint_native"]["accuracy"] >= 0.95 and greedy["hint_foreign"]["accuracy"] <= 0.1
+    assert greedy["no_hint"]["accuracy"] <= 0.4
+    assert deviation["teacher_argmax_is_reference"] >= 0.95 and deviation["p_teacher_reference"] >= 0.95
+    assert deviation["kl_after"] > 5 * deviation["kl_before"]
+    assert slip["slips"] >= 10 and slip["copies_reference"] >= 0.9 and slip["follows_student"] <= 0.1
+    assert set(result["aggregation"]) == set(AGGREGATIONS)  # every registered aggregation, none named here
+    assert result["aggregation"]["clip"]["tau"] == 1.0 and result["aggregation"]["teacher"]["tau"] is None
