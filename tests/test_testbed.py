@@ -32,8 +32,12 @@ TOLERANCE = 0.05  # accuracy points, as a fraction
 ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")
 
 
-def shipped_report() -> dict:
-    return json.loads((resolve_path(TESTBED.path) / REPORT_NAME).read_text())
+TESTBED_V1 = ModelConfig(name="testbed_v1", source="hf", path="pkg://sdharness/assets/testbed_v1")
+BASES = {"testbed": (TESTBED, "pretrain_v2"), "testbed_v1": (TESTBED_V1, "pretrain")}  # model -> its pretraining config
+
+
+def shipped_report(base: ModelConfig = TESTBED) -> dict:
+    return json.loads((resolve_path(base.path) / REPORT_NAME).read_text())
 
 
 def prompt_from(report: dict) -> PromptConfig:
@@ -51,14 +55,18 @@ def test_pretrain_config_composes_and_validates():
         to_pretrain_config(compose_config(["mix.student_easy=0.9"], config_name="pretrain"))
 
 
-def test_model_group_points_at_the_shipped_base():
-    group = OmegaConf.to_container(compose_config(["model=testbed"]).model)
-    assert ModelConfig(**group) == TESTBED
+@pytest.mark.parametrize("name", BASES)
+def test_model_group_points_at_the_shipped_base(name):
+    group = OmegaConf.to_container(compose_config([f"model={name}"]).model)
+    assert ModelConfig(**group) == BASES[name][0]
 
 
-def test_shipped_report_records_the_command_and_the_target_band():
-    report = shipped_report()
+@pytest.mark.parametrize("name", BASES)
+def test_shipped_report_records_the_command_and_the_target_band(name):
+    base, config_name = BASES[name]
+    report = shipped_report(base)
     assert report["command"].startswith("sdharness-pretrain")
+    assert ("--config-name pretrain_v2" in report["command"]) == (config_name == "pretrain_v2")
     assert report["seed"] == report["config"]["seed"]
     assert report["wall_seconds"]["total"] > 0
     accuracy = report["accuracy"]
@@ -66,19 +74,23 @@ def test_shipped_report_records_the_command_and_the_target_band():
     assert accuracy["no_hint_hard"] < accuracy["hint_hard"]
 
 
-def test_shipped_base_reaches_its_recorded_accuracies():
+@pytest.mark.parametrize("name", BASES)
+def test_shipped_base_reaches_its_recorded_accuracies(name):
     """Loads through the harness's own loader and re-runs the recorded held-out eval."""
     torch.set_num_threads(1)
-    report = shipped_report()
-    model, tokenizer = load_model_and_tokenizer(TESTBED)
+    base = BASES[name][0]
+    report = shipped_report(base)
+    model, tokenizer = load_model_and_tokenizer(base)
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]
     problems = eval_problems(report["eval"]["seed"], report["eval"]["size"])
     results = evaluate_suite(model, tokenizer, prompt_from(report), problems,
                              max_new_tokens=report["eval"]["max_new_tokens"],
-                             batch_size=report["eval"]["batch_size"], sets=("no_hint_hard", "hint_hard"))
-    for name, row in results.items():
+                             batch_size=report["eval"]["batch_size"],
+                             sets=tuple(name for name in ("no_hint_hard", "hint_hard", "foreign_hint_hard")
+                                        if name in report["accuracy"]))
+    for eval_set, row in results.items():
         assert row["size"] == report["eval"]["size"]
-        assert abs(row["accuracy"] - report["accuracy"][name]) <= TOLERANCE, (name, row, report["accuracy"][name])
+        assert abs(row["accuracy"] - report["accuracy"][eval_set]) <= TOLERANCE, (eval_set, row, report["accuracy"][eval_set])
 
 
 def _teacher_split(examples):
@@ -139,18 +151,22 @@ def _pretrain_command() -> list[str]:
 
 
 @pytest.mark.reproduce
-def test_pretrain_command_reproduces_the_shipped_base(tmp_path):
-    """Re-runs the recorded pretraining command (about 10 minutes on one CPU thread)."""
-    report = shipped_report()
+@pytest.mark.parametrize("name", BASES)
+def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
+    """Re-runs the recorded pretraining command (about 10 minutes each on one CPU thread)."""
+    report = shipped_report(BASES[name][0])
     recorded = shlex.split(report["command"])[1:]
     overrides = [arg for arg in recorded if not arg.startswith(("output_dir=", "hydra."))]
+    assert (recorded[:2] == ["--config-name", "pretrain_v2"]) == (BASES[name][1] == "pretrain_v2")
     run = subprocess.run(
         _pretrain_command() + overrides + [f"output_dir={tmp_path / 'base'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     fresh = json.loads((tmp_path / "base" / REPORT_NAME).read_text())
-    assert fresh["config"] | {"output_dir": None} == report["config"] | {"output_dir": None}
+    # Settings added after a base was made must keep their neutral defaults to reproduce it.
+    neutral = {"foreign_hint_fraction": 0.0, "slip_fraction": 0.0}
+    assert fresh["config"] | {"output_dir": None} == neutral | report["config"] | {"output_dir": None}
     for name in ("no_hint_easy", "no_hint_hard", "hint_hard"):
         assert abs(fresh["accuracy"][name] - report["accuracy"][name]) <= TOLERANCE, (name, fresh["accuracy"])
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
