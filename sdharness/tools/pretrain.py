@@ -1,19 +1,23 @@
-"""Pretrain the testbed base from scratch on the built-in arithmetic task (a Hydra app).
+"""Pretrain a testbed base from scratch on the built-in arithmetic task (a Hydra app).
 
-    sdharness-pretrain                                  # the recorded settings (conf/pretrain.yaml)
+    sdharness-pretrain --config-name pretrain_v2        # the default base (sdharness/assets/testbed)
+    sdharness-pretrain                                  # the first base (sdharness/assets/testbed_v1)
     sdharness-pretrain early_answer_fraction=0.5 output_dir=/tmp/leaky_base
 
-The testbed is a small Llama (0.45M parameters: hidden 96, 4 layers) with the character-level
+A testbed base is a small Llama (0.45M parameters: hidden 96, 4 layers) with the character-level
 tokenizer, saved with ``save_pretrained`` so the harness loads it like any other Hugging Face model
-(``model=testbed prompt=testbed``). It is trained so that it uses hints well but is weak without
-them on HARD (the recorded run: about 10 minutes on one CPU thread; no-hint EASY 55%, no-hint
-HARD 16%, hint HARD 100%; see ``sdharness/assets/testbed/pretrain_report.json``):
+(``model=testbed prompt=testbed``). It is trained so that it uses hints well but is weaker without
+them on HARD (about 10 minutes on one CPU thread; each base's ``pretrain_report.json`` records
+its command, seed, time and accuracies):
 
 * student-format examples (student prompt -> worked solution) on EASY and HARD problems (the
   HARD share sets the no-hint HARD band: without it the base writes 2-step solutions to 4-step
   problems);
 * teacher-format examples (teacher prompt with the reference solution -> worked solution) on
-  EASY and HARD problems.
+  EASY and HARD problems; ``foreign_hint_fraction`` of them give the reference in the foreign
+  notation, and ``slip_fraction`` of those with worked steps complete with one student-like slip
+  continued consistently (:func:`sdharness.data.tasks.slipped_solution`), the slip's wrong digits
+  without loss.
 
 Every example is a token sequence exactly as the harness later sees it:
 ``encode_prompt(prompt, tokenizer, rendered) + tokenizer(completion) + [eos]``, with the loss on
@@ -22,8 +26,8 @@ examples complete with the answer line alone ("The answer is N."), skipping the 
 a base whose teacher holds knowledge the student cannot reproduce.
 
 At the end the model is greedily evaluated on fixed held-out sets (no-hint EASY, no-hint HARD,
-hint HARD, hint EASY), and the weights, tokenizer and ``pretrain_report.json`` (command, seed,
-config, wall time, accuracies) are written to ``output_dir``.
+hint HARD, hint EASY, foreign-notation hint HARD), and the weights, tokenizer and
+``pretrain_report.json`` (command, seed, config, wall time, accuracies) are written to ``output_dir``.
 """
 
 from __future__ import annotations
