@@ -86,3 +86,31 @@ def test_probe_on_the_stress_case_base_shows_the_copying_teacher(tmp_path):
     assert slip["slips"] >= 10 and slip["copies_reference"] >= 0.9 and slip["follows_student"] <= 0.1
     assert set(result["aggregation"]) == set(AGGREGATIONS)  # every registered aggregation, none named here
     assert result["aggregation"]["clip"]["tau"] == 1.0 and result["aggregation"]["teacher"]["tau"] is None
+
+
+TOLERANCE = 0.05
+
+
+def test_probe_on_the_shipped_base(tmp_path):
+    """The default base (model=testbed), 32 HARD problems, seed 0, 1 thread. Measured: no hint
+    0.438, native hint 0.938, foreign hint 0.875; 25/32 samples leave the reference, all at a
+    slipped result; at the first deviation the teacher's argmax is the reference token 25/25
+    (mean p_T 0.989, p_S 0.477); KL 0.024 before, 0.224 after; on the next result the teacher
+    follows the student 0.200 and copies the reference 0.760.
+
+    Against issue 13's targets (within 5 points): no hint .15-.40, native hint >= .95 and
+    argmax = reference >= .90 are met; foreign hint >= .95 is not (0.875 here, 0.898 on 128
+    problems) and neither is following the student after a slip (>= .90; 0.26 on 128 problems,
+    copying 0.71 against <= .10): those two are asserted at their measured values, so a better
+    base shows up here as a failure to update, a worse one as a regression."""
+    result = run_probe(tmp_path, ["data.eval_size=32"])
+    greedy, deviation, slip = result["greedy"], result["deviation"], result["after_slip"]
+    assert 0.15 - TOLERANCE <= greedy["no_hint"]["accuracy"] <= 0.40 + TOLERANCE
+    assert greedy["hint_native"]["accuracy"] >= 0.95 - TOLERANCE
+    assert greedy["hint_native"]["early_answer_rate"] == 0.0
+    assert deviation["teacher_argmax_is_reference"] >= 0.90 - TOLERANCE
+    assert deviation["p_teacher_reference"] >= deviation["p_student_reference"] + 0.3
+    # not yet at the targets: asserted at the measured values
+    assert abs(greedy["hint_foreign"]["accuracy"] - 0.875) <= TOLERANCE
+    assert slip["slips"] >= 20
+    assert abs(slip["follows_student"] - 0.200) <= TOLERANCE and abs(slip["copies_reference"] - 0.760) <= TOLERANCE
