@@ -3,7 +3,7 @@
 tests/test_guided.py and tests/test_chatlog.py check the mechanics on tiny_random, where every
 answer is wrong and the two contexts barely differ. Here the same modes run on the testbed base
 (sdharness/assets/testbed, ``model=testbed prompt=testbed``), whose recorded greedy accuracies are
-no hint EASY 0.55, no hint HARD 0.16, with the reference solution as a hint HARD 1.00: the tests
+no hint EASY 0.68, no hint HARD 0.42, with the reference solution as a hint HARD 0.90: the tests
 assert that the method does what it is for on a model that can use a hint. Thresholds were set
 from measured values (in each test's docstring) with wide margins; decoding is greedy or seeded.
 """
@@ -32,6 +32,7 @@ from sdharness.data.prompts import encode_prompt, left_pad, render_student, rend
 from sdharness.rollout.hf import generate
 from sdharness.data.tasks import is_correct
 from tests.conftest import TESTBED, compose_config
+from tests.test_testbed import TESTBED_V1
 
 MAX_NEW_TOKENS = 96  # the testbed experiments' rollout.max_new_tokens and eval.max_new_tokens
 SIZE = 16
@@ -67,10 +68,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_guided_sampling_solves_hard_problems_the_student_fails(testbed):
-    """Greedy, 16 held-out HARD problems. Measured: plain student 1/16; guided with
-    aggregation=teacher 16/16, clip tau=1 16/16, clip tau=8 9/16 (clip tau=4 16/16, 16 11/16,
-    64 2/16: the clip aggregate slides to the student as tau grows), clip tau=1e9 = the plain
-    completions exactly. About 7 s on one thread."""
+    """Greedy, 16 held-out HARD problems. Measured: plain student 5/16; guided with
+    aggregation=teacher 15/16, clip tau=1 15/16, clip tau=4 11/16 (clip tau=8 7/16, 16 7/16,
+    64 5/16: the clip aggregate slides to the student as tau grows; product tau=2 15/16), clip
+    tau=1e9 = the plain completions exactly. About 7 s on one thread."""
     model, tokenizer, prompt = testbed
     problems = hard_problems()
     pad = tokenizer.pad_token_id
@@ -84,10 +85,10 @@ def test_guided_sampling_solves_hard_problems_the_student_fails(testbed):
                                max_new_tokens=MAX_NEW_TOKENS, greedy=True).texts
 
     plain_correct = correct(plain, problems)
-    assert plain_correct <= 4, plain_correct  # recorded no-hint HARD accuracy: 0.16
+    assert plain_correct <= 7, plain_correct  # recorded no-hint HARD accuracy: 0.42
     assert correct(guided("teacher", 1.0), problems) >= SIZE - 2  # samples from the teacher context alone
     assert correct(guided("clip", 1.0), problems) >= SIZE - 2
-    middle = correct(guided("clip", 8.0), problems)
+    middle = correct(guided("clip", 4.0), problems)
     assert plain_correct + 3 <= middle <= SIZE - 3, (plain_correct, middle)
     # tau -> infinity: the clip aggregate is the student, the same greedy completions as plain generation
     assert guided("clip", 1e9) == plain
@@ -101,8 +102,8 @@ def _cli() -> list[str]:
 @pytest.mark.slow
 def test_generate_cli_on_failure_fixes_the_students_failures(tmp_path):
     """The README's ``sdharness-generate --model testbed --prompt testbed`` with
-    ``--guidance on_failure --greedy`` (default aggregation: product, tau=2). Measured: 1/16
-    plain greedy completions correct (kept unguided), the 15 failures guided, 15/15 of them
+    ``--guidance on_failure --greedy`` (default aggregation: product, tau=2). Measured: 5/16
+    plain greedy completions correct (kept unguided), the 11 failures guided, 10/11 of them
     correct. About 14 s, most of it starting Python."""
     problems = hard_problems()
     path = tmp_path / "hard.jsonl"
@@ -118,7 +119,7 @@ def test_generate_cli_on_failure_fixes_the_students_failures(tmp_path):
     plain = [row for row in rows if not row["guided"]]
     guided = [row for row in rows if row["guided"]]
     assert all(row["is_correct"] for row in plain)  # only failures are guided
-    assert len(plain) <= 4 and len(guided) >= SIZE - 4, len(plain)
+    assert len(plain) <= 7 and len(guided) >= SIZE - 7, len(plain)
     assert sum(row["is_correct"] for row in guided) >= len(guided) - 2
     accuracy = sum(row["is_correct"] for row in rows) / len(rows)
     assert f"{SIZE} completions ({len(guided)} guided), accuracy {accuracy:.3f}" in result.stdout
@@ -179,8 +180,9 @@ def _accepted_logprobs(model, student_ids, student_mask, teacher_ids, teacher_ma
     return score(student_ids, student_mask), score(teacher_ids, teacher_mask)
 
 
-def test_chat_teacher_puts_more_probability_on_the_accepted_turn(testbed):
-    """The chat path itself (``encode_chat``/``encode_completion`` with conf/prompt/testbed.yaml's
+def test_chat_teacher_puts_more_probability_on_the_accepted_turn():
+    """On the first base (``model=testbed_v1``), which copies any hint: the default base scores the
+    accepted turn about as the student does (teacher -8.67, student -8.53 nats on these 16). The chat path itself (``encode_chat``/``encode_completion`` with conf/prompt/testbed.yaml's
     ``chat_roles`` and the hint last, as "Reference solution"): each shipped conversation's
     accepted reply, scored after its first question (student) and after the same plus the accepted
     reply as the hint (teacher). The privileged context makes the reply far more likely: measured
@@ -191,8 +193,10 @@ def test_chat_teacher_puts_more_probability_on_the_accepted_turn(testbed):
     from sdharness.data.chatlog import encode_chat, encode_completion, read_chats
     from sdharness.data.prompts import right_pad
 
-    model, tokenizer, _ = testbed
-    cfg = to_train_config(compose_config(["model=testbed", "prompt=testbed", "data=chatlog"]))
+    torch.set_num_threads(1)
+    model, tokenizer = load_model_and_tokenizer(TESTBED_V1)
+    model.eval()
+    cfg = to_train_config(compose_config(["model=testbed_v1", "prompt=testbed", "data=chatlog"]))
     conversations, _ = read_chats(resolve_path(cfg.data.path, "data.path"))
     student, teacher, turns = [], [], []
     for conversation in conversations[:SIZE]:
