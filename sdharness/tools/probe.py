@@ -43,7 +43,7 @@ from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, M
                               require, resolve_wandb_mode)
 from sdharness.data.datamodule import load_problems
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
-from sdharness.data.tasks import is_correct, is_early_answer
+from sdharness.data.tasks import chain_values, is_correct, is_early_answer
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import completion_logits
@@ -136,7 +136,7 @@ def consistent_continuation(problem: str, completion: str, reference: str, slip_
     if step + 1 < len(operations):
         symbol, operand = operations[step + 1]
         text += f"\n{value} {symbol} {operand} = "
-        consistent = str({"+": value + operand, "-": value - operand, "*": value * operand}[symbol])
+        consistent = str(chain_values(value, [(symbol, operand)])[0])
         copied = STEP_LINE.match(reference_lines[step + 1]).group(4)
     else:
         text += "\nThe answer is "
