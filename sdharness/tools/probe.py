@@ -43,7 +43,7 @@ from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, M
                               require, resolve_wandb_mode)
 from sdharness.data.datamodule import load_problems
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
-from sdharness.data.tasks import chain_values, is_correct, is_early_answer
+from sdharness.data.tasks import answer_checker, chain_values, is_early_answer
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import completion_logits
@@ -195,6 +195,7 @@ def _batches(items: list, size: int):
 def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> dict:
     """Greedy accuracy without and with each hint style; early-answer rate of the hinted teacher."""
     marker = cfg.data.answer_marker
+    is_correct = answer_checker(cfg.data.checker, marker)  # data.checker, as eval and GRPO's reward use
     answers = [row.get("answer") for row in problems]
     prompts = {"no_hint": [render_student(cfg.prompt, row["problem"]) for row in problems]}
     prompts |= {f"hint_{style}": texts for style, texts in _hinted_texts(cfg, problems).items()}
@@ -205,7 +206,7 @@ def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> 
             ids, mask = encode_prompts(cfg.prompt, tokenizer, chunk)
             completions += generate(model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens, greedy=True).texts
         checked = [(text, answer) for text, answer in zip(completions, answers) if answer]
-        figures[name] = {"accuracy": _rate(sum(is_correct(t, a, marker) for t, a in checked), len(checked)),
+        figures[name] = {"accuracy": _rate(sum(is_correct(t, a) for t, a in checked), len(checked)),
                          "early_answer_rate": _rate(sum(is_early_answer(t, a, marker) for t, a in checked), len(checked))}
     return figures
 
