@@ -210,9 +210,9 @@ def slipped_solution(rng: random.Random, start: int, operations: list[tuple[str,
     """
     step, delta = rng.randrange(len(operations)), rng.choice(SLIPS)
     correct = chain_values(start, operations)
-    values = _slipped_values(start, operations, correct, step, delta)
+    values = slipped_values(start, operations, correct, step, delta)
     if min(values) < 0:
-        values = _slipped_values(start, operations, correct, step, abs(delta))
+        values = slipped_values(start, operations, correct, step, abs(delta))
     text = native_solution(start, operations, values)
     line_start = sum(len(line) + 1 for line in text.split("\n")[:step])
     line = text.split("\n")[step]
@@ -222,7 +222,8 @@ def slipped_solution(rng: random.Random, start: int, operations: list[tuple[str,
     return text, (number_start + same, number_start + len(wrong))
 
 
-def _slipped_values(start, operations, correct, step, delta):
+def slipped_values(start: int, operations: list[tuple[str, int]], correct: list[int], step: int, delta: int) -> list[int]:
+    """``correct`` with the result of ``step`` off by ``delta`` and every later value computed from it."""
     slipped = correct[step] + delta
     return correct[:step] + [slipped] + chain_values(slipped, operations[step + 1:])
 

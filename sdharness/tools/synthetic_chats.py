@@ -10,14 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from pathlib import Path
 
-from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_problem
+from sdharness.data.tasks import DIFFICULTY_STEPS, arithmetic_chain, chain_values, native_solution, slipped_values
 
-
-_STEP = re.compile(r"^(-?\d+) ([-+*]) (-?\d+) = (-?\d+)$")
-_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 _ASK = ["{problem}", "Can you solve this? {problem}", "Please work this out step by step: {problem}",
         "Quick one: {problem}"]
 _OBJECT = ["That's not right. Please check your steps.", "Hmm, I don't think that's correct. Try again?",
@@ -25,41 +21,24 @@ _OBJECT = ["That's not right. Please check your steps.", "Hmm, I don't think tha
            "No, one of the steps is off. Please try again."]
 
 
-def _steps(solution: str) -> list[tuple[str, int]]:
-    """``(symbol, operand)`` of each step of a native worked solution."""
-    lines = [_STEP.match(line) for line in solution.splitlines()[:-1]]
-    return [(match.group(2), int(match.group(3))) for match in lines]
-
-
-def _worked(start: int, steps: list[tuple[str, int]], slip: tuple[int, int] | None = None) -> tuple[str, int]:
-    """A worked solution from ``start``; ``slip=(step, delta)`` gets that step's result wrong by
-    ``delta`` and carries the error through the later steps."""
-    value, lines = start, []
-    for index, (symbol, operand) in enumerate(steps):
-        result = _APPLY[symbol](value, operand) + (slip[1] if slip and slip[0] == index else 0)
-        lines.append(f"{value} {symbol} {operand} = {result}")
-        value = result
-    return "\n".join(lines + [f"{ANSWER_MARKER} {value}."]), value
-
-
 def synthetic_chat(rng: random.Random, steps: int) -> dict:
     """One conversation: the user asks an arithmetic problem, the assistant answers wrongly
     (a wrong step, carried through), the user objects, and so on; the last answer is right."""
-    item = arithmetic_problem(rng, steps)
-    start = int(re.match(r"Start with (-?\d+)\.", item["problem"]).group(1))
-    ops = _steps(item["solution"])
-    messages = [{"role": "user", "content": rng.choice(_ASK).format(problem=item["problem"])}]
+    problem, start, operations = arithmetic_chain(rng, steps)
+    correct = chain_values(start, operations)
+    messages = [{"role": "user", "content": rng.choice(_ASK).format(problem=problem)}]
     wrong_answers = set()
     for _ in range(2 if rng.random() < 0.3 else 1):
         for _ in range(100):
-            slip = (rng.randrange(len(ops)), rng.choice([-1, 1]) * rng.randint(1, 10))
-            text, value = _worked(start, ops, slip)
-            if str(value) != item["answer"] and value not in wrong_answers:
+            step, delta = rng.randrange(len(operations)), rng.choice([-1, 1]) * rng.randint(1, 10)
+            values = slipped_values(start, operations, correct, step, delta)
+            if values[-1] != correct[-1] and values[-1] not in wrong_answers:
                 break
-        wrong_answers.add(value)
-        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": rng.choice(_OBJECT)}]
-    messages.append({"role": "assistant", "content": item["solution"]})
-    return {"messages": messages, "answer": item["answer"]}
+        wrong_answers.add(values[-1])
+        messages += [{"role": "assistant", "content": native_solution(start, operations, values)},
+                     {"role": "user", "content": rng.choice(_OBJECT)}]
+    messages.append({"role": "assistant", "content": native_solution(start, operations, correct)})
+    return {"messages": messages, "answer": str(correct[-1])}
 
 
 def synthetic_chats(seed: int, size: int, difficulty: str = "easy") -> list[dict]:
