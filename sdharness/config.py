@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.distill.losses import DIVERGENCES
+from sdharness.data import SOURCES
 from sdharness.methods import METHODS
 from sdharness.rollout import BACKENDS, GUIDANCE_MODES
 
@@ -125,9 +126,9 @@ class DataConfig:
     def __post_init__(self):
         from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES, answer_checker
 
-        _choice("data.name", self.name, ("arithmetic", "jsonl", "chatlog"))
+        _choice("data.name", self.name, tuple(SOURCES))
         answer_checker(self.checker, self.answer_marker)  # an unknown name, or math_verify not installed, fails now
-        if self.name in ("jsonl", "chatlog"):
+        if SOURCES[self.name].reads_path:
             require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")
         _choice("data.turns", self.turns, ("all", "first"))
         _choice("data.difficulty", self.difficulty, list(DIFFICULTY_STEPS))
@@ -451,7 +452,7 @@ class TrainConfig:
         require(not (self.rollout.backend == "vllm" and self.trainer.devices not in (1, "1")),
                  f"rollout.backend=vllm runs one colocated engine on one GPU; set trainer.devices=1 (got "
                  f"{self.trainer.devices}) or rollout.backend=hf")
-        require(not (self.data.name == "chatlog" and self.rollout.guidance != "never"),
+        require(not (SOURCES[self.data.name].logged_completions and self.rollout.guidance != "never"),
                  f"rollout.guidance={self.rollout.guidance} cannot apply to data=chatlog: its completions are "
                  "logged, not sampled; set rollout.guidance=never")
 

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from sdharness.data import SOURCES
 from sdharness.data.chatlog import EXCEEDS_CONTEXT, encode_chat, encode_completion, load_chats
 from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.data.jsonl import DataError, json_objects
@@ -75,7 +76,7 @@ def data_path(path: str, field: str) -> str | Path:
 def load_problems(cfg: DataConfig, algo: str = "sd") -> tuple[list[dict], list[dict]]:
     """``(train, eval)`` problem lists for the configured data set; rows need the fields ``algo``
     trains on (:func:`required_fields`), a separate eval file only problem and answer."""
-    if cfg.name == "arithmetic":
+    if SOURCES[cfg.name].built_in_task:
         train = arithmetic_split(cfg.seed, cfg.train_size, cfg.difficulty, cfg.solution_style)
         evaluation = arithmetic_split(cfg.seed + 1, cfg.eval_size, cfg.eval_difficulty or cfg.difficulty,
                                       cfg.solution_style, exclude={row["problem"] for row in train})
@@ -153,7 +154,7 @@ class LoadedData:
 def load_data(cfg: DataConfig, algo: str = "sd") -> LoadedData:
     """Read and validate the configured data for training with ``algo``; needs no tokenizer, so it
     runs before any model loads."""
-    if cfg.name != "chatlog":
+    if not SOURCES[cfg.name].logged_completions:
         train, evaluation = load_problems(cfg, algo)
         if cfg.validation_size and cfg.validation_size >= len(train):
             raise DataError(f"data.validation_size={cfg.validation_size} leaves no training problem of the "
@@ -272,7 +273,7 @@ class ProblemDataModule(L.LightningDataModule):
             return
         loaded = self.loaded or load_data(self.cfg, self.algo)
         self.skipped.update(loaded.skipped)
-        encode = self._encode_chats if self.cfg.name == "chatlog" else self._encode
+        encode = self._encode_chats if SOURCES[self.cfg.name].logged_completions else self._encode
         self.train = encode(loaded.train, "train")
         self.evaluation = encode(loaded.validation if self.cfg.evaluate_on == "validation" else loaded.evaluation,
                                  "eval")
@@ -294,7 +295,7 @@ class ProblemDataModule(L.LightningDataModule):
         solution_ids, solution_mask = right_pad([item["solution_ids"] for item in items], pad)
         problems = [{key: item[key] for key in ("problem", "solution", "answer") if key in item} for item in items]
         return PromptBatch(student_ids, student_mask, teacher_ids, teacher_mask, solution_ids, solution_mask.bool(),
-                           problems, logged=self.cfg.name == "chatlog")
+                           problems, logged=SOURCES[self.cfg.name].logged_completions)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from sdharness.data import SOURCES
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.jobs import read_failure
 
@@ -79,8 +80,8 @@ def settings(config: dict, bootstrapped: bool = False) -> list[str]:
     found, guidance = [], config.get("rollout.guidance")
     if config.get("algo.name") == "sd" and guidance not in (None, "never"):
         found.append(f"guided={guidance}")
-    if config.get("data.name") == "chatlog":
-        found.append("chatlog")
+    if config.get("data.name") in SOURCES and SOURCES[config["data.name"]].logged_completions:
+        found.append(config["data.name"])
     if bootstrapped:
         found.append("bootstrapped")
     return found

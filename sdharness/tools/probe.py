@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, check_threads,
                               require, resolve_wandb_mode)
+from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.data.tasks import answer_checker, chain_values, is_early_answer
@@ -178,8 +179,9 @@ class Accumulator:
 
 def _hinted_texts(cfg: ProbeConfig, problems: list[dict]) -> dict[str, list[str]]:
     """Teacher prompts per reference style: the data's own and, for the built-in task, the other."""
-    styles = {cfg.data.solution_style if cfg.data.name == "arithmetic" else "given": problems}
-    if cfg.data.name == "arithmetic":
+    built_in = SOURCES[cfg.data.name].built_in_task
+    styles = {cfg.data.solution_style if built_in else "given": problems}
+    if built_in:
         other = "foreign" if cfg.data.solution_style == "native" else "native"
         _, styled = load_problems(DataConfig(**{**asdict(cfg.data), "solution_style": other}))
         styles[other] = styled[:len(problems)]
@@ -227,8 +229,9 @@ def default_taus() -> dict[str, float | None]:
 def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], taus: dict[str, float]) -> Accumulator:
     """Sample g per problem and accumulate the deviation, KL, aggregation and slip figures."""
     acc = Accumulator(aggregation={name: {"mass": [], "log_ratio": [], "kl": []} for name in taus})
-    native = cfg.data.name != "arithmetic" or cfg.data.solution_style == "native"
-    arithmetic = cfg.data.name == "arithmetic" and native
+    built_in = SOURCES[cfg.data.name].built_in_task
+    native = not built_in or cfg.data.solution_style == "native"
+    arithmetic = built_in and native
     eos = eos_token_ids(model, tokenizer)
     torch.manual_seed(cfg.seed)
     for _, rows in _batches(problems, cfg.batch_size):
