@@ -11,6 +11,7 @@ import pytest
 
 from sdharness.tools import bootstrap as bs
 from sdharness.tools.bootstrap import (
+    BootstrapSettings,
     answer_hint,
     bootstrap,
     bootstrap_to_file,
@@ -99,8 +100,8 @@ def test_math_verify_checker_free_form_answers():
 @pytest.mark.parametrize("unsolved", ["drop", "answer_hint"])
 def test_bootstrap_with_fake_sampler_exact_counts(unsolved):
     log: list = []
-    rows, summary = bootstrap(None, None, PROBLEMS, k=4, sample_fn=fake_sampler(log), unsolved=unsolved,
-                              batch_size=3, guidance=True)
+    rows, summary = bootstrap(None, None, PROBLEMS, BootstrapSettings(k=4, unsolved=unsolved, batch_size=3, guidance=True),
+                              sample_fn=fake_sampler(log))
     assert summary == {"problems": 4, "solved": 3, "unsolved": 1, "samples": 16, "correct_samples": 4 + 1 + 0 + 2,
                        "pass_rate": 7 / 16, "kept": 4 if unsolved == "answer_hint" else 3,
                        "dropped": 0 if unsolved == "answer_hint" else 1, "unsolved_rows": [2]}
@@ -123,14 +124,14 @@ def test_bootstrap_with_fake_sampler_exact_counts(unsolved):
 
 
 def test_bootstrap_rule_first_and_no_trim():
-    rows, _ = bootstrap(None, None, PROBLEMS, k=4, sample_fn=fake_sampler(), rule="first", trim=False)
+    rows, _ = bootstrap(None, None, PROBLEMS, BootstrapSettings(k=4, rule="first", trim=False), sample_fn=fake_sampler())
     by_row = {row["bootstrap"]["row"]: row for row in rows}
     assert by_row[0]["bootstrap"]["picked"] == 0 and by_row[0]["solution"].startswith("xxxx")
     assert by_row[3]["solution"] == "long working here\nThe answer is 4.\nQ: junk"
     with pytest.raises(ConfigError, match="-k"):
-        bootstrap(None, None, PROBLEMS, k=0, sample_fn=fake_sampler())
+        bootstrap(None, None, PROBLEMS, BootstrapSettings(k=0), sample_fn=fake_sampler())
     with pytest.raises(ConfigError, match="--unsolved"):
-        bootstrap(None, None, PROBLEMS, k=1, sample_fn=fake_sampler(), unsolved="keep")
+        bootstrap(None, None, PROBLEMS, BootstrapSettings(k=1, unsolved="keep"), sample_fn=fake_sampler())
 
 
 @pytest.mark.parametrize("guidance", [False, True])
@@ -138,8 +139,9 @@ def test_bootstrap_tiny_random_model(guidance):
     model, tokenizer = load_model_and_tokenizer(TINY)
     prompt = PromptConfig(**named_config("prompt", "testbed"))
     problems = arithmetic_split(0, 3, "easy")
-    rows, summary = bootstrap(model, tokenizer, problems, k=2, prompt_cfg=prompt, max_new_tokens=6,
-                              guidance=guidance, unsolved="answer_hint", batch_size=4, seed=1)
+    rows, summary = bootstrap(model, tokenizer, problems, BootstrapSettings(k=2, max_new_tokens=6, guidance=guidance,
+                                                                       unsolved="answer_hint", batch_size=4, seed=1),
+                              prompt_cfg=prompt)
     assert summary["samples"] == 6 and summary["problems"] == 3
     assert summary["solved"] + summary["unsolved"] == 3 == summary["kept"] + summary["dropped"] == len(rows)
     assert summary["correct_samples"] == sum(row["bootstrap"]["correct"] for row in rows)
@@ -156,9 +158,12 @@ def test_cache_reused_then_regenerated_on_any_difference(tmp_path):
     out = tmp_path / "sub" / "out.jsonl"
     prompt = PromptConfig(**named_config("prompt", "testbed"))
     calls: list = []
-    common = dict(model_cfg=TINY, prompt_cfg=prompt, sample_fn=fake_sampler(calls), unsolved="answer_hint")
+    common = dict(model_cfg=TINY, prompt_cfg=prompt, sample_fn=fake_sampler(calls))
 
-    status, rows, summary = bootstrap_to_file(problems, out, k=4, **common)
+    def settings(**changed):
+        return BootstrapSettings(**{"unsolved": "answer_hint", **changed})
+
+    status, rows, summary = bootstrap_to_file(problems, out, settings(k=4), **common)
     assert status == "generated" and len(calls) == 2 and summary["kept"] == 4
     record = json.loads(provenance_path(out).read_text())
     assert record["key"]["k"] == 4 and record["key"]["checker"] == "builtin" and record["summary"] == summary
@@ -167,21 +172,21 @@ def test_cache_reused_then_regenerated_on_any_difference(tmp_path):
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
 
     calls.clear()
-    status, again, summary_again = bootstrap_to_file(problems, out, k=4, **common)
+    status, again, summary_again = bootstrap_to_file(problems, out, settings(k=4), **common)
     assert status == "reused" and calls == [] and again == rows and summary_again == summary
 
-    status, _, summary = bootstrap_to_file(problems, out, k=2, **common)  # k differs
+    status, _, summary = bootstrap_to_file(problems, out, settings(k=2), **common)  # k differs
     assert status == "generated" and calls and summary["samples"] == 8
     assert json.loads(provenance_path(out).read_text())["key"]["k"] == 2
 
     calls.clear()
-    assert bootstrap_to_file(problems, out, k=2, **common)[0] == "reused" and calls == []
-    assert bootstrap_to_file(problems, out, k=2, seed=1, **common)[0] == "generated"
-    assert bootstrap_to_file(problems, out, k=2, seed=1, **common)[0] == "reused"
+    assert bootstrap_to_file(problems, out, settings(k=2), **common)[0] == "reused" and calls == []
+    assert bootstrap_to_file(problems, out, settings(k=2, seed=1), **common)[0] == "generated"
+    assert bootstrap_to_file(problems, out, settings(k=2, seed=1), **common)[0] == "reused"
     out.write_text(out.read_text() + "\n{}\n")  # a tampered output is not trusted
-    assert bootstrap_to_file(problems, out, k=2, seed=1, **common)[0] == "generated"
+    assert bootstrap_to_file(problems, out, settings(k=2, seed=1), **common)[0] == "generated"
     write_jsonl(problems, PROBLEMS[:3])  # the input changed
-    status, _, summary = bootstrap_to_file(problems, out, k=2, seed=1, **common)
+    status, _, summary = bootstrap_to_file(problems, out, settings(k=2, seed=1), **common)
     assert status == "generated" and summary["problems"] == 3
 
 
@@ -189,7 +194,7 @@ def test_input_needs_problem_and_answer(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "p", "answer": 3}\n\n{"problem": "q", "solution": "s"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:3: field\(s\) answer missing"):
-        bootstrap_to_file(bad, tmp_path / "o.jsonl", model_cfg=TINY, prompt_cfg=PromptConfig(), k=1,
+        bootstrap_to_file(bad, tmp_path / "o.jsonl", BootstrapSettings(k=1), model_cfg=TINY, prompt_cfg=PromptConfig(),
                           sample_fn=fake_sampler())
 
 
@@ -240,8 +245,9 @@ def test_bootstrap_hard_problems_from_testbed(tmp_path):
     problems = write_jsonl(tmp_path / "hard.jsonl",
                            [{"problem": p["problem"], "answer": p["answer"]} for p in arithmetic_split(7, 8, "hard")])
     prompt = PromptConfig(**named_config("prompt", "testbed"))
-    status, rows, summary = bootstrap_to_file(problems, tmp_path / "out.jsonl", model_cfg=TESTBED, prompt_cfg=prompt,
-                                              k=4, max_new_tokens=128, unsolved="drop", seed=0)
+    status, rows, summary = bootstrap_to_file(problems, tmp_path / "out.jsonl",
+                                              BootstrapSettings(k=4, max_new_tokens=128, unsolved="drop", seed=0),
+                                              model_cfg=TESTBED, prompt_cfg=prompt)
     assert status == "generated"
     assert summary["problems"] == 8 and summary["samples"] == 32
     assert summary["solved"] + summary["unsolved"] == 8 == summary["kept"] + summary["dropped"]

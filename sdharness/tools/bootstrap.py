@@ -37,7 +37,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -58,6 +58,41 @@ log = logging.getLogger(__name__)
 RULES = ("shortest", "first")
 UNSOLVED_POLICIES = ("drop", "answer_hint")
 CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BootstrapSettings:
+    """Everything that decides what a bootstrap writes (the cache key holds all of it but
+    ``batch_size``); the command line's flags, checked once here."""
+
+    k: int = 4  # samples per problem
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    guidance: bool = False  # sample from the aggregate with a teacher prompt holding the answer alone
+    aggregation: str = "product"
+    tau: float = 2.0
+    rule: str = "shortest"  # which correct sample to keep
+    unsolved: str = "drop"  # problems without a correct sample: drop, or keep with the answer alone
+    checker: str = "builtin"
+    batch_size: int = 8
+    seed: int = 0
+    marker: str = ANSWER_MARKER
+    trim: bool = True  # cut each sample after its answer line
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ConfigError(f"-k {self.k}: must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        for flag, value, choices in (("--rule", self.rule, RULES), ("--unsolved", self.unsolved, UNSOLVED_POLICIES)):
+            if value not in choices:
+                raise ConfigError(f"{flag} {value}: unknown; choose one of {', '.join(choices)}")
+
+    def sampling(self) -> dict:
+        """The sampling settings (aggregation and tau only where guidance uses them)."""
+        sampling = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        return {**sampling, "aggregation": self.aggregation, "tau": self.tau} if self.guidance else sampling
 SUMMARY_FIELDS = ("problems", "solved", "unsolved", "samples", "correct_samples", "pass_rate", "kept", "dropped")
 
 SampleFn = Callable[[list[dict]], list[str]]  # one completion per request, see bootstrap()
@@ -103,15 +138,13 @@ def pick_solution(candidates: list[str], answer: str, *, checker: Checker, rule:
 # --------------------------------------------------------------------------- sampling
 
 
-def model_sampler(model, tokenizer, prompt_cfg: PromptConfig, *, max_new_tokens: int, temperature: float = 1.0,
-                  top_p: float = 1.0, guidance: bool = False, aggregation: str = "product", tau: float = 2.0,
-                  seed: int = 0) -> SampleFn:
+def model_sampler(model, tokenizer, prompt_cfg: PromptConfig, settings: BootstrapSettings) -> SampleFn:
     """A :data:`SampleFn` that samples from ``model``: plainly from the student prompt, or (``guidance``)
     from the aggregate of the student prompt and the teacher prompt holding each request's ``hint``."""
     device = next(model.parameters()).device
-    torch.manual_seed(seed)  # plain sampling goes through HF generate and torch's global generator
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    torch.manual_seed(settings.seed)  # plain sampling goes through HF generate and torch's global generator
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    sampling = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p)
 
     def encode(texts):
         ids, mask = encode_prompts(prompt_cfg, tokenizer, texts)
@@ -119,20 +152,17 @@ def model_sampler(model, tokenizer, prompt_cfg: PromptConfig, *, max_new_tokens:
 
     def sample(requests: list[dict]) -> list[str]:
         student = encode([render_student(prompt_cfg, r["problem"]) for r in requests])
-        if not guidance:
+        if not settings.guidance:
             return generate(model, tokenizer, *student, **sampling).texts
         teacher = encode([render_teacher(prompt_cfg, r["problem"], r["hint"]) for r in requests])
-        return guided_generate(model, tokenizer, *student, *teacher, aggregation=aggregation, tau=tau,
-                               generator=generator, **sampling).texts
+        return guided_generate(model, tokenizer, *student, *teacher, aggregation=settings.aggregation,
+                               tau=settings.tau, generator=generator, **sampling).texts
 
     return sample
 
 
-def bootstrap(model, tokenizer, rows: list[dict], *, k: int, prompt_cfg: PromptConfig | None = None,
-              max_new_tokens: int = 96, temperature: float = 1.0, top_p: float = 1.0, guidance: bool = False,
-              aggregation: str = "product", tau: float = 2.0, rule: str = "shortest", unsolved: str = "drop",
-              checker: str | Checker = "builtin", batch_size: int = 8, seed: int = 0, marker: str = ANSWER_MARKER,
-              trim: bool = True, sample_fn: SampleFn | None = None) -> tuple[list[dict], dict]:
+def bootstrap(model, tokenizer, rows: list[dict], settings: BootstrapSettings = BootstrapSettings(), *,
+              prompt_cfg: PromptConfig | None = None, sample_fn: SampleFn | None = None) -> tuple[list[dict], dict]:
     """Sample ``k`` solutions per row, keep a correct one; ``(rows_out, summary)``.
 
     ``rows`` need ``problem`` and ``answer``. Requests (``k`` per row, row-major) go to the sampler
@@ -144,31 +174,22 @@ def bootstrap(model, tokenizer, rows: list[dict], *, k: int, prompt_cfg: PromptC
     (candidate index or None), ``guided`` and ``answer_only``. ``summary`` counts are exact ints;
     ``unsolved_rows`` lists the input indices of problems without a correct sample.
     """
-    if k < 1:
-        raise ConfigError(f"-k {k}: must be at least 1")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-    if unsolved not in UNSOLVED_POLICIES:
-        raise ConfigError(f"--unsolved {unsolved}: unknown; choose one of {', '.join(UNSOLVED_POLICIES)}")
-    if rule not in RULES:
-        raise ConfigError(f"--rule {rule}: unknown; choose one of {', '.join(RULES)}")
-    check = answer_checker(checker, marker) if isinstance(checker, str) else checker
+    k, marker = settings.k, settings.marker
+    check = answer_checker(settings.checker, marker)
     if sample_fn is None:
         if prompt_cfg is None:
             raise ConfigError("bootstrap: prompt_cfg is required to sample from a model")
-        sample_fn = model_sampler(model, tokenizer, prompt_cfg, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, guidance=guidance,
-                                  aggregation=aggregation, tau=tau, seed=seed)
+        sample_fn = model_sampler(model, tokenizer, prompt_cfg, settings)
     requests = [{"problem": row["problem"], "answer": str(row["answer"]), "hint": answer_hint(row["answer"], marker),
                  "row": i, "sample": j} for i, row in enumerate(rows) for j in range(k)]
     candidates: list[list[str]] = [[] for _ in rows]
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start:start + batch_size]
+    for start in range(0, len(requests), settings.batch_size):
+        chunk = requests[start:start + settings.batch_size]
         texts = sample_fn(chunk)
         if len(texts) != len(chunk):
             raise RuntimeError(f"sampler returned {len(texts)} completions for {len(chunk)} requests")
         for request, text in zip(chunk, texts):
-            candidates[request["row"]].append(trim_solution(text, marker) if trim else text)
+            candidates[request["row"]].append(trim_solution(text, marker) if settings.trim else text)
 
     rows_out, unsolved_rows, correct_samples = [], [], 0
     for i, (row, texts) in enumerate(zip(rows, candidates)):
@@ -176,12 +197,12 @@ def bootstrap(model, tokenizer, rows: list[dict], *, k: int, prompt_cfg: PromptC
         flags = [check(text, answer) for text in texts]
         correct = sum(flags)
         correct_samples += correct
-        picked = _choose(texts, flags, rule)
+        picked = _choose(texts, flags, settings.rule)
         info = {"row": i, "samples": len(texts), "correct": correct, "pass_rate": correct / len(texts),
-                "picked": picked, "guided": guidance, "answer_only": picked is None}
+                "picked": picked, "guided": settings.guidance, "answer_only": picked is None}
         if picked is None:
             unsolved_rows.append(i)
-            if unsolved == "drop":
+            if settings.unsolved == "drop":
                 continue
             solution = answer_hint(answer, marker)
         else:
@@ -276,30 +297,23 @@ def cached(out: str | Path, key: dict) -> dict | None:
     return record if record.get("output_sha256") == sha256_file(out) else None
 
 
-def bootstrap_to_file(problems: str | Path, out: str | Path, *, model_cfg: ModelConfig, prompt_cfg: PromptConfig,
-                      k: int = 4, max_new_tokens: int = 96, temperature: float = 1.0, top_p: float = 1.0,
-                      guidance: bool = False, aggregation: str = "product", tau: float = 2.0,
-                      rule: str = "shortest", unsolved: str = "drop", checker: str = "builtin", batch_size: int = 8,
-                      seed: int = 0, marker: str = ANSWER_MARKER, trim: bool = True,
-                      sample_fn: SampleFn | None = None, loader=None) -> tuple[str, list[dict], dict]:
+def bootstrap_to_file(problems: str | Path, out: str | Path, settings: BootstrapSettings = BootstrapSettings(), *,
+                      model_cfg: ModelConfig, prompt_cfg: PromptConfig, sample_fn: SampleFn | None = None,
+                      loader=None) -> tuple[str, list[dict], dict]:
     """Bootstrap ``problems`` (JSONL) into ``out`` with a provenance sidecar, or reuse the cache.
 
     Returns ``(status, rows, summary)``, ``status`` being ``"reused"`` (nothing loaded or sampled) or
     ``"generated"``. ``loader(model_cfg) -> (model, tokenizer)`` defaults to
     :func:`sdharness.models.load_model_and_tokenizer`; with ``sample_fn`` no model is loaded.
     """
-    for name, value, choices in (("--rule", rule, RULES), ("--unsolved", unsolved, UNSOLVED_POLICIES)):
-        if value not in choices:
-            raise ConfigError(f"{name} {value}: unknown; choose one of {', '.join(choices)}")
     problems = data_path(str(problems), "--problems")  # pkg://sdharness/assets/... works too
     rows = read_jsonl(problems, required=("problem", "answer"))
-    check = answer_checker(checker, marker)
-    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
-    if guidance:
-        sampling.update(aggregation=aggregation, tau=tau)
+    answer_checker(settings.checker, settings.marker)  # an unknown checker fails before anything loads
     key = {"version": CACHE_VERSION, "input_sha256": sha256_file(problems), "model": model_identity(model_cfg),
-           "prompt": asdict(prompt_cfg), "sampling": sampling, "k": k, "guidance": guidance, "rule": rule,
-           "checker": checker, "unsolved": unsolved, "seed": seed, "answer_marker": marker, "trim": trim}
+           "prompt": asdict(prompt_cfg), "sampling": settings.sampling(), "k": settings.k,
+           "guidance": settings.guidance, "rule": settings.rule, "checker": settings.checker,
+           "unsolved": settings.unsolved, "seed": settings.seed, "answer_marker": settings.marker,
+           "trim": settings.trim}
     key = json.loads(_canonical(key))
     record = cached(out, key)
     if record is not None:  # an output that kept nothing (every problem dropped) is a valid cache too
@@ -313,10 +327,7 @@ def bootstrap_to_file(problems: str | Path, out: str | Path, *, model_cfg: Model
             from sdharness.models import load_model_and_tokenizer as loader
         model, tokenizer = loader(model_cfg)
         model.eval()
-    rows_out, summary = bootstrap(model, tokenizer, rows, k=k, prompt_cfg=prompt_cfg, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, guidance=guidance, aggregation=aggregation,
-                                  tau=tau, rule=rule, unsolved=unsolved, checker=check, batch_size=batch_size,
-                                  seed=seed, marker=marker, trim=trim, sample_fn=sample_fn)
+    rows_out, summary = bootstrap(model, tokenizer, rows, settings, prompt_cfg=prompt_cfg, sample_fn=sample_fn)
     out = Path(out)
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows_out)
     _atomic_write(out, text)
@@ -369,11 +380,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args) -> tuple[str, list[dict], dict]:
     prompt = PromptConfig(**named_config("prompt", args.prompt))
-    return bootstrap_to_file(args.problems, args.out, model_cfg=model_config(args), prompt_cfg=prompt, k=args.k,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                             guidance=args.guidance, aggregation=args.aggregation, tau=args.tau, rule=args.rule,
-                             unsolved=args.unsolved, checker=args.checker, batch_size=args.batch_size,
-                             seed=args.seed, marker=args.answer_marker, trim=not args.no_trim)
+    settings = BootstrapSettings(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, guidance=args.guidance, aggregation=args.aggregation, tau=args.tau,
+                                 rule=args.rule, unsolved=args.unsolved, checker=args.checker,
+                                 batch_size=args.batch_size, seed=args.seed, marker=args.answer_marker,
+                                 trim=not args.no_trim)
+    return bootstrap_to_file(args.problems, args.out, settings, model_cfg=model_config(args), prompt_cfg=prompt)
 
 
 def main(argv=None) -> None:
