@@ -42,3 +42,22 @@ def test_sampling_uses_the_full_distribution(monkeypatch):
     ids = torch.tensor([[5, 6, 7]])
     generate(model, tokenizer, ids, torch.ones_like(ids), max_new_tokens=2, progress=False)
     assert [type(p).__name__ for p in built[-1]] == []
+
+
+def test_greedy_decoding_passes_no_sampling_flag():
+    """Greedy decoding with top_k set made transformers log "generation flags are not valid" at every
+    eval call; sampling keeps top_k=0."""
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny_random"))
+    configs = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        configs.append(kwargs["generation_config"])
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    ids = torch.tensor([[5, 6, 7]])
+    generate(model, tokenizer, ids, torch.ones_like(ids), max_new_tokens=2, greedy=True, progress=False)
+    generate(model, tokenizer, ids, torch.ones_like(ids), max_new_tokens=2, progress=False)
+    assert [(c.do_sample, c.top_k, c.temperature) for c in configs] == [(False, None, None), (True, 0, 1.0)]
+    assert configs[0].validate() is None  # no flag that greedy decoding would ignore

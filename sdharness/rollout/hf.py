@@ -75,7 +75,9 @@ def generate(
         do_sample=not greedy,
         temperature=None if greedy else temperature,
         top_p=None if greedy else top_p,
-        top_k=0,  # None would fall back to transformers' default top-k of 50: rollouts off the policy
+        # Sampling: None would fall back to transformers' default top-k of 50, rollouts off the policy;
+        # greedy decoding takes no top-k (transformers warns at every call if one is given).
+        top_k=None if greedy else 0,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
     )
