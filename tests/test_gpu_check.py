@@ -117,7 +117,7 @@ def test_training_checks_compose_valid_configs(overrides, strategy):
     """A misspelt override would fail every training row on the GPU: each composes and validates here."""
     from sdharness.config import to_train_config
 
-    cfg = to_train_config(gpu_check._compose(overrides))
+    cfg = to_train_config(gpu_check.compose_check(overrides))
     assert (cfg.model.name, cfg.trainer.accelerator, cfg.trainer.precision) == ("smollm2_135m", "gpu", "bf16-mixed")
     assert (cfg.trainer.max_steps, cfg.trainer.devices, cfg.trainer.strategy) == (4, 1, strategy)
     assert cfg.logger.mode == "disabled" and cfg.rollout.progress is False

@@ -147,7 +147,7 @@ def _update(optimizer, loss) -> None:
 
 # ---------------------------------------------------------------- measuring (child side)
 
-def _setup(threads: int | None) -> torch.device:
+def setup_device(threads: int | None) -> torch.device:
     if threads:
         torch.set_num_threads(threads)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +183,7 @@ def _timed(fn, device) -> float:
 
 
 def measure_step(case: Case, method: str, repeats: int, threads: int | None) -> dict:
-    device = _setup(threads)
+    device = setup_device(threads)
     model = load_model(case.model)[0].to(device)
     data = step_batch(case, model.config.vocab_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -214,7 +214,7 @@ def rollout_prompts(case: Case, vocab: int, pad: int, device):
 
 @torch.no_grad()
 def measure_rollout(case: Case, repeats: int, threads: int | None) -> dict:
-    device = _setup(threads)
+    device = setup_device(threads)
     model, tokenizer = load_model(case.model)
     model.to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer is not None else 0
@@ -271,7 +271,7 @@ def _fresh(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def _size(entry: dict) -> int:
+def case_size(entry: dict) -> int:
     return entry["params"] * entry["batch"] * (entry["prompt"] + entry["completion"])
 
 
@@ -309,7 +309,7 @@ def _pooled(runs: list[dict]) -> dict:
 def headline(entries: list[dict]) -> tuple[dict, dict]:
     """Each ratio at the largest case that measured it: ``(ratios, case name per ratio)``."""
     ratios, where = dict.fromkeys(RATIO_KEYS), dict.fromkeys(RATIO_KEYS)
-    for entry in sorted(entries, key=_size):
+    for entry in sorted(entries, key=case_size):
         for key, value in entry["ratios"].items():
             ratios[key], where[key] = value, entry["name"]
     return ratios, where
@@ -333,7 +333,7 @@ def run_cases(selected: list[Case], repeats: int = 3, threads: int | None = None
 
 # ---------------------------------------------------------------- reporting
 
-def _fmt(value, spec=".2f") -> str:
+def format_ratio(value, spec=".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
@@ -347,17 +347,17 @@ def format_table(report: dict) -> str:
     for e in (e for e in report["cases"] if e["kind"] == "step"):
         lines.append(f"{e['name']:<22}{e['params'] / 1e6:>8.1f}M{e['vocab']:>7}{e['batch']:>6}{e['prompt']:>7}"
                      f"{e['completion']:>6} | {e['sd']['median_s']:>7.3f}{e['sft']['median_s']:>7.3f}"
-                     f"{_fmt(e['ratios']['sd_sft_step_time']):>7} | {e['sd']['peak_mb']:>8.1f}"
-                     f"{e['sft']['peak_mb']:>8.1f}{_fmt(e['ratios']['sd_sft_peak_memory']):>7}")
+                     f"{format_ratio(e['ratios']['sd_sft_step_time']):>7} | {e['sd']['peak_mb']:>8.1f}"
+                     f"{e['sft']['peak_mb']:>8.1f}{format_ratio(e['ratios']['sd_sft_peak_memory']):>7}")
     lines += ["", f"{'rollout':<22}{'batch':>6}{'prompt':>7}{'new':>5} | {'batched tok/s':>14}"
                   f"{'naive tok/s':>12}{'ratio':>7}"]
     for e in (e for e in report["cases"] if e["kind"] == "rollout"):
         lines.append(f"{e['name']:<22}{e['batch']:>6}{e['prompt']:>7}{e['completion']:>5} | "
                      f"{e['batched']['tokens_per_s']:>14.1f}{e['naive']['tokens_per_s']:>12.1f}"
-                     f"{_fmt(e['ratios']['batched_naive_rollout_tokens_per_s']):>7}")
+                     f"{format_ratio(e['ratios']['batched_naive_rollout_tokens_per_s']):>7}")
     guided = [e for e in report["cases"] if e.get("guided")]
     lines += [f"{e['name'] + ' guided':<22}{e['batch']:>6}{e['prompt']:>7}{e['completion']:>5} | "
-              f"{e['guided']['tokens_per_s']:>14.1f}{'':>12}{_fmt(e['ratios'].get('guided_plain_time')):>7}"
+              f"{e['guided']['tokens_per_s']:>14.1f}{'':>12}{format_ratio(e['ratios'].get('guided_plain_time')):>7}"
               "  (time ratio guided/plain per token)" for e in guided]
     lines += ["", "headline ratios (largest case measured):"]
     for key, value in report["ratios"].items():
@@ -367,7 +367,7 @@ def format_table(report: dict) -> str:
             f"  FLOP bound {bound}: {value / bound:.0%} of it" if bound is not None else "")
         where = report["ratio_cases"][key]
         note = f"[{where}]" if where else "not measured"
-        lines.append(f"  {key:<36}{_fmt(value):>7}  {note}{verdict}")
+        lines.append(f"  {key:<36}{format_ratio(value):>7}  {note}{verdict}")
     if "peer" in report:
         lines += ["", report["peer"].get("skipped") or peer.format_peer_table(report["peer"]["cases"])]
     return "\n".join(lines)

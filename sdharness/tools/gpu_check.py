@@ -109,7 +109,7 @@ def no_cuda_line() -> str | None:
 
 # ---------------------------------------------------------------- the checks (child side)
 
-def _compose(overrides: list[str]):
+def compose_check(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -153,7 +153,7 @@ def _timed_train(overrides: list[str]) -> tuple[list[float], float, float]:
     clock = Clock()
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="sdharness-gpu-check-") as output:
-        train(_compose(overrides), output, callbacks=(clock,))
+        train(compose_check(overrides), output, callbacks=(clock,))
     if clock.precision != "bf16-mixed":
         raise RuntimeError(f"trained under precision {clock.precision}, not bf16-mixed")
     if not clock.times or not torch.isfinite(torch.tensor(clock.loss)):
@@ -266,11 +266,11 @@ def check_bench() -> list[Row]:
     devices = {entry.get("device") or entry["sd"]["device"] for entry in report["cases"] if entry["kind"] == "step"}
     if devices != {"cuda"}:
         raise RuntimeError(f"bench ran on {devices}, not cuda")
-    largest = max((e for e in report["cases"] if e["kind"] == "step"), key=bench._size)
+    largest = max((e for e in report["cases"] if e["kind"] == "step"), key=bench.case_size)
     missed = [key for key, target in bench.TARGETS.items()
               if report["ratios"].get(key) is not None and report["ratios"][key] > target]
     ratios = report["ratios"]
-    figure = (f"SD/SFT time {bench._fmt(ratios['sd_sft_step_time'])}, memory {bench._fmt(ratios['sd_sft_peak_memory'])}")
+    figure = (f"SD/SFT time {bench.format_ratio(ratios['sd_sft_step_time'])}, memory {bench.format_ratio(ratios['sd_sft_peak_memory'])}")
     detail = (f"{largest['name']}: SD {largest['sd']['peak_mb']:.0f} MB, SFT {largest['sft']['peak_mb']:.0f} MB above "
               f"the model (max_memory_allocated on {torch.cuda.get_device_name(0)})"
               + (f"; targets missed: {', '.join(missed)}" if missed else "; targets met"))

@@ -161,7 +161,7 @@ def run_sdharness(case: PeerCase, method: str, repeats: int, threads: int | None
     from sdharness.data.datamodule import PromptBatch
     from sdharness.methods import method_class
 
-    device = bench._setup(threads)
+    device = bench.setup_device(threads)
     model, tokenizer = bench.load_model(case.model)
     inputs = case_inputs(case, tokenizer)
     force_length(model, case.completion)
@@ -213,7 +213,7 @@ def run_trl(case: PeerCase, method: str, repeats: int, threads: int | None) -> d
 
     from sdharness.tools import bench
 
-    device = bench._setup(threads)
+    device = bench.setup_device(threads)
     model, tokenizer = bench.load_model(case.model)
     inputs = case_inputs(case, tokenizer)
     force_length(model, case.completion)
