@@ -189,7 +189,10 @@ def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_short_self_distillation_run_moves_no_hint_hard_accuracy(tmp_path):
+def test_short_self_distillation_run_gives_its_measured_accuracies(tmp_path):
+    """8 steps of testbed_sd (product, lr 3e-4) on the shipped base, 1 thread, seeded: the base's 0.46 on
+    these 50 HARD problems and 0.22 after, as measured at 78bb8cb (a drop: at this lr SD loses accuracy,
+    see the README's table). Any change to sampling, scoring, the loss or the step moves them."""
     from sdharness.train import train
     from tests.conftest import compose_config
 
@@ -199,7 +202,7 @@ def test_short_self_distillation_run_moves_no_hint_hard_accuracy(tmp_path):
 
     with open(tmp_path / "metrics.csv") as handle:
         accuracies = [float(r["eval/accuracy"]) for r in csv.DictReader(handle) if r.get("eval/accuracy")]
-    assert len(accuracies) == 2 and accuracies[0] != accuracies[1]
+    assert accuracies == [0.46, 0.22]
 
 
 def test_foreign_hints_and_slips_are_exact_and_the_slip_carries_no_loss():
