@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sdharness.distill.aggregation import AGGREGATIONS
-from sdharness.tools.probe import chain_operations, consistent_continuation, first_deviation, kl_per_position
+from sdharness.distill.diagnostics import target_diagnostics
+from sdharness.tools.probe import chain_operations, consistent_continuation, first_deviation
 
 PROBLEM = "Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?"
 REFERENCE = "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 32\nThe answer is 32."
@@ -49,14 +50,15 @@ def test_consistent_continuation_is_none_for_other_deviations(completion, slip_a
     assert consistent_continuation(PROBLEM, completion, REFERENCE, slip_at) is None
 
 
-def test_kl_per_position_matches_float64():
+def test_probe_kl_per_position_matches_float64():
+    """The probe's KL(teacher || student) before and after the first deviation is target_diagnostics'."""
     torch.manual_seed(0)
     t = torch.log_softmax(torch.randn(3, 5, 11), -1)
     s = torch.log_softmax(torch.randn(3, 5, 11), -1)
     t64, s64 = t.double(), s.double()
     expected = (t64.exp() * (t64 - s64)).sum(-1)
-    assert torch.allclose(kl_per_position(t, s).double(), expected, atol=1e-6)
-    assert torch.allclose(kl_per_position(t, t), torch.zeros(3, 5), atol=1e-6)
+    assert torch.allclose(target_diagnostics(t, s).kl_target_student.double(), expected, atol=1e-6)
+    assert torch.allclose(target_diagnostics(t, t).kl_target_student, torch.zeros(3, 5), atol=1e-6)
 
 
 def run_probe(tmp_path, overrides: list[str]) -> dict:

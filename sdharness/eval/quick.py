@@ -13,7 +13,8 @@ import lightning as L
 import torch
 
 from sdharness.scale.checkpoints import is_final_step
-from sdharness.config import EvalConfig
+from sdharness.config import EvalConfig, PromptConfig
+from sdharness.data.prompts import encode_prompts
 from sdharness.rollout.hf import generate
 from sdharness.data.tasks import answer_checker, is_early_answer
 
@@ -49,6 +50,23 @@ class EvalResult:
     def as_metrics(self, prefix: str = "eval") -> dict[str, float]:
         return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/early_answer_rate": self.early_answer_rate,
                 f"{prefix}/leakage_rate": self.leakage_rate, f"{prefix}/completion_length": self.completion_length}
+
+
+@dataclass
+class PromptRows:
+    """A batch of rendered prompts (left-padded) and the problems they were rendered from; any prompt
+    (student or hinted teacher) is decoded the same way by :func:`evaluate_greedy`."""
+
+    student_ids: torch.Tensor
+    student_mask: torch.Tensor
+    problems: list[dict]
+
+
+def prompt_batches(prompt: PromptConfig, tokenizer, texts: list[str], problems: list[dict],
+                   batch_size: int) -> list[PromptRows]:
+    """``texts`` (rendered prompts, one per problem) as :class:`PromptRows` of ``batch_size``."""
+    return [PromptRows(*encode_prompts(prompt, tokenizer, texts[start:start + batch_size]),
+                       problems[start:start + batch_size]) for start in range(0, len(texts), batch_size)]
 
 
 def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str,

@@ -54,10 +54,10 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import LlamaForCausalLM
 
 from sdharness.config import CONF_DIR, ConfigError, PromptConfig, require
-from sdharness.eval.quick import evaluate_greedy
+from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.methods.schedule import lr_lambda
 from sdharness.models import char_llama_config, char_tokenizer
-from sdharness.data.prompts import encode_prompt, encode_prompts, render_student, render_teacher
+from sdharness.data.prompts import encode_prompt, render_student, render_teacher
 from sdharness.data.tasks import (ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_chain, arithmetic_split,
                                   chain_values, foreign_solution, native_solution, slipped_solution)
 
@@ -345,13 +345,6 @@ def train_model(model, batches, cfg: PretrainConfig, on_log=None) -> list[tuple[
     return history
 
 
-@dataclass
-class _PromptBatch:
-    student_ids: torch.Tensor
-    student_mask: torch.Tensor
-    problems: list[dict]
-
-
 def evaluate_suite(model, tokenizer, prompt: PromptConfig, problems: dict[str, list[dict]], *,
                    max_new_tokens: int, batch_size: int, sets: tuple[str, ...] = tuple(EVAL_SETS)) -> dict:
     """Greedy accuracy (and early-answer rate, mean length) on each eval set in ``sets``."""
@@ -361,11 +354,8 @@ def evaluate_suite(model, tokenizer, prompt: PromptConfig, problems: dict[str, l
         items = problems[difficulty]
         texts = [render_student(prompt, item["problem"]) if fmt == "student"
                  else render_teacher(prompt, item["problem"], item["solution"]) for item in items]
-        batches = []
-        for start in range(0, len(items), batch_size):
-            ids, mask = encode_prompts(prompt, tokenizer, texts[start:start + batch_size])
-            batches.append(_PromptBatch(ids, mask, items[start:start + batch_size]))
-        result = evaluate_greedy(model, tokenizer, batches, max_new_tokens=max_new_tokens, answer_marker=ANSWER_MARKER)
+        result = evaluate_greedy(model, tokenizer, prompt_batches(prompt, tokenizer, texts, items, batch_size),
+                                 max_new_tokens=max_new_tokens, answer_marker=ANSWER_MARKER)
         results[name] = {"accuracy": result.accuracy, "early_answer_rate": result.early_answer_rate,
                          "completion_length": result.completion_length, "size": result.size}
     return results

@@ -44,10 +44,11 @@ from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, M
 from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
-from sdharness.data.tasks import answer_checker, chain_values, is_early_answer
+from sdharness.data.tasks import chain_values
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import completion_logits
+from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.models import load_model_and_tokenizer, torch_threads
 from sdharness.rollout.hf import eos_token_ids, generate
 
@@ -73,8 +74,9 @@ class ProbeConfig:
     output_dir: Optional[str] = None  # null: the Hydra run directory
 
     def __post_init__(self):
-        require(self.data.name != "chatlog", "sdharness-probe samples g from problems; data=chatlog has no "
-                 "problems to sample for. Use data=arithmetic, data=jsonl or data=gsm_symbolic")
+        require(not SOURCES[self.data.name].logged_completions, f"sdharness-probe samples g from problems; "
+                f"data={self.data.name} has no problems to sample for. Use data=arithmetic, data=jsonl or "
+                "data=gsm_symbolic")
         for name in ("max_new_tokens", "batch_size"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
@@ -99,11 +101,6 @@ def first_deviation(completion: list[int], reference: list[int]) -> int | None:
         if token != expected:
             return index
     return len(reference) if len(completion) > len(reference) else None
-
-
-def kl_per_position(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) at each position; ``[..., vocab]`` -> ``[...]``."""
-    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
 
 
 def chain_operations(problem: str) -> list[tuple[str, int]]:
@@ -196,20 +193,16 @@ def _batches(items: list, size: int):
 
 def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> dict:
     """Greedy accuracy without and with each hint style; early-answer rate of the hinted teacher."""
-    marker = cfg.data.answer_marker
-    is_correct = answer_checker(cfg.data.checker, marker)  # data.checker, as eval and GRPO's reward use
-    answers = [row.get("answer") for row in problems]
     prompts = {"no_hint": [render_student(cfg.prompt, row["problem"]) for row in problems]}
     prompts |= {f"hint_{style}": texts for style, texts in _hinted_texts(cfg, problems).items()}
     figures = {}
     for name, texts in prompts.items():
-        completions = []
-        for _, chunk in _batches(texts, cfg.batch_size):
-            ids, mask = encode_prompts(cfg.prompt, tokenizer, chunk)
-            completions += generate(model, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens, greedy=True).texts
-        checked = [(text, answer) for text, answer in zip(completions, answers) if answer]
-        figures[name] = {"accuracy": _rate(sum(is_correct(t, a) for t, a in checked), len(checked)),
-                         "early_answer_rate": _rate(sum(is_early_answer(t, a, marker) for t, a in checked), len(checked))}
+        # Scored as the quick eval scores (data.checker); problems without an answer give None, not NaN.
+        result = evaluate_greedy(model, tokenizer, prompt_batches(cfg.prompt, tokenizer, texts, problems, cfg.batch_size),
+                                 max_new_tokens=cfg.max_new_tokens, answer_marker=cfg.data.answer_marker,
+                                 checker=cfg.data.checker)
+        figures[name] = {key: None if math.isnan(value) else value for key, value in
+                         (("accuracy", result.accuracy), ("early_answer_rate", result.early_answer_rate))}
     return figures
 
 
@@ -252,7 +245,7 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
             acc.aggregation[name]["mass"] += diagnostics.unconsidered_mass[valid].tolist()
             acc.aggregation[name]["log_ratio"] += diagnostics.max_log_ratio[valid].tolist()
             acc.aggregation[name]["kl"] += diagnostics.kl_target_student[valid].tolist()
-        kl = kl_per_position(t_logp, s_logp)
+        kl = target_diagnostics(t_logp, s_logp, eps=cfg.eps).kl_target_student  # KL(teacher || student)
         for row, problem in enumerate(rows):
             acc.problems += 1
             length = int(valid[row].sum())
