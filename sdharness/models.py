@@ -40,6 +40,13 @@ def torch_threads(setting: str, parameters: int, cpus: int | None = None) -> int
     return max(1, (cpus or os.cpu_count() or 1) // 2)
 
 
+def set_threads_for(model, setting: str) -> None:
+    """Apply ``threads=<setting>`` (:func:`torch_threads`) for this model's size; 0 leaves torch's default."""
+    threads = torch_threads(setting, sum(p.numel() for p in model.parameters()))
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer over printable ASCII and newline (100 ids, no chat template)."""
     special = ["<pad>", "<s>", "</s>", "<unk>"]

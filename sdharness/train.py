@@ -29,7 +29,7 @@ from sdharness.jobs import end_wandb_run, in_multirun, record_failure
 from sdharness.methods import method_class
 from sdharness.methods.accounting import BudgetStop
 from sdharness.methods.policy import SkippedUpdatesError
-from sdharness.models import load_model_and_tokenizer, save_for_inference, torch_threads
+from sdharness.models import load_model_and_tokenizer, save_for_inference, set_threads_for
 from sdharness.report.loggers import make_loggers
 from sdharness.scale.checkpoints import AtomicCheckpointIO, StepCheckpoint
 from sdharness.scale.resume import resume_from
@@ -59,9 +59,7 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     L.seed_everything(cfg.seed, workers=True)
     loaded = load_data(cfg.data, cfg.algo.name)  # a malformed data file fails now, not after a model load
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    threads = torch_threads(cfg.threads, sum(p.numel() for p in model.parameters()))
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads_for(model, cfg.threads)
     uses_chat_template(cfg.prompt, tokenizer)  # fails now, not mid-run, if a required template is missing
     datamodule = ProblemDataModule(cfg.data, cfg.prompt, tokenizer,
                                    max_context=getattr(model.config, "max_position_embeddings", 10**9),

@@ -49,7 +49,7 @@ from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import completion_logits
 from sdharness.eval.quick import evaluate_greedy, prompt_batches
-from sdharness.models import load_model_and_tokenizer, torch_threads
+from sdharness.models import load_model_and_tokenizer, set_threads_for
 from sdharness.rollout.hf import eos_token_ids, generate
 
 log = logging.getLogger(__name__)
@@ -393,9 +393,7 @@ def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = N
     """Run every figure on the held-out split; print, write ``probe.json``, log; return the result."""
     output_dir = Path(output_dir)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    threads = torch_threads(cfg.threads, sum(p.numel() for p in model.parameters()))
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads_for(model, cfg.threads)
     model.eval()
     _, problems = load_problems(cfg.data)
     taus = default_taus()
