@@ -116,3 +116,24 @@ def test_probe_on_the_shipped_base(tmp_path):
     assert abs(greedy["hint_foreign"]["accuracy"] - 0.875) <= TOLERANCE
     assert slip["slips"] >= 20
     assert abs(slip["follows_student"] - 0.200) <= TOLERANCE and abs(slip["copies_reference"] - 0.760) <= TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,named", [
+    ("data=chatlog", "data=chatlog has no problems"),
+    ("data.eval_sise=3", "data.eval_sise is not a config key (did you mean data.eval_size?)"),
+    ("data=jsonl data.path=/no/such.jsonl", "data.path: /no/such.jsonl does not exist"),
+])
+def test_command_line_bad_input_is_one_error_line(tmp_path, override, named):
+    """Was a traceback (ConfigError from the schema check); a bad data file now fails before the model loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run([sys.executable, "-m", "sdharness.tools.probe", *override.split(),
+                             f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdharness: error: ") and named in lines[0], result.stderr

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -39,10 +40,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from sdharness.cli import cli_errors
 from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, check_threads,
                               require, resolve_wandb_mode)
 from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems
+from sdharness.data.jsonl import DataError
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.data.tasks import chain_values
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
@@ -392,10 +395,10 @@ def log_to_wandb(cfg: ProbeConfig, result: dict, output_dir: Path, config_dict: 
 def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = None) -> dict:
     """Run every figure on the held-out split; print, write ``probe.json``, log; return the result."""
     output_dir = Path(output_dir)
+    _, problems = load_problems(cfg.data)  # a bad data file fails now, not after a model load
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     set_threads_for(model, cfg.threads)
     model.eval()
-    _, problems = load_problems(cfg.data)
     taus = default_taus()
     greedy = greedy_figures(cfg, model, tokenizer, problems)
     acc = sample_figures(cfg, model, tokenizer, problems, taus)
@@ -414,8 +417,16 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="probe")
 def main(dict_cfg: DictConfig) -> None:
-    cfg = OmegaConf.to_object(dict_cfg)
-    probe(cfg, cfg.output_dir or HydraConfig.get().runtime.output_dir, OmegaConf.to_container(dict_cfg, resolve=True))
+    try:
+        cfg = OmegaConf.to_object(dict_cfg)
+        probe(cfg, cfg.output_dir or HydraConfig.get().runtime.output_dir,
+              OmegaConf.to_container(dict_cfg, resolve=True))
+    except (ConfigError, DataError) as error:  # say what to fix, no traceback (as sdharness-train)
+        print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+main = cli_errors(main)  # composition errors (unknown option, misspelt key) as one line, exit 2
 
 
 if __name__ == "__main__":
