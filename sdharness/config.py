@@ -245,7 +245,8 @@ class AggregationConfig:
 
     def __post_init__(self):
         _choice("aggregation.name", self.name, AGGREGATIONS)
-        _positive("aggregation.tau", self.tau, "e.g. aggregation.tau=2.0 (product) or 1.0 (clip)")
+        _positive("aggregation.tau", self.tau,
+                  "e.g. aggregation.tau=2.0 (product), 1.0 (clip) or 0.1 (trust_region, its KL bound)")
 
 
 @dataclass
