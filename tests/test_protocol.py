@@ -104,7 +104,12 @@ def test_selection_reads_the_validation_split_only(tmp_path):
     assert {m: e["lr"] for m, e in selection.items()} == {"sd_product": 1e-4, "sft": 3e-4}
     assert selection["sd_product"]["validation_accuracy"] == 0.4
     assert [c["lr"] for c in selection["sd_product"]["candidates"]] == [3e-5, 1e-4, 3e-4]
-    assert "| sd_product | 0.0001 | 0.400 | 3e-05: 0.250, 0.0001: 0.400, 0.0003: 0.300 |" in selection_markdown(selection)
+    assert selection["sd_product"]["start"] == 0.2 and selection["sd_product"]["edge"] is None
+    assert selection["sft"]["edge"] == "highest"
+    table = selection_markdown(selection)
+    assert "| sd_product | 0.0001 | 0.400 | 0.200 | 3e-05: 0.250, 0.0001: 0.400, 0.0003: 0.300 |" in table
+    assert "| sft | 0.0003 (highest of the grid) | 0.350 | 0.200 | 0.0001: 0.300, 0.0003: 0.350 |" in table
+    assert "An lr at the highest end of the grid may not be the best one" in table
 
 
 def test_ties_go_to_the_higher_mean_then_the_smaller_lr(tmp_path):

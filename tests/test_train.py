@@ -120,6 +120,19 @@ def test_monitoring_kl_is_computed_on_the_logged_steps_only(tmp_path, monkeypatc
     assert len(logged) == 2 and all(math.isfinite(float(r["train/teacher_student_kl"])) for r in logged)
 
 
+def test_train_metrics_are_logged_on_logging_steps_and_at_the_budget_stop(tmp_path):
+    # log_every_n_steps=2 and a budget that stops training at step 3: Lightning writes steps 2 and 3
+    # (the stop), and each written row carries that step's own train/* values and cumulative counters.
+    cfg = compose_config(TINY + ["trainer.max_steps=10", "trainer.log_every_n_steps=2", "logger.mode=disabled",
+                                 "eval.at_start=false", "eval.every_n_steps=0"])
+    cfg.budget.problems = 3 * cfg.data.batch_size
+    train(cfg, tmp_path)
+    logged = [r for r in read_metrics(tmp_path) if r.get("train/loss")]
+    assert [int(r["step"]) for r in logged] == [1, 2]  # Lightning's 0-based step of the 2nd and 3rd update
+    assert [float(r["train/problems_seen"]) for r in logged] == [2 * cfg.data.batch_size, 3 * cfg.data.batch_size]
+    assert all(math.isfinite(float(r["train/teacher_student_kl"])) for r in logged)
+
+
 @pytest.mark.parametrize("floor", [0.0, 0.1])
 def test_lr_schedules_warm_up_then_decay_to_their_floor(floor):
     from sdharness.methods.schedule import lr_lambda

@@ -45,6 +45,7 @@ class PolicyModule(L.LightningModule):
         self.step_counts = Counters()  # this rank's work in the current step, not yet summed
         self.clock = WallClock(self.counters)
         self.skipped_in_a_row = 0
+        self.step_metrics: dict = {}  # this step's train/* values, logged at its end (logging_step)
         # (epoch, batches of it trained): checkpointed, so a resumed run skips what it trained on
         self.data_position = (0, 0)
         self.rng_to_restore: dict | None = None
@@ -141,9 +142,7 @@ class PolicyModule(L.LightningModule):
         epoch, done = self.data_position
         self.data_position = (self.current_epoch, done + 1 if epoch == self.current_epoch else 1)
         self._sum_step_counts()
-        if metrics:
-            self.log_dict(metrics, batch_size=len(batch), sync_dist=True)  # mean over ranks
-            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(batch))
+        self.step_metrics = metrics
 
     def _global_mean_scale(self, local_count: float) -> float:
         """Factor turning this rank's mean loss into its share of the mean over every rank's tokens
@@ -202,8 +201,24 @@ class PolicyModule(L.LightningModule):
             for logger in self.trainer.loggers:
                 logger.log_metrics({"data/skipped": float(sum(skipped.values())), **metrics}, step=self.global_step)
 
+    @property
+    def logging_step(self) -> bool:
+        """Whether Lightning hands this step's logged values to the loggers: every
+        ``trainer.log_every_n_steps``-th step and the step training stops at. What is logged on other
+        steps is discarded, so it is neither computed (the SD diagnostics) nor logged (Lightning's
+        per-value bookkeeping is a fixed cost of every step). Lightning has the rule only on its private
+        logger connector; rebuilt from the loop's step counters it would drift after a resume."""
+        return self._trainer is None or self.trainer._logger_connector.should_update_logs
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.clock.tick()
+        metrics, self.step_metrics = self.step_metrics, {}
+        if not self.logging_step:  # asked after the callbacks' hooks: BudgetStop may just have stopped training
+            return
+        if metrics:
+            self.log_dict(metrics, batch_size=len(batch), sync_dist=True)  # mean over ranks
+            if self.trainer.progress_bar_callback is not None:
+                self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=len(batch))
         self.log_dict(self.counters.as_metrics(), batch_size=len(batch))
 
     def configure_optimizers(self):

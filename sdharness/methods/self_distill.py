@@ -53,12 +53,10 @@ class SelfDistillModule(PolicyModule):
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
         weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.rollout)  # None unless enabled
-        # The teacher-student KL and the target diagnostics are only for the log: computed on the
-        # steps Lightning writes out.
-        logging_step = self._trainer is None or self.trainer._logger_connector.should_update_logs
+        # The teacher-student KL and the target diagnostics are only for the log.
         result = score_and_distil(self.model, self.teacher.model, batch.student_ids, batch.student_mask,
                                   batch.teacher_ids, batch.teacher_mask, g, g_mask, mask, self.cfg.aggregation,
-                                  self.cfg.loss, token_weights=weights, monitor=logging_step)
+                                  self.cfg.loss, token_weights=weights, monitor=self.logging_step)
         self._count(batch, rollout, cost)
         monitored = {} if result.teacher_student_kl is None else {
             "train/teacher_student_kl": result.teacher_student_kl,

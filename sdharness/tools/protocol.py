@@ -54,39 +54,56 @@ def method_of(run: Run) -> str | None:
     return next((o.split("=", 1)[1] for o in run.overrides if o.startswith("method=")), None)
 
 
-def validation_scores(run: Run) -> list[float]:
-    """The run's ``val/accuracy`` values in step order (never ``eval/*``)."""
-    return [row[SELECTION_METRIC] for row in run.rows if row.get(SELECTION_METRIC) is not None]
+def validation_scores(run: Run) -> list[tuple[int, float]]:
+    """The run's ``(step, val/accuracy)`` pairs in step order (never ``eval/*``)."""
+    return [(int(row["step"]), row[SELECTION_METRIC]) for row in run.rows if row.get(SELECTION_METRIC) is not None]
 
 
 def select_learning_rates(runs: list[Run]) -> dict[str, dict]:
-    """method -> {lr, validation accuracy, candidates: [{lr, final, mean}]}: per method, the
+    """method -> {lr, validation accuracy, start, edge, candidates: [{lr, final, mean}]}: per method, the
     ``optim.lr`` whose run ends with the best validation accuracy; ties go to the higher mean over
     its validation evals after the first (the base model's), then to the smaller lr. Only
-    ``val/accuracy`` is read; runs without it (failed, or scored on the eval split) are skipped."""
+    ``val/accuracy`` is read; runs without it (failed, or scored on the eval split) are skipped.
+    ``start`` is the base model's validation accuracy (the step-0 eval, None without one); ``edge``
+    says whether the chosen lr is the grid's smallest or largest (``lowest``/``highest``; None inside),
+    where a wider grid may find a better one."""
     candidates: dict[str, list[dict]] = {}
+    starts: dict[str, float] = {}
     for run in runs:
-        scores, method = validation_scores(run), method_of(run)
-        if run.failure or not scores or method is None:
+        scored, method = validation_scores(run), method_of(run)
+        if run.failure or not scored or method is None:
             continue
+        scores = [value for _, value in scored]
+        if scored[0][0] == 0:
+            starts[method] = scores[0]
         after_start = scores[1:] or scores
         candidates.setdefault(method, []).append({"lr": float(run.config["optim.lr"]), "final": scores[-1],
                                                   "mean": sum(after_start) / len(after_start)})
     chosen = {}
     for method, options in candidates.items():
         best = max(options, key=lambda c: (c["final"], c["mean"], -c["lr"]))
-        chosen[method] = {"lr": best["lr"], "validation_accuracy": best["final"],
-                          "candidates": sorted(options, key=lambda c: c["lr"])}
+        grid = sorted(c["lr"] for c in options)
+        edge = None if len(grid) < 2 else "lowest" if best["lr"] == grid[0] else "highest" if best["lr"] == grid[-1] else None
+        chosen[method] = {"lr": best["lr"], "validation_accuracy": best["final"], "start": starts.get(method),
+                          "edge": edge, "candidates": sorted(options, key=lambda c: c["lr"])}
     return chosen
 
 
 def selection_markdown(selection: dict[str, dict]) -> str:
-    rows = [[method, f"{entry['lr']:g}", f"{entry['validation_accuracy']:.3f}",
+    def start(entry):
+        return "–" if entry.get("start") is None else f"{entry['start']:.3f}"
+
+    rows = [[method, f"{entry['lr']:g}" + (f" ({entry['edge']} of the grid)" if entry.get("edge") else ""),
+             f"{entry['validation_accuracy']:.3f}", start(entry),
              ", ".join(f"{c['lr']:g}: {c['final']:.3f}" for c in entry["candidates"])]
             for method, entry in selection.items()]
+    edges = sorted({entry["edge"] for entry in selection.values() if entry.get("edge")})
+    note = (f" An lr at the {' or '.join(edges)} end of the grid may not be the best one: a wider grid "
+            "(--lrs) would say." if edges else "")
     return ("Learning rate per method, chosen on the validation split (final val/accuracy; ties: mean over the "
-            "evals after the start, then the smaller lr). The eval split was not scored.\n\n"
-            + markdown_table(["method", "lr", "val accuracy", "final val accuracy per lr"], rows))
+            "evals after the start, then the smaller lr). The eval split was not scored." + note + "\n\n"
+            + markdown_table(["method", "lr", "val accuracy", "val accuracy at start", "final val accuracy per lr"],
+                             rows))
 
 
 def train_command(config_name: str, sweep_dir: Path, overrides: list[str]) -> list[str]:
