@@ -103,7 +103,7 @@ class DataConfig:
     solution_style: str = "native"
     train_size: int = 256
     eval_size: int = 32
-    seed: int = 1234
+    seed: int = 1234  # which problems form the splits; the training order follows data.seed + the run's seed
     batch_size: int = 4
     answer_marker: str = "The answer is"
     # How a completion's answer is checked, by eval, GRPO's reward, bootstrap and the probe alike:

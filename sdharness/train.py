@@ -64,7 +64,8 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     datamodule = ProblemDataModule(cfg.data, cfg.prompt, tokenizer,
                                    max_context=getattr(model.config, "max_position_embeddings", 10**9),
                                    max_new_tokens=max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens),
-                                   eval_batch_size=cfg.eval.batch_size, loaded=loaded, algo=cfg.algo.name)
+                                   eval_batch_size=cfg.eval.batch_size, loaded=loaded, algo=cfg.algo.name,
+                                   run_seed=cfg.seed)
     datamodule.setup()
     module = method_class(cfg.algo.name)(model, tokenizer, cfg)
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from sdharness.config import DataConfig, PromptConfig
 from sdharness.data.datamodule import ProblemDataModule, load_problems, read_jsonl
@@ -31,10 +32,29 @@ def test_jsonl_holds_out_eval_rows_deterministically(tmp_path):
     assert load_problems(DataConfig(name="jsonl", path=str(path), eval_size=3)) == (train, held_out)
 
 
-def make_datamodule(max_context=1024, **data):
+def make_datamodule(max_context=1024, run_seed=0, **data):
     prompt = PromptConfig(student="Q: {problem}\nA:", teacher="Q: {problem}\nHint: {solution}\nA:", chat_template="never")
     return ProblemDataModule(DataConfig(train_size=6, eval_size=2, batch_size=3, **data), prompt, char_tokenizer(),
-                             max_context=max_context, max_new_tokens=16)
+                             max_context=max_context, max_new_tokens=16, run_seed=run_seed)
+
+
+def training_order(dm) -> list[str]:
+    dm.setup()
+    return [problem["problem"] for batch in dm.train_dataloader() for problem in batch.problems]
+
+
+def test_the_run_seed_moves_the_training_order_and_not_the_splits():
+    orders = {seed: training_order(make_datamodule(run_seed=seed)) for seed in (0, 1, 2)}
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2])  # the same problems
+    assert len({tuple(order) for order in orders.values()}) == 3  # three orders
+    # seed 0 keeps data.seed's own order; another data.seed with run seed 0 is that seed's order
+    dm = make_datamodule()
+    dm.setup()
+    expected = torch.randperm(6, generator=torch.Generator().manual_seed(DataConfig().seed)).tolist()
+    assert orders[0] == [dm.train[i]["problem"] for i in expected]
+    other = make_datamodule(run_seed=2)
+    other.setup()
+    assert [p["problem"] for p in other.evaluation] == [p["problem"] for p in dm.evaluation]
 
 
 def test_batches_are_left_padded_with_prompts_ending_in_the_same_column():

@@ -133,6 +133,18 @@ def test_train_metrics_are_logged_on_logging_steps_and_at_the_budget_stop(tmp_pa
     assert all(math.isfinite(float(r["train/teacher_student_kl"])) for r in logged)
 
 
+def test_runs_of_another_seed_train_on_another_order(tmp_path):
+    # SFT draws nothing at random but its data order: before the run seed moved the order, seeds 0, 1
+    # and 2 of a protocol's SFT were one run three times (the same loss at every step).
+    losses = {}
+    for seed in (0, 1):
+        cfg = compose_config(TINY + ["algo=sft", "trainer.max_steps=2", "logger.mode=disabled", "eval.at_start=false",
+                                     "eval.every_n_steps=0", f"seed={seed}"])
+        train(cfg, tmp_path / str(seed))
+        losses[seed] = [float(r["train/loss"]) for r in read_metrics(tmp_path / str(seed)) if r.get("train/loss")]
+    assert len(losses[0]) == len(losses[1]) == 2 and losses[0] != losses[1]
+
+
 @pytest.mark.parametrize("floor", [0.0, 0.1])
 def test_lr_schedules_warm_up_then_decay_to_their_floor(floor):
     from sdharness.methods.schedule import lr_lambda

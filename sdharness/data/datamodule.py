@@ -195,9 +195,14 @@ class PromptBatch:
 
 class ProblemDataModule(L.LightningDataModule):
     def __init__(self, data: DataConfig, prompt: PromptConfig, tokenizer, *, max_context: int,
-                 max_new_tokens: int, eval_batch_size: int = 16, loaded: LoadedData | None = None, algo: str = "sd"):
+                 max_new_tokens: int, eval_batch_size: int = 16, loaded: LoadedData | None = None, algo: str = "sd",
+                 run_seed: int = 0):
         super().__init__()
         self.cfg, self.prompt, self.tokenizer, self.algo = data, prompt, tokenizer, algo
+        # data.seed fixes which problems form the splits; the run's seed also moves the training order,
+        # so that runs of another seed are replicates of the method, not of one data order (seed 0
+        # keeps the order of data.seed alone).
+        self.order_seed = data.seed + run_seed
         self.max_context, self.max_new_tokens = max_context, max_new_tokens
         self.eval_batch_size = eval_batch_size
         self.loaded = loaded  # rows already read by load_data (the train app reads them before the model)
@@ -300,7 +305,7 @@ class ProblemDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = EpochSampler(len(self.train), self.cfg.batch_size, self.cfg.seed, rank=rank, world_size=world,
+        sampler = EpochSampler(len(self.train), self.cfg.batch_size, self.order_seed, rank=rank, world_size=world,
                                resume_at=self.resume_position)
         return DataLoader(self.train, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=self.collate,
                           generator=self._own_generator())
