@@ -22,15 +22,25 @@ def _save(fig, path: Path) -> Path:
 
 
 def _legend(ax) -> None:
-    if ax.get_legend_handles_labels()[0]:
+    """Inside the axes for a few lines; beside them for more, where it would hide the curves."""
+    handles = ax.get_legend_handles_labels()[0]
+    if len(handles) > 4:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    elif handles:
         ax.legend(fontsize="small")
+
+
+def _colors(count: int) -> list:
+    """One distinct colour per line: matplotlib's 10-colour cycle repeats from the 11th line on."""
+    cmap = plt.get_cmap("tab10" if count <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(count)]
 
 
 def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: float | None = None) -> Path:
     """Eval accuracy against ``train/<axis>``: one line per label (mean over seeds), its 95%
     confidence band over seeds; the tokens-to-target accuracy as a dotted line."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, runs in groups.items():
+    fig, ax = plt.subplots(figsize=(7 if len(groups) <= 4 else 11, 4.5))
+    for (label, runs), color in zip(groups.items(), _colors(len(groups))):
         curves = []
         for run in runs:
             points = [(r.get(f"train/{axis}"), r["eval/accuracy"]) for r in run.evals]
@@ -40,9 +50,9 @@ def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: flo
         if not curves:
             continue
         x, mean, low, high = mean_curve(curves)
-        line, = ax.plot(x, mean, marker="o", markersize=3, label=f"{label} (n={len(curves)})")
+        ax.plot(x, mean, marker="o", markersize=3, color=color, label=f"{label} (n={len(curves)})")
         if len(curves) > 1:
-            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+            ax.fill_between(x, low, high, color=color, alpha=0.15)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
     ax.set(xlabel=axis_name, ylabel="eval accuracy", title=f"Eval accuracy vs {axis_name} (mean, 95% CI over seeds)")
@@ -65,14 +75,15 @@ def plot_tau(groups: dict, scores: dict, path: Path) -> Path:
             lines.setdefault(label.replace(f"/tau={tau:g}", ""), []).append((tau, acc))
         else:
             flat[label] = acc
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = _colors(len(lines) + len(flat))
+    fig, ax = plt.subplots(figsize=(7 if len(colors) <= 4 else 11, 4.5))
     for i, (name, points) in enumerate(lines.items()):
         points.sort(key=lambda p: p[0])
         means = [a["mean"] for _, a in points]
         errors = [[a["ci"] if math.isfinite(a["ci"]) else 0.0 for _, a in points]] * 2
-        ax.errorbar([t for t, _ in points], means, yerr=errors, marker="o", capsize=3, label=name, color=f"C{i % 10}")
+        ax.errorbar([t for t, _ in points], means, yerr=errors, marker="o", capsize=3, label=name, color=colors[i])
     for i, (label, acc) in enumerate(flat.items(), start=len(lines)):
-        ax.axhline(acc["mean"], linestyle="--", linewidth=1, label=label, color=f"C{i % 10}")
+        ax.axhline(acc["mean"], linestyle="--", linewidth=1, label=label, color=colors[i])
     taus = sorted({t for points in lines.values() for t, _ in points})
     if taus and taus[0] > 0:
         ax.set_xscale("log", base=2)

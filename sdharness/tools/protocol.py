@@ -21,12 +21,12 @@ its learning rate over seeds, then the report with confidence bands.
 Both stages run one multirun per method (and, in the final stage, per seed), grpo's first, two at
 a time (``--jobs``, default 2: one per core of the 2-core VM, each job at 1 thread).
 
-Time on the 2-core VM (measured 2026-12-01 at load 6-9 from other sessions, 1 thread, testbed base,
-2048 problems, 256 eval problems, 5 evals): sd/product about 7 min wall, grpo 25.6 min, sft 51 s. Selection
-(15 sd + 3 sft + 3 grpo jobs at 512 problems) and final (30 sd + 6 sft + 3 grpo jobs) come to about
-340 core-minutes at that load, ~2 h 50 min wall on both cores; on a quiet VM faster by a factor
-not measured (if 2x, ~85 min: inside the 90-minute target only then). ``--styles native`` is ~235 core-minutes at that load (~1 h wall with
-``--jobs 2`` if quiet is 2x). grpo's 8 samples per problem make it the longest job by far.
+Time on the 2-core VM (measured 2026-12-01, ``--jobs 2``, 1 thread per job; a test run and a
+pretraining shared the cores for about 20 of the minutes): the whole protocol, 21 selection jobs at
+512 problems and 39 final jobs at 2048 problems with 5 evals of 256 problems, took 61 min wall
+(selection 9.7 min, final 51.5 min). Per final job: grpo ~9-11 min of training (8 samples per
+problem), an sd job 1.5-4 min, sft under 30 s. ``--styles native`` or fewer ``--methods`` shrink the
+final stage proportionally.
 """
 
 from __future__ import annotations
