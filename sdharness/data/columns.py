@@ -70,6 +70,20 @@ def assemble(columns: list[Column]) -> str:
     return ("1" if columns[-1].total >= 10 else "") + digits
 
 
+def assembled_at(completion: str, answer: str) -> int | None:
+    """The character where a run of column lines first assembles ``answer`` (the end of its
+    last line), or None: the derivation :func:`sdharness.data.tasks.is_early_answer` looks for."""
+    run, offset = [], 0
+    for line in completion.split("\n"):
+        parsed = LINE.match(line)
+        run = run + [Column(int(parsed.group(1)), int(parsed.group(2)), parsed.group(3) is not None,
+                            int(parsed.group(4)))] if parsed else []
+        if run and assemble(run) == answer:
+            return offset + len(line)
+        offset += len(line) + 1
+    return None
+
+
 def native_solution(columns: list[Column]) -> str:
     return "\n".join([column.line() for column in columns] + [f"{ANSWER_MARKER} {assemble(columns)}."])
 

@@ -108,19 +108,22 @@ def answer_span_start(completion: str, marker: str = ANSWER_MARKER) -> int | Non
 
 
 def is_early_answer(completion: str, answer: str, marker: str = ANSWER_MARKER) -> bool:
-    """True when ``answer`` is stated before the first equation that derives it (``= answer``).
+    """True when ``answer`` is stated before the first working that derives it: an equation
+    ``= answer``, or column-addition lines (``1+7=8``, the columns task) that assemble it.
 
     A statement is the answer after the answer marker, or the answer opening a line without
     being the left operand of an equation; operands and other numbers do not count. A
     completion that states the answer and never derives it counts as early.
     """
+    from sdharness.data.columns import assembled_at  # columns imports this module
     number = r"(?<![\d.])" + re.escape(str(answer).strip()) + r"(?![\d])"
     stated = [match.start() for match in re.finditer(re.escape(marker) + r"\s*:?\s*" + number, completion)]
     stated += [match.start(1) for match in re.finditer(r"(?m)^\s*(" + number + r")(?!\s*[-+*/=])", completion)]
     if not stated:
         return False
-    derived = re.search(r"=\s*" + number, completion)
-    return derived is None or min(stated) < derived.start()
+    equation = re.search(r"=\s*" + number, completion)
+    derived = [at for at in (equation and equation.start(), assembled_at(completion, str(answer).strip())) if at is not None]
+    return not derived or min(stated) < min(derived)
 
 
 def _operation(rng: random.Random, value: int) -> tuple[str, str, int, int]:
