@@ -33,7 +33,15 @@ ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")
 
 
 TESTBED_V1 = ModelConfig(name="testbed_v1", source="hf", path="pkg://sdharness/assets/testbed_v1")
-BASES = {"testbed": (TESTBED, "pretrain_v2"), "testbed_v1": (TESTBED_V1, "pretrain")}  # model -> its pretraining config
+TESTBED_COLUMNS = ModelConfig(name="testbed_columns", source="hf", path="pkg://sdharness/assets/testbed_columns")
+BASES = {"testbed": (TESTBED, "pretrain_v2"), "testbed_v1": (TESTBED_V1, "pretrain"),  # model -> its pretraining config
+         "testbed_columns": (TESTBED_COLUMNS, "pretrain_columns")}
+
+
+def recorded_config_name(command: str) -> str:
+    """The ``--config-name`` of a recorded ``sdharness-pretrain`` command (``pretrain`` without one)."""
+    words = shlex.split(command)
+    return words[words.index("--config-name") + 1] if "--config-name" in words else "pretrain"
 
 
 def shipped_report(base: ModelConfig = TESTBED) -> dict:
@@ -66,7 +74,7 @@ def test_shipped_report_records_the_command_and_the_target_band(name):
     base, config_name = BASES[name]
     report = shipped_report(base)
     assert report["command"].startswith("sdharness-pretrain")
-    assert ("--config-name pretrain_v2" in report["command"]) == (config_name == "pretrain_v2")
+    assert recorded_config_name(report["command"]) == config_name
     assert report["seed"] == report["config"]["seed"]
     assert report["wall_seconds"]["total"] > 0
     accuracy = report["accuracy"]
@@ -82,7 +90,7 @@ def test_shipped_base_reaches_its_recorded_accuracies(name):
     report = shipped_report(base)
     model, tokenizer = load_model_and_tokenizer(base)
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]
-    problems = eval_problems(report["eval"]["seed"], report["eval"]["size"])
+    problems = eval_problems(report["eval"]["seed"], report["eval"]["size"], report["config"].get("task", "chain"))
     results = evaluate_suite(model, tokenizer, prompt_from(report), problems,
                              max_new_tokens=report["eval"]["max_new_tokens"],
                              batch_size=report["eval"]["batch_size"],
@@ -170,7 +178,7 @@ def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
     report = shipped_report(BASES[name][0])
     recorded = shlex.split(report["command"])[1:]
     overrides = [arg for arg in recorded if not arg.startswith(("output_dir=", "hydra."))]
-    assert (recorded[:2] == ["--config-name", "pretrain_v2"]) == (BASES[name][1] == "pretrain_v2")
+    assert recorded_config_name(report["command"]) == BASES[name][1]
     run = subprocess.run(
         _pretrain_command() + overrides + [f"output_dir={tmp_path / 'base'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800,
@@ -180,7 +188,7 @@ def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
     # Every recorded setting is the same; of the settings added since, the data knobs keep their
     # neutral defaults (prompt fields added for chats play no part in pretraining).
     assert _recorded_part(fresh["config"], report["config"]) | {"output_dir": None} == report["config"] | {"output_dir": None}
-    for name, neutral in {"foreign_hint_fraction": 0.0, "slip_fraction": 0.0}.items():
+    for name, neutral in {"foreign_hint_fraction": 0.0, "slip_fraction": 0.0, "task": "chain"}.items():
         assert report["config"].get(name, neutral) == fresh["config"][name]
     for name in ("no_hint_easy", "no_hint_hard", "hint_hard"):
         assert abs(fresh["accuracy"][name] - report["accuracy"][name]) <= TOLERANCE, (name, fresh["accuracy"])
