@@ -9,7 +9,7 @@ import pytest
 from sdharness.config import ConfigError, DataConfig
 from sdharness.data.builtin import TASKS, builtin_task
 from sdharness.data.columns import (COLUMNS, Column, ColumnProblem, add_columns, assemble, digit_pairs,
-                                    foreign_solution, native_solution)
+                                    foreign_solution, native_solution, parse_line)
 from sdharness.data.datamodule import load_problems
 from sdharness.data.tasks import CHAIN, arithmetic_split, is_correct, is_early_answer
 from sdharness.tools.probe import first_difference
@@ -98,11 +98,8 @@ def test_slipped_solutions_from_a_real_random_source_are_consistent():
         drawn = COLUMNS.draw(rng, "hard")
         text, (begin, end) = COLUMNS.slipped_solution(rng, drawn)
         lines = text.splitlines()
-        columns = []
-        for line, (top, bottom) in zip(lines[:-1], digit_pairs(drawn.top, drawn.bottom)):
-            terms, total = line.split("=")
-            digits = [int(term) for term in terms.split("+")]
-            columns.append(Column(digits[0], digits[1], len(digits) == 3, int(total)))
+        columns = [parse_line(line) for line in lines[:-1]]
+        assert len(columns) == len(drawn.top) and None not in columns
         wrong = [i for i, c in enumerate(columns) if c.total != c.top + c.bottom + int(c.carry)
                  or (c.top, c.bottom) != digit_pairs(drawn.top, drawn.bottom)[i]
                  or c.carry != (i > 0 and columns[i - 1].total >= 10)]

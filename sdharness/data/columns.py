@@ -47,6 +47,14 @@ class Column:
         return f"{self.top}+{self.bottom}{'+1' if self.carry else ''}={self.total}"
 
 
+def parse_line(line: str) -> Column | None:
+    """The column a line in the native format states, or None for any other line."""
+    match = LINE.match(line)
+    if match is None:
+        return None
+    return Column(int(match.group(1)), int(match.group(2)), match.group(3) is not None, int(match.group(4)))
+
+
 def digit_pairs(top: str, bottom: str) -> list[tuple[int, int]]:
     """The ``(top, bottom)`` digits of each column, units first (the shorter number padded with 0)."""
     width = max(len(top), len(bottom))
@@ -75,9 +83,8 @@ def assembled_at(completion: str, answer: str) -> int | None:
     last line), or None: the derivation :func:`sdharness.data.tasks.is_early_answer` looks for."""
     run, offset = [], 0
     for line in completion.split("\n"):
-        parsed = LINE.match(line)
-        run = run + [Column(int(parsed.group(1)), int(parsed.group(2)), parsed.group(3) is not None,
-                            int(parsed.group(4)))] if parsed else []
+        column = parse_line(line)
+        run = run + [column] if column is not None else []
         if run and assemble(run) == answer:
             return offset + len(line)
         offset += len(line) + 1
@@ -173,10 +180,9 @@ class ColumnsTask(BuiltinTask):
         lines = completion.split("\n")
         if step >= len(pairs) or step + 1 >= len(lines):  # in the answer line, or the slipped line unfinished
             return None
-        written = [LINE.match(line) for line in lines[:step + 1]]
-        if any(match is None for match in written):
+        columns = [parse_line(line) for line in lines[:step + 1]]
+        if None in columns:
             return None
-        columns = [Column(int(m.group(1)), int(m.group(2)), m.group(3) is not None, int(m.group(4))) for m in written]
         columns += add_columns(pairs[step + 1:], columns[-1].total >= 10)
         prefix = "\n".join(lines[:step + 1])
         rest = reference.split("\n")[step + 1:]
