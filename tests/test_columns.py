@@ -190,13 +190,13 @@ def test_early_answer_on_column_work(text, early):
 def test_pretraining_examples_of_the_columns_task():
     """conf/pretrain_columns.yaml composes; its examples are column work with foreign hints and
     slips in the configured shares, and a slip's characters are exactly the completion's unsupervised ones."""
-    import torch
     from omegaconf import OmegaConf
 
     from sdharness.config import PromptConfig
     from sdharness.models import char_tokenizer
-    from sdharness.tools.pretrain import MixConfig, build_examples, eval_problems, make_batches, to_pretrain_config
+    from sdharness.tools.pretrain import MixConfig, build_examples, eval_problems, to_pretrain_config
     from tests.conftest import compose_config
+    from tests.test_testbed import unsupervised_completion_spans
 
     cfg = to_pretrain_config(compose_config(config_name="pretrain_columns"))
     assert cfg.task == "columns" and cfg.foreign_hint_fraction == 0.5
@@ -219,14 +219,9 @@ def test_pretraining_examples_of_the_columns_task():
         assert example.problem.startswith("Add ") and example.completion.splitlines()[-1].startswith("The answer is ")
         hint = tokenizer.decode(example.ids[:example.prompt_length]).split("Reference solution:\n")[-1]
         assert (" -> " in hint and ". So: " in hint) == example.foreign_hint
-    for ids, labels in make_batches(examples, batch_size=8, bucket_batches=2, seed=5, pad_id=tokenizer.pad_token_id):
-        for row in range(ids.shape[0]):
-            example = next((e for e in slipped if torch.equal(ids[row, :len(e.ids)], torch.tensor(e.ids))
-                            and (len(e.ids) == ids.shape[1] or ids[row, len(e.ids)] == tokenizer.pad_token_id)), None)
-            if example is None:
-                continue
-            begin, end = example.no_loss
-            gap = [i - example.prompt_length for i in (labels[row] == -100).nonzero().flatten().tolist()
-                   if example.prompt_length <= i < len(example.ids)]
-            assert gap == list(range(begin, end))  # exactly the slip's characters, nothing else
-            assert example.completion[begin:end] in {"=", "+1"} or example.completion[begin:end].isdigit()
+    gaps = unsupervised_completion_spans(slipped, batch_size=8, seed=5, pad_id=tokenizer.pad_token_id)
+    assert len(gaps) == len(slipped)
+    for example, gap in gaps:
+        begin, end = example.no_loss
+        assert gap == list(range(begin, end))  # exactly the slip's characters, nothing else
+        assert example.completion[begin:end] in {"=", "+1"} or example.completion[begin:end].isdigit()

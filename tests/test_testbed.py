@@ -231,15 +231,23 @@ def test_foreign_hints_and_slips_are_exact_and_the_slip_carries_no_loss():
         hint = prompt_text.split("Reference solution:\n")[1]
         assert (" -> " in hint and ". So: " in hint) == example.foreign_hint
         assert ("The answer is" in hint) != example.foreign_hint
-    for ids, labels in make_batches(examples, batch_size=8, bucket_batches=2, seed=5, pad_id=tokenizer.pad_token_id):
+    gaps = unsupervised_completion_spans(slipped, batch_size=8, seed=5, pad_id=tokenizer.pad_token_id)
+    assert len(gaps) == len(slipped)
+    for example, gap in gaps:
+        begin, end = example.no_loss
+        assert gap == list(range(begin, end))  # exactly the slipped digits, nothing else
+        assert example.completion[begin:end].isdigit()
+
+
+def unsupervised_completion_spans(examples, *, batch_size: int, seed: int, pad_id: int) -> list:
+    """``(example, completion positions without a label)`` for each example, read back from the
+    batches :func:`make_batches` builds (what training sees)."""
+    found = []
+    for ids, labels in make_batches(examples, batch_size=batch_size, bucket_batches=2, seed=seed, pad_id=pad_id):
         for row in range(ids.shape[0]):
-            example = next((e for e in slipped if torch.equal(ids[row, :len(e.ids)], torch.tensor(e.ids))
-                            and (len(e.ids) == ids.shape[1] or ids[row, len(e.ids)] == tokenizer.pad_token_id)), None)
-            if example is None:
-                continue
-            begin, end = example.no_loss
+            example = next(e for e in examples if torch.equal(ids[row, :len(e.ids)], torch.tensor(e.ids))
+                           and (len(e.ids) == ids.shape[1] or ids[row, len(e.ids)] == pad_id))
             unsupervised = (labels[row] == -100).nonzero().flatten().tolist()
-            completion_gap = [i - example.prompt_length for i in unsupervised
-                              if example.prompt_length <= i < len(example.ids)]
-            assert completion_gap == list(range(begin, end))  # exactly the slipped digits, nothing else
-            assert example.completion[begin:end].isdigit()
+            found.append((example, [i - example.prompt_length for i in unsupervised
+                                    if example.prompt_length <= i < len(example.ids)]))
+    return found
