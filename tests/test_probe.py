@@ -181,3 +181,21 @@ def test_a_slip_counts_only_where_following_and_copying_differ(completion, slip_
     acc = Accumulator()
     _follow_or_copy(cfg, model, tokenizer, acc, COLUMNS, problem, ids, slip_at, "Q: x\nA:")
     assert acc.slips == counted and acc.follows + acc.copies <= counted
+
+
+@pytest.mark.slow
+def test_probe_on_the_columns_base(tmp_path):
+    """model=testbed_columns data.task=columns, 128 HARD problems, seed 0, 1 thread. Measured (at
+    the commit that shipped it): no hint 0.820, native hint 0.992, foreign hint 0.992, early
+    answers 0; 37/128 samples leave the reference; at the first deviation the teacher's argmax is
+    the reference token 37/37 (p_T 0.999, p_S 0.549); KL 0.004 before, 0.020 after; 34 slips
+    after which following and copying differ: the teacher follows the student on 34/34 and
+    copies the reference on none. Issue 13's targets are met except the no-hint HARD band
+    (.15-.40): this base is too strong without a hint, asserted at its measured value."""
+    result = run_probe(tmp_path, ["model=testbed_columns", "data.task=columns"])
+    greedy, deviation, slip = result["greedy"], result["deviation"], result["after_slip"]
+    assert greedy["hint_native"]["accuracy"] >= 0.95 - TOLERANCE and greedy["hint_foreign"]["accuracy"] >= 0.95 - TOLERANCE
+    assert greedy["hint_native"]["early_answer_rate"] == 0.0
+    assert deviation["teacher_argmax_is_reference"] >= 0.90 - TOLERANCE
+    assert slip["slips"] >= 25 and slip["follows_student"] >= 0.90 - TOLERANCE and slip["copies_reference"] <= 0.10 + TOLERANCE
+    assert abs(greedy["no_hint"]["accuracy"] - 0.820) <= TOLERANCE  # not yet in the .15-.40 band
