@@ -96,6 +96,9 @@ class DataConfig:
     ``path`` may be ``pkg://PACKAGE/sub/path`` for chatlog."""
 
     name: str = "arithmetic"
+    # data=arithmetic: the generated task (sdharness/data/builtin.py TASKS): chain (chained
+    # operations) or columns (multi-digit addition written column by column).
+    task: str = "chain"
     path: Optional[str] = None
     eval_path: Optional[str] = None
     difficulty: str = "easy"
@@ -126,7 +129,10 @@ class DataConfig:
     def __post_init__(self):
         from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES, answer_checker
 
+        from sdharness.data.builtin import builtin_task
+
         _choice("data.name", self.name, tuple(SOURCES))
+        builtin_task(self.task)
         answer_checker(self.checker, self.answer_marker)  # an unknown name, or math_verify not installed, fails now
         if SOURCES[self.name].reads_path:
             require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")

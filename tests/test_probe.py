@@ -9,7 +9,10 @@ import torch
 
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.distill.diagnostics import target_diagnostics
-from sdharness.tools.probe import chain_operations, consistent_continuation, first_deviation
+from sdharness.data.tasks import CHAIN, chain_operations
+from sdharness.tools.probe import first_deviation, first_difference
+
+consistent_continuation = CHAIN.consistent_continuation
 
 PROBLEM = "Start with 7. Add 5. Multiply by 3. Subtract 4. What is the result?"
 REFERENCE = "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 32\nThe answer is 32."
@@ -30,15 +33,25 @@ def test_consistent_continuation_after_a_slipped_result():
     completion = "7 + 5 = 12\n12 * 3 = 35\n35 - 4 = 30\nThe answer is 30."
     slip_at = completion.index("35") + 1  # "3" agrees with the reference's 36, "5" does not
     got = consistent_continuation(PROBLEM, completion, REFERENCE, slip_at)
-    assert got == {"text": "7 + 5 = 12\n12 * 3 = 35\n35 - 4 = 31", "next_start": len("7 + 5 = 12\n12 * 3 = 35\n35 - 4 = "),
-                   "consistent": "31", "copied": "32"}
+    assert got == {"consistent": "7 + 5 = 12\n12 * 3 = 35\n35 - 4 = 31\n", "copied": "7 + 5 = 12\n12 * 3 = 35\n35 - 4 = 32\n"}
 
 
 def test_consistent_continuation_after_a_slip_in_the_last_step_is_the_answer_line():
     completion = "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 33\nThe answer is 33."
     got = consistent_continuation(PROBLEM, completion, REFERENCE, completion.index("33") + 1)
-    assert got["text"] == "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 33\nThe answer is 33"
-    assert (got["consistent"], got["copied"]) == ("33", "32")
+    assert got == {"consistent": "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 33\nThe answer is 33.",
+                   "copied": "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 33\nThe answer is 32."}
+
+
+def test_a_next_result_that_extends_the_copied_one_still_differs_at_its_end():
+    """12 * 3 written 27: the consistent next result 1 is a prefix of the reference's 10, so the
+    texts differ only at the line end, which is part of each result."""
+    problem = "Start with 7. Add 5. Multiply by 3. Subtract 26. What is the result?"
+    reference = "7 + 5 = 12\n12 * 3 = 36\n36 - 26 = 10\nThe answer is 10."
+    completion = "7 + 5 = 12\n12 * 3 = 27\n27 - 26 = 1\nThe answer is 1."
+    got = consistent_continuation(problem, completion, reference, completion.index("27"))
+    assert got == {"consistent": "7 + 5 = 12\n12 * 3 = 27\n27 - 26 = 1\n", "copied": "7 + 5 = 12\n12 * 3 = 27\n27 - 26 = 10\n"}
+    assert first_difference(got["consistent"], got["copied"]) == len("7 + 5 = 12\n12 * 3 = 27\n27 - 26 = 1")
 
 
 @pytest.mark.parametrize("completion,slip_at", [
@@ -137,3 +150,52 @@ def test_command_line_bad_input_is_one_error_line(tmp_path, override, named):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sdharness: error: ") and named in lines[0], result.stderr
+
+
+def _tiny_model():
+    from sdharness.models import char_tokenizer
+    from sdharness.tools.pretrain import ArchConfig, build_model
+
+    tokenizer = char_tokenizer()
+    return build_model(ArchConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16), tokenizer, 0).eval(), tokenizer
+
+
+@pytest.mark.parametrize("completion,slip_at,counted", [
+    # a wrong total: the continuations differ at the answer's tens digit, so the slip counts
+    ("1+7=8\n8+3=10\n5+6+1=12\n9+4+1=14\nThe answer is 14208.", 7, 1),
+    # digits swapped with the right total: nothing after it differs, so it is no slip to score
+    ("7+1=8\n8+3=11\n5+6+1=12\n9+4+1=14\nThe answer is 14218.", 0, 0),
+])
+def test_a_slip_counts_only_where_following_and_copying_differ(completion, slip_at, counted):
+    """Counted before, a slip after which the two continuations agree scored as neither, pulling
+    both rates down; the chained task's next result always differs, so its figures are unchanged."""
+    from sdharness.config import PromptConfig
+    from sdharness.data.columns import COLUMNS
+    from sdharness.tools.probe import Accumulator, _follow_or_copy
+
+    model, tokenizer = _tiny_model()
+    cfg = type("Cfg", (), {"prompt": PromptConfig(name="testbed", chat_template="never")})()
+    problem = {"problem": "Add 9581 and 4637. What is the sum?",
+               "solution": "1+7=8\n8+3=11\n5+6+1=12\n9+4+1=14\nThe answer is 14218."}
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    acc = Accumulator()
+    _follow_or_copy(cfg, model, tokenizer, acc, COLUMNS, problem, ids, slip_at, "Q: x\nA:")
+    assert acc.slips == counted and acc.follows + acc.copies <= counted
+
+
+@pytest.mark.slow
+def test_probe_on_the_columns_base(tmp_path):
+    """model=testbed_columns data.task=columns, 128 HARD problems, seed 0, 1 thread. Measured (at
+    the commit that shipped it): no hint 0.820, native hint 0.992, foreign hint 0.992, early
+    answers 0; 37/128 samples leave the reference; at the first deviation the teacher's argmax is
+    the reference token 37/37 (p_T 0.999, p_S 0.549); KL 0.004 before, 0.020 after; 34 slips
+    after which following and copying differ: the teacher follows the student on 34/34 and
+    copies the reference on none. Issue 13's targets are met except the no-hint HARD band
+    (.15-.40): this base is too strong without a hint, asserted at its measured value."""
+    result = run_probe(tmp_path, ["model=testbed_columns", "data.task=columns"])
+    greedy, deviation, slip = result["greedy"], result["deviation"], result["after_slip"]
+    assert greedy["hint_native"]["accuracy"] >= 0.95 - TOLERANCE and greedy["hint_foreign"]["accuracy"] >= 0.95 - TOLERANCE
+    assert greedy["hint_native"]["early_answer_rate"] == 0.0
+    assert deviation["teacher_argmax_is_reference"] >= 0.90 - TOLERANCE
+    assert slip["slips"] >= 25 and slip["follows_student"] >= 0.90 - TOLERANCE and slip["copies_reference"] <= 0.10 + TOLERANCE
+    assert abs(greedy["no_hint"]["accuracy"] - 0.820) <= TOLERANCE  # not yet in the .15-.40 band

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from sdharness.data.tasks import (answer_span_start, arithmetic_chain, arithmetic_problem, arithmetic_split, chain_values,
+from sdharness.data.tasks import (answer_span_start, CHAIN, arithmetic_chain, arithmetic_split, chain_values,
                                   extract_answer, foreign_solution, is_correct, is_early_answer, native_solution,
                                   slipped_solution)
 
@@ -15,7 +15,7 @@ def test_split_is_deterministic_distinct_and_sized():
 
 
 def test_native_solution_derives_the_answer_step_by_step():
-    item = arithmetic_problem(random.Random(0), steps=4)
+    item = CHAIN.problem(random.Random(0), "hard")
     lines = item["solution"].splitlines()
     assert len(lines) == 5 and lines[-1] == f"The answer is {item['answer']}."
     value = int(lines[0].split()[0])
@@ -28,8 +28,8 @@ def test_native_solution_derives_the_answer_step_by_step():
 
 
 def test_foreign_solution_has_the_same_answer_in_another_notation():
-    native = arithmetic_problem(random.Random(3), steps=3, solution_style="native")
-    foreign = arithmetic_problem(random.Random(3), steps=3, solution_style="foreign")
+    native = CHAIN.problem(random.Random(3), "hard", "native")
+    foreign = CHAIN.problem(random.Random(3), "hard", "foreign")
     assert native["problem"] == foreign["problem"] and native["answer"] == foreign["answer"]
     assert "The answer is" not in foreign["solution"] and foreign["solution"].endswith(native["answer"])
 
@@ -123,6 +123,6 @@ def test_native_and_foreign_solutions_of_a_chain():
     assert values == [12, 36, 32]
     assert native_solution(7, operations, values) == "7 + 5 = 12\n12 * 3 = 36\n36 - 4 = 32\nThe answer is 32."
     assert foreign_solution(operations, values) == "+5 -> 12; *3 -> 36; -4 -> 32. So: 32"
-    problem, start, chain = arithmetic_chain(random.Random(3), 3)
-    item = arithmetic_problem(random.Random(3), 3, "foreign")
+    problem, start, chain = arithmetic_chain(random.Random(3), 4)
+    item = CHAIN.problem(random.Random(3), "hard", "foreign")
     assert item["problem"] == problem and item["solution"] == foreign_solution(chain, chain_values(start, chain))

@@ -33,7 +33,15 @@ ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")
 
 
 TESTBED_V1 = ModelConfig(name="testbed_v1", source="hf", path="pkg://sdharness/assets/testbed_v1")
-BASES = {"testbed": (TESTBED, "pretrain_v2"), "testbed_v1": (TESTBED_V1, "pretrain")}  # model -> its pretraining config
+TESTBED_COLUMNS = ModelConfig(name="testbed_columns", source="hf", path="pkg://sdharness/assets/testbed_columns")
+BASES = {"testbed": (TESTBED, "pretrain_v2"), "testbed_v1": (TESTBED_V1, "pretrain"),  # model -> its pretraining config
+         "testbed_columns": (TESTBED_COLUMNS, "pretrain_columns")}
+
+
+def recorded_config_name(command: str) -> str:
+    """The ``--config-name`` of a recorded ``sdharness-pretrain`` command (``pretrain`` without one)."""
+    words = shlex.split(command)
+    return words[words.index("--config-name") + 1] if "--config-name" in words else "pretrain"
 
 
 def shipped_report(base: ModelConfig = TESTBED) -> dict:
@@ -66,7 +74,7 @@ def test_shipped_report_records_the_command_and_the_target_band(name):
     base, config_name = BASES[name]
     report = shipped_report(base)
     assert report["command"].startswith("sdharness-pretrain")
-    assert ("--config-name pretrain_v2" in report["command"]) == (config_name == "pretrain_v2")
+    assert recorded_config_name(report["command"]) == config_name
     assert report["seed"] == report["config"]["seed"]
     assert report["wall_seconds"]["total"] > 0
     accuracy = report["accuracy"]
@@ -82,7 +90,7 @@ def test_shipped_base_reaches_its_recorded_accuracies(name):
     report = shipped_report(base)
     model, tokenizer = load_model_and_tokenizer(base)
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]
-    problems = eval_problems(report["eval"]["seed"], report["eval"]["size"])
+    problems = eval_problems(report["eval"]["seed"], report["eval"]["size"], report["config"].get("task", "chain"))
     results = evaluate_suite(model, tokenizer, prompt_from(report), problems,
                              max_new_tokens=report["eval"]["max_new_tokens"],
                              batch_size=report["eval"]["batch_size"],
@@ -170,7 +178,7 @@ def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
     report = shipped_report(BASES[name][0])
     recorded = shlex.split(report["command"])[1:]
     overrides = [arg for arg in recorded if not arg.startswith(("output_dir=", "hydra."))]
-    assert (recorded[:2] == ["--config-name", "pretrain_v2"]) == (BASES[name][1] == "pretrain_v2")
+    assert recorded_config_name(report["command"]) == BASES[name][1]
     run = subprocess.run(
         _pretrain_command() + overrides + [f"output_dir={tmp_path / 'base'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800,
@@ -180,7 +188,7 @@ def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
     # Every recorded setting is the same; of the settings added since, the data knobs keep their
     # neutral defaults (prompt fields added for chats play no part in pretraining).
     assert _recorded_part(fresh["config"], report["config"]) | {"output_dir": None} == report["config"] | {"output_dir": None}
-    for name, neutral in {"foreign_hint_fraction": 0.0, "slip_fraction": 0.0}.items():
+    for name, neutral in {"foreign_hint_fraction": 0.0, "slip_fraction": 0.0, "task": "chain"}.items():
         assert report["config"].get(name, neutral) == fresh["config"][name]
     for name in ("no_hint_easy", "no_hint_hard", "hint_hard"):
         assert abs(fresh["accuracy"][name] - report["accuracy"][name]) <= TOLERANCE, (name, fresh["accuracy"])
@@ -223,15 +231,23 @@ def test_foreign_hints_and_slips_are_exact_and_the_slip_carries_no_loss():
         hint = prompt_text.split("Reference solution:\n")[1]
         assert (" -> " in hint and ". So: " in hint) == example.foreign_hint
         assert ("The answer is" in hint) != example.foreign_hint
-    for ids, labels in make_batches(examples, batch_size=8, bucket_batches=2, seed=5, pad_id=tokenizer.pad_token_id):
+    gaps = unsupervised_completion_spans(slipped, batch_size=8, seed=5, pad_id=tokenizer.pad_token_id)
+    assert len(gaps) == len(slipped)
+    for example, gap in gaps:
+        begin, end = example.no_loss
+        assert gap == list(range(begin, end))  # exactly the slipped digits, nothing else
+        assert example.completion[begin:end].isdigit()
+
+
+def unsupervised_completion_spans(examples, *, batch_size: int, seed: int, pad_id: int) -> list:
+    """``(example, completion positions without a label)`` for each example, read back from the
+    batches :func:`make_batches` builds (what training sees)."""
+    found = []
+    for ids, labels in make_batches(examples, batch_size=batch_size, bucket_batches=2, seed=seed, pad_id=pad_id):
         for row in range(ids.shape[0]):
-            example = next((e for e in slipped if torch.equal(ids[row, :len(e.ids)], torch.tensor(e.ids))
-                            and (len(e.ids) == ids.shape[1] or ids[row, len(e.ids)] == tokenizer.pad_token_id)), None)
-            if example is None:
-                continue
-            begin, end = example.no_loss
+            example = next(e for e in examples if torch.equal(ids[row, :len(e.ids)], torch.tensor(e.ids))
+                           and (len(e.ids) == ids.shape[1] or ids[row, len(e.ids)] == pad_id))
             unsupervised = (labels[row] == -100).nonzero().flatten().tolist()
-            completion_gap = [i - example.prompt_length for i in unsupervised
-                              if example.prompt_length <= i < len(example.ids)]
-            assert completion_gap == list(range(begin, end))  # exactly the slipped digits, nothing else
-            assert example.completion[begin:end].isdigit()
+            found.append((example, [i - example.prompt_length for i in unsupervised
+                                    if example.prompt_length <= i < len(example.ids)]))
+    return found

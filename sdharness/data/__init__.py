@@ -11,8 +11,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class DataSource:
     """``reads_path``: rows come from ``data.path``. ``logged_completions``: rows are logged chats whose
-    assistant turns are ``g`` (nothing is generated). ``built_in_task``: the generated arithmetic task,
-    whose solutions are step chains (both reference notations, slip analysis in the probe)."""
+    assistant turns are ``g`` (nothing is generated). ``built_in_task``: a generated task, the one
+    ``data.task`` names (:data:`sdharness.data.builtin.TASKS`: both reference notations, slip analysis
+    in the probe)."""
 
     reads_path: bool = True
     logged_completions: bool = False

@@ -26,7 +26,7 @@ from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.data.jsonl import DataError, json_objects
 from sdharness.models import resolve_path
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad
-from sdharness.data.tasks import arithmetic_split
+from sdharness.data.builtin import builtin_task
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,10 @@ def load_problems(cfg: DataConfig, algo: str = "sd") -> tuple[list[dict], list[d
     """``(train, eval)`` problem lists for the configured data set; rows need the fields ``algo``
     trains on (:func:`required_fields`), a separate eval file only problem and answer."""
     if SOURCES[cfg.name].built_in_task:
-        train = arithmetic_split(cfg.seed, cfg.train_size, cfg.difficulty, cfg.solution_style)
-        evaluation = arithmetic_split(cfg.seed + 1, cfg.eval_size, cfg.eval_difficulty or cfg.difficulty,
-                                      cfg.solution_style, exclude={row["problem"] for row in train})
+        task = builtin_task(cfg.task)
+        train = task.split(cfg.seed, cfg.train_size, cfg.difficulty, cfg.solution_style)
+        evaluation = task.split(cfg.seed + 1, cfg.eval_size, cfg.eval_difficulty or cfg.difficulty,
+                                cfg.solution_style, exclude={row["problem"] for row in train})
         return train, evaluation
     rows = read_jsonl(data_path(cfg.path, "data.path"), required_fields(algo), where=True)
     if cfg.eval_path:

@@ -108,19 +108,22 @@ def answer_span_start(completion: str, marker: str = ANSWER_MARKER) -> int | Non
 
 
 def is_early_answer(completion: str, answer: str, marker: str = ANSWER_MARKER) -> bool:
-    """True when ``answer`` is stated before the first equation that derives it (``= answer``).
+    """True when ``answer`` is stated before the first working that derives it: an equation
+    ``= answer``, or column-addition lines (``1+7=8``, the columns task) that assemble it.
 
     A statement is the answer after the answer marker, or the answer opening a line without
     being the left operand of an equation; operands and other numbers do not count. A
     completion that states the answer and never derives it counts as early.
     """
+    from sdharness.data.columns import assembled_at  # columns imports this module
     number = r"(?<![\d.])" + re.escape(str(answer).strip()) + r"(?![\d])"
     stated = [match.start() for match in re.finditer(re.escape(marker) + r"\s*:?\s*" + number, completion)]
     stated += [match.start(1) for match in re.finditer(r"(?m)^\s*(" + number + r")(?!\s*[-+*/=])", completion)]
     if not stated:
         return False
-    derived = re.search(r"=\s*" + number, completion)
-    return derived is None or min(stated) < derived.start()
+    equation = re.search(r"=\s*" + number, completion)
+    derived = [at for at in (equation and equation.start(), assembled_at(completion, str(answer).strip())) if at is not None]
+    return not derived or min(stated) < min(derived)
 
 
 def _operation(rng: random.Random, value: int) -> tuple[str, str, int, int]:
@@ -177,23 +180,6 @@ def foreign_solution(operations: list[tuple[str, int]], values: list[int]) -> st
         + f". So: {values[-1]}"
 
 
-def arithmetic_problem(rng: random.Random, steps: int, solution_style: str = "native") -> dict[str, str]:
-    """One chained-arithmetic problem with ``steps`` operations and its worked solution.
-
-    ``solution_style='native'`` writes the solution as the student writes its own chain of
-    thought; ``'foreign'`` gives the same reasoning in a terse notation the student never uses.
-    """
-    problem, start, operations = arithmetic_chain(rng, steps)
-    values = chain_values(start, operations)
-    if solution_style == "native":
-        solution = native_solution(start, operations, values)
-    elif solution_style == "foreign":
-        solution = foreign_solution(operations, values)
-    else:
-        raise ValueError(f"data.solution_style={solution_style!r} is unknown; choose one of {SOLUTION_STYLES}")
-    return {"problem": problem, "solution": solution, "answer": str(values[-1])}
-
-
 # Student-like slips (the shipped base's own arithmetic errors are mostly a few units off, sometimes ten).
 SLIPS = (-10, -4, -3, -2, -1, 1, 2, 3, 4, 10)
 
@@ -228,22 +214,143 @@ def slipped_values(start: int, operations: list[tuple[str, int]], correct: list[
     return correct[:step] + [slipped] + chain_values(slipped, operations[step + 1:])
 
 
+class BuiltinTask:
+    """A generated task of ``data=arithmetic`` (``data.task`` names it; the registry is
+    :data:`sdharness.data.builtin.TASKS`). A task draws a problem per difficulty, writes its
+    worked solution in the native or the foreign notation, writes a solution with one
+    student-like slip continued consistently (for pretraining), and gives the probe the
+    student-consistent continuation of a completion that slipped.
+
+    A drawn problem is whatever the task needs to write its solutions; ``problem_text`` is the
+    question the student sees."""
+
+    name: str = ""
+
+    def draw(self, rng: random.Random, difficulty: str):
+        raise NotImplementedError
+
+    def problem_text(self, drawn) -> str:
+        raise NotImplementedError
+
+    def solution(self, drawn, solution_style: str) -> str:
+        raise NotImplementedError
+
+    def answer(self, drawn) -> str:
+        raise NotImplementedError
+
+    def slipped_solution(self, rng: random.Random, drawn) -> tuple[str, tuple[int, int]]:
+        """A native solution with one slip, continued consistently, and the ``[begin, end)``
+        character span of the slip's wrong characters (trained without loss)."""
+        raise NotImplementedError
+
+    def consistent_continuation(self, problem: str, completion: str, reference: str, slip_at: int) -> dict | None:
+        """For a completion that first leaves ``reference`` at character ``slip_at`` with a slip the
+        task can continue from: ``{"consistent": text, "copied": text}``, both ``completion`` up to
+        the end of the slipped line, then the student-consistent continuation (correct work on
+        what the student wrote) or the reference's own remaining text. None for any other deviation."""
+        raise NotImplementedError
+
+    def problem(self, rng: random.Random, difficulty: str, solution_style: str = "native") -> dict[str, str]:
+        """One problem with its worked solution in ``solution_style``."""
+        if solution_style not in SOLUTION_STYLES:
+            raise ValueError(f"data.solution_style={solution_style!r} is unknown; choose one of {SOLUTION_STYLES}")
+        drawn = self.draw(rng, difficulty)
+        return {"problem": self.problem_text(drawn), "solution": self.solution(drawn, solution_style),
+                "answer": self.answer(drawn)}
+
+    def split(self, seed: int, size: int, difficulty: str, solution_style: str = "native",
+              exclude: set[str] | None = None) -> list[dict[str, str]]:
+        """``size`` distinct problems drawn deterministically from ``seed``, none of them in ``exclude``."""
+        if difficulty not in DIFFICULTY_STEPS:
+            raise ValueError(f"data.difficulty={difficulty!r} is unknown; choose one of {', '.join(DIFFICULTY_STEPS)}")
+        rng = random.Random(seed)
+        seen = set(exclude or ())
+        problems: list[dict[str, str]] = []
+        for _ in range(size * 100):
+            if len(problems) == size:
+                break
+            item = self.problem(rng, difficulty, solution_style)
+            if item["problem"] not in seen:
+                seen.add(item["problem"])
+                problems.append(item)
+        return problems
+
+
+OPERATION = re.compile(r"(Add|Subtract|Multiply by) (\d+)\.")
+SYMBOLS = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
+STEP_LINE = re.compile(r"^(-?\d+) ([-+*]) (\d+) = (-?\d+)$")
+
+
+def chain_operations(problem: str) -> list[tuple[str, int]]:
+    """The ``(symbol, operand)`` operations of a chained-arithmetic problem, in order."""
+    return [(SYMBOLS[word], int(operand)) for word, operand in OPERATION.findall(problem)]
+
+
+class ChainTask(BuiltinTask):
+    """Chained arithmetic (the module docstring's example): each result feeds the next step, so a
+    slip changes every later result. Difficulty is the number of operations (:data:`DIFFICULTY_STEPS`);
+    a drawn problem is ``(words, start, operations)``."""
+
+    name = "chain"
+
+    def draw(self, rng, difficulty):
+        return arithmetic_chain(rng, DIFFICULTY_STEPS[difficulty])
+
+    def problem_text(self, drawn):
+        return drawn[0]
+
+    def solution(self, drawn, solution_style):
+        _, start, operations = drawn
+        values = chain_values(start, operations)
+        if solution_style == "foreign":
+            return foreign_solution(operations, values)
+        return native_solution(start, operations, values)
+
+    def answer(self, drawn):
+        _, start, operations = drawn
+        return str(chain_values(start, operations)[-1])
+
+    def slipped_solution(self, rng, drawn):
+        _, start, operations = drawn
+        return slipped_solution(rng, start, operations)
+
+    def consistent_continuation(self, problem, completion, reference, slip_at):
+        """A slip is a step's result that leaves the reference (the line's operation and operand
+        as the problem's); both texts run to the end of the next result: the next step's on the
+        student's value, or the answer line's after a slip in the last step."""
+        operations = chain_operations(problem)
+        line_start = completion.rfind("\n", 0, slip_at) + 1
+        line_end = completion.find("\n", slip_at)
+        line = completion[line_start:line_end if line_end >= 0 else len(completion)]
+        step = completion[:line_start].count("\n")
+        parsed = STEP_LINE.match(line)
+        if parsed is None or step >= len(operations) or slip_at < line_start + line.rindex(" = ") + 3:
+            return None
+        if (parsed.group(2), int(parsed.group(3))) != operations[step]:
+            return None
+        reference_lines = reference.split("\n")
+        value = int(parsed.group(4))
+        text = completion[:line_start] + line
+        if step + 1 < len(operations):
+            symbol, operand = operations[step + 1]
+            text += f"\n{value} {symbol} {operand} = "
+            consistent = f"{chain_values(value, [(symbol, operand)])[0]}\n"
+            copied = STEP_LINE.match(reference_lines[step + 1]).group(4) + "\n"
+        else:
+            text += f"\n{ANSWER_MARKER} "
+            consistent = f"{value}."
+            copied = re.search(r"-?\d+", reference_lines[-1]).group(0) + "."
+        # The result's terminator is part of it: "1" and "12" differ at the character after "1".
+        return {"consistent": text + consistent, "copied": text + copied}
+
+
+CHAIN = ChainTask()
+
+
 def arithmetic_split(seed: int, size: int, difficulty: str, solution_style: str = "native",
                      exclude: set[str] | None = None) -> list[dict[str, str]]:
-    """``size`` distinct problems drawn deterministically from ``seed``, none of them in ``exclude``."""
-    if difficulty not in DIFFICULTY_STEPS:
-        raise ValueError(f"data.difficulty={difficulty!r} is unknown; choose one of {', '.join(DIFFICULTY_STEPS)}")
-    rng = random.Random(seed)
-    seen = set(exclude or ())
-    problems: list[dict[str, str]] = []
-    for _ in range(size * 100):
-        if len(problems) == size:
-            break
-        item = arithmetic_problem(rng, DIFFICULTY_STEPS[difficulty], solution_style)
-        if item["problem"] not in seen:
-            seen.add(item["problem"])
-            problems.append(item)
-    return problems
+    """``size`` distinct chained-arithmetic problems (:meth:`BuiltinTask.split` of the chain task)."""
+    return CHAIN.split(seed, size, difficulty, solution_style, exclude)
 
 
 def answer_match_reward(completion: str, problem: dict, answer_marker: str = ANSWER_MARKER, *,

@@ -1,7 +1,8 @@
-"""Pretrain a testbed base from scratch on the built-in arithmetic task (a Hydra app).
+"""Pretrain a testbed base from scratch on a built-in arithmetic task (a Hydra app).
 
     sdharness-pretrain --config-name pretrain_v2        # the default base (sdharness/assets/testbed)
     sdharness-pretrain                                  # the first base (sdharness/assets/testbed_v1)
+    sdharness-pretrain --config-name pretrain_columns   # the column-addition base (assets/testbed_columns)
     sdharness-pretrain early_answer_fraction=0.5 output_dir=/tmp/leaky_base
 
 A testbed base is a small Llama (0.45M parameters: hidden 96, 4 layers) with the character-level
@@ -16,8 +17,9 @@ its command, seed, time and accuracies):
 * teacher-format examples (teacher prompt with the reference solution -> worked solution) on
   EASY and HARD problems; ``foreign_hint_fraction`` of them give the reference in the foreign
   notation, and ``slip_fraction`` of those with worked steps complete with one student-like slip
-  continued consistently (:func:`sdharness.data.tasks.slipped_solution`), the slip's wrong digits
-  without loss.
+  continued consistently (the task's ``slipped_solution``), the slip's wrong characters without loss.
+
+``task`` picks the built-in task (``chain`` or ``columns``, :data:`sdharness.data.builtin.TASKS`).
 
 Every example is a token sequence exactly as the harness later sees it:
 ``encode_prompt(prompt, tokenizer, rendered) + tokenizer(completion) + [eos]``, with the loss on
@@ -58,8 +60,8 @@ from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.methods.schedule import lr_lambda
 from sdharness.models import char_llama_config, char_tokenizer
 from sdharness.data.prompts import encode_prompt, render_student, render_teacher
-from sdharness.data.tasks import (ANSWER_MARKER, DIFFICULTY_STEPS, arithmetic_chain, arithmetic_split,
-                                  chain_values, foreign_solution, native_solution, slipped_solution)
+from sdharness.data.builtin import builtin_task
+from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "pretrain_report.json"
@@ -116,6 +118,7 @@ class MixConfig:
 @dataclass
 class PretrainConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    task: str = "chain"  # the built-in task trained on (sdharness/data/builtin.py TASKS)
     arch: ArchConfig = field(default_factory=ArchConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     early_answer_fraction: float = 0.0  # of teacher-format examples: completion is only "The answer is N."
@@ -142,6 +145,7 @@ class PretrainConfig:
     output_dir: Optional[str] = None  # null: the Hydra run directory
 
     def __post_init__(self):
+        builtin_task(self.task, "task")
         for name in ("early_answer_fraction", "foreign_hint_fraction", "slip_fraction"):
             require(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("steps", "batch_size", "bucket_batches", "eval_batch_size", "eval_max_new_tokens", "log_every"):
@@ -201,29 +205,30 @@ def early_answer_line(answer: str) -> str:
     return f"{ANSWER_MARKER} {answer}."
 
 
-def eval_problems(seed: int, size: int) -> dict[str, list[dict[str, str]]]:
-    """The fixed held-out problems: ``{'easy': [...], 'hard': [...], 'hard_foreign': [...]}``.
+def eval_problems(seed: int, size: int, task: str = "chain") -> dict[str, list[dict[str, str]]]:
+    """The fixed held-out problems of ``task``: ``{'easy': [...], 'hard': [...], 'hard_foreign': [...]}``.
 
     ``hard_foreign`` are the ``hard`` problems with their solutions in the foreign notation."""
-    problems = {difficulty: arithmetic_split(seed + offset, size, difficulty)
-                for offset, difficulty in enumerate(DIFFICULTY_STEPS)}
-    problems["hard_foreign"] = arithmetic_split(seed + list(DIFFICULTY_STEPS).index("hard"), size, "hard", "foreign")
+    split = builtin_task(task, "task").split
+    problems = {difficulty: split(seed + offset, size, difficulty) for offset, difficulty in enumerate(DIFFICULTY_STEPS)}
+    problems["hard_foreign"] = split(seed + list(DIFFICULTY_STEPS).index("hard"), size, "hard", "foreign")
     return problems
 
 
 def build_examples(prompt: PromptConfig, tokenizer, *, size: int, mix: MixConfig | dict[str, float],
                    early_answer_fraction: float, seed: int, exclude: set[str] | None = None,
-                   foreign_hint_fraction: float = 0.0, slip_fraction: float = 0.0) -> list[Example]:
-    """``size`` training examples in a seeded random order.
+                   foreign_hint_fraction: float = 0.0, slip_fraction: float = 0.0, task: str = "chain") -> list[Example]:
+    """``size`` training examples of ``task`` in a seeded random order.
 
     The kinds come in exactly the counts of :func:`split_counts`; of the teacher-format
     examples exactly ``round(early_answer_fraction * n)`` complete with the answer line only,
     ``round(foreign_hint_fraction * n)`` get their hint in the foreign notation, and
-    ``round(slip_fraction * m)`` of the ``m`` others complete with :func:`slipped_solution` (its
+    ``round(slip_fraction * m)`` of the ``m`` others complete with the task's slipped solution (its
     slip carries no loss). Problems in ``exclude`` (the eval sets) never appear. With both new
     fractions 0 the random stream, and so every example, is the one before they existed.
     """
     fractions = asdict(mix) if isinstance(mix, MixConfig) else dict(mix)
+    builder = builtin_task(task, "task")
     rng = random.Random(seed)
     counts = split_counts(size, {kind: fractions.get(kind, 0.0) for kind in KINDS})
     kinds = [kind for kind in KINDS for _ in range(counts[kind])]
@@ -239,20 +244,20 @@ def build_examples(prompt: PromptConfig, tokenizer, *, size: int, mix: MixConfig
     examples = []
     for row, kind in enumerate(kinds):
         fmt, difficulty = kind.split("_")
-        problem, start, operations = arithmetic_chain(rng, DIFFICULTY_STEPS[difficulty])
-        while problem in exclude:
-            problem, start, operations = arithmetic_chain(rng, DIFFICULTY_STEPS[difficulty])
-        values = chain_values(start, operations)
-        solution, no_loss = native_solution(start, operations, values), None
+        drawn = builder.draw(rng, difficulty)
+        while builder.problem_text(drawn) in exclude:
+            drawn = builder.draw(rng, difficulty)
+        problem = builder.problem_text(drawn)
+        solution, no_loss = builder.solution(drawn, "native"), None
         if fmt == "student":
             text = render_student(prompt, problem)
         else:
-            hint = foreign_solution(operations, values) if row in foreign_rows else solution
+            hint = builder.solution(drawn, "foreign") if row in foreign_rows else solution
             text = render_teacher(prompt, problem, hint)
         if row in early_rows:
-            completion = early_answer_line(str(values[-1]))
+            completion = early_answer_line(builder.answer(drawn))
         elif row in slip_rows:
-            completion, no_loss = slipped_solution(rng, start, operations)
+            completion, no_loss = builder.slipped_solution(rng, drawn)
         else:
             completion = solution
         prompt_ids = encode_prompt(prompt, tokenizer, text)
@@ -394,11 +399,12 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
         torch.set_num_threads(cfg.threads)
     started, load_at_start = time.perf_counter(), _load_average()
     tokenizer = char_tokenizer()
-    held_out = eval_problems(cfg.eval_seed, cfg.eval_size)
+    held_out = eval_problems(cfg.eval_seed, cfg.eval_size, cfg.task)
     exclude = {item["problem"] for items in held_out.values() for item in items}
     examples = build_examples(cfg.prompt, tokenizer, size=cfg.steps * cfg.batch_size, mix=cfg.mix,
                               early_answer_fraction=cfg.early_answer_fraction, seed=cfg.seed, exclude=exclude,
-                              foreign_hint_fraction=cfg.foreign_hint_fraction, slip_fraction=cfg.slip_fraction)
+                              foreign_hint_fraction=cfg.foreign_hint_fraction, slip_fraction=cfg.slip_fraction,
+                              task=cfg.task)
     longest = max(len(example.ids) for example in examples)
     if longest + cfg.eval_max_new_tokens > cfg.arch.max_position_embeddings:
         raise ConfigError(f"arch.max_position_embeddings={cfg.arch.max_position_embeddings} is too small: training "

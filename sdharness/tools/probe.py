@@ -16,11 +16,13 @@ and after the teacher prompt, and prints the teacher-quality table, also written
   after that position;
 * per aggregation of the registry, at its default tau (``conf/aggregation/<name>.yaml``): the
   target's mass on tokens the student gives less than ``eps``, and max q/p_S;
-* for the built-in arithmetic task, where ``g`` first slips in a result: the student-consistent
-  continuation (``g`` to the end of that line, then correct arithmetic on the student's own
-  result) is scored after the teacher prompt, and at the first token where the next result
-  differs from the reference's, the teacher's argmax is the consistent one (follows), the
-  reference's (copies) or neither.
+* for the built-in tasks (``data.task``), where ``g`` first slips (chain: in a step's result;
+  columns: in a column line): the student-consistent continuation (``g`` to the end of that
+  line, then correct work on what the student wrote: chain, the next step on the student's
+  result; columns, the later columns with the student's carry and the answer assembled from the
+  lines written) is scored after the teacher prompt, and at the first token where it differs
+  from the reference's own continuation, the teacher's argmax is the consistent one (follows),
+  the reference's (copies) or neither. Slips after which the two never differ are not counted.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems
 from sdharness.data.jsonl import DataError
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
-from sdharness.data.tasks import chain_values
+from sdharness.data.builtin import builtin_task
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import completion_logits
@@ -57,9 +58,6 @@ from sdharness.rollout.hf import eos_token_ids, generate
 
 log = logging.getLogger(__name__)
 RESULT_NAME = "probe.json"
-OPERATION = re.compile(r"(Add|Subtract|Multiply by) (\d+)\.")
-SYMBOLS = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
-STEP_LINE = re.compile(r"^(-?\d+) ([-+*]) (\d+) = (-?\d+)$")
 
 
 @dataclass
@@ -104,47 +102,6 @@ def first_deviation(completion: list[int], reference: list[int]) -> int | None:
         if token != expected:
             return index
     return len(reference) if len(completion) > len(reference) else None
-
-
-def chain_operations(problem: str) -> list[tuple[str, int]]:
-    """The ``(symbol, operand)`` operations of a built-in arithmetic problem, in order."""
-    return [(SYMBOLS[word], int(operand)) for word, operand in OPERATION.findall(problem)]
-
-
-def consistent_continuation(problem: str, completion: str, reference: str, slip_at: int) -> dict | None:
-    """The student-consistent continuation of a completion that first leaves ``reference`` at
-    character ``slip_at`` inside a step's result, or None when the slip is anything else.
-
-    ``text`` is ``completion`` up to the end of the slipped line, then each later step computed
-    correctly from the value before it, then the answer line; ``next_start`` is the character
-    where the next result (the next step's, or the answer's after a slip in the last step)
-    begins in ``text``; ``consistent`` and ``copied`` are that result as ``text`` states it and as
-    the reference states it.
-    """
-    operations = chain_operations(problem)
-    line_start = completion.rfind("\n", 0, slip_at) + 1
-    line_end = completion.find("\n", slip_at)
-    line = completion[line_start:line_end if line_end >= 0 else len(completion)]
-    step = completion[:line_start].count("\n")
-    parsed = STEP_LINE.match(line)
-    if parsed is None or step >= len(operations) or slip_at < line_start + line.rindex(" = ") + 3:
-        return None
-    if (parsed.group(2), int(parsed.group(3))) != operations[step]:
-        return None
-    reference_lines = reference.split("\n")
-    value = int(parsed.group(4))
-    text = completion[:line_start] + line
-    if step + 1 < len(operations):
-        symbol, operand = operations[step + 1]
-        text += f"\n{value} {symbol} {operand} = "
-        consistent = str(chain_values(value, [(symbol, operand)])[0])
-        copied = STEP_LINE.match(reference_lines[step + 1]).group(4)
-    else:
-        text += "\nThe answer is "
-        consistent = str(value)
-        copied = re.search(r"-?\d+", reference_lines[-1]).group(0)
-    next_start = len(text)
-    return {"text": text + consistent, "next_start": next_start, "consistent": consistent, "copied": copied}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -227,7 +184,7 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
     acc = Accumulator(aggregation={name: {"mass": [], "log_ratio": [], "kl": []} for name in taus})
     built_in = SOURCES[cfg.data.name].built_in_task
     native = not built_in or cfg.data.solution_style == "native"
-    arithmetic = built_in and native
+    task = builtin_task(cfg.data.task) if built_in and native else None
     eos = eos_token_ids(model, tokenizer)
     torch.manual_seed(cfg.seed)
     for _, rows in _batches(problems, cfg.batch_size):
@@ -268,26 +225,32 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
                 acc.p_student_reference.append(s_logp[row, at, expected].exp().item())
             acc.kl_before += kl[row, :at].tolist()
             acc.kl_after += kl[row, at + 1:length].tolist()
-            if arithmetic:
-                _follow_or_copy(cfg, model, tokenizer, acc, problem, completion, at, teacher_texts[row])
+            if task is not None:
+                _follow_or_copy(cfg, model, tokenizer, acc, task, problem, completion, at, teacher_texts[row])
     return acc
 
 
-def _follow_or_copy(cfg, model, tokenizer, acc: Accumulator, problem: dict, completion: list[int], at: int,
+def first_difference(consistent: list[int], copied: list[int]) -> int | None:
+    """The first position where both continuations have a token and the tokens differ; None when
+    one is a prefix of the other (no next token tells following from copying)."""
+    return next((i for i, (a, b) in enumerate(zip(consistent, copied)) if a != b), None)
+
+
+def _follow_or_copy(cfg, model, tokenizer, acc: Accumulator, task, problem: dict, completion: list[int], at: int,
                     teacher_text: str) -> None:
-    """Score the student-consistent continuation after the teacher prompt; count follows/copies."""
+    """Score the student-consistent continuation after the teacher prompt; count follows/copies
+    where it and the reference's copy differ (a slip they agree after says nothing about either)."""
     prefix_text = tokenizer.decode(completion[:at], skip_special_tokens=True)
     text = tokenizer.decode(completion, skip_special_tokens=True)
-    continuation = consistent_continuation(problem["problem"], text, problem["solution"], len(prefix_text))
+    continuation = task.consistent_continuation(problem["problem"], text, problem["solution"], len(prefix_text))
     if continuation is None:
         return
-    acc.slips += 1
-    ids = tokenizer(continuation["text"], add_special_tokens=False)["input_ids"]
-    copied = tokenizer(continuation["text"][:continuation["next_start"]] + continuation["copied"],
-                       add_special_tokens=False)["input_ids"]
-    differ = next((i for i, (a, b) in enumerate(zip(ids, copied)) if a != b), None)
+    ids = tokenizer(continuation["consistent"], add_special_tokens=False)["input_ids"]
+    copied = tokenizer(continuation["copied"], add_special_tokens=False)["input_ids"]
+    differ = first_difference(ids, copied)
     if differ is None:
         return
+    acc.slips += 1
     teacher_ids, teacher_mask = encode_prompts(cfg.prompt, tokenizer, [teacher_text])
     completion_ids = torch.tensor([ids])
     with torch.no_grad():

@@ -1,0 +1,22 @@
+"""The generated tasks of ``data=arithmetic``, by ``data.task``: the only list of them.
+
+Adding a task is one :class:`sdharness.data.tasks.BuiltinTask` subclass and its entry here; the
+datamodule, ``sdharness-pretrain`` and ``sdharness-probe`` ask this registry, never a task's name.
+"""
+
+from __future__ import annotations
+
+from sdharness.config import ConfigError
+from sdharness.data.columns import COLUMNS
+from sdharness.data.tasks import CHAIN, BuiltinTask
+
+TASKS: dict[str, BuiltinTask] = {
+    "chain": CHAIN,      # chained operations; each result feeds the next (sdharness/data/tasks.py)
+    "columns": COLUMNS,  # multi-digit addition, one line per column (sdharness/data/columns.py)
+}
+
+
+def builtin_task(name: str, field: str = "data.task") -> BuiltinTask:
+    if name not in TASKS:
+        raise ConfigError(f"{field}={name!r} is unknown; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]
