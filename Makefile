@@ -3,12 +3,13 @@
 #                  on the shipped testbed base, one seed, ending with a score table (CPU, minutes)
 #   make test    - install, then run the test suite
 #   make test-fast - the kernel and config lane (tests not marked slow), under 2 minutes
+#   make protocol  - install, then the full comparison protocol into ./protocol (61 min on the 2-core VM)
 # Extra arguments go to the training app: make train ARGS="aggregation=clip trainer.max_steps=4"
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdharness-installed
 
-.PHONY: install train test test-fast gpu-check
+.PHONY: install train test test-fast protocol gpu-check
 install: $(STAMP)
 
 # torch==2.13.0 first: it is the CPU wheel on disk, and every later torch requirement accepts it,
@@ -26,6 +27,11 @@ train: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# lr per method on a validation split, 3 seeds, native and foreign references, the report with bands
+# (protocol/final/report/report.md); sdharness-protocol's options go in ARGS, e.g. ARGS="--styles native".
+protocol: install
+	$(VENV)/bin/sdharness-protocol --out protocol $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not reproduce" $(ARGS)
