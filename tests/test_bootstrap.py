@@ -23,7 +23,7 @@ from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.data.datamodule import DataError, read_jsonl
 from sdharness.tools.generate import named_config
 from sdharness.models import load_model_and_tokenizer
-from sdharness.data.tasks import answer_checker, arithmetic_split, is_correct
+from sdharness.data.tasks import CHAIN, answer_checker, is_correct
 from tests.conftest import TESTBED
 
 TINY = ModelConfig(name="tiny_random", source="tiny_random")
@@ -138,7 +138,7 @@ def test_bootstrap_rule_first_and_no_trim():
 def test_bootstrap_tiny_random_model(guidance):
     model, tokenizer = load_model_and_tokenizer(TINY)
     prompt = PromptConfig(**named_config("prompt", "testbed"))
-    problems = arithmetic_split(0, 3, "easy")
+    problems = CHAIN.split(0, 3, "easy")
     rows, summary = bootstrap(model, tokenizer, problems, BootstrapSettings(k=2, max_new_tokens=6, guidance=guidance,
                                                                        unsolved="answer_hint", batch_size=4, seed=1),
                               prompt_cfg=prompt)
@@ -243,7 +243,7 @@ def test_no_problem_solved_exits_1_saying_so_and_the_rerun_reuses_the_empty_outp
 @pytest.mark.slow
 def test_bootstrap_hard_problems_from_testbed(tmp_path):
     problems = write_jsonl(tmp_path / "hard.jsonl",
-                           [{"problem": p["problem"], "answer": p["answer"]} for p in arithmetic_split(7, 8, "hard")])
+                           [{"problem": p["problem"], "answer": p["answer"]} for p in CHAIN.split(7, 8, "hard")])
     prompt = PromptConfig(**named_config("prompt", "testbed"))
     status, rows, summary = bootstrap_to_file(problems, tmp_path / "out.jsonl",
                                               BootstrapSettings(k=4, max_new_tokens=128, unsolved="drop", seed=0),

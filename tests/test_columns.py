@@ -11,7 +11,7 @@ from sdharness.data.builtin import TASKS, builtin_task
 from sdharness.data.columns import (COLUMNS, Column, ColumnProblem, add_columns, assemble, digit_pairs,
                                     foreign_solution, native_solution, parse_line)
 from sdharness.data.datamodule import load_problems
-from sdharness.data.tasks import CHAIN, arithmetic_split, is_correct, is_early_answer
+from sdharness.data.tasks import CHAIN, is_correct, is_early_answer
 from sdharness.tools.probe import first_difference
 
 # 9581 + 4637 = 14218: carries out of the tens, hundreds and thousands; a final carry leads.
@@ -163,7 +163,7 @@ def test_the_registry_and_data_task():
     assert train == COLUMNS.split(1234, 20, "hard") and len(evaluation) == 8
     assert not {row["problem"] for row in train} & {row["problem"] for row in evaluation}
     chain_train, _ = load_problems(DataConfig(difficulty="hard", train_size=20, eval_size=8))
-    assert chain_train == arithmetic_split(1234, 20, "hard")  # the default task is the chained one
+    assert chain_train == CHAIN.split(1234, 20, "hard")  # the default task is the chained one
 
 
 def test_data_task_composes_from_the_command_line():

@@ -2,16 +2,16 @@ import random
 
 import pytest
 
-from sdharness.data.tasks import (answer_span_start, CHAIN, arithmetic_chain, arithmetic_split, chain_values,
+from sdharness.data.tasks import (answer_span_start, CHAIN, arithmetic_chain, chain_values,
                                   extract_answer, foreign_solution, is_correct, is_early_answer, native_solution,
                                   slipped_solution)
 
 
 def test_split_is_deterministic_distinct_and_sized():
-    first = arithmetic_split(7, 50, "hard")
-    assert first == arithmetic_split(7, 50, "hard")
+    first = CHAIN.split(7, 50, "hard")
+    assert first == CHAIN.split(7, 50, "hard")
     assert len({row["problem"] for row in first}) == 50
-    assert arithmetic_split(8, 50, "hard") != first
+    assert CHAIN.split(8, 50, "hard") != first
 
 
 def test_native_solution_derives_the_answer_step_by_step():
@@ -35,8 +35,8 @@ def test_foreign_solution_has_the_same_answer_in_another_notation():
 
 
 def test_eval_split_excludes_train_problems():
-    train = arithmetic_split(1, 200, "easy")
-    held_out = arithmetic_split(2, 100, "easy", exclude={row["problem"] for row in train})
+    train = CHAIN.split(1, 200, "easy")
+    held_out = CHAIN.split(2, 100, "easy", exclude={row["problem"] for row in train})
     assert not {row["problem"] for row in train} & {row["problem"] for row in held_out}
 
 

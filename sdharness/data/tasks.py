@@ -347,12 +347,6 @@ class ChainTask(BuiltinTask):
 CHAIN = ChainTask()
 
 
-def arithmetic_split(seed: int, size: int, difficulty: str, solution_style: str = "native",
-                     exclude: set[str] | None = None) -> list[dict[str, str]]:
-    """``size`` distinct chained-arithmetic problems (:meth:`BuiltinTask.split` of the chain task)."""
-    return CHAIN.split(seed, size, difficulty, solution_style, exclude)
-
-
 def answer_match_reward(completion: str, problem: dict, answer_marker: str = ANSWER_MARKER, *,
                         checker: str = "builtin") -> float:
     """1.0 when the completion's marked answer equals the problem's answer (by ``checker``), else 0.0."""

@@ -14,7 +14,7 @@ Answers are read with a regex filter after "The answer is" (the same pattern as
 The tasks' ``doc_to_text`` is the student prompt of ``conf/prompt/cot.yaml``
 (:data:`DEFAULT_STUDENT_TEMPLATE`).
 
-The held-out problems are ``arithmetic_split(HELDOUT_SEED=999, 100, difficulty)``, a fixed seed
+The held-out problems are ``CHAIN.split(HELDOUT_SEED=999, 100, difficulty)`` (the chained task), a fixed seed
 distinct from any training split, minus the problems of the default training split
 (``data.seed=1234``, ``data.train_size=256``), so the files do not depend on a run's config.
 The training run's own quick eval uses ``data.seed + 1`` with its train problems excluded
@@ -42,7 +42,7 @@ from typing import Any, Iterable
 import yaml
 
 from sdharness.config import PACKAGE_DIR
-from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, answer_pattern, arithmetic_split
+from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, answer_pattern, CHAIN
 
 REPO_ROOT = PACKAGE_DIR.parent
 TASKS_DIR = REPO_ROOT / "evals" / "tasks"  # the shipped task files (editable install / checkout)
@@ -147,9 +147,9 @@ def heldout_problems(difficulty: str, *, seed: int = HELDOUT_SEED, size: int = H
         from sdharness.config import DataConfig
 
         default = DataConfig()
-        exclude = {row["problem"] for row in arithmetic_split(default.seed, default.train_size, difficulty,
-                                                               default.solution_style)}
-    return arithmetic_split(seed, size, difficulty, "native", exclude=exclude)
+        exclude = {row["problem"] for row in CHAIN.split(default.seed, default.train_size, difficulty,
+                                                          default.solution_style)}
+    return CHAIN.split(seed, size, difficulty, "native", exclude=exclude)
 
 
 def write_local_tasks(directory: str | Path, *, seed: int = HELDOUT_SEED, size: int = HELDOUT_SIZE,
