@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sdharness.config import ConfigError, ModelConfig
+from sdharness.config import ConfigError, DataConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,26 @@ def resolve_path(path: str, field: str = "model.path") -> Path:
                if field == "model.path" else "an existing file")
         raise ConfigError(f"{field}={path!r}: {resolved} does not exist; point {field} at {fix}")
     return resolved
+
+
+# Written beside a base's weights by sdharness-pretrain: command, seed, config (its task), accuracies.
+PRETRAIN_REPORT = "pretrain_report.json"
+
+
+def check_pretrained_task(model: ModelConfig, data: DataConfig) -> None:
+    """Refuse a base pretrained on one built-in task run on another: it would score near zero and
+    nothing would say why. Bases without a pretraining report (any model not made by
+    sdharness-pretrain) and data other than the built-in task are not checked."""
+    if data.name != "arithmetic" or model.source != "hf" or model.path is None:
+        return
+    report = resolve_path(model.path) / PRETRAIN_REPORT
+    if not report.is_file():
+        return
+    trained = json.loads(report.read_text()).get("config", {}).get("task", "chain")  # reports before tasks: chain
+    if trained != data.task:
+        raise ConfigError(f"data.task={data.task!r}, but model.path={model.path!r} was pretrained on "
+                          f"data.task={trained!r} ({report}); set data.task={trained}, or choose a base "
+                          f"pretrained on {data.task}")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")

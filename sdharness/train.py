@@ -29,7 +29,7 @@ from sdharness.jobs import end_wandb_run, in_multirun, record_failure
 from sdharness.methods import method_class
 from sdharness.methods.accounting import BudgetStop
 from sdharness.methods.policy import SkippedUpdatesError
-from sdharness.models import load_model_and_tokenizer, save_for_inference, set_threads_for
+from sdharness.models import check_pretrained_task, load_model_and_tokenizer, save_for_inference, set_threads_for
 from sdharness.report.loggers import make_loggers
 from sdharness.scale.checkpoints import AtomicCheckpointIO, StepCheckpoint
 from sdharness.scale.resume import resume_from
@@ -58,6 +58,7 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     resume = resume_from(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     loaded = load_data(cfg.data, cfg.algo.name)  # a malformed data file fails now, not after a model load
+    check_pretrained_task(cfg.model, cfg.data)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     set_threads_for(model, cfg.threads)
     uses_chat_template(cfg.prompt, tokenizer)  # fails now, not mid-run, if a required template is missing

@@ -16,8 +16,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-# The shipped testbed base (sdharness/assets/testbed), part of the package, so always there.
+# The shipped testbed bases (sdharness/assets), part of the package, so always there: the default
+# (column addition, data.task=columns) and the chained-arithmetic one (data.task=chain).
 TESTBED = ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed")
+TESTBED_CHAIN = ModelConfig(name="testbed_chain", source="hf", path="pkg://sdharness/assets/testbed_chain")
 CONF_DIR = str(PACKAGE_CONF_DIR)
 TINY = [
     "model=tiny_random",

@@ -356,6 +356,26 @@ def test_nonexistent_model_path_names_the_field():
         load_model_and_tokenizer(cfg.model)
 
 
+def test_a_base_pretrained_on_another_task_is_refused_before_it_loads(tmp_path, monkeypatch):
+    """Was silent: a base on a task it was not pretrained on trained, and scored near zero."""
+    from sdharness.models import PRETRAIN_REPORT, check_pretrained_task
+    from sdharness.train import train
+
+    monkeypatch.setattr("sdharness.train.load_model_and_tokenizer", lambda cfg: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=r"^data.task='chain', but model.path='pkg://sdharness/assets/testbed' "
+                                          r"was pretrained on data.task='columns' \(.*pretrain_report.json\); set "
+                                          r"data.task=columns, or choose a base pretrained on chain$"):
+        train(compose_config(["experiment=testbed_sd", "model=testbed", "data.task=chain"]), tmp_path)
+    columns = to_train_config(compose_config(["model=testbed", "data.task=columns"]))
+    check_pretrained_task(columns.model, columns.data)
+    (tmp_path / "base").mkdir()  # a base without a pretraining report (not made by sdharness-pretrain)
+    other = to_train_config(compose_config(["model=local", f"model.path={tmp_path / 'base'}", "data.task=columns"]))
+    check_pretrained_task(other.model, other.data)
+    (tmp_path / "base" / PRETRAIN_REPORT).write_text(json.dumps({"config": {"seed": 0}}))  # before tasks: chain
+    with pytest.raises(ConfigError, match="was pretrained on data.task='chain'"):
+        check_pretrained_task(other.model, other.data)
+
+
 def test_model_directory_without_config_json_is_named(tmp_path):
     from sdharness.models import load_model_and_tokenizer
 

@@ -24,7 +24,7 @@ from sdharness.data.datamodule import DataError, read_jsonl
 from sdharness.tools.generate import named_config
 from sdharness.models import load_model_and_tokenizer
 from sdharness.data.tasks import CHAIN, answer_checker, is_correct
-from tests.conftest import TESTBED
+from tests.conftest import TESTBED_CHAIN
 
 TINY = ModelConfig(name="tiny_random", source="tiny_random")
 PROBLEMS = [{"problem": f"Start with {n}. Add 1. What is the result?", "answer": str(n + 1)} for n in range(4)]
@@ -247,7 +247,7 @@ def test_bootstrap_hard_problems_from_testbed(tmp_path):
     prompt = PromptConfig(**named_config("prompt", "testbed"))
     status, rows, summary = bootstrap_to_file(problems, tmp_path / "out.jsonl",
                                               BootstrapSettings(k=4, max_new_tokens=128, unsolved="drop", seed=0),
-                                              model_cfg=TESTBED, prompt_cfg=prompt)
+                                              model_cfg=TESTBED_CHAIN, prompt_cfg=prompt)
     assert status == "generated"
     assert summary["problems"] == 8 and summary["samples"] == 32
     assert summary["solved"] + summary["unsolved"] == 8 == summary["kept"] + summary["dropped"]

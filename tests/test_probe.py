@@ -92,7 +92,7 @@ def test_probe_on_the_stress_case_base_shows_the_copying_teacher(tmp_path):
     slipped result; at the first deviation the teacher's argmax is the reference token 14/14
     (mean p_T 0.999, p_S 0.297); KL per token 0.018 before, 0.293 after; on the next result
     it copies the reference 14/14 and follows the student 0/14."""
-    result = run_probe(tmp_path, ["model=testbed_v1", "data.eval_size=16"])
+    result = run_probe(tmp_path, ["model=testbed_v1", "data.task=chain", "data.eval_size=16"])
     greedy, deviation, slip = result["greedy"], result["deviation"], result["after_slip"]
     assert greedy["hint_native"]["accuracy"] >= 0.95 and greedy["hint_foreign"]["accuracy"] <= 0.1
     assert greedy["no_hint"]["accuracy"] <= 0.4
@@ -106,8 +106,8 @@ def test_probe_on_the_stress_case_base_shows_the_copying_teacher(tmp_path):
 TOLERANCE = 0.05
 
 
-def test_probe_on_the_shipped_base(tmp_path):
-    """The default base (model=testbed), 32 HARD problems, seed 0, 1 thread. Measured: no hint
+def test_probe_on_the_chain_base(tmp_path):
+    """The chained-arithmetic base (model=testbed_chain data.task=chain), 32 HARD problems, seed 0, 1 thread. Measured: no hint
     0.438, native hint 0.938, foreign hint 0.875; 25/32 samples leave the reference, all at a
     slipped result; at the first deviation the teacher's argmax is the reference token 25/25
     (mean p_T 0.989, p_S 0.477); KL 0.024 before, 0.224 after; on the next result the teacher
@@ -118,7 +118,7 @@ def test_probe_on_the_shipped_base(tmp_path):
     problems) and neither is following the student after a slip (>= .90; 0.26 on 128 problems,
     copying 0.71 against <= .10): those two are asserted at their measured values, so a better
     base shows up here as a failure to update, a worse one as a regression."""
-    result = run_probe(tmp_path, ["data.eval_size=32"])
+    result = run_probe(tmp_path, ["model=testbed_chain", "data.task=chain", "data.eval_size=32"])
     greedy, deviation, slip = result["greedy"], result["deviation"], result["after_slip"]
     assert 0.15 - TOLERANCE <= greedy["no_hint"]["accuracy"] <= 0.40 + TOLERANCE
     assert greedy["hint_native"]["accuracy"] >= 0.95 - TOLERANCE
@@ -136,6 +136,7 @@ def test_probe_on_the_shipped_base(tmp_path):
     ("data=chatlog", "data=chatlog has no problems"),
     ("data.eval_sise=3", "data.eval_sise is not a config key (did you mean data.eval_size?)"),
     ("data=jsonl data.path=/no/such.jsonl", "data.path: /no/such.jsonl does not exist"),
+    ("model=testbed data.task=chain", "data.task='chain', but model.path='pkg://sdharness/assets/testbed'"),
 ])
 def test_command_line_bad_input_is_one_error_line(tmp_path, override, named):
     """Was a traceback (ConfigError from the schema check); a bad data file now fails before the model loads."""
@@ -184,18 +185,18 @@ def test_a_slip_counts_only_where_following_and_copying_differ(completion, slip_
 
 
 @pytest.mark.slow
-def test_probe_on_the_columns_base(tmp_path):
-    """model=testbed_columns data.task=columns, 128 HARD problems, seed 0, 1 thread. Measured (at
-    the commit that shipped it): no hint 0.820, native hint 0.992, foreign hint 0.992, early
-    answers 0; 37/128 samples leave the reference; at the first deviation the teacher's argmax is
-    the reference token 37/37 (p_T 0.999, p_S 0.549); KL 0.004 before, 0.020 after; 34 slips
-    after which following and copying differ: the teacher follows the student on 34/34 and
-    copies the reference on none. Issue 13's targets are met except the no-hint HARD band
-    (.15-.40): this base is too strong without a hint, asserted at its measured value."""
-    result = run_probe(tmp_path, ["model=testbed_columns", "data.task=columns"])
+def test_probe_on_the_default_base(tmp_path):
+    """``sdharness-probe`` as it comes (model=testbed, data.task=columns), 128 HARD problems, seed 0,
+    1 thread. Measured at the commit that shipped the base: no hint 0.562, native hint 0.992,
+    foreign hint 0.992, early answers 0; 55/128 samples leave the reference; at the first
+    deviation the teacher's argmax is the reference token 55/55 (p_T 1.000, p_S 0.145); KL 0.008
+    before, 0.039 after; 55 slips after which following and copying differ: the teacher follows
+    the student on 55/55 and copies the reference on none. Issue 13's targets are met except the
+    no-hint HARD band (.15-.40), asserted at its measured value."""
+    result = run_probe(tmp_path, [])
     greedy, deviation, slip = result["greedy"], result["deviation"], result["after_slip"]
     assert greedy["hint_native"]["accuracy"] >= 0.95 - TOLERANCE and greedy["hint_foreign"]["accuracy"] >= 0.95 - TOLERANCE
     assert greedy["hint_native"]["early_answer_rate"] == 0.0
     assert deviation["teacher_argmax_is_reference"] >= 0.90 - TOLERANCE
-    assert slip["slips"] >= 25 and slip["follows_student"] >= 0.90 - TOLERANCE and slip["copies_reference"] <= 0.10 + TOLERANCE
-    assert abs(greedy["no_hint"]["accuracy"] - 0.820) <= TOLERANCE  # not yet in the .15-.40 band
+    assert slip["slips"] >= 40 and slip["follows_student"] >= 0.90 - TOLERANCE and slip["copies_reference"] <= 0.10 + TOLERANCE
+    assert abs(greedy["no_hint"]["accuracy"] - 0.562) <= TOLERANCE  # above the .15-.40 band

@@ -15,9 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
-from sdharness.models import char_tokenizer, load_model_and_tokenizer, resolve_path
+from sdharness.models import PRETRAIN_REPORT, char_tokenizer, load_model_and_tokenizer, resolve_path
 from sdharness.tools.pretrain import (
-    REPORT_NAME,
     MixConfig,
     build_examples,
     eval_problems,
@@ -26,16 +25,15 @@ from sdharness.tools.pretrain import (
     split_counts,
     to_pretrain_config,
 )
-from tests.conftest import TESTBED, compose_config
+from tests.conftest import TESTBED, TESTBED_CHAIN, compose_config
 
 TOLERANCE = 0.05  # accuracy points, as a fraction
 ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")
 
 
 TESTBED_V1 = ModelConfig(name="testbed_v1", source="hf", path="pkg://sdharness/assets/testbed_v1")
-TESTBED_COLUMNS = ModelConfig(name="testbed_columns", source="hf", path="pkg://sdharness/assets/testbed_columns")
-BASES = {"testbed": (TESTBED, "pretrain_v2"), "testbed_v1": (TESTBED_V1, "pretrain"),  # model -> its pretraining config
-         "testbed_columns": (TESTBED_COLUMNS, "pretrain_columns")}
+BASES = {"testbed": (TESTBED, "pretrain_columns"), "testbed_chain": (TESTBED_CHAIN, "pretrain_v2"),  # model -> its pretraining config
+         "testbed_v1": (TESTBED_V1, "pretrain")}
 
 
 def recorded_config_name(command: str) -> str:
@@ -45,7 +43,7 @@ def recorded_config_name(command: str) -> str:
 
 
 def shipped_report(base: ModelConfig = TESTBED) -> dict:
-    return json.loads((resolve_path(base.path) / REPORT_NAME).read_text())
+    return json.loads((resolve_path(base.path) / PRETRAIN_REPORT).read_text())
 
 
 def prompt_from(report: dict) -> PromptConfig:
@@ -184,7 +182,7 @@ def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    fresh = json.loads((tmp_path / "base" / REPORT_NAME).read_text())
+    fresh = json.loads((tmp_path / "base" / PRETRAIN_REPORT).read_text())
     # Every recorded setting is the same; of the settings added since, the data knobs keep their
     # neutral defaults (prompt fields added for chats play no part in pretraining).
     assert _recorded_part(fresh["config"], report["config"]) | {"output_dir": None} == report["config"] | {"output_dir": None}
@@ -204,7 +202,7 @@ def test_short_self_distillation_run_gives_its_measured_accuracies(tmp_path):
     from sdharness.train import train
     from tests.conftest import compose_config
 
-    train(compose_config(["experiment=testbed_sd", "budget.problems=64", "data.eval_size=50", "eval.every_n_steps=0",
+    train(compose_config(["experiment=testbed_sd", "model=testbed_chain", "data.task=chain", "budget.problems=64", "data.eval_size=50", "eval.every_n_steps=0",
                           "logger.mode=disabled", "rollout.progress=false"]), tmp_path)
     import csv
 

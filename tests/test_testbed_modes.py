@@ -2,7 +2,7 @@
 
 tests/test_guided.py and tests/test_chatlog.py check the mechanics on tiny_random, where every
 answer is wrong and the two contexts barely differ. Here the same modes run on the testbed base
-(sdharness/assets/testbed, ``model=testbed prompt=testbed``), whose recorded greedy accuracies are
+(sdharness/assets/testbed_chain, ``model=testbed_chain data.task=chain prompt=testbed``), whose recorded greedy accuracies are
 no hint EASY 0.68, no hint HARD 0.42, with the reference solution as a hint HARD 0.90: the tests
 assert that the method does what it is for on a model that can use a hint. Thresholds were set
 from measured values (in each test's docstring) with wide margins; decoding is greedy or seeded.
@@ -31,7 +31,7 @@ from sdharness.tools.pretrain import eval_problems
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher
 from sdharness.rollout.hf import generate
 from sdharness.data.tasks import is_correct
-from tests.conftest import TESTBED, compose_config
+from tests.conftest import TESTBED_CHAIN, compose_config
 from tests.test_testbed import TESTBED_V1
 
 MAX_NEW_TOKENS = 96  # the testbed experiments' rollout.max_new_tokens and eval.max_new_tokens
@@ -42,14 +42,14 @@ SIZE = 16
 
 def hard_problems() -> list[dict]:
     """The first 16 of the testbed's recorded held-out HARD problems (never seen in pretraining)."""
-    report = json.loads((resolve_path(TESTBED.path) / "pretrain_report.json").read_text())
+    report = json.loads((resolve_path(TESTBED_CHAIN.path) / "pretrain_report.json").read_text())
     return eval_problems(report["eval"]["seed"], report["eval"]["size"])["hard"][:SIZE]
 
 
 @pytest.fixture(scope="module")
 def testbed():
     torch.set_num_threads(1)
-    model, tokenizer = load_model_and_tokenizer(TESTBED)
+    model, tokenizer = load_model_and_tokenizer(TESTBED_CHAIN)
     model.eval()
     return model, tokenizer, PromptConfig(**named_config("prompt", "testbed"))
 
@@ -109,7 +109,7 @@ def test_generate_cli_on_failure_fixes_the_students_failures(tmp_path):
     path = tmp_path / "hard.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in problems))
     out = tmp_path / "out.jsonl"
-    result = subprocess.run(_cli() + ["--model", "testbed", "--prompt", "testbed", "--problems", str(path), "--out",
+    result = subprocess.run(_cli() + ["--model", "testbed_chain", "--prompt", "testbed", "--problems", str(path), "--out",
                                       str(out), "--guidance", "on_failure", "--greedy"],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -135,7 +135,7 @@ def test_on_failure_guided_training_on_testbed_hard(tmp_path):
     accuracy 0.25, 0.125), guided accuracy 1.0 and 1.0. About 6 s."""
     from sdharness.train import train
 
-    train(compose_config(["experiment=testbed_sd", "rollout.guidance=on_failure", "trainer.max_steps=2",
+    train(compose_config(["experiment=testbed_sd", "model=testbed_chain", "data.task=chain", "rollout.guidance=on_failure", "trainer.max_steps=2",
                           "data.eval_size=16", "eval.at_start=false", "eval.every_n_steps=0", "logger.mode=disabled",
                           "threads=1"]), tmp_path)
     rows = [r for r in read_metrics(tmp_path) if r.get("train/guided_fraction")]
@@ -158,7 +158,7 @@ def test_logged_chats_train_on_testbed_without_generating(tmp_path):
     examples exceed its 512-token context and are skipped. About 2 s."""
     from sdharness.train import train
 
-    train(compose_config(["model=testbed", "prompt=testbed", "data=chatlog", "data.eval_size=8",
+    train(compose_config(["model=testbed_chain", "prompt=testbed", "data=chatlog", "data.eval_size=8",
                           "trainer.max_steps=3", "eval.at_start=false", "eval.every_n_steps=0", "eval.max_new_tokens=64",
                           "rollout.progress=false", "logger.mode=disabled", "threads=1"]), tmp_path)
     rows = read_metrics(tmp_path)

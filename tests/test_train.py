@@ -177,3 +177,37 @@ def test_gradients_are_freed_after_every_training_step(tmp_path, algo):
     train(compose_config(TINY + [f"algo={algo}", "algo.group_size=2", "logger.mode=disabled", "eval.at_start=false"]),
           tmp_path, callbacks=(Grads(),))
     assert len(grads_after_step) == 2 and all(all(step) for step in grads_after_step)
+
+
+def test_the_optimiser_is_fused_adamw_and_steps_as_adamw(tmp_path):
+    """One fused kernel for every tensor (transformers' adamw_torch_fused) where the parameters allow
+    it; the step it takes is AdamW's, within float32 rounding of torch's per-tensor loop."""
+    import lightning as L
+
+    from sdharness.methods.policy import fused_adamw_supported
+
+    seen = []
+
+    class Optimiser(L.Callback):
+        def on_train_start(self, trainer, module):
+            optimizer = trainer.optimizers[0]
+            seen.append((type(optimizer), optimizer.defaults["fused"]))
+
+    train(compose_config(TINY + ["logger.mode=disabled", "eval.at_start=false", "trainer.max_steps=1"]), tmp_path,
+          callbacks=(Optimiser(),))
+    assert seen == [(torch.optim.AdamW, True)]
+    assert not fused_adamw_supported([torch.zeros(2, device="meta")]) and not fused_adamw_supported([torch.zeros(2, dtype=torch.long)])
+    assert not fused_adamw_supported([])
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(5, 3), [torch.randn(5, 3) for _ in range(3)]
+    weights = {}
+    for fused in (True, False):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = torch.optim.AdamW([weight], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.98), fused=fused)
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+        weights[fused] = weight.detach()
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-6, atol=1e-7)
+    assert (weights[True] - start).abs().min() > 1e-3  # it moved

@@ -224,7 +224,8 @@ class PolicyModule(L.LightningModule):
     def configure_optimizers(self):
         optim = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas))
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
+                                      fused=fused_adamw_supported(params))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
             step, warmup_steps=optim.warmup_steps, total_steps=self.cfg.trainer.max_steps, schedule=optim.schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -274,6 +275,14 @@ class PolicyModule(L.LightningModule):
         cost = rollout_cost(prompt_mask, rollout)
         self.count(**cost)
         return cost["generated"]
+
+
+def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW (one kernel for every tensor, as transformers' default
+    ``adamw_torch_fused``) takes these parameters: plain floating tensors on CPU or CUDA. Sharded
+    parameters (FSDP2's DTensors) keep the default implementation."""
+    return bool(params) and all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                for p in params)
 
 
 def global_mean_scale(local_count: float, global_count: float, world_size: int) -> float:

@@ -54,6 +54,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from sdharness.config import PACKAGE_DIR, AggregationConfig, LossConfig, ModelConfig
 from sdharness.distill.logits import completion_logits
 from sdharness.distill.losses import token_cross_entropy
+from sdharness.methods.policy import fused_adamw_supported
 from sdharness.methods.self_distill import score_and_distil
 from sdharness.rollout.guided import guided_generate
 from sdharness.tools import peer
@@ -186,7 +187,8 @@ def measure_step(case: Case, method: str, repeats: int, threads: int | None) -> 
     device = setup_device(threads)
     model = load_model(case.model)[0].to(device)
     data = step_batch(case, model.config.vocab_size, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused_adamw_supported(params))  # as PolicyModule's
     step = {"sd": sd_step, "sft": sft_step}[method]
     baseline, reset = reset_peak(device)
     times = [_timed(lambda: step(model, optimizer, data), device) for _ in range(repeats + 1)]

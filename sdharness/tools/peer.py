@@ -40,7 +40,6 @@ UNEQUAL = (
     "entropy and token accuracy over the logits every step for its logs",
     "TRL's SDFTTrainer scores each token with the full-vocabulary logits of both models "
     "(sdharness: the teacher's hidden states, projected chunk by chunk inside the loss)",
-    "AdamW: TRL's default (transformers' adamw_torch_fused where available); sdharness's torch.optim.AdamW",
     "TRL SFTConfig defaults changed to match: gradient_checkpointing=False (its default True) and bf16=False",
     "sampled completions differ (each side's own sampling from the same model); lengths are forced equal",
 )

@@ -1,13 +1,13 @@
 """Pretrain a testbed base from scratch on a built-in arithmetic task (a Hydra app).
 
-    sdharness-pretrain --config-name pretrain_v2        # the default base (sdharness/assets/testbed)
+    sdharness-pretrain --config-name pretrain_columns   # the default base (column addition, assets/testbed)
+    sdharness-pretrain --config-name pretrain_v2        # the chained-arithmetic base (assets/testbed_chain)
     sdharness-pretrain                                  # the first base (sdharness/assets/testbed_v1)
-    sdharness-pretrain --config-name pretrain_columns   # the column-addition base (assets/testbed_columns)
     sdharness-pretrain early_answer_fraction=0.5 output_dir=/tmp/leaky_base
 
 A testbed base is a small Llama (0.45M parameters: hidden 96, 4 layers) with the character-level
 tokenizer, saved with ``save_pretrained`` so the harness loads it like any other Hugging Face model
-(``model=testbed prompt=testbed``). It is trained so that it uses hints well but is weaker without
+(``model=testbed data.task=columns prompt=testbed``). It is trained so that it uses hints well but is weaker without
 them on HARD (about 10 minutes on one CPU thread; each base's ``pretrain_report.json`` records
 its command, seed, time and accuracies):
 
@@ -58,13 +58,12 @@ from transformers import LlamaForCausalLM
 from sdharness.config import CONF_DIR, ConfigError, PromptConfig, require
 from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.methods.schedule import lr_lambda
-from sdharness.models import char_llama_config, char_tokenizer
+from sdharness.models import PRETRAIN_REPORT, char_llama_config, char_tokenizer
 from sdharness.data.prompts import encode_prompt, render_student, render_teacher
 from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS
 
 log = logging.getLogger(__name__)
-REPORT_NAME = "pretrain_report.json"
 KINDS = ("student_easy", "student_hard", "teacher_easy", "teacher_hard")
 EVAL_SETS = {  # name -> (prompt format, problems: difficulty or difficulty_foreign for foreign-notation hints)
     "no_hint_easy": ("student", "easy"),
@@ -459,7 +458,7 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
         "accuracy": {name: row["accuracy"] for name, row in results.items()},
         "results": results,
     }
-    (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / PRETRAIN_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(results), flush=True)
     print(f"{parameters} parameters; train {train_seconds:.0f} s, eval {eval_seconds:.0f} s "
           f"on {torch.get_num_threads()} thread(s); saved to {output_dir}", flush=True)

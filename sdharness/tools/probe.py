@@ -53,7 +53,7 @@ from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import completion_logits
 from sdharness.eval.quick import evaluate_greedy, prompt_batches
-from sdharness.models import load_model_and_tokenizer, set_threads_for
+from sdharness.models import check_pretrained_task, load_model_and_tokenizer, set_threads_for
 from sdharness.rollout.hf import eos_token_ids, generate
 
 log = logging.getLogger(__name__)
@@ -359,6 +359,7 @@ def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = N
     """Run every figure on the held-out split; print, write ``probe.json``, log; return the result."""
     output_dir = Path(output_dir)
     _, problems = load_problems(cfg.data)  # a bad data file fails now, not after a model load
+    check_pretrained_task(cfg.model, cfg.data)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     set_threads_for(model, cfg.threads)
     model.eval()

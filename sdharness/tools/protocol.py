@@ -46,7 +46,7 @@ from sdharness.report.runs import Run, find_runs
 METHOD_CHOICES = tuple(sorted(path.stem for path in (SWEEPS_DIR / "method").glob("*.yaml")))
 READS_NO_REFERENCE = ("grpo",)  # trained on answers only: the reference style does not apply
 SELECTION_METRIC = "val/accuracy"
-LEARNING_RATES = "3e-5,1e-4,3e-4"
+LEARNING_RATES = "1e-5,3e-5,1e-4,3e-4,1e-3"
 
 
 def method_of(run: Run) -> str | None:
