@@ -26,7 +26,7 @@ def test_hand_made_problem_native_and_foreign():
     assert COLUMNS.solution(drawn, "native") == NATIVE
     assert COLUMNS.solution(drawn, "foreign") == FOREIGN
     assert COLUMNS.answer(drawn) == "14218"
-    assert is_correct(NATIVE, "14218") and not is_early_answer(NATIVE, "14218")
+    assert is_correct(NATIVE, "14218") and not is_early_answer(NATIVE, "14218", derived_at=COLUMNS.derived_at)
 
 
 def test_columns_units_first_and_the_carry_follows_the_written_total():
@@ -184,7 +184,18 @@ def test_data_task_composes_from_the_command_line():
     ("1+7=8\n8+3=10\n5+6+1=12\n9+4+1=14\nThe answer is 14208.", False),  # a wrong answer is never early
 ])
 def test_early_answer_on_column_work(text, early):
-    assert is_early_answer(text, "14218") is early
+    assert is_early_answer(text, "14218", derived_at=COLUMNS.derived_at) is early
+
+
+def test_what_derives_the_answer_is_the_runs_task():
+    """Column lines derive the answer on the columns task only: the chain task's equations end in
+    ``= answer``, and a chain run's eval must not count another task's working."""
+    from sdharness.eval.quick import completion_metrics
+
+    problem = {"problem": "Add 9581 and 4637. What is the sum?", "answer": "14218"}
+    assert completion_metrics([NATIVE], [problem], "The answer is", task="columns")["early_answer_rate"] == 0.0
+    assert completion_metrics([NATIVE], [problem], "The answer is", task="chain")["early_answer_rate"] == 1.0
+    assert completion_metrics([NATIVE], [problem], "The answer is", task="columns")["accuracy"] == 1.0
 
 
 def test_pretraining_examples_of_the_columns_task():

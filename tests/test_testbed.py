@@ -88,8 +88,9 @@ def test_shipped_base_reaches_its_recorded_accuracies(name):
     report = shipped_report(base)
     model, tokenizer = load_model_and_tokenizer(base)
     assert sum(p.numel() for p in model.parameters()) == report["parameters"]
-    problems = eval_problems(report["eval"]["seed"], report["eval"]["size"], report["config"].get("task", "chain"))
-    results = evaluate_suite(model, tokenizer, prompt_from(report), problems,
+    task = report["config"].get("task", "chain")
+    problems = eval_problems(report["eval"]["seed"], report["eval"]["size"], task)
+    results = evaluate_suite(model, tokenizer, prompt_from(report), problems, task=task,
                              max_new_tokens=report["eval"]["max_new_tokens"],
                              batch_size=report["eval"]["batch_size"],
                              sets=tuple(name for name in ("no_hint_hard", "hint_hard", "foreign_hint_hard")
@@ -202,7 +203,7 @@ def test_short_self_distillation_run_gives_its_measured_accuracies(tmp_path):
     from sdharness.train import train
     from tests.conftest import compose_config
 
-    train(compose_config(["experiment=testbed_sd", "model=testbed_chain", "data.task=chain", "budget.problems=64", "data.eval_size=50", "eval.every_n_steps=0",
+    train(compose_config(["experiment=testbed_sd", "model=testbed_chain", "data.task=chain", "optim.lr=3e-4", "budget.problems=64", "data.eval_size=50", "eval.every_n_steps=0",
                           "logger.mode=disabled", "rollout.progress=false"]), tmp_path)
     import csv
 

@@ -181,7 +181,7 @@ def _accepted_logprobs(model, student_ids, student_mask, teacher_ids, teacher_ma
 
 
 def test_chat_teacher_puts_more_probability_on_the_accepted_turn():
-    """On the first base (``model=testbed_v1``), which copies any hint: the default base scores the
+    """On the first base (``model=testbed_v1``), which copies any hint: the chain base scores the
     accepted turn about as the student does (teacher -8.67, student -8.53 nats on these 16). The chat path itself (``encode_chat``/``encode_completion`` with conf/prompt/testbed.yaml's
     ``chat_roles`` and the hint last, as "Reference solution"): each shipped conversation's
     accepted reply, scored after its first question (student) and after the same plus the accepted

@@ -80,7 +80,7 @@ def assemble(columns: list[Column]) -> str:
 
 def assembled_at(completion: str, answer: str) -> int | None:
     """The character where a run of column lines first assembles ``answer`` (the end of its
-    last line), or None: the derivation :func:`sdharness.data.tasks.is_early_answer` looks for."""
+    last line), or None."""
     run, offset = [], 0
     for line in completion.split("\n"):
         column = parse_line(line)
@@ -145,6 +145,9 @@ class ColumnsTask(BuiltinTask):
 
     def answer(self, drawn):
         return str(int(drawn.top) + int(drawn.bottom))
+
+    def derived_at(self, completion, answer):
+        return assembled_at(completion, answer)
 
     def slipped_solution(self, rng, drawn):
         """One column slipped (:func:`slip_column`), every later line correct on the digits with its

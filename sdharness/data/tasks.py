@@ -107,22 +107,24 @@ def answer_span_start(completion: str, marker: str = ANSWER_MARKER) -> int | Non
     return None if index < 0 else index
 
 
-def is_early_answer(completion: str, answer: str, marker: str = ANSWER_MARKER) -> bool:
+def is_early_answer(completion: str, answer: str, marker: str = ANSWER_MARKER,
+                    derived_at: Callable[[str, str], int | None] | None = None) -> bool:
     """True when ``answer`` is stated before the first working that derives it: an equation
-    ``= answer``, or column-addition lines (``1+7=8``, the columns task) that assemble it.
+    ``= answer``, or where the task's ``derived_at`` finds its own derivation (``BuiltinTask.derived_at``:
+    the columns task's lines ``1+7=8`` ... that assemble it).
 
     A statement is the answer after the answer marker, or the answer opening a line without
     being the left operand of an equation; operands and other numbers do not count. A
     completion that states the answer and never derives it counts as early.
     """
-    from sdharness.data.columns import assembled_at  # columns imports this module
     number = r"(?<![\d.])" + re.escape(str(answer).strip()) + r"(?![\d])"
     stated = [match.start() for match in re.finditer(re.escape(marker) + r"\s*:?\s*" + number, completion)]
     stated += [match.start(1) for match in re.finditer(r"(?m)^\s*(" + number + r")(?!\s*[-+*/=])", completion)]
     if not stated:
         return False
     equation = re.search(r"=\s*" + number, completion)
-    derived = [at for at in (equation and equation.start(), assembled_at(completion, str(answer).strip())) if at is not None]
+    task_derived = derived_at(completion, str(answer).strip()) if derived_at is not None else None
+    derived = [at for at in (equation and equation.start(), task_derived) if at is not None]
     return not derived or min(stated) < min(derived)
 
 
@@ -242,6 +244,12 @@ class BuiltinTask:
         """A native solution with one slip, continued consistently, and the ``[begin, end)``
         character span of the slip's wrong characters (trained without loss)."""
         raise NotImplementedError
+
+    def derived_at(self, completion: str, answer: str) -> int | None:
+        """Where the task's own working in ``completion`` first derives ``answer`` (the end of it),
+        beyond an equation ``= answer``, which :func:`is_early_answer` finds for every task; None if
+        there is none."""
+        return None
 
     def consistent_continuation(self, problem: str, completion: str, reference: str, slip_at: int) -> dict | None:
         """For a completion that first leaves ``reference`` at character ``slip_at`` with a slip the

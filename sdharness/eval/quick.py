@@ -16,6 +16,7 @@ from sdharness.scale.checkpoints import is_final_step
 from sdharness.config import EvalConfig, PromptConfig
 from sdharness.data.prompts import encode_prompts
 from sdharness.rollout.hf import generate
+from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import answer_checker, is_early_answer
 
 
@@ -26,15 +27,17 @@ def leaked(text: str, phrases: list[str]) -> bool:
 
 
 def completion_metrics(texts: list[str], problems: list[dict], answer_marker: str,
-                       leak_phrases: list[str] = (), checker: str = "builtin") -> dict[str, float]:
+                       leak_phrases: list[str] = (), checker: str = "builtin", task: str = "chain") -> dict[str, float]:
     """Accuracy (by ``checker``, see :func:`sdharness.tasks.answer_checker`) and early-answer rate
-    against the problems' answers, and the leakage rate."""
+    against the problems' answers (what counts as a derivation is ``task``'s, see
+    :meth:`sdharness.data.tasks.BuiltinTask.derived_at`), and the leakage rate."""
     metrics = {"leakage_rate": sum(leaked(t, leak_phrases) for t in texts) / len(texts)} if texts else {}
     checked = [(text, problem["answer"]) for text, problem in zip(texts, problems) if problem.get("answer")]
     if checked:
         check = answer_checker(checker, answer_marker)
         metrics["accuracy"] = sum(check(text, answer) for text, answer in checked) / len(checked)
-        metrics["early_answer_rate"] = sum(is_early_answer(text, answer, answer_marker)
+        derived_at = builtin_task(task).derived_at
+        metrics["early_answer_rate"] = sum(is_early_answer(text, answer, answer_marker, derived_at)
                                            for text, answer in checked) / len(checked)
     return metrics
 
@@ -70,8 +73,8 @@ def prompt_batches(prompt: PromptConfig, tokenizer, texts: list[str], problems: 
 
 
 def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str,
-                    leak_phrases: list[str] = (), checker: str = "builtin", synced: bool = False, rank: int = 0,
-                    world_size: int = 1) -> EvalResult:
+                    leak_phrases: list[str] = (), checker: str = "builtin", task: str = "chain", synced: bool = False,
+                    rank: int = 0, world_size: int = 1) -> EvalResult:
     """Greedy-decode every batch of student prompts and score the completions.
 
     On several ranks each decodes every ``world_size``-th batch and the completions are gathered,
@@ -91,7 +94,7 @@ def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_ma
             problems += batch.problems
             lengths += rollout.lengths.tolist()
     texts, problems, lengths = (gathered_from_all_ranks(part, world_size) for part in (texts, problems, lengths))
-    metrics = completion_metrics(texts, problems, answer_marker, leak_phrases, checker)
+    metrics = completion_metrics(texts, problems, answer_marker, leak_phrases, checker, task)
     nan = float("nan")
     return EvalResult(metrics.get("accuracy", nan), metrics.get("early_answer_rate", nan),
                       metrics.get("leakage_rate", nan), sum(lengths) / len(lengths) if lengths else 0.0, len(texts))
@@ -123,6 +126,7 @@ class QuickEval(L.Callback):
         result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
                                  max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
                                  leak_phrases=self.leak_phrases, checker=module.cfg.data.checker,
+                                 task=module.cfg.data.task,
                                  synced=module.sharded,
                                  rank=trainer.global_rank, world_size=trainer.world_size)
         metrics = {**result.as_metrics(self.prefix), **module.counters.as_metrics(), **self.lm_eval(module)}

@@ -266,7 +266,7 @@ class PolicyModule(L.LightningModule):
     def rollout_metrics(self, rollout: Rollout, problems: list[dict]) -> dict[str, float]:
         metrics = {f"train/rollout_{k}": v for k, v in completion_metrics(
             rollout.texts, problems, self.cfg.data.answer_marker, self.cfg.prompt.leak_phrases,
-            self.cfg.data.checker).items()}
+            self.cfg.data.checker, self.cfg.data.task).items()}
         metrics["train/completion_length"] = rollout.lengths.float().mean().item()
         return metrics
 

@@ -349,7 +349,7 @@ def train_model(model, batches, cfg: PretrainConfig, on_log=None) -> list[tuple[
     return history
 
 
-def evaluate_suite(model, tokenizer, prompt: PromptConfig, problems: dict[str, list[dict]], *,
+def evaluate_suite(model, tokenizer, prompt: PromptConfig, problems: dict[str, list[dict]], *, task: str,
                    max_new_tokens: int, batch_size: int, sets: tuple[str, ...] = tuple(EVAL_SETS)) -> dict:
     """Greedy accuracy (and early-answer rate, mean length) on each eval set in ``sets``."""
     results = {}
@@ -359,7 +359,7 @@ def evaluate_suite(model, tokenizer, prompt: PromptConfig, problems: dict[str, l
         texts = [render_student(prompt, item["problem"]) if fmt == "student"
                  else render_teacher(prompt, item["problem"], item["solution"]) for item in items]
         result = evaluate_greedy(model, tokenizer, prompt_batches(prompt, tokenizer, texts, items, batch_size),
-                                 max_new_tokens=max_new_tokens, answer_marker=ANSWER_MARKER)
+                                 max_new_tokens=max_new_tokens, answer_marker=ANSWER_MARKER, task=task)
         results[name] = {"accuracy": result.accuracy, "early_answer_rate": result.early_answer_rate,
                          "completion_length": result.completion_length, "size": result.size}
     return results
@@ -418,7 +418,7 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
 
     def quick_eval(step: int) -> None:
         eval_started = time.perf_counter()
-        results = evaluate_suite(model, tokenizer, cfg.prompt, quick, max_new_tokens=cfg.eval_max_new_tokens,
+        results = evaluate_suite(model, tokenizer, cfg.prompt, quick, task=cfg.task, max_new_tokens=cfg.eval_max_new_tokens,
                                  batch_size=cfg.eval_batch_size, sets=("no_hint_easy", "no_hint_hard", "hint_hard", "foreign_hint_hard"))
         log.info("step %d quick eval: %s", step, ", ".join(f"{name} {row['accuracy']:.2f}" for name, row in results.items()))
         paused[0] += time.perf_counter() - eval_started
@@ -428,7 +428,7 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
     train_seconds = time.perf_counter() - train_started - paused[0]
 
     eval_started = time.perf_counter()
-    results = evaluate_suite(model, tokenizer, cfg.prompt, held_out, max_new_tokens=cfg.eval_max_new_tokens,
+    results = evaluate_suite(model, tokenizer, cfg.prompt, held_out, task=cfg.task, max_new_tokens=cfg.eval_max_new_tokens,
                              batch_size=cfg.eval_batch_size)
     eval_seconds = time.perf_counter() - eval_started
 

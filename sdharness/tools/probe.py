@@ -160,7 +160,7 @@ def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> 
         # Scored as the quick eval scores (data.checker); problems without an answer give None, not NaN.
         result = evaluate_greedy(model, tokenizer, prompt_batches(cfg.prompt, tokenizer, texts, problems, cfg.batch_size),
                                  max_new_tokens=cfg.max_new_tokens, answer_marker=cfg.data.answer_marker,
-                                 checker=cfg.data.checker)
+                                 checker=cfg.data.checker, task=cfg.data.task)
         figures[name] = {key: None if math.isnan(value) else value for key, value in
                          (("accuracy", result.accuracy), ("early_answer_rate", result.early_answer_rate))}
     return figures
