@@ -279,10 +279,10 @@ class PolicyModule(L.LightningModule):
 
 def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW (one kernel for every tensor, as transformers' default
-    ``adamw_torch_fused``) takes these parameters: plain floating tensors on CPU or CUDA. Sharded
-    parameters (FSDP2's DTensors) keep the default implementation."""
-    return bool(params) and all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                for p in params)
+    ``adamw_torch_fused``) takes these parameters: floating tensors on CPU or CUDA, FSDP2's
+    DTensors included (DTensor runs the fused kernel on each shard), so that sharded and
+    replicated runs take the same steps."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def global_mean_scale(local_count: float, global_count: float, world_size: int) -> float:
