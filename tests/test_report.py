@@ -297,3 +297,23 @@ def test_tiny_sweep_reports_completed_and_failed_jobs(tmp_path):
     # a missing checkpoint: refused before any model loads (ConfigError), or, before that check, by Lightning's fit
     assert "**ConfigError**: ckpt_path=" in md or "**FileNotFoundError**: Checkpoint file not found" in md
     assert len(list((tmp_path / "report").glob("*.png"))) == 5
+
+
+def test_accuracy_bands_are_drawn_within_0_and_1(tmp_path, monkeypatch):
+    """Three seeds of which one collapses give a t-band from below 0 to above 1 (the report's
+    figures showed -0.2 to 1.07); the band drawn is that band clipped to the possible range."""
+    import matplotlib.axes
+    from types import SimpleNamespace
+
+    from sdharness.report.plots import plot_curves
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", lambda self, x, low, high, **kw: drawn.append((low, high)))
+    runs = [SimpleNamespace(evals=[{"train/problems_seen": 0, "eval/accuracy": 0.5},
+                                   {"train/problems_seen": 8, "eval/accuracy": final}]) for final in (0.6, 0.6, 0.0)]
+    x, mean, low, high = mean_curve([([0, 8], [0.5, f]) for f in (0.6, 0.6, 0.0)])
+    assert low[1] < 0 and high[1] > 1  # the t-interval itself
+    plot_curves({"sd": runs}, "problems_seen", "problems seen", tmp_path / "curves.png")
+    (band_low, band_high), = drawn
+    assert list(band_low) == [0.5, 0.0] and list(band_high) == [0.5, 1.0]
+    assert (tmp_path / "curves.png").is_file()

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,7 +53,8 @@ def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: flo
         x, mean, low, high = mean_curve(curves)
         ax.plot(x, mean, marker="o", markersize=3, color=color, label=f"{label} (n={len(curves)})")
         if len(curves) > 1:
-            ax.fill_between(x, low, high, color=color, alpha=0.15)
+            # Accuracy lies in [0, 1]; a t-interval over a few seeds that disagree reaches past it.
+            ax.fill_between(x, np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0), color=color, alpha=0.15)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
     ax.set(xlabel=axis_name, ylabel="eval accuracy", title=f"Eval accuracy vs {axis_name} (mean, 95% CI over seeds)")
