@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sdharness.config import ConfigError, DataConfig, ModelConfig
+from sdharness.data import SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def check_pretrained_task(model: ModelConfig, data: DataConfig) -> None:
     """Refuse a base pretrained on one built-in task run on another: it would score near zero and
     nothing would say why. Bases without a pretraining report (any model not made by
     sdharness-pretrain) and data other than the built-in task are not checked."""
-    if data.name != "arithmetic" or model.source != "hf" or model.path is None:
+    if not SOURCES[data.name].built_in_task or model.source != "hf" or model.path is None:
         return
     report = resolve_path(model.path) / PRETRAIN_REPORT
     if not report.is_file():
