@@ -22,14 +22,14 @@ from sdharness import jobs
 from sdharness.config import TrainConfig
 
 
-def _schema_keys(dotted: str) -> list[str] | None:
-    """Keys of the schema node at ``dotted`` ('' for the top), or None where there is no such node."""
-    node = OmegaConf.structured(TrainConfig)
+def _schema_keys(schema: type, dotted: str) -> list[str] | None:
+    """Keys of the ``schema`` node at ``dotted`` ('' for the top), or None where there is no such node."""
+    node = OmegaConf.structured(schema)
     node = OmegaConf.select(node, dotted) if dotted else node
     return [str(key) for key in node.keys()] if isinstance(node, DictConfig) else None
 
 
-def composition_error_message(error: BaseException) -> str:
+def composition_error_message(error: BaseException, schema: type = TrainConfig) -> str:
     """One clear line for an error Hydra raises while composing the config (an unknown group
     option, a misspelt key, a value of the wrong type): the override at fault and the valid
     choices, without Hydra's search path or its advice to append keys with ``+``."""
@@ -46,13 +46,14 @@ def composition_error_message(error: BaseException) -> str:
     full_key = getattr(cause, "full_key", None)
     if full_key and type(cause).__name__ in ("ConfigAttributeError", "ConfigKeyError"):  # aggregation.taux=1
         parent, _, key = str(full_key).rpartition(".")
-        known = _schema_keys(parent)
+        known = _schema_keys(schema, parent)
         if known:  # a typed node; free-form ones (trainer.extra) take new keys with +key=value
             prefix = f"{parent}." if parent else ""
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             scope = f"{parent} has" if parent else "the config has"
-            group_hint = "" if parent else "; choose a group option with group=name, e.g. aggregation=clip"
+            example = ", e.g. aggregation=clip" if schema is TrainConfig else ""
+            group_hint = "" if parent else f"; choose a group option with group=name{example}"
             return f"{full_key} is not a config key{hint}; {scope}: {', '.join(known)}{group_hint}"
     message = str(error).split("\nConfig search path:")[0].replace("Error merging override ", "", 1)
     message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
@@ -69,13 +70,14 @@ def composition_error_message(error: BaseException) -> str:
     return f"cannot parse the override {override!r}: {message}{quoting}"
 
 
-def cli_errors(hydra_main: Callable) -> Callable:
+def cli_errors(hydra_main: Callable, schema: type = TrainConfig) -> Callable:
     """Wrap a ``@hydra.main`` entry point so that a config Hydra cannot compose (unknown group
     option, misspelt key, ill-typed value, unparsable override) prints one
     ``sdharness: error: ...`` line naming the valid choices and exits with status 2, as the
     app's own config and data errors do, instead of Hydra's message and status 1. A multirun
     whose jobs failed (recorded, the others run on) exits with status 1 once it ends.
-    ``HYDRA_FULL_ERROR=1`` set by the user keeps Hydra's full behaviour."""
+    ``HYDRA_FULL_ERROR=1`` set by the user keeps Hydra's full behaviour. ``schema``: the app's config
+    dataclass, whose keys a misspelt key is matched against."""
     @functools.wraps(hydra_main)
     def main(*args, **kwargs):
         from hydra.errors import ConfigCompositionException, OverrideParseException
@@ -87,7 +89,7 @@ def cli_errors(hydra_main: Callable) -> Callable:
         try:
             result = hydra_main(*args, **kwargs)
         except (ConfigCompositionException, OverrideParseException) as error:
-            print(f"sdharness: error: {composition_error_message(error)}", file=sys.stderr, flush=True)
+            print(f"sdharness: error: {composition_error_message(error, schema)}", file=sys.stderr, flush=True)
             sys.exit(2)
         finally:
             os.environ.pop("HYDRA_FULL_ERROR", None)

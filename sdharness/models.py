@@ -103,8 +103,8 @@ def resolve_path(path: str, field: str = "model.path") -> Path:
     else:
         resolved = Path(os.path.expanduser(path))
     if not resolved.exists():
-        fix = ("a local model directory (config.json + weights) or a directory holding model.gguf_file"
-               if field == "model.path" else "an existing file")
+        fix = {"model.path": "a local model directory (config.json + weights) or a directory holding model.gguf_file",
+               "init_from": "a base directory written by sdharness-pretrain"}.get(field, "an existing file")
         raise ConfigError(f"{field}={path!r}: {resolved} does not exist; point {field} at {fix}")
     return resolved
 

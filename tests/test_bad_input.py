@@ -518,6 +518,34 @@ def test_uncomposable_config_through_the_wrapped_hydra_entry_point(tmp_path, mon
     assert "HYDRA_FULL_ERROR" not in os.environ
 
 
+@pytest.mark.parametrize("app, argv, message", [
+    # A misspelt key is matched against the app's own schema (was: sdharness-train's keys, no suggestion).
+    ("sdharness.tools.probe", ["max_new_tokenz=5"],
+     "sdharness: error: max_new_tokenz is not a config key (did you mean max_new_tokens?); the config has: "),
+    ("sdharness.tools.pretrain", ["stepz=5"], "sdharness: error: stepz is not a config key (did you mean steps?); "),
+    # The pretraining app's own errors are one line, not a traceback.
+    ("sdharness.tools.pretrain", ["init_from=/nonexistent/base"],
+     "sdharness: error: init_from='/nonexistent/base': /nonexistent/base does not exist; point init_from at a base "
+     "directory written by sdharness-pretrain\n"),
+    ("sdharness.tools.pretrain", ["eval_every=0", "+stop_when.no_hint_hard=0.3"],
+     "sdharness: error: stop_when needs the quick evals it is checked on; set eval_every > 0 (e.g. eval_every=100)\n"),
+    ("sdharness.tools.pretrain", ["--config-name", "pretrain_columns_practice"],
+     "sdharness: error: init_from must be set on the command line, e.g. init_from=DIR\n"),
+])
+def test_each_app_answers_bad_input_with_one_line(tmp_path, monkeypatch, capsys, app, argv, message):
+    import importlib
+
+    main = importlib.import_module(app).main
+    monkeypatch.setattr(sys, "argv", [app, *argv, f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    written = {path.name for path in tmp_path.rglob("*")}  # Hydra's own .hydra/ and job log aside, nothing
+    assert not written & {"model.safetensors", "pretrain_report.json", "probe.json", "metrics.csv"}, written
+
+
 def test_unquoted_template_override_suggests_quoting():
     from hydra.errors import OverrideParseException
 

@@ -187,16 +187,35 @@ def test_a_slip_counts_only_where_following_and_copying_differ(completion, slip_
 @pytest.mark.slow
 def test_probe_on_the_default_base(tmp_path):
     """``sdharness-probe`` as it comes (model=testbed, data.task=columns), 128 HARD problems, seed 0,
-    1 thread. Measured at the commit that shipped the base: no hint 0.562, native hint 0.992,
-    foreign hint 0.992, early answers 0; 55/128 samples leave the reference; at the first
-    deviation the teacher's argmax is the reference token 55/55 (p_T 1.000, p_S 0.145); KL 0.008
-    before, 0.039 after; 55 slips after which following and copying differ: the teacher follows
-    the student on 55/55 and copies the reference on none. Issue 13's targets are met except the
-    no-hint HARD band (.15-.40), asserted at its measured value."""
+    1 thread. Measured on the shipped base: no hint 0.312, native hint 0.961, foreign hint 0.961,
+    early answers 0; 97/128 samples leave the reference; at the first deviation the teacher's argmax
+    is the reference token on all of them (p_T 0.998, p_S 0.402); KL 0.010 before, 0.096 after; 94
+    slips after which following and copying differ: the teacher follows the student on all 94 and
+    copies the reference on none. Every one of issue 13's probe targets is met."""
     result = run_probe(tmp_path, [])
     greedy, deviation, slip = result["greedy"], result["deviation"], result["after_slip"]
-    assert greedy["hint_native"]["accuracy"] >= 0.95 - TOLERANCE and greedy["hint_foreign"]["accuracy"] >= 0.95 - TOLERANCE
-    assert greedy["hint_native"]["early_answer_rate"] == 0.0
-    assert deviation["teacher_argmax_is_reference"] >= 0.90 - TOLERANCE
-    assert slip["slips"] >= 40 and slip["follows_student"] >= 0.90 - TOLERANCE and slip["copies_reference"] <= 0.10 + TOLERANCE
-    assert abs(greedy["no_hint"]["accuracy"] - 0.562) <= TOLERANCE  # above the .15-.40 band
+    assert 0.15 <= greedy["no_hint"]["accuracy"] <= 0.40 and abs(greedy["no_hint"]["accuracy"] - 0.312) <= TOLERANCE
+    assert greedy["hint_native"]["accuracy"] >= 0.95 and greedy["hint_foreign"]["accuracy"] >= 0.95
+    assert greedy["hint_native"]["early_answer_rate"] == 0.0 and greedy["hint_foreign"]["early_answer_rate"] == 0.0
+    assert deviation["teacher_argmax_is_reference"] >= 0.90
+    assert slip["slips"] >= 80 and slip["follows_student"] >= 0.90 and slip["copies_reference"] <= 0.10
+
+
+@pytest.mark.slow
+def test_sft_on_native_references_learns_the_default_base_task(tmp_path):
+    """Issue 13's learnability target, under its stable regime (lr 1e-4, batch 32, 2048 HARD problems
+    with native references), on the shipped base: 0.316 -> 0.887 on 256 eval problems (README). Here
+    on 128 of them, to keep the suite short: 0.312 -> 0.883. It says the task can be learnt in the
+    budget, nothing about SD."""
+    import csv
+
+    from sdharness.train import train
+    from tests.conftest import compose_config
+
+    train(compose_config(["experiment=testbed_sft", "optim.lr=1e-4", "data.batch_size=32", "budget.problems=2048",
+                          "data.eval_size=128", "eval.every_n_steps=0", "logger.mode=disabled", "threads=1"]), tmp_path)
+    with open(tmp_path / "metrics.csv") as handle:
+        accuracies = [float(r["eval/accuracy"]) for r in csv.DictReader(handle) if r.get("eval/accuracy")]
+    before, after = accuracies[0], accuracies[-1]
+    assert after - before >= 0.15
+    assert abs(before - 0.312) <= TOLERANCE and abs(after - 0.883) <= TOLERANCE, (before, after)

@@ -32,8 +32,10 @@ ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")
 
 
 TESTBED_V1 = ModelConfig(name="testbed_v1", source="hf", path="pkg://sdharness/assets/testbed_v1")
-BASES = {"testbed": (TESTBED, "pretrain_columns"), "testbed_chain": (TESTBED_CHAIN, "pretrain_v2"),  # model -> its pretraining config
-         "testbed_v1": (TESTBED_V1, "pretrain")}
+TESTBED_COLUMNS_V1 = ModelConfig(name="testbed_columns_v1", source="hf", path="pkg://sdharness/assets/testbed_columns_v1")
+BASES = {"testbed": (TESTBED, "pretrain_columns_practice"),  # model -> the config of its (last) pretraining stage
+         "testbed_columns_v1": (TESTBED_COLUMNS_V1, "pretrain_columns"),
+         "testbed_chain": (TESTBED_CHAIN, "pretrain_v2"), "testbed_v1": (TESTBED_V1, "pretrain")}
 
 
 def recorded_config_name(command: str) -> str:
@@ -78,6 +80,25 @@ def test_shipped_report_records_the_command_and_the_target_band(name):
     accuracy = report["accuracy"]
     assert accuracy["hint_hard"] >= 0.9
     assert accuracy["no_hint_hard"] < accuracy["hint_hard"]
+
+
+def test_default_base_records_its_three_stages_each_stopped_on_what_it_trains():
+    report = shipped_report(TESTBED)
+    stages, stage = [], report
+    while stage is not None:
+        stages.append(stage)
+        stage = stage.get("init_from")
+    assert [recorded_config_name(stage["command"]) for stage in reversed(stages)] == [
+        "pretrain_columns", "pretrain_columns_teacher", "pretrain_columns_practice"]
+    config = report["config"]
+    assert config["stop_when"] == {"no_hint_hard": 0.2, "hint_hard": 0.95, "foreign_hint_hard": 0.95}
+    assert report["stop_when_met"] and report["steps_trained"] == report["quick_evals"][-1]["step"] == 150
+    last = report["quick_evals"][-1]["accuracy"]
+    assert all(last[name] >= value for name, value in config["stop_when"].items())
+    assert all(not all(row["accuracy"][name] >= value for name, value in config["stop_when"].items())
+               for row in report["quick_evals"][:-1])  # it stopped at the first quick eval that met it
+    teacher_stage = stages[1]["accuracy"]  # the hint-reading base before the no-hint practice
+    assert teacher_stage["no_hint_hard"] == 0.0 and teacher_stage["hint_hard"] >= 0.95
 
 
 @pytest.mark.parametrize("name", BASES)
@@ -170,25 +191,37 @@ def test_recorded_part_ignores_settings_added_later():
     assert _recorded_part(fresh, {"prompt": {"name": "other"}, "seed": 1}) == {"prompt": {"name": "testbed"}, "seed": 0}
 
 
-@pytest.mark.reproduce
-@pytest.mark.parametrize("name", BASES)
-def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
-    """Re-runs the recorded pretraining command (about 10 minutes each on one CPU thread)."""
-    report = shipped_report(BASES[name][0])
-    recorded = shlex.split(report["command"])[1:]
-    overrides = [arg for arg in recorded if not arg.startswith(("output_dir=", "hydra."))]
-    assert recorded_config_name(report["command"]) == BASES[name][1]
+def rebuild_stage(stage: dict, directory: Path) -> dict:
+    """Re-runs a recorded pretraining stage into ``directory``, first the stages it continued from
+    (``init_from``, recorded recursively), and returns the fresh report."""
+    recorded = shlex.split(stage["command"])[1:]
+    overrides = [arg for arg in recorded if not arg.startswith(("output_dir=", "hydra.", "init_from="))]
+    if stage.get("init_from"):
+        base = directory.with_name(directory.name + "_from")
+        rebuild_stage(stage["init_from"], base)
+        overrides.append(f"init_from={base}")
     run = subprocess.run(
-        _pretrain_command() + overrides + [f"output_dir={tmp_path / 'base'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        _pretrain_command() + overrides + [f"output_dir={directory}", f"hydra.run.dir={directory}_hydra"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    fresh = json.loads((tmp_path / "base" / PRETRAIN_REPORT).read_text())
+    return json.loads((directory / PRETRAIN_REPORT).read_text())
+
+
+@pytest.mark.reproduce
+@pytest.mark.parametrize("name", BASES)
+def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
+    """Re-runs the recorded pretraining commands (about 10 minutes a stage on one CPU thread)."""
+    report = shipped_report(BASES[name][0])
+    assert recorded_config_name(report["command"]) == BASES[name][1]
+    fresh = rebuild_stage(report, tmp_path / "base")
     # Every recorded setting is the same; of the settings added since, the data knobs keep their
     # neutral defaults (prompt fields added for chats play no part in pretraining).
-    assert _recorded_part(fresh["config"], report["config"]) | {"output_dir": None} == report["config"] | {"output_dir": None}
+    ignored = {"output_dir": None, "init_from": None}
+    assert _recorded_part(fresh["config"], report["config"]) | ignored == report["config"] | ignored
     for name, neutral in {"foreign_hint_fraction": 0.0, "slip_fraction": 0.0, "task": "chain"}.items():
         assert report["config"].get(name, neutral) == fresh["config"][name]
+    assert fresh.get("stop_when_met", False) == report.get("stop_when_met", False)
     for name in ("no_hint_easy", "no_hint_hard", "hint_hard"):
         assert abs(fresh["accuracy"][name] - report["accuracy"][name]) <= TOLERANCE, (name, fresh["accuracy"])
     for name in ("config.json", "model.safetensors", "tokenizer.json"):

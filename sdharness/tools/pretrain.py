@@ -53,12 +53,14 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from transformers import LlamaForCausalLM
 
+from sdharness.cli import cli_errors
 from sdharness.config import CONF_DIR, ConfigError, PromptConfig, require
 from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.methods.schedule import lr_lambda
-from sdharness.models import PRETRAIN_REPORT, char_llama_config, char_tokenizer
+from sdharness.models import PRETRAIN_REPORT, char_llama_config, char_tokenizer, resolve_path
 from sdharness.data.prompts import encode_prompt, render_student, render_teacher
 from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS
@@ -141,6 +143,12 @@ class PretrainConfig:
     eval_every: int = 0  # > 0: also a quick greedy eval (on eval_every_size problems per set) every this many steps
     eval_every_size: int = 30
     threads: int = 1  # torch intra-op threads; 0 keeps torch's default. Results depend on it slightly.
+    # A base (directory or pkg:// path, made by sdharness-pretrain on the same task and eval problems)
+    # to continue from instead of a fresh initialisation; its arch replaces ``arch``.
+    init_from: Optional[str] = None
+    # Eval set -> accuracy: stop at the first quick eval (every eval_every steps) where every listed
+    # set reaches its value, e.g. {no_hint_hard: 0.25} to stop while a skill is still being learned.
+    stop_when: dict[str, float] = field(default_factory=dict)
     output_dir: Optional[str] = None  # null: the Hydra run directory
 
     def __post_init__(self):
@@ -157,6 +165,11 @@ class PretrainConfig:
         require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
         require(self.prompt.chat_template != "always",
                  "prompt.chat_template=always cannot work: the character tokenizer has no chat template")
+        for name, value in self.stop_when.items():
+            require(name in EVAL_SETS, f"stop_when.{name}: unknown eval set; choose from {', '.join(EVAL_SETS)}")
+            require(0 < value <= 1, f"stop_when.{name} must be in (0, 1], got {value}")
+        require(not self.stop_when or self.eval_every > 0,
+                 "stop_when needs the quick evals it is checked on; set eval_every > 0 (e.g. eval_every=100)")
 
 
 def register_configs() -> None:
@@ -314,10 +327,37 @@ def build_model(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def train_model(model, batches, cfg: PretrainConfig, on_log=None) -> list[tuple[int, float]]:
-    """Plain AdamW loop over ``batches`` (one per step); returns ``(step, mean loss)`` log points.
+def load_base(cfg: PretrainConfig) -> tuple[LlamaForCausalLM, dict]:
+    """The base ``cfg.init_from`` to continue from, and its pretraining report.
 
-    ``on_log(step)``, if given, runs at every ``eval_every`` steps (e.g. a quick eval)."""
+    It must be a base made by sdharness-pretrain on ``cfg.task`` with the same held-out problems, so
+    that the eval problems stay unseen, and of ``cfg.arch``'s sizes."""
+    directory = resolve_path(cfg.init_from, "init_from")
+    report_path = directory / PRETRAIN_REPORT
+    if not report_path.is_file():
+        raise ConfigError(f"init_from={cfg.init_from!r}: {report_path} does not exist; point init_from at a base "
+                          f"made by sdharness-pretrain (its held-out problems must be known)")
+    report = json.loads(report_path.read_text())
+    trained = report.get("config", {})
+    for name in ("task", "eval_seed", "eval_size"):
+        if trained.get(name, "chain" if name == "task" else None) != getattr(cfg, name):
+            raise ConfigError(f"init_from={cfg.init_from!r} was pretrained with {name}={trained.get(name)!r}, this "
+                              f"run has {name}={getattr(cfg, name)!r}; set {name}={trained.get(name)} (the held-out "
+                              f"problems must be the ones its training excluded)")
+    for name, value in asdict(cfg.arch).items():
+        if trained.get("arch", {}).get(name) != value:
+            raise ConfigError(f"init_from={cfg.init_from!r} has arch.{name}={trained.get('arch', {}).get(name)}, "
+                              f"this run arch.{name}={value}; set arch.{name}={trained.get('arch', {}).get(name)}")
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM.from_pretrained(directory), report
+
+
+def train_model(model, batches, cfg: PretrainConfig, on_log=None) -> tuple[list[tuple[int, float]], int]:
+    """Plain AdamW loop over ``batches`` (one per step); returns the ``(step, mean loss)`` log points
+    and the number of steps trained.
+
+    ``on_log(step)``, if given, runs at every ``eval_every`` steps (e.g. a quick eval); training
+    stops there when it returns True. The schedule is always the one for all ``cfg.steps``."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -343,10 +383,13 @@ def train_model(model, batches, cfg: PretrainConfig, on_log=None) -> list[tuple[
                      scheduler.get_last_lr()[0], time.perf_counter() - started)
             running = []
         if on_log is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < len(batches):
-            on_log(step)
+            if on_log(step):
+                if not history or history[-1][0] != step:
+                    history.append((step, sum(running) / len(running)))
+                break
             model.train()
     model.eval()
-    return history
+    return history, step
 
 
 def evaluate_suite(model, tokenizer, prompt: PromptConfig, problems: dict[str, list[dict]], *, task: str,
@@ -398,6 +441,7 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
         torch.set_num_threads(cfg.threads)
     started, load_at_start = time.perf_counter(), _load_average()
     tokenizer = char_tokenizer()
+    base = load_base(cfg) if cfg.init_from else None  # before the data, so that a wrong base fails at once
     held_out = eval_problems(cfg.eval_seed, cfg.eval_size, cfg.task)
     exclude = {item["problem"] for items in held_out.values() for item in items}
     examples = build_examples(cfg.prompt, tokenizer, size=cfg.steps * cfg.batch_size, mix=cfg.mix,
@@ -409,23 +453,30 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
         raise ConfigError(f"arch.max_position_embeddings={cfg.arch.max_position_embeddings} is too small: training "
                           f"sequences reach {longest} tokens and eval adds up to {cfg.eval_max_new_tokens}")
     batches = make_batches(examples, cfg.batch_size, cfg.bucket_batches, cfg.seed, tokenizer.pad_token_id)
-    model = build_model(cfg.arch, tokenizer, cfg.seed)
+    model, base_report = (build_model(cfg.arch, tokenizer, cfg.seed), None) if base is None else base
     parameters = sum(p.numel() for p in model.parameters())
     log.info("%d parameters, %d examples, %d steps", parameters, len(examples), len(batches))
 
     quick = {difficulty: items[:cfg.eval_every_size] for difficulty, items in held_out.items()}
-    paused = [0.0]
+    quick_sets = tuple(dict.fromkeys(("no_hint_easy", "no_hint_hard", "hint_hard", "foreign_hint_hard", *cfg.stop_when)))
+    quick_evals, paused = [], [0.0]
 
-    def quick_eval(step: int) -> None:
+    def quick_eval(step: int) -> bool:
         eval_started = time.perf_counter()
         results = evaluate_suite(model, tokenizer, cfg.prompt, quick, task=cfg.task, max_new_tokens=cfg.eval_max_new_tokens,
-                                 batch_size=cfg.eval_batch_size, sets=("no_hint_easy", "no_hint_hard", "hint_hard", "foreign_hint_hard"))
-        log.info("step %d quick eval: %s", step, ", ".join(f"{name} {row['accuracy']:.2f}" for name, row in results.items()))
+                                 batch_size=cfg.eval_batch_size, sets=quick_sets)
+        accuracy = {name: row["accuracy"] for name, row in results.items()}
+        quick_evals.append({"step": step, "accuracy": accuracy})
+        log.info("step %d quick eval: %s", step, ", ".join(f"{name} {value:.2f}" for name, value in accuracy.items()))
         paused[0] += time.perf_counter() - eval_started
+        return bool(cfg.stop_when) and all(accuracy[name] >= value for name, value in cfg.stop_when.items())
 
     train_started = time.perf_counter()
-    history = train_model(model, batches, cfg, on_log=quick_eval)
+    history, steps_trained = train_model(model, batches, cfg, on_log=quick_eval)
     train_seconds = time.perf_counter() - train_started - paused[0]
+    if cfg.stop_when and steps_trained == len(batches):
+        log.warning("stop_when %s was never met in %d steps; the base is the one after all of them",
+                    dict(cfg.stop_when), steps_trained)
 
     eval_started = time.perf_counter()
     results = evaluate_suite(model, tokenizer, cfg.prompt, held_out, task=cfg.task, max_new_tokens=cfg.eval_max_new_tokens,
@@ -440,6 +491,14 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
         "seed": cfg.seed,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "parameters": parameters,
+        # The base's own provenance, recursively, so that every stage can be rebuilt from this file.
+        "init_from": None if base_report is None else {
+            "path": cfg.init_from, "command": base_report.get("command"), "seed": base_report.get("seed"),
+            "accuracy": base_report.get("accuracy"), "init_from": base_report.get("init_from")},
+        "steps_trained": steps_trained,
+        "stop_when_met": bool(cfg.stop_when) and steps_trained < len(batches),
+        "quick_evals": quick_evals,
+        # Of all the steps' examples; with stop_when met only the first steps_trained batches were trained on.
         "examples": {kind: sum(example.kind == kind for example in examples) for kind in KINDS}
         | {"early_answer": sum(example.early_answer for example in examples),
            "foreign_hint": sum(example.foreign_hint for example in examples),
@@ -480,10 +539,21 @@ def _command() -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def main(dict_cfg: DictConfig) -> float:
-    cfg = to_pretrain_config(dict_cfg)
-    output_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
-    report = pretrain(cfg, output_dir, _command())
+    try:
+        cfg = to_pretrain_config(dict_cfg)
+        output_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
+        report = pretrain(cfg, output_dir, _command())
+    except MissingMandatoryValue as error:  # a stage config's init_from: ???
+        print(f"sdharness: error: {error.full_key} must be set on the command line, e.g. {error.full_key}=DIR",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
+    except ConfigError as error:  # say what to fix, no traceback (as sdharness-train)
+        print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     return report["accuracy"]["no_hint_hard"]
+
+
+main = cli_errors(main, PretrainConfig)  # composition errors (unknown option, misspelt key) as one line, exit 2
 
 
 if __name__ == "__main__":

@@ -390,7 +390,7 @@ def main(dict_cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-main = cli_errors(main)  # composition errors (unknown option, misspelt key) as one line, exit 2
+main = cli_errors(main, ProbeConfig)  # composition errors (unknown option, misspelt key) as one line, exit 2
 
 
 if __name__ == "__main__":
