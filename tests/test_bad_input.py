@@ -529,8 +529,10 @@ def test_uncomposable_config_through_the_wrapped_hydra_entry_point(tmp_path, mon
      "directory written by sdharness-pretrain\n"),
     ("sdharness.tools.pretrain", ["eval_every=0", "+stop_when.no_hint_hard=0.3"],
      "sdharness: error: stop_when needs the quick evals it is checked on; set eval_every > 0 (e.g. eval_every=100)\n"),
+    # Was silent: a stage config without init_from trained from scratch with the stage's settings.
     ("sdharness.tools.pretrain", ["--config-name", "pretrain_columns_practice"],
-     "sdharness: error: init_from must be set on the command line, e.g. init_from=DIR\n"),
+     "sdharness: error: init_from must be set on the command line, e.g. init_from=DIR: this config is a stage "
+     "that continues a base\n"),
 ])
 def test_each_app_answers_bad_input_with_one_line(tmp_path, monkeypatch, capsys, app, argv, message):
     import importlib

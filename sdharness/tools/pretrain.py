@@ -1,6 +1,8 @@
 """Pretrain a testbed base from scratch on a built-in arithmetic task (a Hydra app).
 
-    sdharness-pretrain --config-name pretrain_columns   # the default base (column addition, assets/testbed)
+    sdharness-pretrain --config-name pretrain_columns output_dir=s1   # the default base (assets/testbed) in three
+    sdharness-pretrain --config-name pretrain_columns_teacher init_from=s1 output_dir=s2  # stages, each but the
+    sdharness-pretrain --config-name pretrain_columns_practice init_from=s2 output_dir=s3 # first stopped by stop_when
     sdharness-pretrain --config-name pretrain_v2        # the chained-arithmetic base (assets/testbed_chain)
     sdharness-pretrain                                  # the first base (sdharness/assets/testbed_v1)
     sdharness-pretrain early_answer_fraction=0.5 output_dir=/tmp/leaky_base
@@ -20,6 +22,10 @@ its command, seed, time and accuracies):
   continued consistently (the task's ``slipped_solution``), the slip's wrong characters without loss.
 
 ``task`` picks the built-in task (``chain`` or ``columns``, :data:`sdharness.data.builtin.TASKS`).
+``init_from`` continues a base this app made (same task and held-out problems) instead of starting
+from scratch, and ``stop_when`` stops at the first quick eval where each listed eval set reaches its
+accuracy: a stage can stop on the property it trains, which a fixed step count cannot promise when
+a skill appears suddenly and at a seed- and machine-dependent step.
 
 Every example is a token sequence exactly as the harness later sees it:
 ``encode_prompt(prompt, tokenizer, rendered) + tokenizer(completion) + [eos]``, with the loss on
@@ -53,7 +59,6 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from transformers import LlamaForCausalLM
 
 from sdharness.cli import cli_errors
@@ -66,6 +71,7 @@ from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS
 
 log = logging.getLogger(__name__)
+REQUIRED_INIT = "REQUIRED"  # init_from of a stage config: the command line must name the base
 KINDS = ("student_easy", "student_hard", "teacher_easy", "teacher_hard")
 EVAL_SETS = {  # name -> (prompt format, problems: difficulty or difficulty_foreign for foreign-notation hints)
     "no_hint_easy": ("student", "easy"),
@@ -144,7 +150,9 @@ class PretrainConfig:
     eval_every_size: int = 30
     threads: int = 1  # torch intra-op threads; 0 keeps torch's default. Results depend on it slightly.
     # A base (directory or pkg:// path, made by sdharness-pretrain on the same task and eval problems)
-    # to continue from instead of a fresh initialisation; its arch replaces ``arch``.
+    # to continue from instead of a fresh initialisation; it must have ``arch``'s sizes. A stage
+    # config sets it to REQUIRED_INIT ('???' would not do: merged over null it leaves null, and the
+    # stage would silently train from scratch).
     init_from: Optional[str] = None
     # Eval set -> accuracy: stop at the first quick eval (every eval_every steps) where every listed
     # set reaches its value, e.g. {no_hint_hard: 0.25} to stop while a skill is still being learned.
@@ -165,6 +173,8 @@ class PretrainConfig:
         require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
         require(self.prompt.chat_template != "always",
                  "prompt.chat_template=always cannot work: the character tokenizer has no chat template")
+        require(self.init_from != REQUIRED_INIT,
+                "init_from must be set on the command line, e.g. init_from=DIR: this config is a stage that continues a base")
         for name, value in self.stop_when.items():
             require(name in EVAL_SETS, f"stop_when.{name}: unknown eval set; choose from {', '.join(EVAL_SETS)}")
             require(0 < value <= 1, f"stop_when.{name} must be in (0, 1], got {value}")
@@ -543,10 +553,6 @@ def main(dict_cfg: DictConfig) -> float:
         cfg = to_pretrain_config(dict_cfg)
         output_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
         report = pretrain(cfg, output_dir, _command())
-    except MissingMandatoryValue as error:  # a stage config's init_from: ???
-        print(f"sdharness: error: {error.full_key} must be set on the command line, e.g. {error.full_key}=DIR",
-              file=sys.stderr, flush=True)
-        sys.exit(2)
     except ConfigError as error:  # say what to fix, no traceback (as sdharness-train)
         print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
