@@ -19,7 +19,8 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness import jobs
-from sdharness.config import TrainConfig
+from sdharness.config import ConfigError, TrainConfig
+from sdharness.data.jsonl import DataError
 
 
 def _schema_keys(schema: type, dotted: str) -> list[str] | None:
@@ -68,6 +69,21 @@ def composition_error_message(error: BaseException, schema: type = TrainConfig) 
                f"for Hydra inside the shell's quotes: '{key}=\"{value}\"'"
                if equals and any(char in value for char in "{}[](),:=' ") and not value.startswith(('"', "'")) else "")
     return f"cannot parse the override {override!r}: {message}{quoting}"
+
+
+def bad_input_exits(task_function: Callable) -> Callable:
+    """Wrap a Hydra task function (under ``@hydra.main``) so that the app's own bad input, a
+    ConfigError or DataError, prints one ``sdharness: error: ...`` line and exits with status 2. It
+    must be caught inside the task: out of it, Hydra prints its own line before re-raising."""
+    @functools.wraps(task_function)
+    def task(*args, **kwargs):
+        try:
+            return task_function(*args, **kwargs)
+        except (ConfigError, DataError) as error:
+            print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return task
 
 
 def cli_errors(hydra_main: Callable, schema: type = TrainConfig) -> Callable:

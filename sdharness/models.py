@@ -113,6 +113,11 @@ def resolve_path(path: str, field: str = "model.path") -> Path:
 PRETRAIN_REPORT = "pretrain_report.json"
 
 
+def pretrained_task(config: dict) -> str:
+    """The built-in task of a pretraining report's ``config`` (reports from before tasks existed: chain)."""
+    return config.get("task", "chain")
+
+
 def check_pretrained_task(model: ModelConfig, data: DataConfig) -> None:
     """Refuse a base pretrained on one built-in task run on another: it would score near zero and
     nothing would say why. Bases without a pretraining report (any model not made by
@@ -122,7 +127,7 @@ def check_pretrained_task(model: ModelConfig, data: DataConfig) -> None:
     report = resolve_path(model.path) / PRETRAIN_REPORT
     if not report.is_file():
         return
-    trained = json.loads(report.read_text()).get("config", {}).get("task", "chain")  # reports before tasks: chain
+    trained = pretrained_task(json.loads(report.read_text()).get("config", {}))
     if trained != data.task:
         raise ConfigError(f"data.task={data.task!r}, but model.path={model.path!r} was pretrained on "
                           f"data.task={trained!r} ({report}); set data.task={trained}, or choose a base "

@@ -61,11 +61,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import LlamaForCausalLM
 
-from sdharness.cli import cli_errors
+from sdharness.cli import bad_input_exits, cli_errors
 from sdharness.config import CONF_DIR, ConfigError, PromptConfig, require
 from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.methods.schedule import lr_lambda
-from sdharness.models import PRETRAIN_REPORT, char_llama_config, char_tokenizer, resolve_path
+from sdharness.models import PRETRAIN_REPORT, char_llama_config, char_tokenizer, pretrained_task, resolve_path
 from sdharness.data.prompts import encode_prompt, render_student, render_teacher
 from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS
@@ -349,15 +349,17 @@ def load_base(cfg: PretrainConfig) -> tuple[LlamaForCausalLM, dict]:
                           f"made by sdharness-pretrain (its held-out problems must be known)")
     report = json.loads(report_path.read_text())
     trained = report.get("config", {})
-    for name in ("task", "eval_seed", "eval_size"):
-        if trained.get(name, "chain" if name == "task" else None) != getattr(cfg, name):
-            raise ConfigError(f"init_from={cfg.init_from!r} was pretrained with {name}={trained.get(name)!r}, this "
-                              f"run has {name}={getattr(cfg, name)!r}; set {name}={trained.get(name)} (the held-out "
-                              f"problems must be the ones its training excluded)")
+    base_data = {"task": pretrained_task(trained), "eval_seed": trained.get("eval_seed"), "eval_size": trained.get("eval_size")}
+    for name, value in base_data.items():
+        if value != getattr(cfg, name):
+            raise ConfigError(f"init_from={cfg.init_from!r} was pretrained with {name}={value!r}, this run has "
+                              f"{name}={getattr(cfg, name)!r}; set {name}={value} (the held-out problems must be the "
+                              f"ones its training excluded)")
+    base_arch = trained.get("arch", {})
     for name, value in asdict(cfg.arch).items():
-        if trained.get("arch", {}).get(name) != value:
-            raise ConfigError(f"init_from={cfg.init_from!r} has arch.{name}={trained.get('arch', {}).get(name)}, "
-                              f"this run arch.{name}={value}; set arch.{name}={trained.get('arch', {}).get(name)}")
+        if base_arch.get(name) != value:
+            raise ConfigError(f"init_from={cfg.init_from!r} has arch.{name}={base_arch.get(name)}, "
+                              f"this run arch.{name}={value}; set arch.{name}={base_arch.get(name)}")
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM.from_pretrained(directory), report
 
@@ -484,7 +486,8 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
     train_started = time.perf_counter()
     history, steps_trained = train_model(model, batches, cfg, on_log=quick_eval)
     train_seconds = time.perf_counter() - train_started - paused[0]
-    if cfg.stop_when and steps_trained == len(batches):
+    stop_when_met = bool(cfg.stop_when) and steps_trained < len(batches)
+    if cfg.stop_when and not stop_when_met:
         log.warning("stop_when %s was never met in %d steps; the base is the one after all of them",
                     dict(cfg.stop_when), steps_trained)
 
@@ -506,7 +509,7 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, command: str = "") -> 
             "path": cfg.init_from, "command": base_report.get("command"), "seed": base_report.get("seed"),
             "accuracy": base_report.get("accuracy"), "init_from": base_report.get("init_from")},
         "steps_trained": steps_trained,
-        "stop_when_met": bool(cfg.stop_when) and steps_trained < len(batches),
+        "stop_when_met": stop_when_met,
         "quick_evals": quick_evals,
         # Of all the steps' examples; with stop_when met only the first steps_trained batches were trained on.
         "examples": {kind: sum(example.kind == kind for example in examples) for kind in KINDS}
@@ -548,14 +551,10 @@ def _command() -> str:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
+@bad_input_exits
 def main(dict_cfg: DictConfig) -> float:
-    try:
-        cfg = to_pretrain_config(dict_cfg)
-        output_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
-        report = pretrain(cfg, output_dir, _command())
-    except ConfigError as error:  # say what to fix, no traceback (as sdharness-train)
-        print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    cfg = to_pretrain_config(dict_cfg)
+    report = pretrain(cfg, cfg.output_dir or HydraConfig.get().runtime.output_dir, _command())
     return report["accuracy"]["no_hint_hard"]
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -41,12 +40,11 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.cli import cli_errors
+from sdharness.cli import bad_input_exits, cli_errors
 from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, check_threads,
                               require, resolve_wandb_mode)
 from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems
-from sdharness.data.jsonl import DataError
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.data.builtin import builtin_task
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
@@ -380,14 +378,10 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="probe")
+@bad_input_exits
 def main(dict_cfg: DictConfig) -> None:
-    try:
-        cfg = OmegaConf.to_object(dict_cfg)
-        probe(cfg, cfg.output_dir or HydraConfig.get().runtime.output_dir,
-              OmegaConf.to_container(dict_cfg, resolve=True))
-    except (ConfigError, DataError) as error:  # say what to fix, no traceback (as sdharness-train)
-        print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    cfg = OmegaConf.to_object(dict_cfg)
+    probe(cfg, cfg.output_dir or HydraConfig.get().runtime.output_dir, OmegaConf.to_container(dict_cfg, resolve=True))
 
 
 main = cli_errors(main, ProbeConfig)  # composition errors (unknown option, misspelt key) as one line, exit 2
