@@ -67,6 +67,20 @@ def test_generate_is_batched_and_masks_after_eos(tiny):
     assert rollout.texts[0] == tok.decode(rollout.completion_ids[0], skip_special_tokens=True)
 
 
+def test_a_rollout_can_be_saved_for_backward(tiny):
+    """generate decodes under inference mode; what it returns must still serve as the index of a
+    differentiable gather (GRPO's log-probs, SFT's targets), which autograd saves for backward."""
+    model, tok = tiny
+    ids, mask = left_pad([[1, 10, 11], [1, 30, 31, 32]], tok.pad_token_id)
+    rollout = generate(model, tok, ids, mask, max_new_tokens=5, greedy=True)
+    assert not rollout.completion_ids.is_inference() and not rollout.completion_mask.is_inference()
+    logits = completion_logits(model, ids, mask, rollout.completion_ids, rollout.completion_mask)
+    logp = logits.log_softmax(-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    model.zero_grad()
+    (-logp[rollout.completion_mask].sum()).backward()
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
 def test_greedy_generation_is_deterministic(tiny):
     model, tok = tiny
     ids, mask = left_pad([[1, 10, 11]], tok.pad_token_id)
