@@ -194,6 +194,22 @@ def test_rollout_is_right_padded_after_eos_and_logprobs_are_the_aggregate(tiny):
     torch.testing.assert_close(out.sampling_logprobs[:, 0], expected, rtol=0, atol=1e-10)
 
 
+def test_a_guided_rollout_can_be_saved_for_backward(tiny):
+    """Guided decoding runs under inference mode; its rollout must still index a differentiable
+    gather (autograd saves the index) and weight a loss."""
+    model, tok = tiny
+    s_ids, s_mask, t_ids, t_mask = prompts(tok)
+    out = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation="clip", tau=1.0, max_new_tokens=4,
+                          generator=seeded(0))
+    for tensor in (out.completion_ids, out.completion_mask, out.sampling_logprobs, out.student_logprobs):
+        assert not tensor.is_inference()
+    logits = model(torch.cat([s_ids, out.completion_ids], dim=1)).logits[:, s_ids.shape[1] - 1:-1]
+    logp = logits.log_softmax(-1).gather(-1, out.completion_ids.unsqueeze(-1)).squeeze(-1)
+    model.zero_grad()
+    (-(logp * out.sampling_logprobs.exp())[out.completion_mask].sum()).backward()
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
 def test_a_separate_teacher_model_gets_its_own_forward(tiny):
     model, tok = tiny
     other, _ = load_model_and_tokenizer(ModelConfig(name="other", source="tiny_random", hidden_size=16, seed=7))

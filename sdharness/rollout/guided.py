@@ -163,7 +163,6 @@ def finish_rollout(tokenizer, eos: list[int], tokens: list[torch.Tensor], sampli
     return GuidedRollout(ids, mask, texts, sampling_logp, student_logp, guided)
 
 
-@torch.no_grad()
 def guided_generate(
     model,
     tokenizer,
@@ -201,28 +200,31 @@ def guided_generate(
     modes = [m.training for m in models]
     for m in models:
         m.eval()
-    try:
-        contexts = _TwoContexts(model, teacher_model, batch)
-        logits = contexts.step(ids, mask, positions)
-        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-        tokens, sampling, student = [], [], []
-        for step in range(max_new_tokens):
-            token, sampling_logp, student_logp = next_token(
-                logits, aggregation=aggregation, tau=tau, temperature=temperature, top_p=top_p, greedy=greedy,
-                generator=generator)
-            token = token.masked_fill(done, pad)
-            tokens.append(token)
-            sampling.append(sampling_logp)
-            student.append(student_logp)
-            done = done | torch.isin(token, eos_tensor)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, mask.new_ones(2 * batch, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            logits = contexts.step(torch.cat([token, token]).unsqueeze(-1), mask, positions)
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
+    # Inference mode as in hf.generate (guidance is refused under sharded weights); the rollout is
+    # assembled outside it, so its tensors are normal ones that a loss may save for backward.
+    with torch.inference_mode():
+        try:
+            contexts = _TwoContexts(model, teacher_model, batch)
+            logits = contexts.step(ids, mask, positions)
+            done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+            tokens, sampling, student = [], [], []
+            for step in range(max_new_tokens):
+                token, sampling_logp, student_logp = next_token(
+                    logits, aggregation=aggregation, tau=tau, temperature=temperature, top_p=top_p, greedy=greedy,
+                    generator=generator)
+                token = token.masked_fill(done, pad)
+                tokens.append(token)
+                sampling.append(sampling_logp)
+                student.append(student_logp)
+                done = done | torch.isin(token, eos_tensor)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, mask.new_ones(2 * batch, 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                logits = contexts.step(torch.cat([token, token]).unsqueeze(-1), mask, positions)
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
     return finish_rollout(tokenizer, eos, tokens, sampling, student)
 
 
