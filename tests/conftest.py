@@ -58,6 +58,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def rollout_gradient(model, prompt_ids, prompt_mask, completion_ids, completion_mask, weights=None) -> torch.Tensor:
+    """The embedding gradient of the weighted log-likelihood of a completion, with ``completion_ids``
+    as a differentiable gather's index (autograd saves it) and ``completion_mask`` picking the terms,
+    as GRPO's and the SD loss's positions use a rollout."""
+    from sdharness.distill.logits import completion_logits
+
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    logp = logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    if weights is not None:
+        logp = logp * weights
+    model.zero_grad()
+    (-logp[completion_mask].sum()).backward()
+    return model.get_input_embeddings().weight.grad.clone()
+
+
+def assert_rollout_trains_like_its_copy(model, prompt_ids, prompt_mask, rollout, weights=None) -> None:
+    """A rollout decoded under inference mode must serve a backward pass exactly as normal tensors
+    with its values do (an inference tensor would raise when autograd saves it)."""
+    tensors = [rollout.completion_ids, rollout.completion_mask] + ([] if weights is None else [weights])
+    assert not any(t.is_inference() for t in tensors)
+    copies = [t.clone() for t in tensors]
+    got = rollout_gradient(model, prompt_ids, prompt_mask, *tensors[:2], *tensors[2:])
+    expected = rollout_gradient(model, prompt_ids, prompt_mask, *copies[:2], *copies[2:])
+    assert torch.equal(got, expected) and bool(got.ne(0).any())
+
+
 def compose_config(overrides: list[str] | None = None, config_name: str = "train"):
     """The project's real config (``conf/train.yaml``) with ``overrides`` applied."""
     register_configs()

@@ -10,6 +10,7 @@ from sdharness.models import load_model_and_tokenizer
 from sdharness.distill.positions import loss_positions
 from sdharness.data.prompts import left_pad
 from sdharness.rollout.hf import completion_mask, eos_token_ids, generate
+from tests.conftest import assert_rollout_trains_like_its_copy
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +69,10 @@ def test_generate_is_batched_and_masks_after_eos(tiny):
 
 
 def test_a_rollout_can_be_saved_for_backward(tiny):
-    """generate decodes under inference mode; what it returns must still serve as the index of a
-    differentiable gather (GRPO's log-probs, SFT's targets), which autograd saves for backward."""
+    """generate decodes under inference mode; its rollout still indexes GRPO's and SFT's gathers."""
     model, tok = tiny
     ids, mask = left_pad([[1, 10, 11], [1, 30, 31, 32]], tok.pad_token_id)
-    rollout = generate(model, tok, ids, mask, max_new_tokens=5, greedy=True)
-    assert not rollout.completion_ids.is_inference() and not rollout.completion_mask.is_inference()
-    logits = completion_logits(model, ids, mask, rollout.completion_ids, rollout.completion_mask)
-    logp = logits.log_softmax(-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-    model.zero_grad()
-    (-logp[rollout.completion_mask].sum()).backward()
-    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert_rollout_trains_like_its_copy(model, ids, mask, generate(model, tok, ids, mask, max_new_tokens=5, greedy=True))
 
 
 def test_greedy_generation_is_deterministic(tiny):
