@@ -122,7 +122,8 @@ class DataConfig:
     strict: bool = False
     # Validation split, for choosing hyperparameters without touching the eval split: the first
     # validation_size training problems are held out (never trained on). evaluate_on=validation
-    # makes the quick evals score them, logged as val/* instead of eval/*.
+    # makes the quick evals score them, logged as val/* instead of eval/*; both scores both at every
+    # eval point (early stopping chosen on val/*, reported on eval/*).
     validation_size: int = 0
     evaluate_on: str = "eval"
 
@@ -143,11 +144,11 @@ class DataConfig:
         _choice("data.solution_style", self.solution_style, SOLUTION_STYLES)
         require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         require(self.train_size >= 1 and self.eval_size >= 0, "data.train_size must be >= 1 and data.eval_size >= 0")
-        _choice("data.evaluate_on", self.evaluate_on, ("eval", "validation"))
+        _choice("data.evaluate_on", self.evaluate_on, ("eval", "validation", "both"))
         require(self.validation_size >= 0, f"data.validation_size must be >= 0, got {self.validation_size}")
         require(self.name != "chatlog" or self.validation_size == 0,
                 "data.validation_size is for problem data (arithmetic, jsonl), not data=chatlog; set it to 0")
-        require(self.evaluate_on == "eval" or self.validation_size > 0, "data.evaluate_on=validation needs a "
+        require(self.evaluate_on == "eval" or self.validation_size > 0, f"data.evaluate_on={self.evaluate_on} needs a "
                 "validation split: set data.validation_size, e.g. data.validation_size=256")
 
 
@@ -320,9 +321,12 @@ class BudgetConfig:
 
 @dataclass
 class TeacherConfig:
-    """Weights that score the teacher prompt: the ``live`` student, its ``initial`` copy, or an ``ema``."""
+    """Weights that score the teacher prompt: the frozen ``initial`` weights (default: a live teacher's
+    hint reading decays as SD trains the student prompt, and the loop runs down; README), the ``live``
+    student, or an ``ema`` of it (``ema_decay`` 0.99 is SDFT's rate of 0.01 per step, 0.95 SDPO's 0.05).
+    Under LoRA the initial teacher is the model with its adapters disabled, not a copy."""
 
-    weights: str = "live"
+    weights: str = "initial"
     ema_decay: float = 0.99
 
     def __post_init__(self):
@@ -356,9 +360,16 @@ class EvalConfig:
     # lm-eval tasks run at the same points (local ones in evals/tasks, or standard hub tasks).
     tasks: list[str] = field(default_factory=list)
     lm_eval_limit: Optional[int] = None  # documents per task; None: all
+    # SD runs: the teacher's health at every eval point (sdharness/eval/teacher_health.py) on the first
+    # health_size problems of the scored split. Its drift figure holds a frozen copy of the initial weights
+    # unless the teacher is that copy or LoRA gives them by disabling the adapters.
+    teacher_health: bool = True
+    health_size: int = 64
 
     def __post_init__(self):
         require(self.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {self.every_n_steps}")
+        require(self.health_size >= 1, f"eval.health_size must be >= 1, got {self.health_size}; "
+                "eval.teacher_health=false turns the health figures off")
         require(self.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}; the "
                  "eval decodes the answer, e.g. eval.max_new_tokens=96")
         require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}; e.g. eval.batch_size=16")

@@ -9,6 +9,7 @@ Reads straight down: validate config -> load model -> data -> module -> fit -> s
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import warnings
@@ -24,7 +25,7 @@ from sdharness.cli import cli_errors
 from sdharness.config import CONF_DIR, ConfigError, register_configs, to_train_config
 from sdharness.data.datamodule import DataError, ProblemDataModule, load_data
 from sdharness.data.prompts import uses_chat_template
-from sdharness.eval.quick import QuickEval, print_summary
+from sdharness.eval.quick import QuickEval, hinted_batches, print_summary
 from sdharness.jobs import end_wandb_run, in_multirun, record_failure
 from sdharness.methods import method_class
 from sdharness.methods.accounting import BudgetStop
@@ -71,8 +72,14 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     module = method_class(cfg.algo.name)(model, tokenizer, cfg)
 
     # Scoring the validation split (hyperparameter selection) is logged as val/*, never as eval/*.
-    quick_eval = QuickEval(datamodule.eval_dataloader, cfg.eval, cfg.data.answer_marker, cfg.prompt.leak_phrases,
-                           prefix="val" if cfg.data.evaluate_on == "validation" else "eval")
+    # The teacher's health (methods with a teacher) on the scored split's first eval.health_size problems.
+    hinted = None
+    if cfg.eval.teacher_health and hasattr(module, "health_models"):
+        hinted = functools.cache(lambda: hinted_batches(cfg.data, cfg.prompt, tokenizer,
+                                                        datamodule.evaluation[:cfg.eval.health_size],
+                                                        cfg.eval.batch_size))
+    quick_eval = QuickEval(datamodule.scored_splits(), cfg.eval, cfg.data.answer_marker, cfg.prompt.leak_phrases,
+                           hinted_batches=hinted)
     checkpoints = StepCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.trainer.checkpoint_every_n_steps)
     loggers = make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True), resume)
     try:

@@ -10,7 +10,8 @@ from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.data.datamodule import ProblemDataModule, load_data
 from sdharness.data.jsonl import DataError
 from sdharness.models import char_tokenizer
-from sdharness.tools.protocol import final_commands, select_commands, select_learning_rates, selection_markdown
+from sdharness.tools.protocol import (first_arms, final_commands, main as protocol_main, select_commands,
+                                      select_learning_rates, selection_markdown, teacher_arms)
 from sdharness.report.runs import find_runs
 
 
@@ -77,12 +78,14 @@ def test_a_validation_split_as_large_as_the_training_pool_fails_before_any_model
 
 # ---------------------------------------------------------------- selection
 
-def selection_run(root, name, method, lr, val, eval_=None, seed=0):
+def selection_run(root, name, method, lr, val, eval_=None, seed=0, teacher=None):
     """A stage-1 job dir: val/accuracy per eval (and, to tempt a wrong selection, eval/accuracy)."""
     path = root / name
     (path / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"algo": {"name": method.split("_")[0]}, "optim": {"lr": lr}, "seed": seed}),
-                   path / ".hydra" / "config.yaml")
+    config = {"algo": {"name": method.split("_")[0]}, "optim": {"lr": lr}, "seed": seed}
+    if teacher:
+        config["teacher"] = teacher
+    OmegaConf.save(OmegaConf.create(config), path / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create([f"method={method}", f"optim.lr={lr}", f"seed={seed}"]),
                    path / ".hydra" / "overrides.yaml")
     with open(path / "metrics.csv", "w", newline="") as handle:
@@ -101,13 +104,13 @@ def test_selection_reads_the_validation_split_only(tmp_path):
     selection_run(tmp_path, "3", "sft", 1e-4, [0.2, 0.30], eval_=[0.2, 0.9])
     selection_run(tmp_path, "4", "sft", 3e-4, [0.2, 0.35], eval_=[0.2, 0.1])
     selection = select_learning_rates(find_runs(tmp_path))
-    assert {m: e["lr"] for m, e in selection.items()} == {"sd_product": 1e-4, "sft": 3e-4}
-    assert selection["sd_product"]["validation_accuracy"] == 0.4
-    assert [c["lr"] for c in selection["sd_product"]["candidates"]] == [3e-5, 1e-4, 3e-4]
-    assert selection["sd_product"]["start"] == 0.2 and selection["sd_product"]["edge"] is None
+    assert {m: e["lr"] for m, e in selection.items()} == {"sd_product+initial": 1e-4, "sft": 3e-4}
+    assert selection["sd_product+initial"]["validation_accuracy"] == 0.4
+    assert [c["lr"] for c in selection["sd_product+initial"]["candidates"]] == [3e-5, 1e-4, 3e-4]
+    assert selection["sd_product+initial"]["start"] == 0.2 and selection["sd_product+initial"]["edge"] is None
     assert selection["sft"]["edge"] == "highest"
     table = selection_markdown(selection)
-    assert "| sd_product | 0.0001 | 0.400 | 0.200 | 3e-05: 0.250, 0.0001: 0.400, 0.0003: 0.300 |" in table
+    assert "| sd_product+initial | 0.0001 | 0.400 | 0.200 | 3e-05: 0.250, 0.0001: 0.400, 0.0003: 0.300 |" in table
     assert "| sft | 0.0003 (highest of the grid) | 0.350 | 0.200 | 0.0001: 0.300, 0.0003: 0.350 |" in table
     assert "An lr at the highest end of the grid may not be the best one" in table
 
@@ -127,7 +130,7 @@ def test_runs_scored_on_the_eval_split_are_not_candidates(tmp_path):
     selection_run(tmp_path, "1", "sd_clip", 3e-4, [])  # logged eval/* only
     with open(path / "metrics.csv", "w", newline="") as handle:
         handle.write("step,eval/accuracy\n0,0.2\n1,0.9\n")
-    assert select_learning_rates(find_runs(tmp_path))["sd_clip"]["lr"] == 1e-4
+    assert select_learning_rates(find_runs(tmp_path))["sd_clip+initial"]["lr"] == 1e-4
 
 
 def test_select_commands_sweep_the_lr_grid_per_method_on_the_validation_sweep(tmp_path):
@@ -148,3 +151,42 @@ def test_final_commands_give_each_method_its_lr_and_grpo_native_references_only(
     assert f"hydra.sweep.dir={tmp_path / 'final' / 'sd_trust_region' / 'seed1'}" in tr and tr[-1] == "model=tiny_random"
     assert "data.solution_style=native" in commands[0] and "optim.lr=3e-05" in commands[0]
     assert "--config-name" in tr and tr[tr.index("--config-name") + 1] == "protocol_final"
+
+
+def test_the_teacher_factor_goes_to_the_sd_method_validation_ranks_first(tmp_path):
+    assert first_arms(["sd_clip", "sft", "grpo"]) == ["sd_clip+initial", "sft", "grpo"]
+    selection_run(tmp_path, "0", "sd_clip", 1e-4, [0.2, 0.5], eval_=[0.2, 0.1])
+    selection_run(tmp_path, "1", "sd_product", 1e-4, [0.2, 0.6], eval_=[0.2, 0.0])
+    selection_run(tmp_path, "2", "sft", 1e-4, [0.2, 0.9])  # no teacher: never a candidate for the factor
+    selection_run(tmp_path, "3", "sd_product", 3e-4, [0.2, 0.4], teacher={"weights": "ema", "ema_decay": 0.95})
+    selection = select_learning_rates(find_runs(tmp_path))
+    assert set(selection) == {"sd_clip+initial", "sd_product+initial", "sft", "sd_product+ema0.95"}
+    assert teacher_arms({k: v for k, v in selection.items() if k.endswith("initial") or k == "sft"},
+                        ["live", "ema0.99"], top=1) == ["sd_product+live", "sd_product+ema0.99"]
+    commands = final_commands(tmp_path, selection, ["native"], "0", [])
+    ema = next(c for c in commands if "teacher.ema_decay=0.95" in c)
+    assert "teacher=ema" in ema and "optim.lr=0.0003" in ema and "method=sd_product" in ema
+    assert f"hydra.sweep.dir={tmp_path / 'final' / 'sd_product+ema0.95' / 'seed0'}" in ema
+    assert "teacher=initial" in next(c for c in commands if "method=sd_clip" in c)
+
+
+def test_the_dry_run_lists_the_sd_jobs_per_teacher(tmp_path, capsys):
+    protocol_main(["--out", str(tmp_path), "--dry-run", "--methods", "sd_clip,sft"])
+    printed = capsys.readouterr().out
+    assert "method=sd_clip teacher=initial optim.lr=" in printed and "method=sft optim.lr=" in printed
+    for teacher in ("teacher=live", "teacher=ema teacher.ema_decay=0.99", "teacher=ema teacher.ema_decay=0.95"):
+        assert f"method=TOP {teacher} optim.lr=" in printed
+    assert not (tmp_path / "select").exists()
+
+
+def test_evaluate_on_both_scores_validation_beside_eval():
+    cfg = DataConfig(train_size=30, eval_size=6, validation_size=5, evaluate_on="both", batch_size=2)
+    dm = ProblemDataModule(cfg, PromptConfig(student="Q: {problem}\nA:\n", teacher="{problem}\n{solution}\n"),
+                           char_tokenizer(), max_context=512, max_new_tokens=8, eval_batch_size=4)
+    dm.setup()
+    splits = dm.scored_splits()
+    assert list(splits) == ["eval", "val"]
+    scored = {prefix: [p["problem"] for batch in loader() for p in batch.problems] for prefix, loader in splits.items()}
+    loaded = load_data(cfg)
+    assert scored == {"eval": [r["problem"] for r in loaded.evaluation],
+                      "val": [r["problem"] for r in loaded.validation]}

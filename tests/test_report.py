@@ -296,7 +296,11 @@ def test_tiny_sweep_reports_completed_and_failed_jobs(tmp_path):
     assert "**DataError**: data.path: /nonexistent/train.jsonl does not exist" in md
     # a missing checkpoint: refused before any model loads (ConfigError), or, before that check, by Lightning's fit
     assert "**ConfigError**: ckpt_path=" in md or "**FileNotFoundError**: Checkpoint file not found" in md
-    assert len(list((tmp_path / "report").glob("*.png"))) == 5
+    # four axes, tau, and the teacher's health of the SD run
+    assert sorted(p.name for p in (tmp_path / "report").glob("*.png")) == [
+        "accuracy_vs_flops.png", "accuracy_vs_generated_tokens.png", "accuracy_vs_problems_seen.png",
+        "accuracy_vs_tau.png", "accuracy_vs_wall_seconds.png", "teacher_health.png"]
+    assert "| sd/clip/tau=1 | 0.000 |" in md.split("## The teacher's health")[1]  # its final hint accuracy
 
 
 def test_accuracy_bands_are_drawn_within_0_and_1(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +27,7 @@ from sdharness.data.jsonl import DataError, json_objects
 from sdharness.models import resolve_path
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad
 from sdharness.data.builtin import builtin_task
+from sdharness.data.tasks import SOLUTION_STYLES
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,22 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *,
         raise DataError(f"{path}: no rows; the file is empty or holds only blank lines. Write one JSON object per "
                         f"line with fields {', '.join(required)}")
     return rows
+
+
+def reference_styles(cfg: DataConfig, problems: list[dict]) -> dict[str, list[dict]]:
+    """``problems`` that have a reference, per notation of it: for a built-in task its own style and the
+    other one (the same problems, the reference written in the other notation); for other data the
+    references as given (``given``)."""
+    with_reference = [row for row in problems if row.get("solution")]
+    if not with_reference:
+        return {}
+    if not SOURCES[cfg.name].built_in_task:
+        return {"given": with_reference}
+    other = next(style for style in SOLUTION_STYLES if style != cfg.solution_style)
+    train, evaluation = load_problems(replace(cfg, solution_style=other))
+    solutions = {row["problem"]: row["solution"] for row in train + evaluation}
+    return {cfg.solution_style: with_reference,
+            other: [{**row, "solution": solutions[row["problem"]]} for row in with_reference]}
 
 
 def data_path(path: str, field: str) -> str | Path:
@@ -209,7 +226,8 @@ class ProblemDataModule(L.LightningDataModule):
         self.loaded = loaded  # rows already read by load_data (the train app reads them before the model)
         self.skipped: Counter = Counter()  # reason -> problems, examples or conversations skipped
         self.train: list[dict] = []
-        self.evaluation: list[dict] = []
+        self.evaluation: list[dict] = []  # the scored split: eval, or validation with data.evaluate_on=validation
+        self.validation: list[dict] = []  # data.evaluate_on=both: scored beside the eval split
         self.resume_position: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     def _encode(self, problems: list[dict], split: str) -> list[dict]:
@@ -283,6 +301,8 @@ class ProblemDataModule(L.LightningDataModule):
         self.train = encode(loaded.train, "train")
         self.evaluation = encode(loaded.validation if self.cfg.evaluate_on == "validation" else loaded.evaluation,
                                  "eval")
+        if self.cfg.evaluate_on == "both":
+            self.validation = encode(loaded.validation, "validation")
         if not self.train:
             raise ConfigError(f"data: no training problem fits the model context of {self.max_context} tokens "
                               f"with {self.max_new_tokens} new tokens (max of rollout.max_new_tokens and "
@@ -314,6 +334,17 @@ class ProblemDataModule(L.LightningDataModule):
     def eval_dataloader(self) -> DataLoader:
         return DataLoader(self.evaluation, batch_size=self.eval_batch_size, collate_fn=self.collate,
                           generator=self._own_generator())
+
+    def validation_dataloader(self) -> DataLoader:
+        return DataLoader(self.validation, batch_size=self.eval_batch_size, collate_fn=self.collate,
+                          generator=self._own_generator())
+
+    def scored_splits(self) -> dict:
+        """Metric prefix -> the dataloader of each split the quick evals score (data.evaluate_on); the
+        first is the run's own. The validation split is logged as val/*, never as eval/*."""
+        if self.cfg.evaluate_on == "validation":
+            return {"val": self.eval_dataloader}
+        return {"eval": self.eval_dataloader, **({"val": self.validation_dataloader} if self.validation else {})}
 
     def _own_generator(self) -> torch.Generator:
         # Without one, each new DataLoader iterator draws a seed from torch's global generator, the

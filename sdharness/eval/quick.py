@@ -1,21 +1,25 @@
-"""Quick eval: greedy accuracy on the held-out split with the student prompt.
+"""Quick eval: greedy accuracy on the held-out split(s) with the student prompt.
 
 Besides accuracy it reports the early-answer rate (the final answer appears before the step
-that derives it) and the mean completion length.
+that derives it) and the mean completion length; in SD runs, the teacher's health
+(:mod:`sdharness.eval.teacher_health`) at the same points.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import lightning as L
 import torch
 
 from sdharness.scale.checkpoints import is_final_step
-from sdharness.config import EvalConfig, PromptConfig
-from sdharness.data.prompts import encode_prompts
-from sdharness.rollout.hf import generate
+from sdharness.config import DataConfig, EvalConfig, PromptConfig
+from sdharness.data.datamodule import reference_styles
+from sdharness.data.prompts import encode_prompt, encode_prompts, left_pad, render_teacher
+from sdharness.eval.teacher_health import HealthClock, TokenSums, add_token_figures, token_metrics
+from sdharness.rollout.hf import Rollout, generate
 from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import answer_checker, is_early_answer
 
@@ -72,15 +76,32 @@ def prompt_batches(prompt: PromptConfig, tokenizer, texts: list[str], problems: 
                        problems[start:start + batch_size]) for start in range(0, len(texts), batch_size)]
 
 
+def hinted_batches(data: DataConfig, prompt: PromptConfig, tokenizer, items: list[dict],
+                   batch_size: int) -> dict[str, list[PromptRows]]:
+    """Teacher prompts (problem + reference) of the encoded eval ``items`` that have a reference, per
+    reference style (:func:`sdharness.data.datamodule.reference_styles`): the items' own teacher prompts
+    for the data's references, the teacher template rendered with the other notation's."""
+    batches = {}
+    for style, rows in reference_styles(data, items).items():
+        own = style in (data.solution_style, "given")
+        ids = [row["teacher_ids"] if own else encode_prompt(prompt, tokenizer, render_teacher(prompt, row["problem"],
+                                                                                           row["solution"]))
+               for row in rows]
+        batches[style] = [PromptRows(*left_pad(ids[start:start + batch_size], tokenizer.pad_token_id),
+                                     rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
+    return batches
+
+
 def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str,
                     leak_phrases: list[str] = (), checker: str = "builtin", task: str = "chain", synced: bool = False,
-                    rank: int = 0, world_size: int = 1) -> EvalResult:
+                    rank: int = 0, world_size: int = 1, decoded: list | None = None) -> EvalResult:
     """Greedy-decode every batch of student prompts and score the completions.
 
     On several ranks each decodes every ``world_size``-th batch and the completions are gathered,
     so every rank returns the same result for the whole set. ``synced`` (sharded weights): a rank
     with one batch fewer decodes a stand-in batch, discarded, so that it keeps joining the
-    all-gathers of the others."""
+    all-gathers of the others. ``decoded``: a list that receives this rank's ``(batch, rollout,
+    weight)``, weight 0 for a stand-in, for scoring the completions afterwards."""
     batches = list(batches)
     texts, problems, lengths = [], [], []
     device = next(model.parameters()).device
@@ -89,6 +110,8 @@ def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_ma
         batch = batches[index] if index < len(batches) else batches[0]
         rollout = generate(model, tokenizer, batch.student_ids.to(device), batch.student_mask.to(device),
                            max_new_tokens=max_new_tokens, greedy=True, synced=synced)
+        if decoded is not None:
+            decoded.append((batch, rollout, 1.0 if index < len(batches) else 0.0))
         if index < len(batches):
             texts += rollout.texts
             problems += batch.problems
@@ -111,30 +134,77 @@ def gathered_from_all_ranks(items: list, world_size: int) -> list:
 
 
 class QuickEval(L.Callback):
-    """Runs :func:`evaluate_greedy` before training, every ``every_n_steps`` and at the final step."""
+    """Runs :func:`evaluate_greedy` before training, every ``every_n_steps`` and at the final step.
 
-    def __init__(self, eval_batches, cfg: EvalConfig, answer_marker: str, leak_phrases: list[str] = (),
-                 prefix: str = "eval"):
-        self.eval_batches, self.cfg, self.prefix = eval_batches, cfg, prefix
+    ``splits``: metric prefix -> a callable giving that split's batches (``eval``, ``val`` or both);
+    the first is the run's own, kept in ``history``. ``hinted_batches`` (SD runs): a callable giving the
+    teacher prompts per reference style, for the teacher's health on the first split
+    (:mod:`sdharness.eval.teacher_health`), measured on its first ``cfg.health_size`` problems."""
+
+    def __init__(self, splits: dict[str, Callable], cfg: EvalConfig, answer_marker: str,
+                 leak_phrases: list[str] = (), hinted_batches: Callable | None = None):
+        self.splits, self.cfg, self.prefix = splits, cfg, next(iter(splits))
         self.answer_marker, self.leak_phrases = answer_marker, list(leak_phrases)
+        self.hinted_batches = hinted_batches
+        self.health_clock = HealthClock()
         self.history: list[tuple[int, EvalResult]] = []
+
+    def _decode(self, trainer: L.Trainer, module, model, batches, decoded: list | None = None) -> EvalResult:
+        return evaluate_greedy(model, module.tokenizer, batches, max_new_tokens=self.cfg.max_new_tokens,
+                               answer_marker=self.answer_marker, leak_phrases=self.leak_phrases,
+                               checker=module.cfg.data.checker, task=module.cfg.data.task, synced=module.sharded,
+                               rank=trainer.global_rank, world_size=trainer.world_size, decoded=decoded)
 
     def run(self, trainer: L.Trainer, module) -> EvalResult:
         if self.history and self.history[-1][0] == trainer.global_step:
             return self.history[-1][1]
         module.clock.pause()  # evaluation time is not training time
-        result = evaluate_greedy(module.model, module.tokenizer, self.eval_batches(),
-                                 max_new_tokens=self.cfg.max_new_tokens, answer_marker=self.answer_marker,
-                                 leak_phrases=self.leak_phrases, checker=module.cfg.data.checker,
-                                 task=module.cfg.data.task,
-                                 synced=module.sharded,
-                                 rank=trainer.global_rank, world_size=trainer.world_size)
-        metrics = {**result.as_metrics(self.prefix), **module.counters.as_metrics(), **self.lm_eval(module)}
+        metrics, decoded = {}, []
+        for prefix, batches in self.splits.items():
+            own = prefix == self.prefix
+            result = self._decode(trainer, module, module.model, batches(), decoded if own else None)
+            metrics |= result.as_metrics(prefix)
+            if own:
+                kept = result
+        if self.hinted_batches is not None:
+            metrics |= self.teacher_health(trainer, module, decoded)
+        metrics |= {**module.counters.as_metrics(), **self.lm_eval(module)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        self.history.append((trainer.global_step, result))
+        self.history.append((trainer.global_step, kept))
         module.clock.restart()
-        return result
+        return kept
+
+    def teacher_health(self, trainer: L.Trainer, module, decoded: list) -> dict[str, float]:
+        """``health/*`` (:mod:`sdharness.eval.teacher_health`): hint accuracy of the teacher's (and, when
+        they differ, the current) weights per reference style; entropies and drift on the eval's completions."""
+        models = module.health_models()
+        size = self.cfg.health_size
+        with self.health_clock:
+            metrics = {}
+            for style, batches in self.hinted_batches().items():
+                metrics[f"health/teacher_hint_accuracy_{style}"] = self._decode(trainer, module, models.teacher,
+                                                                                batches).accuracy
+                if models.teacher is not models.policy:
+                    metrics[f"health/policy_hint_accuracy_{style}"] = self._decode(trainer, module, models.policy,
+                                                                                   batches).accuracy
+            sums, device, scored = TokenSums(), module.device, 0
+            for batch, rollout, weight in decoded:
+                if scored >= size:  # every rank scores as many batches as it decoded up to here: ranks stay in step
+                    break
+                scored += len(batch.problems)
+                add_token_figures(sums, policy=models.policy, teacher=models.teacher, initial=models.initial,
+                                  student_ids=batch.student_ids.to(device), student_mask=batch.student_mask.to(device),
+                                  teacher_ids=batch.teacher_ids.to(device), teacher_mask=batch.teacher_mask.to(device),
+                                  rollout=Rollout(rollout.completion_ids.to(device),
+                                                  rollout.completion_mask.to(device), rollout.texts), weight=weight)
+            summed = sums.as_tensor(device)
+            if trainer.world_size > 1:
+                summed = trainer.strategy.reduce(summed, reduce_op="sum")
+            metrics |= token_metrics(summed.tolist(), teacher_is_policy=models.teacher is models.policy,
+                                     with_drift=models.initial is not None)
+        metrics["health/seconds"] = self.health_clock.seconds
+        return metrics
 
     def lm_eval(self, module) -> dict[str, float]:
         """``lmeval/<task>/<metric>`` for the configured lm-eval tasks (none by default)."""
@@ -159,10 +229,12 @@ class QuickEval(L.Callback):
             self.run(trainer, module)
 
     def state_dict(self) -> dict:  # checkpointed, so a resumed run still reports its starting accuracy
-        return {"history": [(step, asdict(result)) for step, result in self.history]}
+        return {"history": [(step, asdict(result)) for step, result in self.history],
+                "health_seconds": self.health_clock.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [(step, EvalResult(**result)) for step, result in state["history"]]
+        self.health_clock = HealthClock(state.get("health_seconds", 0.0))
 
 
 def print_summary(evals: list, counters, output_dir, prefix: str = "eval") -> dict[str, float]:

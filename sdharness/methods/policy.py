@@ -293,18 +293,21 @@ def global_mean_scale(local_count: float, global_count: float, world_size: int) 
 
 
 class ShadowWeights:
-    """Weights that only score, never train: the live model, a frozen copy of the initial
-    weights, or an exponential moving average of the live model."""
+    """Weights that only score, never train: the live model, its initial weights (a frozen copy, or under
+    LoRA the live model with its adapters disabled), or an exponential moving average of the live model."""
 
     def __init__(self, live: torch.nn.Module, mode: str, decay: float = 0.99):
         self.mode, self.decay, self.live = mode, decay, live
         self.copy = None
-        if mode in ("initial", "ema"):
+        self.view = None
+        if mode == "initial" and is_lora(live):
+            self.view = AdapterFreeView(live)  # the base weights never train under LoRA: no second copy
+        elif mode in ("initial", "ema"):
             self.copy = copy.deepcopy(live).eval().requires_grad_(False)
 
     @property
-    def model(self) -> torch.nn.Module:
-        return self.live if self.copy is None else self.copy
+    def model(self):
+        return self.view or (self.live if self.copy is None else self.copy)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -313,3 +316,39 @@ class ShadowWeights:
                 self.copy.reshard()
             for shadow, live in zip(self.copy.parameters(), self.live.parameters()):
                 local_part(shadow).lerp_(local_part(live).detach().to(shadow.dtype), 1.0 - self.decay)
+
+
+def is_lora(model) -> bool:
+    """A PEFT model whose adapters can be switched off (``model.lora_rank > 0``)."""
+    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
+
+
+class AdapterFreeView:
+    """A PEFT model's base weights, scoring and generating with the adapters disabled: the frozen initial
+    weights under LoRA without holding a second copy (OPSD's way). Everything that runs a forward goes
+    through the adapter switch; anything else (config, parameters, device) is the model's own."""
+
+    def __init__(self, peft_model):
+        self.peft = peft_model
+
+    def _disabled(self, function):
+        def run(*args, **kwargs):
+            with self.peft.disable_adapter():
+                return function(*args, **kwargs)
+        return run
+
+    def __call__(self, *args, **kwargs):
+        return self._disabled(self.peft)(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self._disabled(self.peft.generate)(*args, **kwargs)
+
+    def get_decoder(self):
+        return self._disabled(self.peft.get_decoder())
+
+    def get_output_embeddings(self):
+        head = self.peft.get_output_embeddings()
+        return getattr(head, "base_layer", head)  # an adapted head's frozen layer
+
+    def __getattr__(self, name):
+        return getattr(self.peft, name)

@@ -11,6 +11,7 @@ from sdharness.data.tasks import answer_checker
 from sdharness.distill.logits import completion_hidden, completion_logits
 from sdharness.distill.losses import DistillationLoss, distillation_loss
 from sdharness.distill.positions import loss_positions
+from sdharness.eval.teacher_health import HealthModels
 from sdharness.methods.accounting import rollout_cost
 from sdharness.methods.policy import PolicyModule
 from sdharness.rollout.guided import guided_rollout, guided_token_weights
@@ -41,6 +42,13 @@ class SelfDistillModule(PolicyModule):
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         super().__init__(model, tokenizer, cfg)
         self.teacher = self.shadow_weights("teacher_model", cfg.teacher.weights, cfg.teacher.ema_decay)
+        # The initial weights for the teacher-health drift figures: the teacher itself when it is frozen.
+        self.initial = self.teacher if cfg.teacher.weights == "initial" else (
+            self.shadow_weights("initial_model", "initial") if cfg.eval.teacher_health else None)
+
+    def health_models(self) -> HealthModels:
+        """The weights :mod:`sdharness.eval.teacher_health` compares."""
+        return HealthModels(self.model, self.teacher.model, None if self.initial is None else self.initial.model)
 
     def logged_completions(self, batch: PromptBatch) -> Rollout:
         """The batch's logged completions (``solution_ids`` + EOS) as ``g``, for ``data=chatlog``."""

@@ -22,7 +22,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from sdharness.jobs import FAILED_FILE, write_failure
-from sdharness.report.curves import AXIS_NAMES, NAN, summarize, tokens_to_target, trained
+from sdharness.report.curves import (AXIS_NAMES, COLLAPSE_DROP, NAN, best_on_validation, collapse, summarize,
+                                     tokens_to_target, trained)
 from sdharness.report.runs import Run, find_runs, group_runs, label_runs
 
 SCORES = [("eval/accuracy", "accuracy", ".3f"), ("eval/early_answer_rate", "early answer", ".3f"),
@@ -37,12 +38,31 @@ DIAGNOSTICS = [("train/unconsidered_mass", "unconsidered mass", ".3f"),
                ("train/max_log_ratio_max", "max log q/p_S (max)", ".2f")]
 
 
+# The teacher's health at every eval point (sdharness/eval/teacher_health.py), in the order a collapse
+# names the first to move.
+HEALTH = [("health/teacher_hint_accuracy_native", "teacher hint acc. (native)", ".3f"),
+          ("health/teacher_hint_accuracy_foreign", "teacher hint acc. (foreign)", ".3f"),
+          ("health/teacher_hint_accuracy_given", "teacher hint acc.", ".3f"),
+          ("health/policy_hint_accuracy_native", "policy hint acc. (native)", ".3f"),
+          ("health/policy_hint_accuracy_foreign", "policy hint acc. (foreign)", ".3f"),
+          ("health/policy_hint_accuracy_given", "policy hint acc.", ".3f"),
+          ("health/teacher_drift_kl", "teacher drift KL", ".3f"),
+          ("health/policy_drift_kl", "policy drift KL", ".3f"),
+          ("health/teacher_entropy", "teacher entropy", ".3f"),
+          ("health/student_entropy", "student entropy", ".3f")]
+BEST_ON_VALIDATION = "eval/accuracy@best_val"
+
+
 def final_scores(groups: dict[str, list[Run]]) -> dict[str, dict[str, dict]]:
     """label -> metric -> :func:`summarize` of the runs' final values; for the training diagnostics
-    (:data:`DIAGNOSTICS`), of each run's mean over its logged steps."""
+    (:data:`DIAGNOSTICS`), of each run's mean over its logged steps; :data:`BEST_ON_VALIDATION`, the eval
+    accuracy at the eval the validation split scored best (:func:`best_on_validation`)."""
     scores = {label: {key: summarize([r.final().get(key) for r in group])
                       for key in sorted({k for r in group for k in r.final()})} for label, group in groups.items()}
     for label, group in groups.items():
+        best = [best_on_validation(r.evals) for r in group]
+        if any(b is not None for b in best):
+            scores[label][BEST_ON_VALIDATION] = summarize(best)
         for key, _, _ in DIAGNOSTICS:
             per_run = [summarize([row.get(key) for row in r.rows])["mean"] for r in group]
             if any(math.isfinite(v) for v in per_run):
@@ -112,7 +132,9 @@ def with_interval(summary: dict | None, spec: str) -> str:
 
 def scores_table(scores: dict) -> str:
     lmeval = sorted({k for s in scores.values() for k in s if k.startswith("lmeval/")})
-    columns = SCORES + [(k, k, ".3f") for k in lmeval]
+    best = [(BEST_ON_VALIDATION, "accuracy at best val", ".3f")] if any(BEST_ON_VALIDATION in s
+                                                                          for s in scores.values()) else []
+    columns = SCORES[:1] + best + SCORES[1:] + [(k, k, ".3f") for k in lmeval]
     rows = []
     for label, s in scores.items():
         cells = [with_interval(s.get(k), spec) if not k.startswith("train/") else fmt(s.get(k, {}).get("mean"), spec)
@@ -127,6 +149,34 @@ def diagnostics_table(scores: dict) -> str:
     rows = [[label, with_interval(s.get("eval/early_answer_rate"), ".3f")]
             + [with_interval(s.get(key), spec) for key, _, spec in DIAGNOSTICS] for label, s in scores.items()]
     return markdown_table(["run", "early answer"] + [name for _, name, _ in DIAGNOSTICS], rows)
+
+
+def health_section(groups: dict[str, list[Run]], scores: dict) -> str:
+    """The teacher's health at the final eval per label (mean ± 95% half-width), the health evals' time
+    against training time, and every run that collapsed with the first health figure that moved."""
+    columns = [(key, name, spec) for key, name, spec in HEALTH if any(key in s for s in scores.values())]
+    if not columns:
+        return "No run logged the teacher's health (SD runs with eval.teacher_health=true do)."
+    rows = [[label, *(with_interval(s.get(key), spec) for key, _, spec in columns)] for label, s in scores.items()
+            if any(key in s for key, _, _ in columns)]
+    share = [r.final().get("health/seconds", NAN) / r.final().get("train/wall_seconds", NAN)
+             for group in groups.values() for r in group if r.final().get("health/seconds") is not None]
+    cost = summarize(share)
+    md = [f"Final eval point. Hint accuracy: greedy, with the reference in the prompt, on the first eval.health_size "
+          "problems; drift: KL(weights ‖ initial weights) per token on [teacher prompt, g]; entropies per token on "
+          f"the eval's completions. Health evals took {fmt(cost['mean'] * 100, '.0f')}% of training time on average "
+          f"(max {fmt(cost['max'] * 100, '.0f')}%), counted apart from it.", "",
+          markdown_table(["run", *(name for _, name, _ in columns)], rows), ""]
+    figures = [key for key, _, _ in HEALTH]
+    collapsed = [(r, found) for group in groups.values() for r in group
+                 if (found := collapse(r.evals, figures)) is not None]
+    md += [f"Collapses (final eval accuracy at least {COLLAPSE_DROP} below the run's best), with the first health "
+           "figure to cover half its change before accuracy covered half its drop:", ""]
+    md += [f"- {r.name} ({r.label}, seed {r.config.get('seed')}): best {found['best']:.3f} at step "
+           f"{found['best_step']}, final {found['final']:.3f}; dropped by step {found['dropped_step']}; first moved: "
+           + (f"{found['first_moved']} (by step {found['moved_step']})" if found["first_moved"] else
+              "no health figure before the drop") for r, found in collapsed] or ["- none"]
+    return "\n".join(md)
 
 
 def target_section(table, target, reference, base: float | None = None) -> str:
@@ -203,14 +253,21 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
                "student gives < loss.unconsidered_eps; KL(target‖student) per token; per-position max of "
                "log(q/p_S), averaged and maxed over positions), then mean ± 95% half-width over seeds.", "",
                diagnostics_table(scores), ""]
+    if scores:
+        md += ["## The teacher's health", "", health_section(groups, scores), ""]
     if groups and plots:
-        from sdharness.report.plots import plot_curves, plot_tau
+        from sdharness.report.plots import plot_curves, plot_health, plot_tau
 
         md += ["## Eval accuracy", "", "Mean over seeds (line) and its 95% confidence interval (band, Student t "
                "over seeds; none for one seed).", ""]
         for axis, name in AXIS_NAMES.items():
             png = plot_curves(groups, axis, name, out / f"accuracy_vs_{axis}.png", target)
             md += [f"![accuracy vs {name}]({png.name})", ""]
+        health = [(key, name) for key, name, _ in HEALTH if any(key in r for g in groups.values() for r in g[0].evals)]
+        if health:
+            png = plot_health(groups, [("eval/accuracy", "eval accuracy"), *health], out / "teacher_health.png")
+            md += ["## The teacher's health against problems seen", "", "Mean over seeds and 95% band.", "",
+                   f"![teacher health]({png.name})", ""]
         png = plot_tau(groups, scores, out / "accuracy_vs_tau.png")
         md += ["## Final accuracy against tau", "", f"![accuracy vs tau]({png.name})", ""]
     md += ["## Config differences", "", f"Keys whose used values differ between runs (tags omitted; \"–\": not set; "

@@ -19,11 +19,16 @@ def tokens_to_target(points, target: float) -> float | None:
     return next((x for x, acc in points if acc is not None and acc >= target - 1e-12), None)
 
 
+def eval_step(row: dict):
+    """The optimiser step of a logged row: ``step`` in metrics.csv, ``trainer/global_step`` in W&B."""
+    return row.get("step", row.get("trainer/global_step"))
+
+
 def trained(row: dict) -> bool:
     """True for an eval taken after training started: its step (``step`` in metrics.csv,
     ``trainer/global_step`` in W&B) is > 0, or, without a step, its problems seen are. The eval
     before training (step 0) measures the base model, not what a method's tokens bought."""
-    step = row.get("step", row.get("trainer/global_step"))
+    step = eval_step(row)
     return (step if step is not None else row.get("train/problems_seen") or 0) > 0
 
 
@@ -57,3 +62,45 @@ def mean_curve(curves):
     stack = np.stack([np.interp(grid, x, y) for x, y in curves])
     mean, half = stack.mean(0), t_halfwidth(stack.std(0, ddof=1), len(curves))
     return grid, mean, mean - half, mean + half
+
+
+def best_on_validation(evals: list[dict]) -> float | None:
+    """Early stopping chosen on validation, scored on eval: ``eval/accuracy`` at the first eval whose
+    ``val/accuracy`` is the run's highest; None for a run that did not score both splits."""
+    scored = [row for row in evals if row.get("val/accuracy") is not None and row.get("eval/accuracy") is not None]
+    if not scored:
+        return None
+    best = max(row["val/accuracy"] for row in scored)
+    return next(row["eval/accuracy"] for row in scored if row["val/accuracy"] >= best)
+
+
+COLLAPSE_DROP = 0.2  # final eval accuracy this far below the run's best marks a collapse
+
+
+def collapse(evals: list[dict], figures: list[str], drop: float = COLLAPSE_DROP) -> dict | None:
+    """A run whose final ``eval/accuracy`` ends at least ``drop`` below its best: ``{best, best_step,
+    final, dropped_step, first_moved, moved_step}``; None otherwise. The drop happens at the first eval
+    after the best at or below half-way from best to final. A figure (of ``figures``, e.g. the teacher's
+    health) moves at the first eval after the best where it has covered half its own change from the best
+    eval to the final one; ``first_moved`` is the earliest to move at or before the drop (None: none did)."""
+    rows = [row for row in evals if row.get("eval/accuracy") is not None]
+    if len(rows) < 2:
+        return None
+    at_best = max(range(len(rows)), key=lambda i: (rows[i]["eval/accuracy"], -i))
+    best, final = rows[at_best]["eval/accuracy"], rows[-1]["eval/accuracy"]
+    if final > best - drop:
+        return None
+    after = rows[at_best + 1:]
+    dropped = next(row for row in after if row["eval/accuracy"] <= best - (best - final) / 2)
+    moved = []
+    for order, name in enumerate(figures):
+        start, end = rows[at_best].get(name), rows[-1].get(name)
+        if start is None or end is None or not math.isfinite(start) or not math.isfinite(end) or start == end:
+            continue
+        step = next(eval_step(row) for row in after
+                    if row.get(name) is not None and abs(row[name] - start) >= abs(end - start) / 2)
+        if step <= eval_step(dropped):
+            moved.append((step, order, name))
+    first = min(moved, default=None)
+    return {"best": best, "best_step": eval_step(rows[at_best]), "final": final, "dropped_step": eval_step(dropped),
+            "first_moved": first[2] if first else None, "moved_step": first[0] if first else None}

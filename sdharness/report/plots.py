@@ -37,14 +37,13 @@ def _colors(count: int) -> list:
     return [cmap(i % cmap.N) for i in range(count)]
 
 
-def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: float | None = None) -> Path:
-    """Eval accuracy against ``train/<axis>``: one line per label (mean over seeds), its 95%
-    confidence band over seeds; the tokens-to-target accuracy as a dotted line."""
-    fig, ax = plt.subplots(figsize=(7 if len(groups) <= 4 else 11, 4.5))
-    for (label, runs), color in zip(groups.items(), _colors(len(groups))):
+def _draw(ax, groups: dict, axis: str, key: str, colors: list, bounded: bool) -> None:
+    """One line per label of ``key`` against ``train/<axis>`` (mean over seeds) and its 95% band;
+    ``bounded``: the band clipped to [0, 1] (a t-interval over a few seeds that disagree reaches past it)."""
+    for (label, runs), color in zip(groups.items(), colors):
         curves = []
         for run in runs:
-            points = [(r.get(f"train/{axis}"), r["eval/accuracy"]) for r in run.evals]
+            points = [(r.get(f"train/{axis}"), r.get(key)) for r in run.evals]
             points = [(x, y) for x, y in points if x is not None and y is not None and math.isfinite(y)]
             curves.append(([x for x, _ in points], [y for _, y in points]))
         curves = [c for c in curves if c[0]]
@@ -53,8 +52,15 @@ def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: flo
         x, mean, low, high = mean_curve(curves)
         ax.plot(x, mean, marker="o", markersize=3, color=color, label=f"{label} (n={len(curves)})")
         if len(curves) > 1:
-            # Accuracy lies in [0, 1]; a t-interval over a few seeds that disagree reaches past it.
-            ax.fill_between(x, np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0), color=color, alpha=0.15)
+            ax.fill_between(x, *((np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)) if bounded else (low, high)),
+                            color=color, alpha=0.15)
+
+
+def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: float | None = None) -> Path:
+    """Eval accuracy against ``train/<axis>``: one line per label (mean over seeds), its 95%
+    confidence band over seeds; the tokens-to-target accuracy as a dotted line."""
+    fig, ax = plt.subplots(figsize=(7 if len(groups) <= 4 else 11, 4.5))
+    _draw(ax, groups, axis, "eval/accuracy", _colors(len(groups)), bounded=True)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
     ax.set(xlabel=axis_name, ylabel="eval accuracy", title=f"Eval accuracy vs {axis_name} (mean, 95% CI over seeds)")
@@ -63,6 +69,27 @@ def plot_curves(groups: dict, axis: str, axis_name: str, path: Path, target: flo
     ax.grid(alpha=0.3)
     _legend(ax)
     return _save(fig, path)
+
+
+def plot_health(groups: dict, figures: list[tuple[str, str]], path: Path) -> Path:
+    """One panel per ``(key, name)`` of ``figures`` (accuracy, then the teacher's health) against problems
+    seen, every label in each (mean over seeds, 95% band); the legend beside the last panel."""
+    columns = min(3, len(figures))
+    rows = math.ceil(len(figures) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns + 3, 3.4 * rows), squeeze=False)
+    colors = _colors(len(groups))
+    for ax, (key, name) in zip(axes.flat, figures):
+        _draw(ax, groups, "problems_seen", key, colors, bounded="accuracy" in key)
+        ax.set(xlabel="problems seen", title=name)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(figures):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize="small", loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 2.8 / (5 * columns + 3), 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_tau(groups: dict, scores: dict, path: Path) -> Path:

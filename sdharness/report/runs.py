@@ -22,7 +22,8 @@ from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.jobs import read_failure
 
 METHOD_KEYS = ("algo.name", "aggregation.name", "aggregation.tau")
-SETTING_KEYS = ("rollout.guidance", "data.name")  # named in the label as a setting, see settings()
+SETTING_KEYS = ("rollout.guidance", "data.name", "teacher.weights", "teacher.ema_decay")  # see settings()
+DEFAULT_TEACHER = "initial"
 NOT_IN_LABEL = {"seed", "tags", "output_dir", "ckpt_path", "resume_allow_changes", *METHOD_KEYS, *SETTING_KEYS}
 UNUSED_TAU = tuple(name for name, aggregation in AGGREGATIONS.items() if not aggregation.uses_tau)
 PROVENANCE_SUFFIX = ".provenance.json"  # the sidecar sdharness-bootstrap writes next to its output
@@ -73,11 +74,20 @@ def show(value) -> str:
 
 
 # ---------------------------------------------------------------- labels
+def teacher_of(config: dict) -> str:
+    """The teacher of a run's flattened config: ``initial``, ``live`` or ``ema<decay>`` (``ema0.95``)."""
+    weights = config.get("teacher.weights", DEFAULT_TEACHER)
+    return f"ema{float(config.get('teacher.ema_decay', 0.99)):g}" if weights == "ema" else str(weights)
+
+
 def settings(config: dict, bootstrapped: bool = False) -> list[str]:
     """What the run trains on, when it is not on-policy samples of problems with reference
-    solutions: ``guided=<rollout.guidance>`` (sd only: the other algos ignore guidance),
-    ``chatlog`` (``data=chatlog``) and ``bootstrapped`` (sdharness-bootstrap data)."""
+    solutions and the frozen initial teacher: ``teacher=<teacher_of>`` and ``guided=<rollout.guidance>``
+    (sd only: the other algos have no teacher and ignore guidance), ``chatlog`` (``data=chatlog``) and
+    ``bootstrapped`` (sdharness-bootstrap data)."""
     found, guidance = [], config.get("rollout.guidance")
+    if config.get("algo.name") == "sd" and teacher_of(config) != DEFAULT_TEACHER:
+        found.append(f"teacher={teacher_of(config)}")
     if config.get("algo.name") == "sd" and guidance not in (None, "never"):
         found.append(f"guided={guidance}")
     if config.get("data.name") in SOURCES and SOURCES[config["data.name"]].logged_completions:

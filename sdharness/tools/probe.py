@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +44,7 @@ from sdharness.cli import bad_input_exits, cli_errors
 from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, check_threads,
                               require, resolve_wandb_mode)
 from sdharness.data import SOURCES
-from sdharness.data.datamodule import load_problems
+from sdharness.data.datamodule import load_problems, reference_styles
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.data.builtin import builtin_task
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
@@ -133,15 +133,9 @@ class Accumulator:
 
 
 def _hinted_texts(cfg: ProbeConfig, problems: list[dict]) -> dict[str, list[str]]:
-    """Teacher prompts per reference style: the data's own and, for the built-in task, the other."""
-    built_in = SOURCES[cfg.data.name].built_in_task
-    styles = {cfg.data.solution_style if built_in else "given": problems}
-    if built_in:
-        other = "foreign" if cfg.data.solution_style == "native" else "native"
-        _, styled = load_problems(DataConfig(**{**asdict(cfg.data), "solution_style": other}))
-        styles[other] = styled[:len(problems)]
+    """Teacher prompts per reference style (:func:`sdharness.data.datamodule.reference_styles`)."""
     return {style: [render_teacher(cfg.prompt, row["problem"], row["solution"]) for row in rows]
-            for style, rows in styles.items()}
+            for style, rows in reference_styles(cfg.data, problems).items()}
 
 
 def _batches(items: list, size: int):

@@ -8,15 +8,19 @@ its learning rate over seeds, then the report with confidence bands.
         # a subset; trailing Hydra overrides apply to every job of both stages
 
 1. ``select`` (sweeps/protocol_select.yaml): every method of :data:`METHOD_CHOICES` at each lr of the grid,
-   seed 0, native references, scored on ``data.validation_size`` problems held out of the training
-   pool and logged as ``val/*``. Selection reads ``val/accuracy`` only (:func:`select_learning_rates`);
-   the eval split is never scored in this stage. Writes ``OUT/selection.json`` and ``OUT/selection.md``.
-2. ``final`` (sweeps/protocol_final.yaml): each method at its selected lr, seeds 0, 1, 2, native and
-   foreign references (grpo reads none: native only), 2048 problems each, 256 eval problems; one
-   multirun per method and seed under ``OUT/final/<method>/seed<k>``.
+   SD methods with the frozen initial teacher, seed 0, native references, scored on ``data.validation_size``
+   problems held out of the training pool and logged as ``val/*``. Then, for the ``--teacher-top`` SD
+   methods that validation ranks first, the other teachers of :data:`TEACHERS` (live, EMA at SDFT's and
+   SDPO's rates) over the same grid. Selection reads ``val/accuracy`` only (:func:`select_learning_rates`),
+   per arm (method, and teacher for SD); the eval split is never scored in this stage. Writes
+   ``OUT/selection.json`` and ``OUT/selection.md``.
+2. ``final`` (sweeps/protocol_final.yaml): each arm at its selected lr, seeds 0, 1, 2, native and
+   foreign references (grpo reads none: native only), 2048 problems each, 256 eval and 256 validation
+   problems scored at every eval point (the report's best-on-validation column); one multirun per arm
+   and seed under ``OUT/final/<arm>/seed<k>``.
 3. ``report``: ``sdharness-report OUT/final`` -> ``OUT/final/report/report.md``: mean ± 95% confidence
-   bands over seeds on every x-axis, tokens-to-target with intervals, early answers and target
-   diagnostics per method.
+   bands over seeds on every x-axis, final and best-on-validation accuracy, tokens-to-target with
+   intervals, early answers, target diagnostics and the teacher's health per arm.
 
 Both stages run one multirun per method (and, in the final stage, per seed), grpo's first, two at
 a time (``--jobs``, default 2: one per core of the 2-core VM, each job at 1 thread).
@@ -38,20 +42,47 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
 from sdharness.config import SWEEPS_DIR
 from sdharness.report.build import build_report, markdown_table
-from sdharness.report.runs import Run, find_runs
+from sdharness.report.runs import Run, find_runs, teacher_of
 
 # The choices of sweeps/method/, one per compared method; a new file there joins the protocol.
 METHOD_CHOICES = tuple(sorted(path.stem for path in (SWEEPS_DIR / "method").glob("*.yaml")))
 READS_NO_REFERENCE = ("grpo",)  # trained on answers only: the reference style does not apply
 SELECTION_METRIC = "val/accuracy"
 LEARNING_RATES = "1e-5,3e-5,1e-4,3e-4,1e-3"
+# The teacher factor of SD methods: the frozen initial weights for every aggregation; the live weights and
+# EMAs at SDFT's rate (0.01 per step) and SDPO's (0.05) for the aggregations validation ranks first.
+TEACHERS = {"initial": ["teacher=initial"], "live": ["teacher=live"],
+            "ema0.99": ["teacher=ema", "teacher.ema_decay=0.99"], "ema0.95": ["teacher=ema", "teacher.ema_decay=0.95"]}
+FIRST_TEACHER = "initial"
+
+
+def has_teacher(method: str) -> bool:
+    """Whether the method choice trains with a teacher (its sweeps/method file overrides /algo to sd)."""
+    defaults = OmegaConf.load(SWEEPS_DIR / "method" / f"{method}.yaml").get("defaults", [])
+    return any(dict(entry).get("override /algo") == "sd" for entry in defaults if isinstance(entry, DictConfig))
+
+
+def arm(method: str, teacher: str | None) -> str:
+    """What the protocol compares: a method, and for one with a teacher, which (``sd_clip+live``)."""
+    return f"{method}+{teacher}" if teacher else method
+
+
+def split_arm(name: str) -> tuple[str, list[str]]:
+    """``(method, its teacher's overrides)`` of an :func:`arm` name."""
+    method, _, teacher = name.partition("+")
+    return method, TEACHERS[teacher] if teacher else []
 
 
 def method_of(run: Run) -> str | None:
-    """The ``method=...`` choice a protocol job was launched with (its Hydra overrides)."""
-    return next((o.split("=", 1)[1] for o in run.overrides if o.startswith("method=")), None)
+    """The arm a protocol job ran: its ``method=...`` choice (Hydra overrides) and, for an SD method, its teacher."""
+    method = next((o.split("=", 1)[1] for o in run.overrides if o.startswith("method=")), None)
+    if method is None or run.config.get("algo.name") != "sd":
+        return method
+    return arm(method, teacher_of(run.config))
 
 
 def validation_scores(run: Run) -> list[tuple[int, float]]:
@@ -111,23 +142,46 @@ def train_command(config_name: str, sweep_dir: Path, overrides: list[str]) -> li
             config_name, f"hydra.sweep.dir={sweep_dir}", *overrides]
 
 
-def select_commands(out: Path, methods: list[str], lrs: str, overrides: list[str]) -> list[list[str]]:
-    """One multirun per method over the lr grid, grpo first (its jobs are the longest)."""
-    return [train_command("protocol_select", out / "select" / method, [f"method={method}", f"optim.lr={lrs}",
-                                                                       *overrides])
-            for method in sorted(methods, key=lambda m: m != "grpo")]
+def select_commands(out: Path, arms: list[str], lrs: str, overrides: list[str]) -> list[list[str]]:
+    """One multirun per arm over the lr grid, grpo first (its jobs are the longest)."""
+    commands = []
+    for name in sorted(arms, key=lambda a: not a.startswith("grpo")):
+        method, teacher = split_arm(name)
+        commands.append(train_command("protocol_select", out / "select" / name,
+                                      [f"method={method}", *teacher, f"optim.lr={lrs}", *overrides]))
+    return commands
+
+
+def first_arms(methods: list[str]) -> list[str]:
+    """The selection's first round: every method, those with a teacher with the frozen initial one."""
+    return [arm(method, FIRST_TEACHER if has_teacher(method) else None) for method in methods]
+
+
+def teacher_arms(selection: dict[str, dict], teachers: list[str], top: int) -> list[str]:
+    """The second round: the other teachers for the ``top`` arms with a teacher that validation ranks first
+    (final val accuracy, then the mean over its evals)."""
+    ranked = sorted((name for name in selection if "+" in name),
+                    key=lambda name: (-selection[name]["validation_accuracy"], -best_mean(selection[name]), name))
+    return [arm(split_arm(name)[0], teacher) for name in ranked[:top] for teacher in teachers]
+
+
+def best_mean(entry: dict) -> float:
+    return next(c["mean"] for c in entry["candidates"] if c["lr"] == entry["lr"])
 
 
 def final_commands(out: Path, selection: dict[str, dict], styles: list[str], seeds: str,
                    overrides: list[str]) -> list[list[str]]:
-    """One multirun per method and seed (its reference styles inside), grpo first: the longest jobs
+    """One multirun per arm and seed (its reference styles inside), grpo first: the longest jobs
     start first, so that ``--jobs 2`` keeps both cores busy to the end."""
     commands = []
-    for method in sorted((m for m in METHOD_CHOICES if m in selection), key=lambda m: m != "grpo"):
+    for name in sorted(selection, key=lambda a: (not a.startswith("grpo"), a)):
+        method, teacher = split_arm(name)
+        if method not in METHOD_CHOICES:
+            continue
         method_styles = ["native"] if method in READS_NO_REFERENCE else styles
         for seed in seeds.split(","):
-            commands.append(train_command("protocol_final", out / "final" / method / f"seed{seed}", [
-                f"method={method}", f"optim.lr={selection[method]['lr']:g}", f"seed={seed}",
+            commands.append(train_command("protocol_final", out / "final" / name / f"seed{seed}", [
+                f"method={method}", *teacher, f"optim.lr={selection[name]['lr']:g}", f"seed={seed}",
                 f"data.solution_style={','.join(method_styles)}", *overrides]))
     return commands
 
@@ -144,12 +198,28 @@ def run_all(commands: list[list[str]], jobs: int, dry_run: bool) -> None:
         print(f"sdharness-protocol: {len(failed)} multirun(s) exited non-zero; see their FAILED.json", file=sys.stderr)
 
 
+def selection_from(out: Path, parser) -> dict[str, dict]:
+    """Select from every run under ``OUT/select`` and write ``selection.json`` and ``selection.md``."""
+    if not (out / "select").is_dir():
+        parser.error(f"no selection stage under {out / 'select'}: run --stage select first")
+    selection = select_learning_rates(find_runs(out / "select"))
+    if not selection:
+        parser.error(f"no run under {out / 'select'} logged {SELECTION_METRIC}")
+    (out / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+    (out / "selection.md").write_text(selection_markdown(selection) + "\n")
+    return selection
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sdharness-protocol", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="protocol dir: select/, selection.json, final/, final/report/")
     parser.add_argument("--stage", choices=("all", "select", "final"), default="all",
                         help="final: reuse OUT/selection.json (or OUT/select)")
     parser.add_argument("--methods", default=",".join(METHOD_CHOICES), help="choices of sweeps/method/ to compare")
+    parser.add_argument("--teachers", default=",".join(t for t in TEACHERS if t != FIRST_TEACHER),
+                        help=f"teachers besides {FIRST_TEACHER} for the SD methods validation ranks first "
+                             f"(choose from {', '.join(TEACHERS)}; empty: none)")
+    parser.add_argument("--teacher-top", type=int, default=1, help="how many SD methods get the other teachers")
     parser.add_argument("--lrs", default=LEARNING_RATES, help="the selection stage's optim.lr grid")
     parser.add_argument("--styles", default="native,foreign", help="reference styles of the final stage")
     parser.add_argument("--seeds", default="0,1,2")
@@ -158,24 +228,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. model=tiny_random")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    teachers = [t for t in args.teachers.split(",") if t]
+    unknown = [t for t in teachers if t not in TEACHERS]
+    if unknown:
+        parser.error(f"--teachers: unknown {', '.join(unknown)}; choose from {', '.join(TEACHERS)}")
     if args.stage in ("all", "select"):
         methods = [m for m in args.methods.split(",") if m]
         unknown = [m for m in methods if m not in METHOD_CHOICES]
         if unknown:
             parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_CHOICES)}")
-        run_all(select_commands(out, methods, args.lrs, args.overrides), args.jobs, args.dry_run)
+        run_all(select_commands(out, first_arms(methods), args.lrs, args.overrides), args.jobs, args.dry_run)
         if args.dry_run:
+            if teachers and args.teacher_top:
+                print(f"# then, for the {args.teacher_top} SD method(s) ranked first on validation (TOP):")
+                run_all(select_commands(out, [arm("TOP", t) for t in teachers], args.lrs, args.overrides), 1, True)
+            print("# then the final stage: every arm at its selected lr, seeds "
+                  f"{args.seeds}, styles {args.styles} (grpo: native)")
             return
+        if teachers and args.teacher_top:
+            ranked = teacher_arms(selection_from(out, parser), teachers, args.teacher_top)
+            run_all(select_commands(out, ranked, args.lrs, args.overrides), args.jobs, False)
     if args.stage == "final" and (out / "selection.json").exists():
         selection = json.loads((out / "selection.json").read_text())
     else:
-        if not (out / "select").is_dir():
-            parser.error(f"no selection stage under {out / 'select'}: run --stage select first")
-        selection = select_learning_rates(find_runs(out / "select"))
-        if not selection:
-            parser.error(f"no run under {out / 'select'} logged {SELECTION_METRIC}")
-        (out / "selection.json").write_text(json.dumps(selection, indent=2) + "\n")
-        (out / "selection.md").write_text(selection_markdown(selection) + "\n")
+        selection = selection_from(out, parser)
         print(selection_markdown(selection), flush=True)
     if args.stage == "select":
         return
