@@ -321,3 +321,36 @@ def test_accuracy_bands_are_drawn_within_0_and_1(tmp_path, monkeypatch):
     (band_low, band_high), = drawn
     assert list(band_low) == [0.5, 0.0] and list(band_high) == [0.5, 1.0]
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_best_on_validation_health_and_collapse_in_the_report(tmp_path):
+    """Two seeds of a live-teacher run that collapses after its teacher's hint reading does, scored on
+    validation and eval at every point; the report takes eval accuracy where validation peaked."""
+    root = tmp_path / "sweep"
+    accuracy = {0: [0.3, 0.8, 0.7, 0.1], 1: [0.3, 0.7, 0.9, 0.0]}
+    validation = {0: [0.3, 0.7, 0.8, 0.1], 1: [0.3, 0.8, 0.6, 0.1]}
+    hint = [0.96, 0.95, 0.3, 0.0]
+    for seed in (0, 1):
+        path = fake_run(root / str(seed), "sd", [(0, 0.0)], seed=seed, more={"teacher": {"weights": "live"}})
+        with open(path / "metrics.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["step", "eval/accuracy", "val/accuracy", "train/problems_seen",
+                                             "train/wall_seconds", "health/teacher_hint_accuracy_native",
+                                             "health/seconds"])
+            writer.writeheader()
+            for step in range(4):
+                writer.writerow({"step": 8 * step, "eval/accuracy": accuracy[seed][step],
+                                 "val/accuracy": validation[seed][step], "train/problems_seen": 64 * step,
+                                 "train/wall_seconds": 10.0 * step, "health/teacher_hint_accuracy_native": hint[step],
+                                 "health/seconds": 1.0 * step})
+    result = build_report(find_runs(root), tmp_path / "report", target_accuracy=0.5)
+    label = "sd/clip/tau=1 teacher=live"
+    assert result["scores"][label]["eval/accuracy@best_val"]["mean"] == pytest.approx((0.7 + 0.7) / 2)
+    assert f"| {label} | 2 | 0.050 ± 0.635 | 0.700 ± 0.000 |" in result["table"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"| {label} | 0.000 ± 0.000 |" in md  # the teacher's final hint accuracy
+    assert "Health evals took 10% of training time on average (max 10%)" in md
+    assert ("- 1 (sd/clip/tau=1 teacher=live, seed 1): best 0.900 at step 16, final 0.000; dropped by step 24; "
+            "first moved: health/teacher_hint_accuracy_native (by step 24)") in md
+    assert ("- 0 (sd/clip/tau=1 teacher=live, seed 0): best 0.800 at step 8, final 0.100; dropped by step 24; "
+            "first moved: health/teacher_hint_accuracy_native (by step 16)") in md
+    assert (tmp_path / "report" / "teacher_health.png").exists()

@@ -173,8 +173,8 @@ def health_section(groups: dict[str, list[Run]], scores: dict) -> str:
     md += [f"Collapses (final eval accuracy at least {COLLAPSE_DROP} below the run's best), with the first health "
            "figure to cover half its change before accuracy covered half its drop:", ""]
     md += [f"- {r.name} ({r.label}, seed {r.config.get('seed')}): best {found['best']:.3f} at step "
-           f"{found['best_step']}, final {found['final']:.3f}; dropped by step {found['dropped_step']}; first moved: "
-           + (f"{found['first_moved']} (by step {found['moved_step']})" if found["first_moved"] else
+           f"{found['best_step']:g}, final {found['final']:.3f}; dropped by step {found['dropped_step']:g}; first "
+           "moved: " + (f"{found['first_moved']} (by step {found['moved_step']:g})" if found["first_moved"] else
               "no health figure before the drop") for r, found in collapsed] or ["- none"]
     return "\n".join(md)
 

@@ -156,7 +156,8 @@ def run_sdharness(case: PeerCase, method: str, repeats: int, threads: int | None
     from torch.utils.data import DataLoader
 
     from sdharness.tools import bench
-    from sdharness.config import AggregationConfig, AlgoConfig, LossConfig, OptimConfig, RolloutConfig, TrainConfig
+    from sdharness.config import (AggregationConfig, AlgoConfig, LossConfig, OptimConfig, RolloutConfig, TeacherConfig,
+                                  TrainConfig)
     from sdharness.data.datamodule import PromptBatch
     from sdharness.methods import method_class
 
@@ -164,9 +165,11 @@ def run_sdharness(case: PeerCase, method: str, repeats: int, threads: int | None
     model, tokenizer = bench.load_model(case.model)
     inputs = case_inputs(case, tokenizer)
     force_length(model, case.completion)
+    # The live teacher on both sides, as TRL's run below: no second copy of the weights on either.
     cfg = TrainConfig(algo=AlgoConfig(name=method), aggregation=AggregationConfig("teacher", 1.0),
                       loss=LossConfig("forward_kl"), optim=OptimConfig(lr=LEARNING_RATE),
-                      rollout=RolloutConfig(max_new_tokens=case.completion, progress=False))
+                      rollout=RolloutConfig(max_new_tokens=case.completion, progress=False),
+                      teacher=TeacherConfig("live"))
     cfg.trainer.gradient_clip_val = CLIP
     module = method_class(method)(model, tokenizer, cfg)
     record = StepRecord(device)
