@@ -1,0 +1,69 @@
+"""trainer=deepspeed without DeepSpeed (it needs CUDA): what the harness does around it, checked with
+stand-ins. Its checkpoints are directories (a strategy that writes DeepSpeed's layout), its
+clipping comes from the engine's config, and ZeRO-2 frees ``p.grad`` after the backward."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+import sdharness.train
+from sdharness.train import train
+from tests.conftest import TINY, compose_config
+
+RUN = TINY + ["data.train_size=6", "trainer.checkpoint_every_n_steps=1", "threads=1", "logger.mode=disabled"]
+
+
+class DirectoryCheckpoints(SingleDeviceStrategy):
+    """Saves as DeepSpeed does: a directory holding ``latest`` (the tag) and
+    ``<tag>/mp_rank_00_model_states.pt`` (Lightning's checkpoint dict)."""
+
+    def __init__(self):
+        super().__init__(device=torch.device("cpu"))
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+        directory = Path(filepath) / "checkpoint"
+        directory.mkdir(parents=True)
+        torch.save(checkpoint, directory / "mp_rank_00_model_states.pt")
+        (Path(filepath) / "latest").write_text("checkpoint")
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        return torch.load(Path(checkpoint_path) / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False)
+
+
+class StepsRun(L.Callback):
+    def __init__(self):
+        self.started = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.started.append(trainer.global_step)
+
+
+def global_step(checkpoint: Path) -> int:
+    return torch.load(checkpoint / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False)["global_step"]
+
+
+def test_directory_checkpoints_are_replaced_cleaned_up_and_resumed(tmp_path, monkeypatch):
+    monkeypatch.setattr(sdharness.train, "build_strategy", lambda trainer_cfg: DirectoryCheckpoints())
+    train(compose_config(RUN + ["trainer.max_steps=3"]), tmp_path)  # three checkpoints, each replacing the last
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and global_step(last) == 3
+    versions = [path for path in last.parent.iterdir() if path.name != "last.ckpt"]
+    assert [path.resolve() for path in versions] == [last.resolve()]  # the previous ones are deleted
+
+    staged = last.with_name(".last.ckpt.staged")  # a kill mid-save leaves a directory behind
+    (staged / "checkpoint").mkdir(parents=True)
+    steps = StepsRun()
+    train(compose_config(RUN + ["trainer.max_steps=4", "ckpt_path=last"]), tmp_path, callbacks=(steps,))
+    assert steps.started == [3] and global_step(last) == 4 and not staged.exists()  # resumed at step 3
+    assert sorted(path.name for path in last.parent.iterdir() if path.resolve() != last.resolve()) == []
+
+
+def test_a_directory_that_is_no_deepspeed_checkpoint_is_a_config_error(tmp_path):
+    from sdharness.config import ConfigError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*empty: the directory .* holds no DeepSpeed checkpoint"):
+        train(compose_config(RUN + [f"ckpt_path={tmp_path / 'empty'}"]), tmp_path)
