@@ -67,3 +67,34 @@ def test_a_directory_that_is_no_deepspeed_checkpoint_is_a_config_error(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"ckpt_path=.*empty: the directory .* holds no DeepSpeed checkpoint"):
         train(compose_config(RUN + [f"ckpt_path={tmp_path / 'empty'}"]), tmp_path)
+
+
+@pytest.fixture
+def deepspeed_stand_in(monkeypatch):
+    """Enough of a ``deepspeed`` module for Lightning's DeepSpeedStrategy to be built on CPU."""
+    import sys
+    import types
+
+    import lightning.pytorch.strategies.deepspeed as lightning_deepspeed
+
+    module = types.ModuleType("deepspeed")
+    module.utils = types.SimpleNamespace(logging=types.SimpleNamespace(logger=types.SimpleNamespace(
+        setLevel=lambda level: None)))
+    monkeypatch.setitem(sys.modules, "deepspeed", module)
+    monkeypatch.setattr(lightning_deepspeed, "_DEEPSPEED_AVAILABLE", True)
+    monkeypatch.setattr(lightning_deepspeed, "_DEEPSPEED_GREATER_EQUAL_0_16", True, raising=False)
+    return module
+
+
+@pytest.mark.parametrize("clip, expected", [("0.5", 0.5), ("null", 0.0)])
+def test_deepspeed_config_carries_the_gradient_clip_value(deepspeed_stand_in, clip, expected):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from sdharness.config import to_train_config
+    from sdharness.scale.strategy import build_strategy
+
+    cfg = to_train_config(compose_config(["trainer=deepspeed", f"trainer.gradient_clip_val={clip}"]))
+    strategy = build_strategy(cfg.trainer)
+    assert isinstance(strategy, DeepSpeedStrategy)
+    assert strategy.config["gradient_clipping"] == expected
+    assert strategy.config["zero_optimization"]["stage"] == 2

@@ -26,7 +26,12 @@ def build_strategy(trainer_cfg):
     name, options = trainer_cfg.strategy, dict(trainer_cfg.strategy_options)
     if name == "fsdp":
         return FSDP2Strategy(**options)
-    if not options or not isinstance(name, str):
+    if not isinstance(name, str) or not (options or name.startswith("deepspeed")):
         return name
     entry = StrategyRegistry[name]
-    return entry["strategy"](**{**entry["init_params"], **options})
+    strategy = entry["strategy"](**{**entry["init_params"], **options})
+    if name.startswith("deepspeed"):
+        # The engine clips only by its config: Lightning's DeepSpeed precision ignores clip_gradients,
+        # and fills the config from Trainer(gradient_clip_val), which manual optimisation leaves unset.
+        strategy.config.setdefault("gradient_clipping", trainer_cfg.gradient_clip_val or 0.0)
+    return strategy
