@@ -77,10 +77,11 @@ def deepspeed_stand_in(monkeypatch):
 
     import lightning.pytorch.strategies.deepspeed as lightning_deepspeed
 
-    module = types.ModuleType("deepspeed")
-    module.utils = types.SimpleNamespace(logging=types.SimpleNamespace(logger=types.SimpleNamespace(
-        setLevel=lambda level: None)))
+    module, utils = types.ModuleType("deepspeed"), types.ModuleType("deepspeed.utils")
+    module.__path__, module.utils = [], utils  # a package, so `from deepspeed.utils import ...` works
+    utils.logging = types.SimpleNamespace(logger=types.SimpleNamespace(setLevel=lambda level: None))
     monkeypatch.setitem(sys.modules, "deepspeed", module)
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", utils)
     monkeypatch.setattr(lightning_deepspeed, "_DEEPSPEED_AVAILABLE", True)
     monkeypatch.setattr(lightning_deepspeed, "_DEEPSPEED_GREATER_EQUAL_0_16", True, raising=False)
     return module
@@ -98,3 +99,28 @@ def test_deepspeed_config_carries_the_gradient_clip_value(deepspeed_stand_in, cl
     assert isinstance(strategy, DeepSpeedStrategy)
     assert strategy.config["gradient_clipping"] == expected
     assert strategy.config["zero_optimization"]["stage"] == 2
+
+
+def test_a_nan_gradient_zero2_has_freed_from_p_grad_is_caught(deepspeed_stand_in):
+    """ZeRO-2 leaves ``p.grad`` None after the backward; the guard asks DeepSpeed for the full gradient."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from sdharness.methods.policy import PolicyModule
+
+    class OneRank(DeepSpeedStrategy):
+        def __init__(self):  # no engine: only the type and the cross-rank decision matter here
+            pass
+
+        def reduce_boolean_decision(self, decision, all=True):
+            return decision
+
+    model = torch.nn.Linear(3, 2)
+    full_grads = {id(model.weight): torch.tensor([[0.0, float("nan"), 1.0]] * 2), id(model.bias): torch.zeros(2)}
+    deepspeed_stand_in.utils.safe_get_full_grad = lambda p: full_grads[id(p)]
+    assert all(p.grad is None for p in model.parameters())
+    module = SimpleNamespace(model=model, trainer=SimpleNamespace(strategy=OneRank()))
+    assert PolicyModule._all_finite(module, torch.tensor(1.0)) is False
+    full_grads[id(model.weight)] = torch.ones(2, 3)
+    assert PolicyModule._all_finite(module, torch.tensor(1.0)) is True

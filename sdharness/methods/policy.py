@@ -26,6 +26,7 @@ from sdharness.rollout.hf import Rollout, eos_token_ids, generate
 from sdharness.scale.checkpoints import StepCheckpoint
 from sdharness.scale.resume import config_fingerprint, restore_rng, rng_state
 from sdharness.scale.sharding import is_sharded, local_part, shard_model
+from sdharness.scale.strategy import gradients_finite
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,8 @@ class PolicyModule(L.LightningModule):
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Loss and every gradient finite, agreed across ranks (sharded strategies see parts)."""
-        finite = bool(torch.isfinite(loss)) and all(
-            bool(torch.isfinite(local_part(p.grad)).all()) for p in self.model.parameters() if p.grad is not None)
+        gradients = gradients_finite(list(self.model.parameters()), self.trainer.strategy)
+        finite = bool(torch.isfinite(loss)) and gradients
         return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
 
     def _skip_update(self, reason: str) -> None:

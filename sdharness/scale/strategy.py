@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
-from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy, StrategyRegistry
+
+from sdharness.scale.sharding import local_part
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -35,3 +38,17 @@ def build_strategy(trainer_cfg):
         # and fills the config from Trainer(gradient_clip_val), which manual optimisation leaves unset.
         strategy.config.setdefault("gradient_clipping", trainer_cfg.gradient_clip_val or 0.0)
     return strategy
+
+
+def gradients_finite(parameters: Iterable[torch.Tensor], strategy) -> bool:
+    """Whether every gradient this rank can see is finite (a sharded DTensor's local shard).
+
+    ZeRO-2 frees ``p.grad`` once the backward has reduced it into the optimiser's partitions, so
+    under DeepSpeed each full gradient is assembled from them (``safe_get_full_grad``, between the
+    backward and the step); it is a collective, so every rank asks for every parameter."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = [safe_get_full_grad(p) for p in parameters if p.requires_grad]
+        return all([bool(torch.isfinite(grad).all()) for grad in grads if grad is not None])
+    return all(bool(torch.isfinite(local_part(p.grad)).all()) for p in parameters if p.grad is not None)
