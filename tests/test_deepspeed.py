@@ -124,3 +124,43 @@ def test_a_nan_gradient_zero2_has_freed_from_p_grad_is_caught(deepspeed_stand_in
     assert PolicyModule._all_finite(module, torch.tensor(1.0)) is False
     full_grads[id(model.weight)] = torch.ones(2, 3)
     assert PolicyModule._all_finite(module, torch.tensor(1.0)) is True
+
+
+@pytest.mark.parametrize("algo, copy", [("sd", "teacher_model"), ("grpo", "reference_model")])
+def test_frozen_copies_stay_float32_after_deepspeed_casts_to_bf16(deepspeed_stand_in, monkeypatch, algo, copy):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from sdharness.config import to_train_config
+    from sdharness.methods import method_class
+    from sdharness.models import load_model_and_tokenizer
+    from sdharness.scale.strategy import build_strategy
+
+    # The engine's cast (deepspeed.initialize under bf16) stands in for DeepSpeed's setup.
+    monkeypatch.setattr(DeepSpeedStrategy, "setup", lambda self, trainer: self.lightning_module.bfloat16())
+    copies = ["teacher=ema"] if algo == "sd" else ["algo.beta=0.1"]  # the EMA teacher; GRPO's initial reference
+    cfg = to_train_config(compose_config(TINY + ["trainer=deepspeed", f"algo={algo}", *copies]))
+    module = method_class(algo)(*load_model_and_tokenizer(cfg.model), cfg)
+    strategy = build_strategy(cfg.trainer)
+    strategy._lightning_module = module
+    strategy.setup(trainer=None)
+    assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in getattr(module, copy).parameters()} == {torch.float32}
+
+
+def test_an_ema_step_at_decay_0_99_survives_in_the_float32_copy(deepspeed_stand_in):
+    from sdharness.methods.policy import ShadowWeights
+    from sdharness.scale.strategy import frozen_copies_to_float32
+
+    holder = torch.nn.Module()
+    holder.live = torch.nn.Linear(4, 4, bias=False)
+    shadow = ShadowWeights(holder.live, "ema", decay=0.99)
+    holder.copy = shadow.copy
+    holder.bfloat16()
+    frozen_copies_to_float32(holder)
+    start = shadow.copy.weight.detach().clone()
+    with torch.no_grad():
+        holder.live.weight.add_(0.1)  # bf16 live weights, as the engine keeps them
+    shadow.update()
+    expected = start.double() + 0.01 * (holder.live.weight.double() - start.double())
+    torch.testing.assert_close(shadow.copy.weight.double(), expected, rtol=0, atol=1e-7)
+    assert shadow.copy.weight.dtype == torch.float32 and not torch.equal(shadow.copy.weight, start)

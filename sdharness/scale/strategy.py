@@ -1,4 +1,5 @@
-"""Lightning strategies by name; ``fsdp`` is FSDP2 (the model sharded by ``PolicyModule.configure_model``)."""
+"""Lightning strategies by name; ``fsdp`` is FSDP2 (the model sharded by ``PolicyModule.configure_model``),
+``deepspeed_*`` DeepSpeed with the trainer's gradient clipping and float32 frozen copies."""
 
 from __future__ import annotations
 
@@ -23,6 +24,25 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
 
+class ShadowsFP32DeepSpeedStrategy(DeepSpeedStrategy):
+    """``DeepSpeedStrategy`` whose frozen copies of the policy (an EMA or initial teacher, GRPO's
+    reference) stay in float32: under bf16 the engine casts the whole LightningModule, and an EMA
+    update at decay 0.99 moves a weight by 1% of a difference, which bf16's 8 bits mostly round
+    away. The policy itself is bf16 as DeepSpeed keeps it (its float32 master is the optimiser's)."""
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)  # deepspeed.initialize casts every submodule here
+        frozen_copies_to_float32(self.lightning_module)
+
+
+def frozen_copies_to_float32(module: torch.nn.Module) -> None:
+    """Cast every direct child of ``module`` that trains nothing (a scoring-only copy) to float32."""
+    for child in module.children():
+        parameters = list(child.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            child.float()
+
+
 def build_strategy(trainer_cfg):
     """Lightning's strategy by name, built with ``trainer.strategy_options`` when there are any;
     ``fsdp`` is FSDP2 (:class:`FSDP2Strategy`, the model sharded by ``PolicyModule.configure_model``)."""
@@ -32,7 +52,8 @@ def build_strategy(trainer_cfg):
     if not isinstance(name, str) or not (options or name.startswith("deepspeed")):
         return name
     entry = StrategyRegistry[name]
-    strategy = entry["strategy"](**{**entry["init_params"], **options})
+    kind = ShadowsFP32DeepSpeedStrategy if entry["strategy"] is DeepSpeedStrategy else entry["strategy"]
+    strategy = kind(**{**entry["init_params"], **options})
     if name.startswith("deepspeed"):
         # The engine clips only by its config: Lightning's DeepSpeed precision ignores clip_gradients,
         # and fills the config from Trainer(gradient_clip_val), which manual optimisation leaves unset.
