@@ -15,6 +15,7 @@ from typing import Iterator
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from sdharness.config import TrainConfig
@@ -101,7 +102,9 @@ class PolicyModule(L.LightningModule):
         if self.vllm is None:
             from sdharness.rollout.vllm import VLLMRollout
 
-            self.vllm = VLLMRollout(self.model, self.tokenizer, self.cfg.rollout, seed=self.cfg.seed)
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.vllm = VLLMRollout(self.model, self.tokenizer, self.cfg.rollout, seed=self.cfg.seed,
+                                    max_prompt_tokens=getattr(datamodule, "longest_student_prompt", None))
         elif self.weights_changed:  # once per rollout, however many optimiser steps came before it
             self.vllm.sync_weights(self.model)
         self.weights_changed = False
@@ -225,8 +228,12 @@ class PolicyModule(L.LightningModule):
     def configure_optimizers(self):
         optim = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # Lightning's AMP plugin (bf16-mixed, 16-mixed) refuses to clip for an optimiser that unscales
+        # gradients itself, as fused AdamW declares; clipping comes first.
+        clips_under_amp = bool(self.cfg.trainer.gradient_clip_val) and self._trainer is not None and isinstance(
+            self.trainer.precision_plugin, MixedPrecision)
         optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
-                                      fused=fused_adamw_supported(params))
+                                      fused=fused_adamw_supported(params) and not clips_under_amp)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
             step, warmup_steps=optim.warmup_steps, total_steps=self.cfg.trainer.max_steps, schedule=optim.schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
