@@ -121,3 +121,29 @@ def test_training_checks_compose_valid_configs(overrides, strategy):
     assert (cfg.model.name, cfg.trainer.accelerator, cfg.trainer.precision) == ("smollm2_135m", "gpu", "bf16-mixed")
     assert (cfg.trainer.max_steps, cfg.trainer.devices, cfg.trainer.strategy) == (4, 1, strategy)
     assert cfg.logger.mode == "disabled" and cfg.rollout.progress is False
+
+
+def test_make_gpu_check_runs_the_check_without_reinstalling(tmp_path):
+    """On a GPU machine the venv holds the torch vllm brought; `install` would put torch 2.13.0 back."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    plan = subprocess.run(["make", "-n", "gpu-check", f"VENV={tmp_path / 'venv'}"], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert "pip install" not in plan.stdout and "-m sdharness.tools.gpu_check" in plan.stdout
+
+
+def test_the_vllm_extra_is_the_range_trl_tests():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    (requirement,) = pyproject["project"]["optional-dependencies"]["vllm"]
+    allowed = SpecifierSet(requirement.removeprefix("vllm"))
+    assert [v for v in ("0.21.0", "0.22.0", "0.31.0", "0.33.0", "0.34.0") if Version(v) in allowed] == ["0.22.0",
+                                                                                                          "0.31.0"]
