@@ -164,3 +164,14 @@ def test_an_ema_step_at_decay_0_99_survives_in_the_float32_copy(deepspeed_stand_
     expected = start.double() + 0.01 * (holder.live.weight.double() - start.double())
     torch.testing.assert_close(shadow.copy.weight.double(), expected, rtol=0, atol=1e-7)
     assert shadow.copy.weight.dtype == torch.float32 and not torch.equal(shadow.copy.weight, start)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_the_resume_state_is_read_from_the_tag_latest_names(tmp_path, zipped):
+    from sdharness.scale.resume import load_sdharness_state
+
+    (tmp_path / "global_step7").mkdir()
+    (tmp_path / "latest").write_text("global_step7\n")
+    state = {"sdharness_counters": {"problems_seen": 12}, "ds_config": {"bf16": {"enabled": True}}}
+    torch.save(state, tmp_path / "global_step7" / "mp_rank_00_model_states.pt", _use_new_zipfile_serialization=zipped)
+    assert load_sdharness_state(tmp_path, "last") == state

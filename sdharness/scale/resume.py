@@ -114,8 +114,11 @@ def load_sdharness_state(path: Path, ckpt_path: str) -> dict:
     if not states:
         raise ConfigError(f"ckpt_path={ckpt_path}: the directory {path} holds no DeepSpeed checkpoint "
                           f"({tag}/mp_rank_00_model_states.pt); give a .ckpt file or a trainer=deepspeed checkpoint")
-    # DeepSpeed stores its own config and bookkeeping objects there and loads it with weights_only=False too.
-    return torch.load(states[0], map_location="cpu", mmap=True, weights_only=False)
+    # DeepSpeed stores its own config and bookkeeping objects there and loads it with weights_only=False too;
+    # a file in torch's legacy (non-zip) format, which a DeepSpeed config may ask for, cannot be memory-mapped.
+    with open(states[0], "rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"
+    return torch.load(states[0], map_location="cpu", mmap=zipped, weights_only=False)
 
 
 def metric_rows_to_keep(path: Path, resume: Resume | None) -> tuple[list[str], list[dict]] | None:
