@@ -38,6 +38,8 @@ test-fast: install
 
 # One CUDA GPU, under 8 minutes, one PASS/FAIL/SKIP table (not part of `make test` or CI): SD/SFT/GRPO
 # steps under bf16-mixed, rollout=vllm, trainer=fsdp and deepspeed at world size 1, the full bench.
-# vllm and deepspeed rows are SKIP unless installed (README: GPU check).
-gpu-check: install
+# vllm and deepspeed rows are SKIP unless installed (README: GPU check). Not after `install`: that
+# would put torch==2.13.0 back over the torch vllm brought whenever pyproject.toml is newer than the stamp.
+gpu-check:
+	@test -x $(PY) || { echo "make gpu-check: no $(VENV); install first (README: GPU check)"; exit 2; }
 	$(PY) -m sdharness.tools.gpu_check $(ARGS)

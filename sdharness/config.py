@@ -220,7 +220,7 @@ class RolloutConfig:
     backend: str = "hf"
     vllm_gpu_memory_utilization: float = 0.3  # share of the GPU vLLM may take (weights + KV cache)
     vllm_dtype: str = "auto"  # auto: vLLM's choice (bfloat16/float16 for float32 checkpoints)
-    vllm_max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    vllm_max_model_len: Optional[int] = None  # None: the longest training prompt + max_new_tokens
     vllm_enforce_eager: bool = False  # true: no CUDA graphs (faster start, slower decoding)
 
     def __post_init__(self):

@@ -250,3 +250,31 @@ def test_strategies_sdharness_cannot_run_here_are_config_errors(strategy, messag
 
     with pytest.raises(ConfigError, match=f"trainer.strategy={strategy} {message}"):
         to_train_config(compose_config([f"trainer.strategy={strategy}"]))
+
+
+def test_sharded_model_on_one_rank_samples_then_trains(tmp_path):
+    """trainer=fsdp at world size 1 still shards the model: a rollout must run under no_grad, since
+    FSDP2 could not update parameters gathered under inference mode in the next optimiser step."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from sdharness.config import ModelConfig
+    from sdharness.models import char_tokenizer, tiny_random_model
+    from sdharness.rollout.hf import generate
+    from sdharness.scale.sharding import full_state_dict, shard_model
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        tokenizer = char_tokenizer()
+        model = tiny_random_model(ModelConfig(), tokenizer)
+        shard_model(model, init_device_mesh("cpu", (1,)))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        prompt = tokenizer(["12+7=", "3+4="], return_tensors="pt", padding=True)
+        rollout = generate(model, tokenizer, prompt.input_ids, prompt.attention_mask, max_new_tokens=4)
+        before = {name: tensor.clone() for name, tensor in full_state_dict(model).items()}
+        ids = torch.cat([prompt.input_ids, rollout.completion_ids], dim=1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        after = full_state_dict(model)
+        assert all(not torch.equal(after[name], before[name]) for name in before)
+    finally:
+        torch.distributed.destroy_process_group()

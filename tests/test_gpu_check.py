@@ -1,6 +1,6 @@
 """The CPU-testable parts of `make gpu-check`: the table, a check's failure modes (exception, a
-missing piece, a dead process, a hang) becoming rows, and the no-CUDA exit. The checks themselves
-need a CUDA GPU and have not run in this project's CI."""
+missing piece, a dead process, a hang) becoming rows, the budget, the no-CUDA exit, and the dry run
+that runs every row's code on CPU with stand-ins. The rows themselves need a CUDA GPU."""
 
 import os
 import time
@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from sdharness.tools import gpu_check
-from sdharness.tools.gpu_check import Row, Skip
+from sdharness.tools import gpu_check, gpu_rows
+from sdharness.tools.gpu_rows import Row, Skip
 
 
 def passing(figure):
@@ -79,8 +79,9 @@ def test_without_cuda_one_line_and_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(gpu_check, "run_check", lambda *a, **k: pytest.fail("no check may start without CUDA"))
     assert gpu_check.main([]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (f"sdharness gpu-check: no CUDA device visible (torch {torch.__version__}, CUDA build "
+    out, err = capsys.readouterr()
+    assert out.startswith("sdharness gpu-check: no CUDA device, driver ") and f"torch {torch.__version__}" in out
+    assert err.strip() == (f"sdharness gpu-check: no CUDA device visible (torch {torch.__version__}, CUDA build "
                    f"{torch.version.cuda or 'none'}); run it on a machine with one NVIDIA GPU and a CUDA torch")
 
 
@@ -93,31 +94,95 @@ def test_an_unknown_check_name_is_an_error(capsys):
 
 def test_rows_of_every_check_fail_the_exit_status(monkeypatch, capsys):
     """With CUDA (faked), each selected check runs in order and one FAIL row makes the exit 1."""
-    monkeypatch.setattr(gpu_check, "no_cuda_line", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
     ran = []
 
     def fake_run(name, fn, *args, timeout):
-        ran.append((name, args))
+        ran.append((name, args, timeout))
         return [Row(name, "FAIL" if name == "fsdp" else "PASS", "1 s")]
 
     monkeypatch.setattr(gpu_check, "run_check", fake_run)
     assert gpu_check.main(["--only", "sd,fsdp"]) == 1
-    assert ran == [("sd", ("sd",)), ("fsdp", ("fsdp",))]
+    # The one-time conversion first, then the selected rows, each under its own limit.
+    assert ran == [("prepare", (False,), 40), ("sd", ("sd", False), 35), ("fsdp", (False,), 30)]
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("sdharness gpu-check: Fake GPU, torch ")
-    assert out.splitlines()[-1] == "1 passed, 1 failed, 0 skipped"
+    assert out.splitlines()[0].startswith("sdharness gpu-check: Fake GPU, driver ")
+    assert out.splitlines()[-1] == "2 passed, 1 failed, 0 skipped"
+
+
+def test_row_limits_add_up_to_less_than_eight_minutes():
+    assert gpu_check.TOTAL_S <= 8 * 60
+    assert set(gpu_check.ROW_LIMITS_S) == {"prepare", *gpu_check.CHECKS}
+    assert sum(gpu_check.ROW_LIMITS_S.values()) <= gpu_check.TOTAL_S - gpu_check.START_S
+
+
+def spawns_a_pool():
+    """What the bench does inside its row: a process pool (refused in a daemonic process)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [Row("pool", "PASS", str(pool.submit(abs, -3).result()))]
+
+
+@pytest.mark.slow
+def test_a_row_may_start_processes_of_its_own():
+    assert gpu_check.run_check("pool", spawns_a_pool, timeout=120) == [Row("pool", "PASS", "3")]
 
 
 @pytest.mark.parametrize("overrides, strategy", [
-    (gpu_check.method_overrides("sd"), "auto"), (gpu_check.method_overrides("sft"), "auto"),
-    (gpu_check.method_overrides("grpo"), "auto"), (gpu_check.strategy_overrides("fsdp"), "fsdp"),
-    (gpu_check.strategy_overrides("deepspeed"), "deepspeed_stage_2")])
+    (gpu_rows.method_overrides("sd"), "auto"), (gpu_rows.method_overrides("sft"), "auto"),
+    (gpu_rows.method_overrides("grpo"), "auto"), (gpu_rows.strategy_overrides("fsdp"), "fsdp"),
+    (gpu_rows.strategy_overrides("deepspeed"), "deepspeed_stage_2"),
+    (gpu_rows.method_overrides("sd") + ["rollout=vllm", "rollout.vllm_enforce_eager=true"], "auto")])
 def test_training_checks_compose_valid_configs(overrides, strategy):
     """A misspelt override would fail every training row on the GPU: each composes and validates here."""
     from sdharness.config import to_train_config
 
-    cfg = to_train_config(gpu_check.compose_check(overrides))
+    cfg = to_train_config(gpu_rows.compose_check(overrides))
     assert (cfg.model.name, cfg.trainer.accelerator, cfg.trainer.precision) == ("smollm2_135m", "gpu", "bf16-mixed")
     assert (cfg.trainer.max_steps, cfg.trainer.devices, cfg.trainer.strategy) == (4, 1, strategy)
     assert cfg.logger.mode == "disabled" and cfg.rollout.progress is False
+
+
+def test_make_gpu_check_runs_the_check_without_reinstalling(tmp_path):
+    """On a GPU machine the venv holds the torch vllm brought; `install` would put torch 2.13.0 back."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    plan = subprocess.run(["make", "-n", "gpu-check", f"VENV={tmp_path / 'venv'}"], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert "pip install" not in plan.stdout and "-m sdharness.tools.gpu_check" in plan.stdout
+
+
+def test_the_vllm_extra_is_the_range_trl_tests():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    (requirement,) = pyproject["project"]["optional-dependencies"]["vllm"]
+    allowed = SpecifierSet(requirement.removeprefix("vllm"))
+    assert [v for v in ("0.21.0", "0.22.0", "0.31.0", "0.33.0", "0.34.0") if Version(v) in allowed] == ["0.22.0",
+                                                                                                          "0.31.0"]
+
+
+@pytest.mark.slow
+def test_the_cpu_dry_run_runs_every_row(capsys):
+    """Every row's code on CPU with stand-ins, each in its own process as on the GPU."""
+    assert gpu_check.main(["--cpu-dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sdharness gpu-check: ") and lines[0].endswith(
+        "(CPU dry run: stand-ins, figures not judged)")
+    checks = [line.split("  ")[0] for line in lines[3:-1]]
+    assert checks == ["prepare: SmolLM2 converted", "sd step, bf16-mixed", "sft step, bf16-mixed",
+                      "grpo step, bf16-mixed", "SD loss bf16 vs fp32", "rollout=vllm start", "rollout=vllm one rollout",
+                      "rollout=vllm vs HF generate", "rollout=vllm weight sync", "sd step, rollout=vllm",
+                      "rollout=vllm after training", "trainer=fsdp (FSDP2), 1 GPU", "trainer=deepspeed (ZeRO-2), 1 GPU",
+                      "trainer=deepspeed resume", "sdharness-bench full"]
+    assert lines[-1] == "15 passed, 0 failed, 0 skipped"

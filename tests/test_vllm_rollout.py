@@ -9,6 +9,8 @@ The one real test (``gpu``) runs vLLM itself and is skipped without a GPU and th
 from __future__ import annotations
 
 import copy
+import os
+import random
 import sys
 import types
 from types import SimpleNamespace
@@ -116,7 +118,7 @@ def batch(tokenizer, prompts=PROMPTS):
 
 def backend(model, tokenizer, **overrides):
     cfg = RolloutConfig(**{"backend": "vllm", "max_new_tokens": 12, **overrides})
-    return VLLMRollout(model, tokenizer, cfg, seed=7)
+    return VLLMRollout(model, tokenizer, cfg, seed=7, max_prompt_tokens=40)
 
 
 # ------------------------------------------------------------------ errors and config
@@ -280,6 +282,69 @@ def test_wrapped_models_give_hf_names(tiny):
     compiled = torch.compile(model)  # an OptimizedModule: state_dict keys start with _orig_mod.
     assert any(key.startswith("_orig_mod.") for key in compiled.state_dict())
     assert list(hf_state_dict(compiled)) == list(hf_state_dict(model)) == list(model.state_dict())
+
+
+# ------------------------------------------------------------------ inside a training step
+
+
+class ReseedingLLM(FakeLLM):
+    """Starts as vLLM does inside a training step: it records the autocast and grad modes it was
+    built under and reseeds the global RNGs; it samples greedily (the stand-in has no sampler)."""
+
+    def __init__(self, **kwargs):
+        self.built_under = (torch.is_autocast_enabled("cpu"), torch.is_grad_enabled())
+        super().__init__(**kwargs)
+        random.seed(kwargs["seed"])
+        torch.manual_seed(kwargs["seed"])
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.generated_under = (torch.is_autocast_enabled("cpu"), torch.is_grad_enabled())
+        return super().generate(prompts, SimpleNamespace(**{**vars(sampling_params), "temperature": 0.0}), use_tqdm)
+
+
+def test_engine_start_leaves_rngs_and_environment_as_they_were(fake_vllm, tiny, monkeypatch):
+    fake_vllm.LLM = ReseedingLLM
+    monkeypatch.setenv("MASTER_PORT", "29555")  # a value the run set before: kept
+    torch.manual_seed(123)
+    random.seed(5)
+    expected_torch, expected_python = torch.get_rng_state(), random.getstate()
+    engine = backend(*tiny, max_new_tokens=10)
+    assert torch.equal(torch.get_rng_state(), expected_torch) and random.getstate() == expected_python
+    assert os.environ["RANK"] == "0" and os.environ["MASTER_PORT"] == "29555"
+    assert engine.llm.kwargs["max_model_len"] == 40 + 10  # backend() gives the longest prompt
+    engine.close()
+    assert os.environ["MASTER_PORT"] == "29555"
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "VLLM_ENABLE_V1_MULTIPROCESSING"} & set(os.environ)
+
+
+def test_sd_trains_two_steps_through_the_vllm_backend(fake_vllm, monkeypatch, tmp_path):
+    """rollout=vllm under a bf16-mixed training step: the engine starts at the first rollout outside
+    autocast and grad mode, is sized for the data's longest prompt, follows the first step's weights."""
+    import lightning as L
+
+    from sdharness.train import train
+
+    fake_vllm.LLM = ReseedingLLM
+    # fake_vllm says CUDA is there; the RNG snapshot must not then ask a CPU-only torch for CUDA's state.
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: None)
+
+    class Engine(L.Callback):
+        def on_fit_start(self, trainer, module):
+            self.longest = trainer.datamodule.longest_student_prompt
+
+        def on_train_end(self, trainer, module):
+            self.llm, self.syncs = module.vllm.llm, module.vllm.syncs
+
+    seen = Engine()
+    cfg = compose_config(TINY + ["rollout=vllm", "trainer.max_steps=2", "trainer.precision=bf16-mixed",
+                                 "logger.mode=disabled", "threads=1"])
+    metrics = train(cfg, tmp_path, callbacks=(seen,))
+    assert seen.llm.built_under == (False, False) and seen.llm.generated_under == (False, False)
+    assert seen.llm.kwargs["max_model_len"] == seen.longest + 12 and seen.longest > 0
+    assert len(seen.llm.calls) == 2 and seen.syncs == 1  # one rollout per step; the weights synced between
+    assert seen.llm.engine_model.loads and metrics["eval/accuracy"] >= 0
+    assert "RANK" not in os.environ  # closed at the end of fit
 
 
 # ------------------------------------------------------------------ the real thing

@@ -314,6 +314,11 @@ class ProblemDataModule(L.LightningDataModule):
             log.warning("no held-out problem to evaluate (data.eval_size=%d): eval metrics will be NaN; set "
                         "data.eval_path or data.eval_size, or add rows", self.cfg.eval_size)
 
+    @property
+    def longest_student_prompt(self) -> int:
+        """Tokens in the longest training prompt a rollout starts from (after ``setup``)."""
+        return max((len(item["student_ids"]) for item in self.train), default=0)
+
     def collate(self, items: list[dict]) -> PromptBatch:
         pad = self.tokenizer.pad_token_id
         student_ids, student_mask = left_pad([item["student_ids"] for item in items], pad)

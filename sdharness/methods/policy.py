@@ -15,6 +15,7 @@ from typing import Iterator
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from sdharness.config import TrainConfig
@@ -26,6 +27,7 @@ from sdharness.rollout.hf import Rollout, eos_token_ids, generate
 from sdharness.scale.checkpoints import StepCheckpoint
 from sdharness.scale.resume import config_fingerprint, restore_rng, rng_state
 from sdharness.scale.sharding import is_sharded, local_part, shard_model
+from sdharness.scale.strategy import gradients_finite
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,9 @@ class PolicyModule(L.LightningModule):
         if self.vllm is None:
             from sdharness.rollout.vllm import VLLMRollout
 
-            self.vllm = VLLMRollout(self.model, self.tokenizer, self.cfg.rollout, seed=self.cfg.seed)
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.vllm = VLLMRollout(self.model, self.tokenizer, self.cfg.rollout, seed=self.cfg.seed,
+                                    max_prompt_tokens=getattr(datamodule, "longest_student_prompt", None))
         elif self.weights_changed:  # once per rollout, however many optimiser steps came before it
             self.vllm.sync_weights(self.model)
         self.weights_changed = False
@@ -157,8 +161,8 @@ class PolicyModule(L.LightningModule):
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Loss and every gradient finite, agreed across ranks (sharded strategies see parts)."""
-        finite = bool(torch.isfinite(loss)) and all(
-            bool(torch.isfinite(local_part(p.grad)).all()) for p in self.model.parameters() if p.grad is not None)
+        gradients = gradients_finite(list(self.model.parameters()), self.trainer.strategy)
+        finite = bool(torch.isfinite(loss)) and gradients
         return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
 
     def _skip_update(self, reason: str) -> None:
@@ -224,8 +228,12 @@ class PolicyModule(L.LightningModule):
     def configure_optimizers(self):
         optim = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # Lightning's AMP plugin (bf16-mixed, 16-mixed) refuses to clip for an optimiser that unscales
+        # gradients itself, as fused AdamW declares; clipping comes first.
+        clips_under_amp = bool(self.cfg.trainer.gradient_clip_val) and self._trainer is not None and isinstance(
+            self.trainer.precision_plugin, MixedPrecision)
         optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
-                                      fused=fused_adamw_supported(params))
+                                      fused=fused_adamw_supported(params) and not clips_under_amp)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
             step, warmup_steps=optim.warmup_steps, total_steps=self.cfg.trainer.max_steps, schedule=optim.schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

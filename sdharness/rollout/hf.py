@@ -12,6 +12,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from sdharness.scale.sharding import is_sharded
+
 
 @dataclass
 class Rollout:
@@ -83,9 +85,10 @@ def generate(
     was_training = model.training
     model.eval()
     # Inference mode skips autograd's per-op bookkeeping, which no_grad keeps: about 10% of a small
-    # model's decoding on a CPU. Sharded weights keep no_grad: FSDP2 gathers parameters during the
-    # forward, and a parameter gathered under inference mode could not be updated in place later.
-    grad_off = torch.no_grad() if synced else torch.inference_mode()
+    # model's decoding on a CPU. Sharded weights keep no_grad at any world size (one rank included):
+    # FSDP2 gathers parameters during the forward, and a parameter gathered under inference mode
+    # could not be updated in place later. The model is asked, not the world size.
+    grad_off = torch.no_grad() if synced or is_sharded(model) else torch.inference_mode()
     # disable=None shows the bar on a terminal only, keeping logs of batch jobs readable.
     with grad_off, tqdm(total=max_new_tokens, desc="rollout", leave=False, disable=None if progress else True) as bar:
         sequences = model.generate(

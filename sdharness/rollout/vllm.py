@@ -29,13 +29,14 @@ Limits:
   * vLLM samples in its own dtype (``rollout.vllm_dtype``; ``auto`` is bfloat16 for a float32
     model), so rollouts come from a slightly different distribution than the float32 training
     weights define; the losses rescore them with the training model as before. Greedy decoding
-    matches HF up to near-ties. Sampling uses vLLM's generator (seeded once from ``seed``; vLLM
-    may also reseed torch's global generator when it starts), so samples are not the ones HF
+    matches HF up to near-ties. Sampling uses vLLM's generator (seeded once from ``seed``; the
+    global RNGs vLLM reseeds at its start are put back), so samples are not the ones HF
     ``generate`` would draw, and a resumed run does not redraw them bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -49,12 +50,18 @@ from typing import Any, Iterable
 import torch
 
 from sdharness.rollout.hf import Rollout, eos_token_ids
+from sdharness.scale.resume import restore_rng, rng_state
 
 log = logging.getLogger(__name__)
 
 MISSING_VLLM = "rollout.backend=vllm needs the vllm extra: pip install 'sdharness[vllm]' (CUDA only)"
 NO_CUDA = ("rollout.backend=vllm needs a CUDA GPU (torch.cuda.is_available() is False); use "
            "rollout.backend=hf on CPU")
+
+# What the in-process engine needs in the environment; restored on close, so a later process group
+# (the next run of a multirun, a test) does not find this engine's single-rank world.
+ENGINE_ENVIRONMENT = ("VLLM_ENABLE_V1_MULTIPROCESSING", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT")
 
 # Path components that wrappers add to parameter names and HF checkpoints never have.
 _WRAPPER_PARTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
@@ -245,6 +252,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def outside_training_modes():
+    """No autocast and no gradients: called from a Lightning training step, which runs under
+    ``bf16-mixed`` autocast with grad enabled; vLLM keeps its own dtype and never trains."""
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False), torch.no_grad():
+        yield
+
+
 def _attribute(root: Any, path: str) -> Any:
     for name in path.split("."):
         root = getattr(root, name, None)
@@ -259,10 +274,16 @@ class VLLMRollout:
     ``VLLMRollout(model, tokenizer, rollout_cfg, seed=cfg.seed)`` saves ``model``'s current
     weights and starts the engine (seconds to a minute); ``generate(prompt_ids, prompt_mask)``
     samples one completion per row; ``sync_weights(model)`` pushes the live weights after an
-    optimiser step; ``close()`` frees the engine and its directory.
+    optimiser step; ``close()`` frees the engine and its directory and restores the environment.
+
+    ``max_prompt_tokens``: the longest prompt it will see; with ``rollout.max_new_tokens`` it is
+    vLLM's ``max_model_len`` (unless ``rollout.vllm_max_model_len`` is set), so the KV cache is
+    sized for the data, not for the model's whole context. Starting the engine leaves every RNG
+    as it found it (vLLM seeds the global ones), so sampling elsewhere and exact resume are unchanged.
     """
 
-    def __init__(self, model, tokenizer, rollout_cfg, *, seed: int = 0, directory: str | Path | None = None):
+    def __init__(self, model, tokenizer, rollout_cfg, *, seed: int = 0, directory: str | Path | None = None,
+                 max_prompt_tokens: int | None = None):
         vllm = import_vllm()
         if not torch.cuda.is_available():
             raise RuntimeError(NO_CUDA)
@@ -279,10 +300,16 @@ class VLLMRollout:
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
         self.weight_names = save_weights(model, tokenizer, self.directory)
         self._started_distributed = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        self.llm = vllm.LLM(**self._engine_args(seed))
+        self._environment = {key: os.environ.get(key) for key in ENGINE_ENVIRONMENT}
+        rng = rng_state()
+        try:
+            with outside_training_modes():
+                self.llm = vllm.LLM(**self._engine_args(seed, max_prompt_tokens))
+        finally:
+            restore_rng(rng)
         self.syncs = 0
 
-    def _engine_args(self, seed: int) -> dict[str, Any]:
+    def _engine_args(self, seed: int, max_prompt_tokens: int | None) -> dict[str, Any]:
         # In-process engine (as TRL's vllm_mode="colocate"): the torchrun-style "external launcher"
         # keeps the worker in this process, so load_weights can reach the model, and multiprocessing
         # of the V1 engine core is switched off for the same reason.
@@ -303,6 +330,8 @@ class VLLMRollout:
         )
         if cfg.vllm_max_model_len is not None:
             args["max_model_len"] = cfg.vllm_max_model_len
+        elif max_prompt_tokens is not None:
+            args["max_model_len"] = max_prompt_tokens + cfg.max_new_tokens
         return args
 
     def sampling_params(self, *, greedy: bool = False):
@@ -316,7 +345,7 @@ class VLLMRollout:
             detokenize=False,
         )
 
-    @torch.no_grad()
+    @outside_training_modes()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, greedy: bool = False) -> Rollout:
         """One completion per prompt row, as :func:`sdharness.rollout.hf.generate` returns it."""
         prompts = [{"prompt_token_ids": tokens} for tokens in prompt_token_lists(prompt_ids, prompt_mask)]
@@ -341,7 +370,7 @@ class VLLMRollout:
                            "engine must run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, external_launcher). Tried: "
                            + ", ".join(_RUNNER_PATHS))
 
-    @torch.no_grad()
+    @outside_training_modes()
     def sync_weights(self, model) -> int:
         """Push ``model``'s live weights (LoRA merged) into the engine; returns the tensors pushed.
 
@@ -360,7 +389,8 @@ class VLLMRollout:
         return len(self.weight_names)
 
     def close(self) -> None:
-        """Free the engine (and the process group it started) and delete its weight directory."""
+        """Free the engine (and the process group it started), delete its weight directory and put
+        back the environment variables the engine set."""
         llm, self.llm = getattr(self, "llm", None), None
         del llm
         if self._started_distributed:
@@ -374,3 +404,8 @@ class VLLMRollout:
             torch.cuda.empty_cache()
         if self._owns_directory:
             self._cleanup()
+        for key, value in getattr(self, "_environment", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -15,6 +15,8 @@ disk, and renames it over the target in one step.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -43,7 +45,8 @@ class StepCheckpoint(L.Callback):
     def on_train_start(self, trainer, module) -> None:
         self.saved_step = trainer.global_step  # a resumed run's checkpoint holds this step already
         if trainer.is_global_zero:  # from a killed run: its step's metrics row may be missing
-            self.staged.unlink(missing_ok=True)
+            remove_checkpoint(self.staged)
+            remove_unlinked_directories(self.path)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -70,7 +73,48 @@ class StepCheckpoint(L.Callback):
 
     def _put_in_place(self, trainer) -> None:
         if trainer.is_global_zero and self.staged.exists():
-            os.replace(self.staged, self.path)
+            if self.staged.is_dir():  # DeepSpeed writes a directory of shards
+                replace_directory(self.staged, self.path)
+            else:
+                os.replace(self.staged, self.path)
+
+
+# A rename cannot replace a non-empty directory, so a directory checkpoint (DeepSpeed's) lives in a
+# versioned directory beside the target, and the target is a symbolic link to it: replacing the
+# link is the one-step rename, and the previous version is deleted after it.
+def _versions(target: Path) -> list[Path]:
+    return [path for path in target.parent.glob(f".{target.name}.v*") if path.is_dir()]
+
+
+def replace_directory(staged: Path, target: Path) -> None:
+    """Put the directory ``staged`` at ``target`` (a link to it) in one rename; delete the previous one."""
+    previous = target.resolve() if target.is_symlink() else None
+    version = staged.with_name(f".{target.name}.v{time.time_ns()}")
+    os.replace(staged, version)
+    link = target.with_name(f".{target.name}.link")
+    link.unlink(missing_ok=True)
+    link.symlink_to(version.name)  # relative: the run directory may be moved
+    if target.is_dir() and not target.is_symlink():  # written before checkpoints were links
+        shutil.rmtree(target)
+    os.replace(link, target)
+    if previous is not None and previous != version.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def remove_unlinked_directories(target: Path) -> None:
+    """Versions a kill left behind between writing one and linking it (the link's own is kept)."""
+    current = target.resolve() if target.is_symlink() else None
+    for version in _versions(target):
+        if version.resolve() != current:
+            shutil.rmtree(version, ignore_errors=True)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """A checkpoint file, or a directory of shards, if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -96,10 +96,29 @@ def resume_from(cfg, output_dir: Path) -> Resume | None:
             return None
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file; give a .ckpt file, or ckpt_path=last with "
                           "hydra.run.dir=<the run directory to resume>")
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    checkpoint = load_sdharness_state(path, cfg.ckpt_path)
     check_resume(checkpoint.get("sdharness_config", {}), cfg, str(path))
     return Resume(str(path), checkpoint.get("sdharness_counters", {}).get("problems_seen", 0),
                   checkpoint.get("sdharness_wandb_id"))
+
+
+def load_sdharness_state(path: Path, ckpt_path: str) -> dict:
+    """The checkpoint's state dict without loading weights eagerly: a ``.ckpt`` file, or DeepSpeed's
+    directory, whose ``<tag>/mp_rank_00_model_states.pt`` holds the state Lightning gave it
+    (``<tag>`` read from its ``latest`` file)."""
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    latest = path / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else "checkpoint"
+    states = sorted((path / tag).glob("*mp_rank_00_model_states.pt"))
+    if not states:
+        raise ConfigError(f"ckpt_path={ckpt_path}: the directory {path} holds no DeepSpeed checkpoint "
+                          f"({tag}/mp_rank_00_model_states.pt); give a .ckpt file or a trainer=deepspeed checkpoint")
+    # DeepSpeed stores its own config and bookkeeping objects there and loads it with weights_only=False too;
+    # a file in torch's legacy (non-zip) format, which a DeepSpeed config may ask for, cannot be memory-mapped.
+    with open(states[0], "rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"
+    return torch.load(states[0], map_location="cpu", mmap=zipped, weights_only=False)
 
 
 def metric_rows_to_keep(path: Path, resume: Resume | None) -> tuple[list[str], list[dict]] | None:
