@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.distill.losses import DIVERGENCES
+from sdharness.distill.variants import SUPPORTS, TOPK_FROM
 from sdharness.data import SOURCES
 from sdharness.methods import METHODS
 from sdharness.rollout import BACKENDS, GUIDANCE_MODES
@@ -211,8 +212,6 @@ class RolloutConfig:
     # Guided sampling (sdharness/rollout/guided.py): never | always | on_failure. Guided rollouts are off-policy.
     guidance: str = "never"
     guidance_samples: int = 1  # on_failure: plain samples per problem; guided when all fail the answer check
-    importance_weighting: bool = False  # weight guided tokens' loss by min(p_student / p_sampling, importance_clip)
-    importance_clip: float = 2.0
     # Sampler: hf (transformers generate; default, CPU or GPU) | vllm (sdharness/rollout/vllm.py: a vLLM
     # engine colocated on the training GPU, weights synced after each optimiser step; CUDA and the
     # `sdharness[vllm]` extra). The vllm_* fields apply to backend=vllm only.
@@ -229,7 +228,6 @@ class RolloutConfig:
         require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _choice("rollout.guidance", self.guidance, GUIDANCE_MODES)
         require(self.guidance_samples >= 1, f"rollout.guidance_samples must be >= 1, got {self.guidance_samples}")
-        _positive("rollout.importance_clip", self.importance_clip)
         _choice("rollout.backend", self.backend, BACKENDS)
         require(not (self.backend == "vllm" and self.guidance != "never"),
                  f"rollout.guidance={self.guidance} needs rollout.backend=hf: guided sampling is HF-only (it mixes "
@@ -266,6 +264,15 @@ class LossConfig:
     chunk_size: int = 32
     # Logged diagnostics: target mass on tokens the student gives probability < unconsidered_eps.
     unconsidered_eps: float = 1e-3
+    # Vocabulary the divergence runs over (sdharness/distill/variants.py): full | topk (top_k buckets of
+    # the topk_from side's logits + one tail bucket) | sampled (the estimator on g; reverse_kl only).
+    support: str = "full"
+    top_k: int = 100
+    topk_from: str = "teacher"
+    entry_clip: Optional[float] = None  # cap in nats on each entry's forward-KL term; null: none
+    # Tokens not sampled from the current student (guided rows): loss weighted by
+    # min(p_student / p_sampling, is_clip); null: unweighted.
+    is_clip: Optional[float] = 2.0
 
     def __post_init__(self):
         _choice("loss.divergence", self.divergence, DIVERGENCES)
@@ -273,6 +280,18 @@ class LossConfig:
         require(0 < self.beta < 1, f"loss.beta must be in (0, 1), got {self.beta}")
         require(self.chunk_size >= 1, f"loss.chunk_size must be >= 1, got {self.chunk_size}")
         require(0 < self.unconsidered_eps < 1, f"loss.unconsidered_eps must be in (0, 1), got {self.unconsidered_eps}")
+        _choice("loss.support", self.support, SUPPORTS)
+        require(self.top_k >= 1, f"loss.top_k must be >= 1, got {self.top_k}")
+        _choice("loss.topk_from", self.topk_from, TOPK_FROM)
+        require(self.support != "sampled" or self.divergence == "reverse_kl", "loss.support=sampled estimates the "
+                f"reverse KL's gradient, not {self.divergence}'s; set loss.divergence=reverse_kl")
+        if self.entry_clip is not None:
+            _positive("loss.entry_clip", self.entry_clip, "or null for no cap")
+            require(self.divergence == "forward_kl" and self.support == "full", "loss.entry_clip caps forward-KL "
+                    f"terms over the full vocabulary; set loss.divergence=forward_kl and loss.support=full (got "
+                    f"{self.divergence}, {self.support}) or loss.entry_clip=null")
+        if self.is_clip is not None:
+            _positive("loss.is_clip", self.is_clip, "or null for unweighted off-policy tokens")
 
 
 @dataclass

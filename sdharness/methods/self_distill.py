@@ -32,7 +32,8 @@ def score_and_distil(student_model, teacher_model, student_ids, student_mask, te
     return distillation_loss(student_logits, teacher_logits, loss_mask, aggregation=aggregation.name,
                              tau=aggregation.tau, divergence_name=loss.divergence, beta=loss.beta,
                              chunk_size=loss.chunk_size, token_weights=token_weights, monitor_kl=monitor,
-                             unconsidered_eps=loss.unconsidered_eps)
+                             unconsidered_eps=loss.unconsidered_eps, support=loss.support, top_k=loss.top_k,
+                             topk_from=loss.topk_from, sampled_tokens=g, entry_clip=loss.entry_clip)
 
 
 class SelfDistillModule(PolicyModule):
@@ -52,7 +53,7 @@ class SelfDistillModule(PolicyModule):
         g, g_mask = rollout.completion_ids, rollout.completion_mask
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
-        weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.rollout)  # None unless enabled
+        weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.loss.is_clip)  # None on policy
         # The teacher-student KL and the target diagnostics are only for the log.
         result = score_and_distil(self.model, self.teacher.model, batch.student_ids, batch.student_mask,
                                   batch.teacher_ids, batch.teacher_mask, g, g_mask, mask, self.cfg.aggregation,
