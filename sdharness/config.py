@@ -308,6 +308,9 @@ class AlgoConfig:
     inner_epochs: int = 1
     beta: float = 0.0
     loss_aggregation: str = "token_mean"
+    # sd only: below 1, w * SD + (1 - w) * GRPO's clipped loss on group_size rollouts per problem
+    # (sdharness/methods/distill_pg.py); 0 is GRPO.
+    distillation_weight: float = 1.0
 
     def __post_init__(self):
         from sdharness.methods.policy_gradient import LOSS_AGGREGATIONS, SCALES
@@ -321,6 +324,15 @@ class AlgoConfig:
         require(self.inner_epochs >= 1, f"algo.inner_epochs must be >= 1, got {self.inner_epochs}")
         require(self.epsilon > 0, f"algo.epsilon must be positive, got {self.epsilon}")
         require(self.beta >= 0, f"algo.beta must be >= 0, got {self.beta}")
+        require(0 <= self.distillation_weight <= 1, f"algo.distillation_weight must be in [0, 1], got "
+                f"{self.distillation_weight}")
+        if self.distillation_weight < 1:
+            require(self.name == "sd", f"algo.distillation_weight mixes GRPO into algo=sd, not algo={self.name}; "
+                    "set algo=sd or algo.distillation_weight=1")
+            require(self.group_size >= 2 and self.inner_epochs == 1 and self.beta == 0, "algo.distillation_weight < 1 "
+                    "adds GRPO's clipped loss with one step per batch and no KL term; set algo.group_size >= 2 "
+                    f"(got {self.group_size}), algo.inner_epochs=1 (got {self.inner_epochs}), algo.beta=0 "
+                    f"(got {self.beta})")
 
 
 @dataclass
@@ -478,6 +490,9 @@ class TrainConfig:
         require(not (self.rollout.backend == "vllm" and self.trainer.devices not in (1, "1")),
                  f"rollout.backend=vllm runs one colocated engine on one GPU; set trainer.devices=1 (got "
                  f"{self.trainer.devices}) or rollout.backend=hf")
+        require(self.algo.distillation_weight == 1 or (self.rollout.guidance == "never" and not
+                SOURCES[self.data.name].logged_completions), "algo.distillation_weight < 1 samples plain group "
+                "rollouts for its policy gradient; set rollout.guidance=never and use problem data, not data=chatlog")
         require(not (SOURCES[self.data.name].logged_completions and self.rollout.guidance != "never"),
                  f"rollout.guidance={self.rollout.guidance} cannot apply to data=chatlog: its completions are "
                  "logged, not sampled; set rollout.guidance=never")
