@@ -45,7 +45,7 @@ from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, M
                               require, resolve_wandb_mode)
 from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems
-from sdharness.data.prompts import encode_prompts, render_student, render_teacher
+from sdharness.data.prompts import encode_prompts, render_student, render_teacher, teacher_context
 from sdharness.data.builtin import builtin_task
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
@@ -140,7 +140,7 @@ def _hinted_texts(cfg: ProbeConfig, problems: list[dict]) -> dict[str, list[str]
         other = "foreign" if cfg.data.solution_style == "native" else "native"
         _, styled = load_problems(DataConfig(**{**asdict(cfg.data), "solution_style": other}))
         styles[other] = styled[:len(problems)]
-    return {style: [render_teacher(cfg.prompt, row["problem"], row["solution"]) for row in rows]
+    return {style: [render_teacher(cfg.prompt, row["problem"], teacher_context(row)) for row in rows]
             for style, rows in styles.items()}
 
 
@@ -187,7 +187,7 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
     torch.manual_seed(cfg.seed)
     for _, rows in _batches(problems, cfg.batch_size):
         student_ids, student_mask = encode_prompts(cfg.prompt, tokenizer, [render_student(cfg.prompt, r["problem"]) for r in rows])
-        teacher_texts = [render_teacher(cfg.prompt, r["problem"], r["solution"]) for r in rows]
+        teacher_texts = [render_teacher(cfg.prompt, r["problem"], teacher_context(r)) for r in rows]
         teacher_ids, teacher_mask = encode_prompts(cfg.prompt, tokenizer, teacher_texts)
         rollout = generate(model, tokenizer, student_ids, student_mask, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature)
