@@ -215,3 +215,13 @@ def test_entry_clip_refuses_what_it_cannot_cap():
         with pytest.raises(ValueError, match="loss.entry_clip"):
             distillation_loss(student, teacher, mask, aggregation="teacher", tau=1.0,
                               **{"entry_clip": 0.5, **kwargs})
+
+
+def test_largest_entry_term_is_the_biggest_forward_kl_summand():
+    from sdharness.distill.variants import largest_entry_term
+
+    q, p = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=F64), torch.tensor([0.1, 0.3, 0.5, 0.1], dtype=F64)
+    terms = [a * math.log(a / b) for a, b in zip(q.tolist(), p.tolist()) if a > 0]
+    assert largest_entry_term(q.log(), p.log()).item() == pytest.approx(max(terms), abs=1e-15)
+    masked = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=F64)
+    assert largest_entry_term(q.log(), masked.log()).item() == math.inf  # q has mass the student masks

@@ -80,6 +80,13 @@ def entry_clipped_forward_kl_with_grad(target_logp: torch.Tensor, student_logp: 
     return value, student_logp.exp().mul_(kept_q.sum(-1, keepdim=True)).sub_(kept_q)
 
 
+def largest_entry_term(target_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """Per position, the largest entry q_v (log q_v - log p_S(v)) of the forward KL: what
+    ``loss.entry_clip`` caps (+inf where q has mass on a token the student masks)."""
+    q = target_logp.exp()
+    return torch.where(q > 0, q * (target_logp - student_logp), torch.full_like(q, -math.inf)).amax(-1)
+
+
 # ---------------------------------------------------------------- chunk bodies
 
 def chunk_target(z_s, z_t, work, aggregation, tau: float, student_exps=None):
