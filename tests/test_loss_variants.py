@@ -225,3 +225,12 @@ def test_largest_entry_term_is_the_biggest_forward_kl_summand():
     assert largest_entry_term(q.log(), p.log()).item() == pytest.approx(max(terms), abs=1e-15)
     masked = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=F64)
     assert largest_entry_term(q.log(), masked.log()).item() == math.inf  # q has mass the student masks
+
+
+def test_unknown_support_and_bad_top_k_are_value_errors_naming_the_field():
+    student, teacher, mask = make_inputs(seed=93)
+    kwargs = dict(aggregation="teacher", tau=1.0, divergence_name="forward_kl")
+    with pytest.raises(ValueError, match=r"loss.support='top' is unknown; choose one of full, topk, sampled"):
+        distillation_loss(student, teacher, mask, support="top", **kwargs)
+    with pytest.raises(ValueError, match=r"loss.top_k=0 must be >= 1"):
+        distillation_loss(student, teacher, mask, support="topk", top_k=0, **kwargs)

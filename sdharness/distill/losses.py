@@ -386,24 +386,6 @@ class _ChunkedDistillation(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
-def _check_support(support, divergence_name, top_k, topk_from, sampled_tokens, entry_clip, shape) -> None:
-    from sdharness.distill.variants import SUPPORTS, TOPK_FROM
-
-    if support not in SUPPORTS:
-        raise ValueError(f"loss.support={support!r} is unknown; choose one of {', '.join(SUPPORTS)}")
-    if support == "topk" and (top_k < 1 or topk_from not in TOPK_FROM):
-        raise ValueError(f"loss.top_k={top_k} must be >= 1 and loss.topk_from={topk_from!r} one of "
-                         f"{', '.join(TOPK_FROM)}")
-    if support == "sampled" and divergence_name != "reverse_kl":
-        raise ValueError(f"loss.support=sampled estimates the reverse KL's gradient, not {divergence_name}'s; "
-                         "set loss.divergence=reverse_kl")
-    if support == "sampled" and (sampled_tokens is None or sampled_tokens.shape != shape):
-        raise ValueError(f"loss.support=sampled needs the sampled tokens with loss_mask's shape {tuple(shape)}")
-    if entry_clip is not None and (support != "full" or divergence_name != "forward_kl" or not entry_clip > 0):
-        raise ValueError(f"loss.entry_clip={entry_clip} caps forward-KL terms over the full vocabulary: it needs a "
-                         "positive value, loss.divergence=forward_kl and loss.support=full")
-
-
 def _chunk_body(chosen, measure, *, tau, divergence_name, beta, monitor, eps, support, top_k, topk_from,
                 sampled_tokens, entry_clip):
     """``body(z_s, z_t, work, grad_out, scale, at)`` for one chunk; ``at``: the chunk's slice of the
@@ -481,7 +463,9 @@ def distillation_loss(
                          f"{tuple(student_logits.shape[:-1])}")
     chosen = aggregation_named(aggregation)
     measure = divergence_named(divergence_name)
-    _check_support(support, divergence_name, top_k, topk_from, sampled_tokens, entry_clip, loss_mask.shape)
+    from sdharness.distill.variants import check_variant  # the variants build on this module's chunk primitives
+
+    check_variant(support, divergence_name, top_k, topk_from, sampled_tokens, entry_clip, loss_mask.shape)
     if token_weights is not None and token_weights.shape != loss_mask.shape:
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have loss_mask's shape "
                          f"{tuple(loss_mask.shape)}")

@@ -40,6 +40,24 @@ SUPPORTS = ("full", "topk", "sampled")
 TOPK_FROM = ("teacher", "student")
 
 
+def check_variant(support, divergence_name, top_k, topk_from, sampled_tokens, entry_clip, shape) -> None:
+    """A ValueError naming the argument when :func:`~sdharness.distill.losses.distillation_loss` cannot
+    run this variant (``shape``: the loss mask's)."""
+    if support not in SUPPORTS:
+        raise ValueError(f"loss.support={support!r} is unknown; choose one of {', '.join(SUPPORTS)}")
+    if support == "topk" and (top_k < 1 or topk_from not in TOPK_FROM):
+        raise ValueError(f"loss.top_k={top_k} must be >= 1 and loss.topk_from={topk_from!r} one of "
+                         f"{', '.join(TOPK_FROM)}")
+    if support == "sampled" and divergence_name != "reverse_kl":
+        raise ValueError(f"loss.support=sampled estimates the reverse KL's gradient, not {divergence_name}'s; "
+                         "set loss.divergence=reverse_kl")
+    if support == "sampled" and (sampled_tokens is None or sampled_tokens.shape != shape):
+        raise ValueError(f"loss.support=sampled needs the sampled tokens with loss_mask's shape {tuple(shape)}")
+    if entry_clip is not None and (support != "full" or divergence_name != "forward_kl" or not entry_clip > 0):
+        raise ValueError(f"loss.entry_clip={entry_clip} caps forward-KL terms over the full vocabulary: it needs a "
+                         "positive value, loss.divergence=forward_kl and loss.support=full")
+
+
 # ---------------------------------------------------------------- references (log-probabilities in nats)
 
 def topk_buckets(logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
