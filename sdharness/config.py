@@ -490,6 +490,9 @@ class TrainConfig:
         require(not (self.rollout.backend == "vllm" and self.trainer.devices not in (1, "1")),
                  f"rollout.backend=vllm runs one colocated engine on one GPU; set trainer.devices=1 (got "
                  f"{self.trainer.devices}) or rollout.backend=hf")
+        require(not (self.loss.support == "sampled" and SOURCES[self.data.name].logged_completions),
+                f"loss.support=sampled estimates the reverse KL from tokens the student sampled; data={self.data.name} "
+                "completions are logged, not sampled: use loss.support=full or topk")
         require(self.algo.distillation_weight == 1 or (self.rollout.guidance == "never" and not
                 SOURCES[self.data.name].logged_completions), "algo.distillation_weight < 1 samples plain group "
                 "rollouts for its policy gradient; set rollout.guidance=never and use problem data, not data=chatlog")

@@ -315,6 +315,8 @@ BAD_VALUES = {
     "entry_clip_zero": (["loss.entry_clip=0"], r"loss.entry_clip must be a finite positive number, got 0.0; or null"),
     "entry_clip_reverse_kl": (["loss=reverse_kl", "loss.entry_clip=0.1"], r"loss.entry_clip caps forward-KL terms "
                               r"over the full vocabulary; set loss.divergence=forward_kl and loss.support=full"),
+    "sampled_on_logged_chats": (["data=chatlog", "loss=sampled"], r"loss.support=sampled estimates the reverse KL "
+                                r"from tokens the student sampled; data=chatlog completions are logged, not sampled"),
     "is_clip_negative": (["loss.is_clip=-1"], r"loss.is_clip must be a finite positive number, got -1.0; or null"),
     "forced_unknown_key": (["+aggregation.temperature=2"], r"unknown config key\(s\): aggregation.temperature "
                            r"\(known: name, tau\)"),
