@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.distill.losses import DIVERGENCES
+from sdharness.distill.variants import SUPPORTS, TOPK_FROM
 from sdharness.data import SOURCES
 from sdharness.methods import METHODS
 from sdharness.rollout import BACKENDS, GUIDANCE_MODES
@@ -212,8 +213,6 @@ class RolloutConfig:
     # Guided sampling (sdharness/rollout/guided.py): never | always | on_failure. Guided rollouts are off-policy.
     guidance: str = "never"
     guidance_samples: int = 1  # on_failure: plain samples per problem; guided when all fail the answer check
-    importance_weighting: bool = False  # weight guided tokens' loss by min(p_student / p_sampling, importance_clip)
-    importance_clip: float = 2.0
     # Sampler: hf (transformers generate; default, CPU or GPU) | vllm (sdharness/rollout/vllm.py: a vLLM
     # engine colocated on the training GPU, weights synced after each optimiser step; CUDA and the
     # `sdharness[vllm]` extra). The vllm_* fields apply to backend=vllm only.
@@ -230,7 +229,6 @@ class RolloutConfig:
         require(self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _choice("rollout.guidance", self.guidance, GUIDANCE_MODES)
         require(self.guidance_samples >= 1, f"rollout.guidance_samples must be >= 1, got {self.guidance_samples}")
-        _positive("rollout.importance_clip", self.importance_clip)
         _choice("rollout.backend", self.backend, BACKENDS)
         require(not (self.backend == "vllm" and self.guidance != "never"),
                  f"rollout.guidance={self.guidance} needs rollout.backend=hf: guided sampling is HF-only (it mixes "
@@ -267,6 +265,15 @@ class LossConfig:
     chunk_size: int = 32
     # Logged diagnostics: target mass on tokens the student gives probability < unconsidered_eps.
     unconsidered_eps: float = 1e-3
+    # Vocabulary the divergence runs over (sdharness/distill/variants.py): full | topk (top_k buckets of
+    # the topk_from side's logits + one tail bucket) | sampled (the estimator on g; reverse_kl only).
+    support: str = "full"
+    top_k: int = 100
+    topk_from: str = "teacher"
+    entry_clip: Optional[float] = None  # cap in nats on each entry's forward-KL term; null: none
+    # Tokens not sampled from the current student (guided rows): loss weighted by
+    # min(p_student / p_sampling, is_clip); null: unweighted.
+    is_clip: Optional[float] = 2.0
 
     def __post_init__(self):
         _choice("loss.divergence", self.divergence, DIVERGENCES)
@@ -274,6 +281,18 @@ class LossConfig:
         require(0 < self.beta < 1, f"loss.beta must be in (0, 1), got {self.beta}")
         require(self.chunk_size >= 1, f"loss.chunk_size must be >= 1, got {self.chunk_size}")
         require(0 < self.unconsidered_eps < 1, f"loss.unconsidered_eps must be in (0, 1), got {self.unconsidered_eps}")
+        _choice("loss.support", self.support, SUPPORTS)
+        require(self.top_k >= 1, f"loss.top_k must be >= 1, got {self.top_k}")
+        _choice("loss.topk_from", self.topk_from, TOPK_FROM)
+        require(self.support != "sampled" or self.divergence == "reverse_kl", "loss.support=sampled estimates the "
+                f"reverse KL's gradient, not {self.divergence}'s; set loss.divergence=reverse_kl")
+        if self.entry_clip is not None:
+            _positive("loss.entry_clip", self.entry_clip, "or null for no cap")
+            require(self.divergence == "forward_kl" and self.support == "full", "loss.entry_clip caps forward-KL "
+                    f"terms over the full vocabulary; set loss.divergence=forward_kl and loss.support=full (got "
+                    f"{self.divergence}, {self.support}) or loss.entry_clip=null")
+        if self.is_clip is not None:
+            _positive("loss.is_clip", self.is_clip, "or null for unweighted off-policy tokens")
 
 
 @dataclass
@@ -290,6 +309,9 @@ class AlgoConfig:
     inner_epochs: int = 1
     beta: float = 0.0
     loss_aggregation: str = "token_mean"
+    # sd only: below 1, w * SD + (1 - w) * GRPO's clipped loss on group_size rollouts per problem
+    # (sdharness/methods/distill_pg.py); 0 is GRPO.
+    distillation_weight: float = 1.0
 
     def __post_init__(self):
         from sdharness.methods.policy_gradient import LOSS_AGGREGATIONS, SCALES
@@ -303,6 +325,15 @@ class AlgoConfig:
         require(self.inner_epochs >= 1, f"algo.inner_epochs must be >= 1, got {self.inner_epochs}")
         require(self.epsilon > 0, f"algo.epsilon must be positive, got {self.epsilon}")
         require(self.beta >= 0, f"algo.beta must be >= 0, got {self.beta}")
+        require(0 <= self.distillation_weight <= 1, f"algo.distillation_weight must be in [0, 1], got "
+                f"{self.distillation_weight}")
+        if self.distillation_weight < 1:
+            require(self.name == "sd", f"algo.distillation_weight mixes GRPO into algo=sd, not algo={self.name}; "
+                    "set algo=sd or algo.distillation_weight=1")
+            require(self.group_size >= 2 and self.inner_epochs == 1 and self.beta == 0, "algo.distillation_weight < 1 "
+                    "adds GRPO's clipped loss with one step per batch and no KL term; set algo.group_size >= 2 "
+                    f"(got {self.group_size}), algo.inner_epochs=1 (got {self.inner_epochs}), algo.beta=0 "
+                    f"(got {self.beta})")
 
 
 @dataclass
@@ -470,6 +501,12 @@ class TrainConfig:
         require(not (self.rollout.backend == "vllm" and self.trainer.devices not in (1, "1")),
                  f"rollout.backend=vllm runs one colocated engine on one GPU; set trainer.devices=1 (got "
                  f"{self.trainer.devices}) or rollout.backend=hf")
+        require(not (self.loss.support == "sampled" and SOURCES[self.data.name].logged_completions),
+                f"loss.support=sampled estimates the reverse KL from tokens the student sampled; data={self.data.name} "
+                "completions are logged, not sampled: use loss.support=full or topk")
+        require(self.algo.distillation_weight == 1 or (self.rollout.guidance == "never" and not
+                SOURCES[self.data.name].logged_completions), "algo.distillation_weight < 1 samples plain group "
+                "rollouts for its policy gradient; set rollout.guidance=never and use problem data, not data=chatlog")
         require(not (SOURCES[self.data.name].logged_completions and self.rollout.guidance != "never"),
                  f"rollout.guidance={self.rollout.guidance} cannot apply to data=chatlog: its completions are "
                  "logged, not sampled; set rollout.guidance=never")

@@ -305,6 +305,19 @@ BAD_VALUES = {
                                    r"exactly the placeholder \{accepted\} \(the accepted reply\); missing \{accepted\}"),
     "unknown_aggregation_name": (["aggregation.name=geometric"], r"aggregation.name='geometric' is unknown; choose "
                                  r"one of: teacher, product, clip, entropy_matched"),
+    "unknown_loss_support": (["loss.support=top"], r"loss.support='top' is unknown; choose one of: full, topk, "
+                             r"sampled"),
+    "top_k_zero": (["loss.support=topk", "loss.top_k=0"], r"loss.top_k must be >= 1, got 0"),
+    "unknown_topk_from": (["loss.topk_from=target"], r"loss.topk_from='target' is unknown; choose one of: teacher, "
+                          r"student"),
+    "sampled_forward_kl": (["loss.support=sampled"], r"loss.support=sampled estimates the reverse KL's gradient, not "
+                           r"forward_kl's; set loss.divergence=reverse_kl"),
+    "entry_clip_zero": (["loss.entry_clip=0"], r"loss.entry_clip must be a finite positive number, got 0.0; or null"),
+    "entry_clip_reverse_kl": (["loss=reverse_kl", "loss.entry_clip=0.1"], r"loss.entry_clip caps forward-KL terms "
+                              r"over the full vocabulary; set loss.divergence=forward_kl and loss.support=full"),
+    "sampled_on_logged_chats": (["data=chatlog", "loss=sampled"], r"loss.support=sampled estimates the reverse KL "
+                                r"from tokens the student sampled; data=chatlog completions are logged, not sampled"),
+    "is_clip_negative": (["loss.is_clip=-1"], r"loss.is_clip must be a finite positive number, got -1.0; or null"),
     "forced_unknown_key": (["+aggregation.temperature=2"], r"unknown config key\(s\): aggregation.temperature "
                            r"\(known: name, tau\)"),
 }

@@ -57,3 +57,17 @@ def test_logged_chat_throughput_is_reported_against_its_flop_bound():
     (line,) = [line for line in bench.format_table(report).splitlines() if "chatlog_sft_tokens_per_s" in line]
     assert line.split() == ["chatlog_sft_tokens_per_s", "0.76", "[smollm2_135m@256]", "FLOP", "bound", "0.75:",
                             "101%", "of", "it"]
+
+
+def test_loss_support_bench_times_topk_against_full(capsys, monkeypatch):
+    from sdharness.tools import bench_loss
+
+    entries = bench_loss.run_loss_cases(lambda fn, *args: fn(*args), rows=4, repeats=1, threads=1, vocabs=(1000,))
+    (entry,) = entries
+    assert entry["vocab"] == 1000 and entry["top_k"] == bench_loss.TOP_K
+    assert entry["full"]["median_s"] > 0 and entry["topk"]["median_s"] > 0
+    assert entry["time_ratio"] == entry["topk"]["median_s"] / entry["full"]["median_s"]
+    monkeypatch.setattr(bench_loss, "run_loss_cases", lambda *args, **kwargs: entries)
+    bench.main(["--loss-support"])
+    table = capsys.readouterr().out
+    assert "top_k 100 vs full vocabulary" in table and table.splitlines()[-1].split()[:2] == ["1000", "4"]

@@ -286,3 +286,17 @@ def test_resuming_at_any_step_gives_the_uninterrupted_weights_and_metrics(tmp_pa
     steps = {row["step"] for row in evals[0]}
     assert [row for row in evals[1] if row["step"] in steps] == evals[0]
     assert {int(row["step"]) for row in evals[1] if row["step"] not in steps} <= set(stops)
+
+
+def test_a_checkpoint_written_before_a_schema_field_existed_resumes_at_its_default():
+    """A checkpoint's fingerprint lacks the fields added since (here algo.distillation_weight): at the
+    default it resumes; set to anything else it is a difference like any other."""
+    from sdharness.config import to_train_config
+    from sdharness.scale.resume import check_resume, config_fingerprint
+
+    cfg = to_train_config(compose_config(TINY))
+    saved = {key: value for key, value in config_fingerprint(cfg).items() if key != "algo.distillation_weight"}
+    check_resume(saved, cfg, "old.ckpt")
+    mixed = to_train_config(compose_config(TINY + ["algo.distillation_weight=0.5", "algo.group_size=2"]))
+    with pytest.raises(ConfigError, match=r"algo.distillation_weight: checkpoint None, now 0.5"):
+        check_resume(saved, mixed, "old.ckpt")

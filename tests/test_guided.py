@@ -17,6 +17,7 @@ from sdharness.rollout.guided import (
     GuidedRollout,
     finish_rollout,
     guided_generate,
+    guided_token_weights,
     importance_weights,
     merge_rollouts,
     next_token,
@@ -251,6 +252,20 @@ def test_merge_replaces_failed_rows_and_pads_to_one_length(tiny):
     assert math.isclose(weights[0, 0].item(), math.exp(-1.0), rel_tol=1e-6)
 
 
+def test_guided_token_weights_apply_is_clip_only_to_rows_not_sampled_from_the_student():
+    mask = torch.tensor([[True, True], [True, False]])
+    plain = Rollout(torch.tensor([[5, 6], [7, 2]]), mask, ["a", "b"])
+    sampling, student = torch.log(torch.tensor([[0.1, 0.8], [0.5, 1.0]])), torch.log(torch.tensor([[0.5, 0.4], [0.5, 1.0]]))
+    guided = GuidedRollout(plain.completion_ids, mask, ["a", "b"], sampling, student, torch.tensor([True, False]))
+    assert guided_token_weights(plain, mask, 2.0) == (None, {})  # on policy: nothing to correct
+    assert guided_token_weights(guided, mask, None) == (None, {})  # loss.is_clip=null: unweighted
+    unguided = GuidedRollout(plain.completion_ids, mask, ["a", "b"], sampling, student, torch.tensor([False, False]))
+    assert guided_token_weights(unguided, mask, 2.0) == (None, {})
+    weights, metrics = guided_token_weights(guided, mask, 2.0)
+    torch.testing.assert_close(weights, torch.tensor([[2.0, 0.5], [1.0, 1.0]]))
+    assert metrics["train/importance_weight"] == pytest.approx(1.25)
+
+
 # ---------------------------------------------------------------- CLI
 
 def write_problems(tmp_path):
@@ -320,23 +335,25 @@ def sd_step(overrides):
 
 
 @pytest.mark.parametrize("overrides,fraction", [
-    (["rollout.guidance=always"], 1.0),
-    (["rollout.guidance=always", "rollout.importance_weighting=true", "teacher=initial"], 1.0),
-    (["rollout.guidance=on_failure", "rollout.guidance_samples=2", "rollout.importance_weighting=true"], 1.0),
+    (["rollout.guidance=always", "loss.is_clip=null"], 1.0),
+    (["rollout.guidance=always", "teacher=initial"], 1.0),
+    (["rollout.guidance=on_failure", "rollout.guidance_samples=2", "loss.is_clip=1.5"], 1.0),
 ])
 def test_training_step_with_guidance_runs_and_logs_the_guided_fraction(overrides, fraction):
     module, batch, loss, metrics = sd_step(overrides)
     assert math.isfinite(loss.item())
     assert metrics["train/guided_fraction"] == fraction  # a random model fails every problem
     assert 0.0 <= metrics["train/guided_accuracy"] <= 1.0
-    if "rollout.importance_weighting=true" in overrides:
-        assert 0.0 <= metrics["train/importance_weight"] <= 2.0
+    if "loss.is_clip=null" in overrides:
+        assert "train/importance_weight" not in metrics
+    else:  # loss.is_clip (default 2.0) weights every guided token
+        assert 0.0 <= metrics["train/importance_weight"] <= module.cfg.loss.is_clip
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
     counters = module.step_counts
     samples = 2 if "rollout.guidance_samples=2" in overrides else 0
     assert counters.rollouts == len(batch) * (1 + samples) and counters.problems_seen == len(batch)
     assert counters.generated_tokens >= metrics["train/completion_length"] * len(batch)
-    if overrides == ["rollout.guidance=always"]:  # exact: guided rollout, teacher scoring, student pass
+    if overrides == ["rollout.guidance=always", "loss.is_clip=null"]:  # exact: guided rollout, teacher scoring, student pass
         student, teacher, generated = int(batch.student_mask.sum()), int(batch.teacher_mask.sum()), \
             counters.generated_tokens
         assert generated == metrics["train/completion_length"] * len(batch)

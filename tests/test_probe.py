@@ -219,3 +219,17 @@ def test_sft_on_native_references_learns_the_default_base_task(tmp_path):
     before, after = accuracies[0], accuracies[-1]
     assert after - before >= 0.15
     assert abs(before - 0.312) <= TOLERANCE and abs(after - 0.883) <= TOLERANCE, (before, after)
+
+
+def test_probe_table_lists_the_loss_knobs_that_change_the_target():
+    """loss.support=topk merges the target's mass outside the teacher's top-k into one bucket and
+    loss.entry_clip caps single KL terms: the table shows both per aggregation."""
+    from sdharness.tools.probe import Accumulator, figures, format_table
+
+    acc = Accumulator(aggregation={"clip": {"mass": [0.1], "log_ratio": [0.0], "kl": [0.2], "tail": [0.25, 0.75],
+                                            "entry": [0.5, 1.5]}})
+    result = figures({"no_hint": {"accuracy": 0.5, "early_answer_rate": None}}, acc, {"clip": 1.0}, 1e-3, top_k=64)
+    assert result["aggregation"]["clip"]["topk_tail_mass"] == 0.5 and result["aggregation"]["clip"]["max_entry_term"] == 1.0
+    header, row = format_table(result).splitlines()[-2:]
+    assert header.split()[-6:] == ["q", "outside", "top-64", "max", "KL", "term"]
+    assert row.split()[-2:] == ["0.5000", "1.000"]

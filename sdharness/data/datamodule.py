@@ -25,7 +25,7 @@ from sdharness.data.chatlog import EXCEEDS_CONTEXT, encode_chat, encode_completi
 from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.data.jsonl import DataError, json_objects
 from sdharness.models import resolve_path
-from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad
+from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad, teacher_context
 from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import SOLUTION_STYLES
 
@@ -58,6 +58,9 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *,
                          if "solution" in missing else "")
             raise DataError(f"{path}:{number}: field(s) {', '.join(missing)} missing or not a non-empty string; "
                             f"every row needs {', '.join(required)}{optional}{bootstrap}")
+        if "hint" in row and (not isinstance(row["hint"], str) or not row["hint"].strip()):
+            raise DataError(f"{path}:{number}: field hint must be a non-empty string (it replaces the solution in "
+                            "the teacher prompt); remove it to use the solution")
         if "answer" in row:
             row["answer"] = str(row["answer"])
         if where:
@@ -238,7 +241,7 @@ class ProblemDataModule(L.LightningDataModule):
             student = encode_prompt(self.prompt, self.tokenizer, render_student(self.prompt, item["problem"]))
             # Rows without a solution (GRPO's, a separate eval file's) are never scored by a teacher.
             teacher = student if "solution" not in item else encode_prompt(
-                self.prompt, self.tokenizer, render_teacher(self.prompt, item["problem"], item["solution"]))
+                self.prompt, self.tokenizer, render_teacher(self.prompt, item["problem"], teacher_context(item)))
             needed = max(len(student), len(teacher)) + self.max_new_tokens
             if needed > self.max_context:
                 if self.cfg.strict:

@@ -20,6 +20,12 @@ def render_teacher(cfg: PromptConfig, problem: str, solution: str) -> str:
     return cfg.teacher.format(problem=problem, solution=solution)
 
 
+def teacher_context(row: dict) -> str:
+    """What fills the teacher template's ``{solution}`` for a problem row: its own ``hint`` (a JSONL
+    field, e.g. a privileged context written for that problem) where it has one, else its solution."""
+    return row.get("hint") or row["solution"]
+
+
 def uses_chat_template(cfg: PromptConfig, tokenizer) -> bool:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if cfg.chat_template == "always" and not has_template:

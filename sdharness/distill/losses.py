@@ -21,6 +21,7 @@ the student supports); the training step then skips the update.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -357,7 +358,8 @@ class _ChunkedDistillation(torch.autograd.Function):
                     scale = weight if row_weights is None else \
                         row_weights[start : start + chunk_size].to(dtype) * weight
                     value, chunk_monitored, chunk_grad = body(z_s, teacher_block[in_block], work, grad_out,
-                                                       scale if row_weights is None else scale.unsqueeze(-1))
+                                                       scale if row_weights is None else scale.unsqueeze(-1),
+                                                       slice(start, start + z_s.shape[0]))
                     if grad is not None and chunk_grad is not grad_out:
                         if consecutive:
                             grad[rows] = chunk_grad
@@ -384,6 +386,36 @@ class _ChunkedDistillation(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
+def _chunk_body(chosen, measure, *, tau, divergence_name, beta, monitor, eps, support, top_k, topk_from,
+                sampled_tokens, entry_clip):
+    """``body(z_s, z_t, work, grad_out, scale, at)`` for one chunk; ``at``: the chunk's slice of the
+    loss positions. The fused body covers every aggregation with a fused form under a fused
+    divergence; the rest go through the aggregation's reference and the divergence's value and
+    gradient; the supports and entry clipping of :mod:`sdharness.distill.variants` have their own."""
+    # Imported here: the variants are built on this module's chunk primitives.
+    from sdharness.distill import variants
+
+    if support == "topk":
+        return lambda z_s, z_t, work, grad_out, scale, at: variants.topk_chunk(
+            z_s, z_t, work, grad_out, scale, aggregation=chosen, tau=tau, divergence_name=divergence_name, beta=beta,
+            top_k=top_k, topk_from=topk_from, monitor=monitor, eps=eps)
+    if support == "sampled":
+        return lambda z_s, z_t, work, grad_out, scale, at: variants.sampled_chunk(
+            z_s, z_t, work, grad_out, scale, sampled_tokens[at], aggregation=chosen, tau=tau, monitor=monitor, eps=eps)
+    if chosen.fused is not None and measure.fused and entry_clip is None:
+        return lambda z_s, z_t, work, grad_out, scale, at: _fused_chunk(
+            z_s, z_t, work, grad_out, scale, aggregation=chosen, tau=tau, divergence_name=divergence_name,
+            monitor=monitor, eps=eps)
+    value_and_grad = value_and_grad_fn(divergence_name, beta) if entry_clip is None else \
+        functools.partial(variants.entry_clipped_forward_kl_with_grad, clip=entry_clip)
+
+    def target_fn(teacher_logp, student_logp):
+        return chosen.target(teacher_logp, student_logp, tau=tau)
+
+    return lambda z_s, z_t, work, grad_out, scale, at: _generic_chunk(
+        z_s, z_t, work, grad_out, scale, target_fn=target_fn, value_and_grad=value_and_grad, monitor=monitor, eps=eps)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | LazyLogits,
@@ -397,6 +429,11 @@ def distillation_loss(
     token_weights: torch.Tensor | None = None,
     monitor_kl: bool = True,
     unconsidered_eps: float = 1e-3,
+    support: str = "full",
+    top_k: int = 100,
+    topk_from: str = "teacher",
+    sampled_tokens: torch.Tensor | None = None,
+    entry_clip: float | None = None,
 ) -> DistillationLoss:
     """Token-mean divergence between the detached aggregate target and the student.
 
@@ -413,6 +450,10 @@ def distillation_loss(
             and the target's ``diagnostics`` (both None when False). Loss and gradient are the same
             either way; skipping them saves up to one exp pass and about 10 other passes per chunk.
         unconsidered_eps: the diagnostics' eps: target mass on tokens with p_S < eps.
+        support: ``full`` (the whole vocabulary), ``topk`` (``top_k`` buckets of the ``topk_from``
+            side's logits plus a tail) or ``sampled`` (the estimator on ``sampled_tokens``
+            ``[batch, length]``, reverse KL only); see :mod:`sdharness.distill.variants`.
+        entry_clip: cap in nats on each vocabulary entry's forward-KL term (full support only), or None.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -422,6 +463,9 @@ def distillation_loss(
                          f"{tuple(student_logits.shape[:-1])}")
     chosen = aggregation_named(aggregation)
     measure = divergence_named(divergence_name)
+    from sdharness.distill.variants import check_variant  # the variants build on this module's chunk primitives
+
+    check_variant(support, divergence_name, top_k, topk_from, sampled_tokens, entry_clip, loss_mask.shape)
     if token_weights is not None and token_weights.shape != loss_mask.shape:
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have loss_mask's shape "
                          f"{tuple(loss_mask.shape)}")
@@ -434,20 +478,10 @@ def distillation_loss(
             return DistillationLoss(zero, None, 0)
         return DistillationLoss(zero, zero.detach(), 0, {name: zero.detach() for name in DIAGNOSTIC_METRICS})
 
-    # The fused body covers every aggregation with a fused form under a fused divergence; the rest go
-    # through the aggregation's reference and the divergence's value and gradient.
-    if chosen.fused is not None and measure.fused:
-        def body(z_s, z_t, work, grad_out, scale):
-            return _fused_chunk(z_s, z_t, work, grad_out, scale, aggregation=chosen, tau=tau,
-                                divergence_name=divergence_name, monitor=monitor_kl, eps=unconsidered_eps)
-    else:
-        def target_fn(teacher_logp, student_logp):
-            return chosen.target(teacher_logp, student_logp, tau=tau)
-
-        def body(z_s, z_t, work, grad_out, scale):
-            return _generic_chunk(z_s, z_t, work, grad_out, scale, target_fn=target_fn,
-                                  value_and_grad=value_and_grad_fn(divergence_name, beta), monitor=monitor_kl,
-                                  eps=unconsidered_eps)
+    body = _chunk_body(chosen, measure, tau=tau, divergence_name=divergence_name, beta=beta,
+                       monitor=monitor_kl, eps=unconsidered_eps, support=support, top_k=top_k, topk_from=topk_from,
+                       sampled_tokens=None if sampled_tokens is None else sampled_tokens.reshape(-1)[positions],
+                       entry_clip=entry_clip)
 
     if isinstance(teacher_logits, LazyLogits):
         buffer = teacher_logits.hidden.new_empty(min(_block_rows(chunk_size), tokens), teacher_logits.shape[-1])

@@ -13,6 +13,7 @@ from sdharness.distill.losses import DistillationLoss, distillation_loss
 from sdharness.distill.positions import loss_positions
 from sdharness.eval.teacher_health import HealthModels
 from sdharness.methods.accounting import rollout_cost
+from sdharness.methods.distill_pg import PolicyGradientMix
 from sdharness.methods.policy import PolicyModule
 from sdharness.rollout.guided import guided_rollout, guided_token_weights
 from sdharness.rollout.hf import Rollout
@@ -30,14 +31,22 @@ def score_and_distil(student_model, teacher_model, student_ids, student_mask, te
     with torch.no_grad():
         teacher_logits = completion_hidden(teacher_model, teacher_ids, teacher_mask, g, g_mask)
     student_logits = completion_logits(student_model, student_ids, student_mask, g, g_mask)
+    return distil(student_logits, teacher_logits, loss_mask, g, aggregation, loss, token_weights=token_weights,
+                  monitor=monitor)
+
+
+def distil(student_logits, teacher_logits, loss_mask, g, aggregation: AggregationConfig, loss: LossConfig, *,
+           token_weights: torch.Tensor | None = None, monitor: bool = True) -> DistillationLoss:
+    """The chunked loss that ``aggregation`` and ``loss`` configure, on scored completions ``g``."""
     return distillation_loss(student_logits, teacher_logits, loss_mask, aggregation=aggregation.name,
                              tau=aggregation.tau, divergence_name=loss.divergence, beta=loss.beta,
                              chunk_size=loss.chunk_size, token_weights=token_weights, monitor_kl=monitor,
-                             unconsidered_eps=loss.unconsidered_eps)
+                             unconsidered_eps=loss.unconsidered_eps, support=loss.support, top_k=loss.top_k,
+                             topk_from=loss.topk_from, sampled_tokens=g, entry_clip=loss.entry_clip)
 
 
-class SelfDistillModule(PolicyModule):
-    """Privileged on-policy self-distillation."""
+class SelfDistillModule(PolicyGradientMix, PolicyModule):
+    """Privileged on-policy self-distillation; below ``algo.distillation_weight`` 1, mixed with GRPO."""
 
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         super().__init__(model, tokenizer, cfg)
@@ -56,11 +65,14 @@ class SelfDistillModule(PolicyModule):
         return Rollout(batch.solution_ids, batch.solution_mask, texts)
 
     def losses(self, batch: PromptBatch):
+        if self.cfg.algo.distillation_weight < 1:
+            yield from self.mixed_losses(batch)
+            return
         rollout, guidance, cost = self.sample(batch)
         g, g_mask = rollout.completion_ids, rollout.completion_mask
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
-        weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.rollout)  # None unless enabled
+        weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.loss.is_clip)  # None on policy
         # The teacher-student KL and the target diagnostics are only for the log.
         result = score_and_distil(self.model, self.teacher.model, batch.student_ids, batch.student_mask,
                                   batch.teacher_ids, batch.teacher_mask, g, g_mask, mask, self.cfg.aggregation,

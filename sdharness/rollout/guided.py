@@ -20,9 +20,9 @@ the student (``clip`` at large tau, ``product`` at large tau), the smaller the s
 ``on_failure`` the distribution also depends on the answer check: rows of problems the student
 solves stay plain on-policy samples, the rest come from ``q``.
 
-``rollout.importance_weighting=true`` corrects the token-level shift: the divergence at position
-``i`` of a guided row (and its gradient) is multiplied by ``w_i = min(p_S(g_i | g_<i) /
-q(g_i | g_<i), rollout.importance_clip)``, both probabilities taken at sampling time under the
+``loss.is_clip`` (default 2.0, as TRL and SDPO; null turns it off) corrects the token-level shift:
+the divergence at position ``i`` of a guided row (and its gradient) is multiplied by ``w_i =
+min(p_S(g_i | g_<i) / q(g_i | g_<i), loss.is_clip)``, both probabilities taken at sampling time under the
 same temperature and top-p (so plain rows have ``w = 1``). This is truncated per-token importance
 sampling: it reweights each position by how likely the student itself was to write that token,
 clipped from above to bound the variance; it does not correct for the prefix (the product of the
@@ -334,12 +334,13 @@ def guided_rollout(batch, sampling, aggregation, check: Checker, *, model, teach
     return rollout, metrics, cost
 
 
-def guided_token_weights(rollout: Rollout, mask: torch.Tensor, sampling) -> tuple[torch.Tensor | None, dict]:
-    """Per-token loss weights under ``rollout.importance_weighting`` (None when off or unguided)."""
-    if not sampling.importance_weighting or not isinstance(rollout, GuidedRollout) or not bool(rollout.guided.any()):
+def guided_token_weights(rollout: Rollout, mask: torch.Tensor, is_clip: float | None
+                         ) -> tuple[torch.Tensor | None, dict]:
+    """Per-token loss weights for the rows not sampled from the current student, clipped at
+    ``loss.is_clip`` (None when it is null or every row is on-policy)."""
+    if is_clip is None or not isinstance(rollout, GuidedRollout) or not bool(rollout.guided.any()):
         return None, {}
-    weights = importance_weights(rollout.student_logprobs, rollout.sampling_logprobs, mask,
-                                 clip=sampling.importance_clip)
+    weights = importance_weights(rollout.student_logprobs, rollout.sampling_logprobs, mask, clip=is_clip)
     guided_tokens = mask & rollout.guided.unsqueeze(-1)
     metrics = {}
     if bool(guided_tokens.any()):

@@ -67,8 +67,10 @@ def check_resume(saved: dict[str, Any], cfg: TrainConfig, checkpoint: str) -> No
     """Refuse to resume ``checkpoint`` under a different method, model, data (settings or file
     contents), prompt, aggregation or optimiser config, naming each field."""
     current = config_fingerprint(cfg)
+    # A field added to the schema after the checkpoint was written reads as its default there.
+    defaults = config_fingerprint(TrainConfig())
     differing = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
-                 for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+                 for key in sorted(set(saved) | set(current)) if saved.get(key, defaults.get(key)) != current.get(key)]
     if differing and not cfg.resume_allow_changes:
         raise ConfigError(f"ckpt_path={checkpoint} was trained with a different config: " + "; ".join(differing) +
                           ". Resume with the checkpoint's settings, or add resume_allow_changes=true to resume anyway")

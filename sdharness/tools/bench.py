@@ -18,6 +18,7 @@ of guided sampling and of logged-chat distillation.
   timed per generated token against the batched plain rollout (models with a tokenizer only).
 
 ``--peer trl`` adds TRL's SDFT and SFT trainers against sdharness's (``sdharness/tools/peer.py``);
+``--loss-support`` times the chunked loss alone, top-k against full (``sdharness/tools/bench_loss.py``);
 ``--cases`` runs the named cases only.
 
 Every (case, method) runs in a fresh process (forkserver with this module preloaded, so a case
@@ -57,7 +58,7 @@ from sdharness.distill.losses import token_cross_entropy
 from sdharness.methods.policy import fused_adamw_supported
 from sdharness.methods.self_distill import score_and_distil
 from sdharness.rollout.guided import guided_generate
-from sdharness.tools import peer
+from sdharness.tools import bench_loss, peer
 from sdharness.models import load_model_and_tokenizer
 
 MB = 2**20
@@ -385,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None,
                         help="processes per method for SD/SFT steps, alternated (default: 1 with --tiny, else 2)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--loss-support", action="store_true",
+                        help="only the chunked loss: loss.support=topk against full at vocabularies 49152 and 151936")
     parser.add_argument("--cases", default=None,
                         help="comma-separated case names to run (bench and peer cases of the mode), e.g. smollm2_135m@128")
     parser.add_argument("--peer", choices=["trl"], default=None,
@@ -399,6 +402,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"sdharness: error: {error}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.loss_support:
+        entries = bench_loss.run_loss_cases(_fresh, repeats=args.repeats or 3, threads=args.threads)
+        print(json.dumps(entries, indent=2) if args.json else bench_loss.format_loss_table(entries))
+        return
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     repeats = args.repeats or {"tiny": 1, "quick": 3, "full": 5}[mode]
     rounds = args.rounds or (1 if mode == "tiny" else 2)

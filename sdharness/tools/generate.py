@@ -25,7 +25,7 @@ from sdharness.data.datamodule import DataError, read_jsonl
 from sdharness.rollout import GUIDANCE_MODES
 from sdharness.rollout.guided import answer_checks, guided_generate, sample_with_guidance
 from sdharness.models import load_model_and_tokenizer
-from sdharness.data.prompts import encode_prompts, render_student, render_teacher
+from sdharness.data.prompts import encode_prompts, render_student, render_teacher, teacher_context
 from sdharness.rollout.hf import generate
 from sdharness.data.tasks import ANSWER_MARKER, answer_checker
 
@@ -88,7 +88,7 @@ def run(args) -> list[dict]:
     for start in range(0, len(problems), args.batch_size):
         chunk = problems[start:start + args.batch_size]
         student = encode_prompts(prompt, tokenizer, [render_student(prompt, p["problem"]) for p in chunk])
-        teacher = encode_prompts(prompt, tokenizer, [render_teacher(prompt, p["problem"], p["solution"]) for p in chunk])
+        teacher = encode_prompts(prompt, tokenizer, [render_teacher(prompt, p["problem"], teacher_context(p)) for p in chunk])
         if args.guidance == "never":
             texts, guided = generate(model, tokenizer, *student, **sampling).texts, []
         else:

@@ -15,7 +15,9 @@ and after the teacher prompt, and prints the teacher-quality table, also written
   probability the teacher and the student give it; KL(teacher||student) per token before and
   after that position;
 * per aggregation of the registry, at its default tau (``conf/aggregation/<name>.yaml``): the
-  target's mass on tokens the student gives less than ``eps``, and max q/p_S;
+  target's mass on tokens the student gives less than ``eps``, and max q/p_S; the target's mass
+  outside the teacher's ``top_k`` tokens (what ``loss.support=topk`` merges into one bucket) and
+  the largest single term of KL(q || p_S) (what ``loss.entry_clip`` caps), token means;
 * for the built-in tasks (``data.task``), where ``g`` first slips (chain: in a step's result;
   columns: in a column line): the student-consistent continuation (``g`` to the end of that
   line, then correct work on what the student wrote: chain, the next step on the student's
@@ -45,11 +47,12 @@ from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, M
                               require, resolve_wandb_mode)
 from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems, reference_styles
-from sdharness.data.prompts import encode_prompts, render_student, render_teacher
+from sdharness.data.prompts import encode_prompts, render_student, render_teacher, teacher_context
 from sdharness.data.builtin import builtin_task
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import completion_logits
+from sdharness.distill.variants import largest_entry_term, topk_buckets
 from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.models import check_pretrained_task, load_model_and_tokenizer, set_threads_for
 from sdharness.rollout.hf import eos_token_ids, generate
@@ -68,6 +71,7 @@ class ProbeConfig:
     temperature: float = 1.0  # of the student samples g; the greedy accuracies decode greedily
     batch_size: int = 32
     eps: float = 1e-3  # "tokens the student does not consider": p_S < eps
+    top_k: int = 100  # the target's mass outside the teacher's top_k tokens: what loss.support=topk merges
     seed: int = 0
     threads: str = "auto"  # as sdharness-train's: auto, 0 (torch's default) or N
     output_dir: Optional[str] = None  # null: the Hydra run directory
@@ -80,6 +84,7 @@ class ProbeConfig:
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
         require(0 < self.eps < 1, f"eps must be in (0, 1), got {self.eps}")
+        require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         check_threads(self.threads)
         require(self.data.eval_size >= 1, "data.eval_size is the number of problems probed; set it >= 1")
 
@@ -129,12 +134,14 @@ class Accumulator:
     slips: int = 0
     follows: int = 0
     copies: int = 0
-    aggregation: dict = field(default_factory=dict)  # name -> {"mass": [...], "log_ratio": [...], "kl": [...]}
+    # name -> {"mass", "log_ratio", "kl", "tail" (outside the teacher's top-k), "entry" (largest KL term)}: [...]
+    aggregation: dict = field(default_factory=dict)
 
 
 def _hinted_texts(cfg: ProbeConfig, problems: list[dict]) -> dict[str, list[str]]:
-    """Teacher prompts per reference style (:func:`sdharness.data.datamodule.reference_styles`)."""
-    return {style: [render_teacher(cfg.prompt, row["problem"], row["solution"]) for row in rows]
+    """Teacher prompts per reference style (:func:`sdharness.data.datamodule.reference_styles`); a row's own
+    ``hint`` stands in for its reference (:func:`sdharness.data.prompts.teacher_context`)."""
+    return {style: [render_teacher(cfg.prompt, row["problem"], teacher_context(row)) for row in rows]
             for style, rows in reference_styles(cfg.data, problems).items()}
 
 
@@ -173,7 +180,8 @@ def default_taus() -> dict[str, float | None]:
 
 def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], taus: dict[str, float]) -> Accumulator:
     """Sample g per problem and accumulate the deviation, KL, aggregation and slip figures."""
-    acc = Accumulator(aggregation={name: {"mass": [], "log_ratio": [], "kl": []} for name in taus})
+    acc = Accumulator(aggregation={name: {"mass": [], "log_ratio": [], "kl": [], "tail": [], "entry": []}
+                                   for name in taus})
     built_in = SOURCES[cfg.data.name].built_in_task
     native = not built_in or cfg.data.solution_style == "native"
     task = builtin_task(cfg.data.task) if built_in and native else None
@@ -181,7 +189,7 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
     torch.manual_seed(cfg.seed)
     for _, rows in _batches(problems, cfg.batch_size):
         student_ids, student_mask = encode_prompts(cfg.prompt, tokenizer, [render_student(cfg.prompt, r["problem"]) for r in rows])
-        teacher_texts = [render_teacher(cfg.prompt, r["problem"], r["solution"]) for r in rows]
+        teacher_texts = [render_teacher(cfg.prompt, r["problem"], teacher_context(r)) for r in rows]
         teacher_ids, teacher_mask = encode_prompts(cfg.prompt, tokenizer, teacher_texts)
         rollout = generate(model, tokenizer, student_ids, student_mask, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature)
@@ -191,12 +199,15 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
             s_logits = completion_logits(model, student_ids, student_mask, g, g_mask).float()
         s_logp = torch.log_softmax(s_logits, -1)
         valid = g_mask.bool()
+        top = t_logp.topk(min(cfg.top_k, t_logp.shape[-1]), dim=-1).indices
         for name, tau in taus.items():
             target = aggregate(t_logp, s_logp, name=name, tau=1.0 if tau is None else tau)
             diagnostics = target_diagnostics(target, s_logp, eps=cfg.eps)
             acc.aggregation[name]["mass"] += diagnostics.unconsidered_mass[valid].tolist()
             acc.aggregation[name]["log_ratio"] += diagnostics.max_log_ratio[valid].tolist()
             acc.aggregation[name]["kl"] += diagnostics.kl_target_student[valid].tolist()
+            acc.aggregation[name]["tail"] += topk_buckets(target, top)[..., -1].exp()[valid].tolist()
+            acc.aggregation[name]["entry"] += largest_entry_term(target, s_logp)[valid].tolist()
         kl = target_diagnostics(t_logp, s_logp, eps=cfg.eps).kl_target_student  # KL(teacher || student)
         for row, problem in enumerate(rows):
             acc.problems += 1
@@ -252,7 +263,7 @@ def _follow_or_copy(cfg, model, tokenizer, acc: Accumulator, task, problem: dict
     acc.copies += choice == copied[differ]
 
 
-def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float) -> dict:
+def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float, top_k: int = 100) -> dict:
     """The probe's result: every figure, with the counts behind it."""
     aggregations = {}
     for name, rows in acc.aggregation.items():
@@ -263,6 +274,8 @@ def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float) 
             "max_ratio_median": math.exp(ratios[len(ratios) // 2]) if ratios else None,
             "max_ratio_max": math.exp(ratios[-1]) if ratios else None,
             "kl_target_student": _mean(rows["kl"]),
+            "topk_tail_mass": _mean(rows["tail"]),
+            "max_entry_term": _mean(rows["entry"]),
             "tokens": len(ratios),
         }
     return {
@@ -280,6 +293,7 @@ def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float) 
                        "copies_reference": _rate(acc.copies, acc.slips)},
         "aggregation": aggregations,
         "eps": eps,
+        "top_k": top_k,
     }
 
 
@@ -317,11 +331,13 @@ def format_table(result: dict) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [f"{'figure':<{width}}  value"] + [f"{label:<{width}}  {value}" for label, value in rows]
     lines += ["", f"{'aggregation':<16}{'tau':>6}{'mass p_S<' + format(result['eps'], 'g'):>16}"
-                  f"{'max q/p_S median':>18}{'max q/p_S max':>15}{'KL(q||p_S)':>12}"]
+                  f"{'max q/p_S median':>18}{'max q/p_S max':>15}{'KL(q||p_S)':>12}"
+                  f"{'q outside top-' + str(result.get('top_k', 100)):>19}{'max KL term':>13}"]
     for name, row in result["aggregation"].items():
         lines.append(f"{name:<16}{'–' if row['tau'] is None else format(row['tau'], 'g'):>6}{_cell(row['unconsidered_mass'], 4):>16}"
                      f"{_cell(row['max_ratio_median'], 2):>18}{_cell(row['max_ratio_max'], 2):>15}"
-                     f"{_cell(row['kl_target_student']):>12}")
+                     f"{_cell(row['kl_target_student']):>12}{_cell(row.get('topk_tail_mass'), 4):>19}"
+                     f"{_cell(row.get('max_entry_term')):>13}")
     return "\n".join(lines)
 
 
@@ -340,7 +356,8 @@ def log_to_wandb(cfg: ProbeConfig, result: dict, output_dir: Path, config_dict: 
     run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group, mode=mode,
                      dir=str(output_dir), job_type="probe", config=config_dict)
     run.summary.update(_flatten("probe", {key: result[key] for key in ("greedy", "deviation", "after_slip")}))
-    columns = ["aggregation", "tau", "unconsidered_mass", "max_ratio_median", "max_ratio_max", "kl_target_student"]
+    columns = ["aggregation", "tau", "unconsidered_mass", "max_ratio_median", "max_ratio_max", "kl_target_student",
+               "topk_tail_mass", "max_entry_term"]
     table = wandb.Table(columns=columns, data=[[name] + [row[key] for key in columns[1:]]
                                                for name, row in result["aggregation"].items()])
     run.log({"probe/aggregation": table} | _flatten("probe/aggregation", result["aggregation"]))
@@ -358,7 +375,7 @@ def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = N
     taus = default_taus()
     greedy = greedy_figures(cfg, model, tokenizer, problems)
     acc = sample_figures(cfg, model, tokenizer, problems, taus)
-    result = figures(greedy, acc, taus, cfg.eps)
+    result = figures(greedy, acc, taus, cfg.eps, cfg.top_k)
     result["table"] = format_table(result)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RESULT_NAME).write_text(json.dumps(result, indent=2) + "\n")
