@@ -71,3 +71,14 @@ def test_loss_support_bench_times_topk_against_full(capsys, monkeypatch):
     bench.main(["--loss-support"])
     table = capsys.readouterr().out
     assert "top_k 100 vs full vocabulary" in table and table.splitlines()[-1].split()[:2] == ["1000", "4"]
+
+
+def test_lora_teacher_bench_scores_with_the_copys_states_and_prints_the_saving(capsys):
+    bench.main(["--lora-teacher", "--tiny", "--threads", "1", "--json"])
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["model"] == "tiny_random" and entry["lora_rank"] == 16
+    assert entry["same_teacher"] is True  # the adapter-free base computes exactly the copy's hidden states
+    assert entry["adapter_free"]["parameters_mb"] == entry["copy"]["parameters_mb"] > 0
+    assert entry["saved_mb"] == entry["copy"]["teacher_mb"] - entry["adapter_free"]["teacher_mb"]
+    bench.main(["--lora-teacher", "--tiny", "--threads", "1"])
+    assert "adapter-free base" in capsys.readouterr().out

@@ -19,6 +19,8 @@ of guided sampling and of logged-chat distillation.
 
 ``--peer trl`` adds TRL's SDFT and SFT trainers against sdharness's (``sdharness/tools/peer.py``);
 ``--loss-support`` times the chunked loss alone, top-k against full (``sdharness/tools/bench_loss.py``);
+``--lora-teacher`` measures the frozen teacher's memory under LoRA, without and with a copy
+(``sdharness/tools/bench_lora.py``);
 ``--cases`` runs the named cases only.
 
 Every (case, method) runs in a fresh process (forkserver with this module preloaded, so a case
@@ -58,7 +60,7 @@ from sdharness.distill.losses import token_cross_entropy
 from sdharness.methods.policy import fused_adamw_supported
 from sdharness.methods.self_distill import score_and_distil
 from sdharness.rollout.guided import guided_generate
-from sdharness.tools import bench_loss, peer
+from sdharness.tools import bench_lora, bench_loss, peer
 from sdharness.models import load_model_and_tokenizer
 
 MB = 2**20
@@ -388,6 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--loss-support", action="store_true",
                         help="only the chunked loss: loss.support=topk against full at vocabularies 49152 and 151936")
+    parser.add_argument("--lora-teacher", action="store_true",
+                        help="only the memory of teacher=initial under LoRA: the adapter-free base against a frozen copy "
+                        "(SmolLM2-135M; tiny_random with --tiny)")
     parser.add_argument("--cases", default=None,
                         help="comma-separated case names to run (bench and peer cases of the mode), e.g. smollm2_135m@128")
     parser.add_argument("--peer", choices=["trl"], default=None,
@@ -405,6 +410,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.loss_support:
         entries = bench_loss.run_loss_cases(_fresh, repeats=args.repeats or 3, threads=args.threads)
         print(json.dumps(entries, indent=2) if args.json else bench_loss.format_loss_table(entries))
+        return
+    if args.lora_teacher:
+        entry = bench_lora.run_lora_teacher(_fresh, "tiny_random" if args.tiny else "smollm2_135m", args.threads)
+        print(json.dumps(entry, indent=2) if args.json else bench_lora.format_lora_table(entry))
         return
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     repeats = args.repeats or {"tiny": 1, "quick": 3, "full": 5}[mode]
