@@ -18,19 +18,22 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness.cli import cli_errors
-from sdharness.config import CONF_DIR, ConfigError, register_configs, to_train_config
+from sdharness.config import CONF_DIR, ConfigError, TrainConfig, register_configs, to_train_config
 from sdharness.data.datamodule import DataError, ProblemDataModule, load_data
 from sdharness.data.prompts import uses_chat_template
 from sdharness.eval.quick import QuickEval, print_summary
-from sdharness.jobs import end_wandb_run, in_multirun, record_failure
+from sdharness.jobs import (INTERRUPTED_EXIT, RunInterrupted, end_wandb_run, in_multirun, record_failure,
+                            resume_command, write_failure)
 from sdharness.methods import method_class
 from sdharness.methods.accounting import BudgetStop
 from sdharness.methods.policy import SkippedUpdatesError
 from sdharness.models import check_pretrained_task, load_model_and_tokenizer, save_for_inference, set_threads_for
 from sdharness.report.loggers import make_loggers
+from sdharness.run_lock import run_directory_lock
 from sdharness.scale.checkpoints import AtomicCheckpointIO, StepCheckpoint
 from sdharness.scale.resume import resume_from
 from sdharness.scale.sharding import full_state_dict, is_sharded
@@ -54,7 +57,11 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
         raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu, ddp, fsdp and deepspeed) but "
                           "no CUDA GPU is visible here; on CPU use trainer=cpu, or trainer=ddp (or fsdp) "
                           "trainer.accelerator=cpu trainer.devices=2 trainer.precision=32-true")
-    output_dir = Path(output_dir)
+    with run_directory_lock(output_dir):  # refused, before anything is written, if another run holds it
+        return _fit(cfg, dict_cfg, Path(output_dir), callbacks)
+
+
+def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tuple) -> dict[str, float]:
     resume = resume_from(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     loaded = load_data(cfg.data, cfg.algo.name)  # a malformed data file fails now, not after a model load
@@ -82,12 +89,17 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
             max_steps=cfg.trainer.max_steps, log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers,
             # The budget decides whether this is the final step, then the eval, then the checkpoint
             # (which holds its step's eval). Data is sharded by EpochSampler.
-            callbacks=[BudgetStop(cfg.budget), quick_eval, checkpoints, *callbacks], default_root_dir=output_dir,
+            callbacks=[ResumeWithinMaxSteps(), BudgetStop(cfg.budget), quick_eval, checkpoints, *callbacks],
+            default_root_dir=output_dir,
             plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_model_summary=False,
             use_distributed_sampler=False,
             **cfg.trainer.extra,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+    except SIGTERMException:  # Lightning's SystemExit() after the step SIGTERM arrived in: status 0
+        end_wandb_run(exit_code=1)
+        raise RunInterrupted(checkpoints.path if checkpoints.path.exists() else None,
+                             cfg.trainer.checkpoint_every_n_steps) from None
     except BaseException:
         end_wandb_run(exit_code=1)
         raise
@@ -102,11 +114,27 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
     return print_summary(quick_eval.history, module.counters, output_dir, quick_eval.prefix)
 
 
+class ResumeWithinMaxSteps(L.Callback):
+    """A resumed run whose checkpoint is already past ``trainer.max_steps`` would train nothing
+    and rewrite ``final_model/`` from the checkpoint; refused instead."""
+
+    def on_fit_start(self, trainer, module) -> None:
+        if trainer.global_step > trainer.max_steps:
+            raise ConfigError(f"trainer.max_steps={trainer.max_steps}, but the checkpoint resumed is already at step "
+                              f"{trainer.global_step}; raise trainer.max_steps above {trainer.global_step} to train "
+                              "on, or use its final_model/ as it is")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(dict_cfg: DictConfig) -> float:
     output_dir = HydraConfig.get().runtime.output_dir
     try:
         metrics = train(dict_cfg, output_dir)
+    except RunInterrupted as error:  # the scheduler's, make's and the shell's `&&` see a failure, not success
+        print(f"sdharness: {error}; resume with: {resume_command(output_dir)}", file=sys.stderr, flush=True)
+        if in_multirun():
+            write_failure(output_dir, error)
+        sys.exit(INTERRUPTED_EXIT)  # a sweep stops too: the whole process was asked to end
     except (ConfigError, DataError, SkippedUpdatesError) as error:  # say what to fix, no traceback
         print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
         if in_multirun():  # the sweep goes on; the job is recorded in <job dir>/FAILED.json

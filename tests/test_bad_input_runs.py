@@ -1,0 +1,128 @@
+"""Bad input, part two (issue #27): runs that share a directory, are stopped by SIGTERM, resume
+past their end, fill the disk or lose the network, convert one GGUF together, or leave a
+truncated metrics.csv. Each case is one clear line or a counted, logged fallback; never a silent
+wrong number or exit status. Data cases (contamination, answer notations, answer markers) are in
+``tests/test_bad_input_data.py``; the first part is ``tests/test_bad_input.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sdharness.run_lock import LOCK_FILE, RunDirectoryInUse, acquire, release
+from tests.conftest import TINY, compose_config
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+RUN = [*TINY, "logger.mode=disabled", "threads=1", "eval.at_start=false"]
+
+
+def hold_lock(run_dir) -> subprocess.Popen:
+    """Another process holding ``run_dir``'s lock, as a running ``sdharness-train`` does."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from sdharness.run_lock import acquire; "
+                               "acquire(sys.argv[1]); print('held', flush=True); time.sleep(300)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True, env=ENV)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def wait_for(path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------ one run per directory
+
+@pytest.mark.slow
+def test_second_run_on_a_directory_in_use_is_refused_in_one_line_before_it_writes(tmp_path):
+    run_dir = tmp_path / "D"
+    holder = hold_lock(run_dir)
+    try:
+        result = subprocess.run([sys.executable, "-m", "sdharness.train", *RUN, f"hydra.run.dir={run_dir}"],
+                                capture_output=True, text=True, env=ENV, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.fullmatch(rf"sdharness: error: {run_dir} is in use by pid {holder.pid} \(since \d{{4}}-\d\d-\d\d "
+                        r"\d\d:\d\d:\d\d\); choose another hydra.run.dir, or wait for that run to end\n",
+                        result.stderr), result.stderr
+    assert sorted(path.name for path in run_dir.iterdir()) == [LOCK_FILE]  # no .hydra/, log or metrics.csv
+
+
+@pytest.mark.parametrize("overrides", [[], ["ckpt_path=last"]], ids=["fresh", "resume"])
+def test_train_and_resume_take_the_directory_lock(tmp_path, overrides):
+    from sdharness.train import train
+
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunDirectoryInUse, match=rf"{tmp_path} is in use by pid {holder.pid} "):
+            train(compose_config(RUN + overrides), tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [LOCK_FILE]
+
+
+def test_lock_of_a_killed_run_is_taken_over_with_a_log_line(tmp_path, caplog):
+    holder = hold_lock(tmp_path)
+    holder.kill()  # as SIGKILL or the OOM killer ends a run: its record stays, its flock goes
+    holder.wait()
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        acquire(tmp_path)
+    try:
+        assert f"{tmp_path}: taking over the lock of pid {holder.pid} (since " in caplog.text
+        assert (tmp_path / LOCK_FILE).read_text().startswith(f"pid={os.getpid()} ")
+        acquire(tmp_path)  # re-entrant within one process (the Hydra callback, then train)
+        release(tmp_path)
+    finally:
+        release(tmp_path)
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # a clean end leaves nothing to take over
+    after = hold_lock(tmp_path)  # and the directory is free for another process
+    after.kill()
+    after.wait()
+
+
+# ------------------------------------------------------------------------------------- SIGTERM
+
+@pytest.mark.slow
+def test_sigterm_exits_143_naming_the_checkpoint_and_the_resume_command(tmp_path):
+    run_dir = tmp_path / "D"
+    overrides = [*RUN, "trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=1", "rollout.progress=false"]
+    process = subprocess.Popen([sys.executable, "-m", "sdharness.train", *overrides, f"hydra.run.dir={run_dir}"],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
+    wait_for(run_dir / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert stderr.splitlines()[-1] == (
+        f"sdharness: stopped by SIGTERM; the last checkpoint is {run_dir}/checkpoints/last.ckpt; resume with: "
+        f"sdharness-train {' '.join(overrides)} hydra.run.dir={run_dir} ckpt_path=last")
+    assert not (run_dir / "final_model").exists() and (run_dir / LOCK_FILE).read_text() == ""
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_sweep_is_recorded_as_interrupted(tmp_path):
+    sweep = tmp_path / "sweep"
+    process = subprocess.Popen([sys.executable, "-m", "sdharness.train", "-m", *RUN, "trainer.max_steps=100000",
+                                "trainer.checkpoint_every_n_steps=1", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV)
+    wait_for(sweep / "0" / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    record = json.loads((sweep / "0" / "FAILED.json").read_text())
+    assert record["interrupted"] is True and record["error_type"] == "RunInterrupted"
+    assert record["message"] == f"stopped by SIGTERM; the last checkpoint is {sweep}/0/checkpoints/last.ckpt"
+    assert not (sweep / "1").exists()  # the sweep stops: the whole process was asked to end
