@@ -82,6 +82,9 @@ def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tu
                            prefix="val" if cfg.data.evaluate_on == "validation" else "eval")
     checkpoints = StepCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.trainer.checkpoint_every_n_steps)
     loggers = make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True), resume)
+    if loaded.contamination and resume is None:  # a resumed run keeps this row (it has no problems_seen)
+        for logger in loggers:
+            logger.log_metrics({f"data/{name}": float(n) for name, n in loaded.contamination.items()}, step=0)
     try:
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
