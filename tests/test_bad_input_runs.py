@@ -126,3 +126,61 @@ def test_sigterm_in_a_sweep_is_recorded_as_interrupted(tmp_path):
     assert record["interrupted"] is True and record["error_type"] == "RunInterrupted"
     assert record["message"] == f"stopped by SIGTERM; the last checkpoint is {sweep}/0/checkpoints/last.ckpt"
     assert not (sweep / "1").exists()  # the sweep stops: the whole process was asked to end
+
+
+# ----------------------------------------------------------------------- truncated metrics.csv
+
+def cut_last_line(path, keep: str) -> None:
+    """The file as a copy taken mid-write has it: its last line cut just after ``keep``."""
+    text = path.read_text()
+    last = text.rstrip("\r\n").rsplit("\n", 1)[1]
+    path.write_text(text[:text.rindex(last)] + last[:last.index(keep) + len(keep)])
+
+
+@pytest.mark.parametrize("keep", [",0.7", ",700"], ids=["accuracy", "flops"])
+def test_report_drops_a_truncated_last_line_with_a_warning(tmp_path, caplog, keep):
+    from sdharness.report.runs import find_runs
+    from tests.test_report import fake_run
+
+    run_dir = fake_run(tmp_path / "run", "sd", [(0, 0.1), (200, 0.4), (700, 0.7)])
+    cut_last_line(run_dir / "metrics.csv", keep)  # the last eval row: ...,0.7,... flops 70000
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        [run] = find_runs(tmp_path)
+    assert f"{run_dir / 'metrics.csv'}: dropped its last line, which has no newline" in caplog.text
+    final = run.final()  # the training row before the cut eval holds the run's last complete figures
+    assert (final["eval/accuracy"], final["train/flops"]) == (0.4, 20000) and run.status == "completed"
+    assert max(row["train/flops"] for row in run.rows) == 70000  # that training row, whole
+
+
+def test_report_drops_a_row_with_the_wrong_field_count(tmp_path, caplog):
+    from sdharness.report.runs import find_runs
+    from tests.test_report import fake_run
+
+    run_dir = fake_run(tmp_path / "run", "sd", [(0, 0.1), (200, 0.4)])
+    lines = (run_dir / "metrics.csv").read_text().splitlines(keepends=True)
+    lines.insert(2, "1,0.1,0.3\r\n")
+    (run_dir / "metrics.csv").write_text("".join(lines))
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        [run] = find_runs(tmp_path)
+    assert f"{run_dir / 'metrics.csv'}:3: dropped, 3 fields where the header has 11" in caplog.text
+    assert [row["eval/accuracy"] for row in run.evals] == [0.1, 0.4]
+
+
+@pytest.mark.parametrize("column, value", [("eval/accuracy", "4.0"), ("train/flops", "-39")])
+def test_a_value_outside_its_range_marks_the_run_corrupt_not_a_number(tmp_path, column, value):
+    from sdharness.report.build import build_report
+    from sdharness.report.runs import find_runs
+    from tests.test_report import COLUMNS, fake_run
+
+    fake_run(tmp_path / "sweep" / "0", "sd", [(0, 0.1), (200, 0.4)])
+    bad = fake_run(tmp_path / "sweep" / "1", "sd", [(0, 0.1), (200, 0.4)], seed=1)
+    with open(bad / "metrics.csv", "a") as handle:
+        handle.write(",".join(value if name == column else "" for name in COLUMNS) + "\r\n")
+    runs = find_runs(tmp_path / "sweep")
+    assert [run.status for run in runs] == ["completed", "corrupt"]
+    result = build_report(runs, tmp_path / "report")
+    text = result["path"].read_text()
+    assert "1 completed, 0 failed, 1 corrupt, 0 incomplete of 2 runs." in text
+    assert (f"**corrupt metrics.csv**: {bad / 'metrics.csv'}: {column}={float(value):g} in row 4 (after the header), outside "
+            "its range") in text
+    assert "4.000" not in text
