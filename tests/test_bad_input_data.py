@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -98,3 +99,49 @@ def test_validation_split_overlapping_the_eval_split_is_refused_when_it_selects(
     with pytest.raises(SystemExit) as exit_:  # the protocol refuses before it launches a job
         main(["--out", str(tmp_path / "protocol"), *overrides])
     assert exit_.value.code == 2 and not (tmp_path / "protocol").exists()
+
+
+# ------------------------------------------------------------------------ answers in any notation
+
+# completion, gold, builtin's verdict, math_verify's verdict (None: builtin refuses this gold at load time)
+NOTATIONS = [
+    ("The answer is \u22123.", "-3", True, True),           # Unicode minus sign in the completion
+    ("The answer is -3.", "\u22123", True, True),           # ... in the gold answer
+    ("The answer is 12.", "\uff11\uff12", True, True),      # full-width digits in the gold answer
+    ("The answer is \uff15.", "5", True, True),             # ... in the completion
+    ("The answer is 12.", "12 apples", None, True),
+    ("The answer is 1/2.", "\\frac{1}{2}", None, True),
+    ("The answer is 5.", "\\boxed{5}", None, True),
+    ("The answer is 1,024.", "1024", True, True),
+    ("The answer is 4.", "5", False, False),
+    ("The answer is \u22125.", "5", False, False),
+]
+
+
+@pytest.mark.parametrize("completion, gold, builtin, math_verify", NOTATIONS)
+def test_both_checkers_read_answers_in_common_notations(completion, gold, builtin, math_verify):
+    from sdharness.data.tasks import answer_checker, unreadable_answer
+
+    assert answer_checker("math_verify")(completion, gold) is math_verify
+    if builtin is None:
+        assert unreadable_answer(gold, "builtin") is not None and unreadable_answer(gold, "math_verify") is None
+    else:
+        assert answer_checker("builtin")(completion, gold) is builtin and unreadable_answer(gold, "builtin") is None
+
+
+@pytest.mark.parametrize("name", ["jsonl", "chatlog"])
+def test_builtin_checker_refuses_a_gold_answer_it_cannot_read_at_load_time(tmp_path, name):
+    if name == "jsonl":
+        rows = [problem(1), {**problem(2), "answer": "\\frac{1}{2}"}, problem(3)]
+    else:
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "no"}, {"role": "assistant", "content": "The answer is 5."}]
+        rows = [{"messages": messages, "answer": "5"}, {"messages": messages, "answer": "\\frac{1}{2}"},
+                {"messages": messages, "answer": "5"}]
+    path = write_rows(tmp_path / "train.jsonl", rows)
+    message = (f"{path}:2: answer '\\\\frac{{1}}{{2}}' is not a number the builtin checker can read (an integer, "
+               "decimal or fraction), so no completion could be judged right; set data.checker=math_verify for "
+               "answers in other notations, or write it as a number")
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        load_data(DataConfig(name=name, path=path, eval_size=1))
+    assert load_data(DataConfig(name=name, path=path, eval_size=1, checker="math_verify")).train

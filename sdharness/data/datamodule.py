@@ -27,6 +27,7 @@ from sdharness.data.jsonl import DataError, json_objects
 from sdharness.models import resolve_path
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad
 from sdharness.data.builtin import builtin_task
+from sdharness.data.tasks import unreadable_answer
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def load_data(cfg: DataConfig, algo: str = "sd") -> LoadedData:
         if cfg.validation_size and cfg.validation_size >= len(train):
             raise DataError(f"data.validation_size={cfg.validation_size} leaves no training problem of the "
                             f"{len(train)} (it is taken from them); lower it, or raise data.train_size or add rows")
+        check_answers(train + evaluation, cfg.checker)
         # From the training rows, so it is disjoint from the eval split as the training rows are.
         loaded = LoadedData(train[cfg.validation_size:], evaluation, validation=train[:cfg.validation_size])
         loaded.contamination = check_contamination(cfg, loaded)
@@ -209,7 +211,17 @@ def load_data(cfg: DataConfig, algo: str = "sd") -> LoadedData:
     if "answer" in required_fields(algo) and unanswered is not None:
         raise DataError(f"{unanswered['path']}:{unanswered['line']}: algo={algo} rewards the answer, but this "
                         "conversation has no \"answer\" field; give every conversation one, or use algo=sd")
+    check_answers([{**example, "where": f"{example['path']}:{example['line']}"} for example in train + evaluation
+                   if "answer" in example], cfg.checker)
     return LoadedData(train, evaluation, skipped)
+
+
+def check_answers(rows: list[dict], checker: str) -> None:
+    """Refuse, naming file:line, the first gold answer ``checker`` cannot read (:func:`unreadable_answer`)."""
+    for row in rows:
+        why = unreadable_answer(row["answer"], checker) if "answer" in row else None
+        if why:
+            raise DataError(f"{row.get('where', 'data')}: {why}")
 
 
 @dataclass
