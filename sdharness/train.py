@@ -34,7 +34,7 @@ from sdharness.methods.policy import SkippedUpdatesError
 from sdharness.models import check_pretrained_task, load_model_and_tokenizer, save_for_inference, set_threads_for
 from sdharness.report.loggers import make_loggers
 from sdharness.run_lock import run_directory_lock
-from sdharness.scale.checkpoints import AtomicCheckpointIO, StepCheckpoint
+from sdharness.scale.checkpoints import AtomicCheckpointIO, DiskFullError, StepCheckpoint
 from sdharness.scale.resume import resume_from
 from sdharness.scale.sharding import full_state_dict, is_sharded
 from sdharness.scale.strategy import build_strategy
@@ -92,8 +92,7 @@ def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tu
             max_steps=cfg.trainer.max_steps, log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers,
             # The budget decides whether this is the final step, then the eval, then the checkpoint
             # (which holds its step's eval). Data is sharded by EpochSampler.
-            callbacks=[ResumeWithinMaxSteps(), BudgetStop(cfg.budget), quick_eval, checkpoints, *callbacks],
-            default_root_dir=output_dir,
+            callbacks=[BudgetStop(cfg.budget), quick_eval, checkpoints, *callbacks], default_root_dir=output_dir,
             plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_model_summary=False,
             use_distributed_sampler=False,
             **cfg.trainer.extra,
@@ -108,6 +107,10 @@ def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tu
         raise
     # Closed here, not left open: the next run in this process (a multirun's next job) gets its own.
     end_wandb_run()
+    if trainer.global_step > cfg.trainer.max_steps:  # resumed past it: nothing trained, final_model/ left as it is
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}, but the checkpoint resumed is already at step "
+                          f"{trainer.global_step}; raise trainer.max_steps above {trainer.global_step} to train on, "
+                          "or use its final_model/ as it is")
 
     # FSDP2 shards in place: the full weights are gathered (every rank takes part) for rank 0 to save.
     weights = full_state_dict(module.model) if is_sharded(module.model) else None
@@ -115,17 +118,6 @@ def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tu
         return quick_eval.history[-1][1].as_metrics(quick_eval.prefix)
     save_for_inference(module.model, tokenizer, output_dir / "final_model", state_dict=weights)
     return print_summary(quick_eval.history, module.counters, output_dir, quick_eval.prefix)
-
-
-class ResumeWithinMaxSteps(L.Callback):
-    """A resumed run whose checkpoint is already past ``trainer.max_steps`` would train nothing
-    and rewrite ``final_model/`` from the checkpoint; refused instead."""
-
-    def on_fit_start(self, trainer, module) -> None:
-        if trainer.global_step > trainer.max_steps:
-            raise ConfigError(f"trainer.max_steps={trainer.max_steps}, but the checkpoint resumed is already at step "
-                              f"{trainer.global_step}; raise trainer.max_steps above {trainer.global_step} to train "
-                              "on, or use its final_model/ as it is")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -138,11 +130,12 @@ def main(dict_cfg: DictConfig) -> float:
         if in_multirun():
             write_failure(output_dir, error)
         sys.exit(INTERRUPTED_EXIT)  # a sweep stops too: the whole process was asked to end
-    except (ConfigError, DataError, SkippedUpdatesError) as error:  # say what to fix, no traceback
-        print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
+    except (ConfigError, DataError, SkippedUpdatesError, DiskFullError) as error:  # say what to fix, no traceback
+        print(f"sdharness: error: {error.strerror if isinstance(error, OSError) else error}", file=sys.stderr,
+              flush=True)
         if in_multirun():  # the sweep goes on; the job is recorded in <job dir>/FAILED.json
             return record_failure(output_dir, error, show_traceback=False)
-        sys.exit(1 if isinstance(error, SkippedUpdatesError) else 2)  # 2: bad input, 1: the run failed
+        sys.exit(2 if isinstance(error, (ConfigError, DataError)) else 1)  # 2: bad input, 1: the run failed
     except Exception as error:
         if not in_multirun():
             raise

@@ -184,3 +184,106 @@ def test_a_value_outside_its_range_marks_the_run_corrupt_not_a_number(tmp_path, 
     assert (f"**corrupt metrics.csv**: {bad / 'metrics.csv'}: {column}={float(value):g} in row 4 (after the header), outside "
             "its range") in text
     assert "4.000" not in text
+
+
+# ------------------------------------------------------------------- one line where one is due
+
+def test_disk_full_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    import sdharness.scale.checkpoints as checkpoints
+
+    writer, path = checkpoints.AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    writer.save_checkpoint({"weights": torch.ones(1024)}, path)
+    previous = path.read_bytes()
+
+    def save_on_a_full_disk(obj, handle):  # as torch.save reports it: a RuntimeError raised over the OSError
+        handle.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoints.torch, "save", save_on_a_full_disk)
+    with pytest.raises(checkpoints.DiskFullError) as error:
+        writer.save_checkpoint({"weights": torch.ones(2**18)}, path)
+    assert re.fullmatch(rf"no space left in {tmp_path} for a checkpoint of about 1.0 MiB \(\d+\.\d MiB free\); free "
+                        r"that much there, or set hydra.run.dir on a larger disk; any previous checkpoint is intact",
+                        error.value.strerror)
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # no chained tracebacks
+    assert path.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_disk_full_reaches_the_command_line_as_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import sdharness.scale.checkpoints as checkpoints
+    from sdharness.train import main
+
+    def full(obj, handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", full)
+    monkeypatch.setattr(sys, "argv", ["sdharness-train", *RUN, f"hydra.run.dir={tmp_path}",
+                                      "trainer.checkpoint_every_n_steps=1"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"sdharness: error: no space left in {tmp_path / 'checkpoints'} for a checkpoint of about ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_wandb_online_failure_is_one_line_or_falls_back_to_offline(tmp_path, monkeypatch, caplog):
+    from sdharness.config import ConfigError, to_train_config
+    from sdharness.jobs import end_wandb_run
+    from sdharness.report.loggers import make_loggers
+
+    monkeypatch.setenv("WANDB_API_KEY", "abcde")  # refused by W&B without the network
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = to_train_config(compose_config(TINY + ["logger.mode=auto"]))
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^W&B online logging failed: .*API key must have 40\+ characters, has 5\.?; "
+                                          r"set logger.mode=offline or WANDB_MODE=offline, or "
+                                          r"logger.if_online_fails=offline to fall back$"):
+        make_loggers(cfg, tmp_path / "a", {}, None)
+    cfg = to_train_config(compose_config(TINY + ["logger.mode=auto", "logger.if_online_fails=offline"]))
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        loggers = make_loggers(cfg, tmp_path / "b", {}, None)
+    try:
+        assert loggers[1].experiment.settings.mode == "offline"
+        assert f"logging offline under {tmp_path / 'b' / 'wandb'} instead" in caplog.text
+    finally:
+        end_wandb_run()
+    assert time.monotonic() - started < 30
+
+
+def test_bench_json_stdout_is_the_json_alone(monkeypatch, capfd):
+    from sdharness.tools import bench
+
+    def noisy_cases(*args, **kwargs):  # as transformers prints on import in the bench's worker processes
+        subprocess.run([sys.executable, "-c", "print('[INFO] Running in WANDB offline mode')"], check=True)
+        print("[INFO] Running in WANDB offline mode")
+        return {"cases": []}
+
+    monkeypatch.setattr(bench, "run_cases", noisy_cases)
+    bench.main(["--tiny", "--json"])
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"cases": []}
+    assert err.count("[INFO] Running in WANDB offline mode") == 2
+
+
+@pytest.mark.slow
+def test_resume_past_max_steps_is_refused_in_one_line(tmp_path):
+    from sdharness.config import ConfigError
+    from sdharness.train import train
+
+    train(compose_config(RUN + ["trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1"]), tmp_path)
+    saved = (tmp_path / "final_model" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"^trainer.max_steps=2, but the checkpoint resumed is already at step 3; "
+                                          r"raise trainer.max_steps above 3 to train on, or use its final_model/ as it "
+                                          r"is$"):
+        train(compose_config(RUN + ["trainer.max_steps=2", "ckpt_path=last"]), tmp_path)
+    assert (tmp_path / "final_model" / "model.safetensors").stat().st_mtime_ns == saved
