@@ -287,3 +287,63 @@ def test_resume_past_max_steps_is_refused_in_one_line(tmp_path):
                                           r"is$"):
         train(compose_config(RUN + ["trainer.max_steps=2", "ckpt_path=last"]), tmp_path)
     assert (tmp_path / "final_model" / "model.safetensors").stat().st_mtime_ns == saved
+
+
+# -------------------------------------------------------------------- one GGUF, two conversions
+
+def _gguf_reader(real, both_writing, make):
+    """``real.from_pretrained``, but a GGUF file reads as ``make()``, whose ``save_pretrained`` waits
+    until the other process has written its weights too."""
+
+    class Reader:
+        @staticmethod
+        def from_pretrained(path, *args, gguf_file=None, **kwargs):
+            if gguf_file is None:
+                return real.from_pretrained(path, *args, **kwargs)
+            loaded = make()
+            save = loaded.save_pretrained
+
+            def save_then_wait(target, *args, **kwargs):
+                save(target, *args, **kwargs)
+                both_writing.wait()
+
+            loaded.save_pretrained = save_then_wait
+            return loaded
+
+    return Reader
+
+
+def _load_weights(model_cfg) -> dict:
+    from sdharness.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model_cfg)[0].state_dict()
+
+
+def test_two_runs_converting_one_gguf_at_once_both_load_identical_weights(tmp_path, monkeypatch):
+    """Two processes convert the same file at once (each waits mid-write until the other has written
+    its weights): the first complete copy becomes the cache, the other is discarded, and both load
+    the same weights. The GGUF file reads as a seeded tiny model."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    import sdharness.models as models
+    from sdharness.config import to_train_config
+
+    context = multiprocessing.get_context("fork")  # the workers inherit the patched readers
+    both_writing = context.Barrier(2, timeout=120)
+    tiny = lambda: models.tiny_random_model(models.ModelConfig(seed=7), models.char_tokenizer())
+    monkeypatch.setattr(models, "AutoModelForCausalLM", _gguf_reader(models.AutoModelForCausalLM, both_writing, tiny))
+    monkeypatch.setattr(models, "AutoTokenizer", _gguf_reader(models.AutoTokenizer, context.Barrier(1),
+                                                              models.char_tokenizer))
+    (tmp_path / "A.gguf").write_bytes(b"A" * 100)
+    cfg = to_train_config(compose_config(TINY + ["model=local", "model.source=gguf", f"model.path={tmp_path}",
+                                                 "model.gguf_file=A.gguf", f"model.cache_dir={tmp_path / 'cache'}"]))
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        loaded = [future.result(timeout=300) for future in [pool.submit(_load_weights, cfg.model) for _ in range(2)]]
+    expected = tiny().state_dict()
+    for weights in loaded:
+        assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [models.gguf_cache_dir(
+        cfg.model, tmp_path / "A.gguf").name]  # no partial copy left behind
