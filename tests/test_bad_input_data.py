@@ -145,3 +145,31 @@ def test_builtin_checker_refuses_a_gold_answer_it_cannot_read_at_load_time(tmp_p
     with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
         load_data(DataConfig(name=name, path=path, eval_size=1))
     assert load_data(DataConfig(name=name, path=path, eval_size=1, checker="math_verify")).train
+
+
+# ------------------------------------------------------------- answer markers under positions=reasoning
+
+def test_answer_marker_missing_is_a_share_and_warned_once_over_the_threshold(caplog):
+    from sdharness.distill.positions import AnswerMarkerMonitor
+
+    monitor = AnswerMarkerMonitor("The answer is")
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        assert monitor(["2 + 3 = 5\nThe answer is 5.", "#### 5"]) == {"train/answer_marker_missing": 0.5}
+        assert not caplog.text  # half is not over the threshold
+        assert monitor(["#### 5", "Answer: 5", "The answer is 5."]) == {"train/answer_marker_missing": 2 / 3}
+        assert monitor(["#### 5"]) == {"train/answer_marker_missing": 1.0}
+    assert caplog.text.count("loss.positions=reasoning: 67% of this step's completions do not write "
+                             "data.answer_marker='The answer is', so all their tokens, the answer included, carry "
+                             "loss (train/answer_marker_missing); set data.answer_marker") == 1
+
+
+@pytest.mark.slow
+def test_answer_marker_missing_reaches_the_run_metrics_under_reasoning(tmp_path, caplog):
+    from sdharness.train import train
+
+    with caplog.at_level(logging.WARNING, logger="sdharness"):
+        train(compose_config(TINY + ["loss.positions=reasoning", "data.answer_marker='####'", "logger.mode=disabled",
+                                     "eval.at_start=false"]), tmp_path)
+    rows = [row for row in read_metrics(tmp_path) if row.get("train/loss")]
+    assert [float(row["train/answer_marker_missing"]) for row in rows] == [1.0, 1.0]  # random text writes no ####
+    assert caplog.text.count("do not write data.answer_marker='####'") == 1

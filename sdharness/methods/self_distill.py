@@ -10,7 +10,7 @@ from sdharness.data.datamodule import PromptBatch
 from sdharness.data.tasks import answer_checker
 from sdharness.distill.logits import completion_hidden, completion_logits
 from sdharness.distill.losses import DistillationLoss, distillation_loss
-from sdharness.distill.positions import loss_positions
+from sdharness.distill.positions import AnswerMarkerMonitor, loss_positions
 from sdharness.methods.accounting import rollout_cost
 from sdharness.methods.policy import PolicyModule
 from sdharness.rollout.guided import guided_rollout, guided_token_weights
@@ -41,6 +41,7 @@ class SelfDistillModule(PolicyModule):
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         super().__init__(model, tokenizer, cfg)
         self.teacher = self.shadow_weights("teacher_model", cfg.teacher.weights, cfg.teacher.ema_decay)
+        self.marker_monitor = AnswerMarkerMonitor(cfg.data.answer_marker)
 
     def logged_completions(self, batch: PromptBatch) -> Rollout:
         """The batch's logged completions (``solution_ids`` + EOS) as ``g``, for ``data=chatlog``."""
@@ -53,6 +54,8 @@ class SelfDistillModule(PolicyModule):
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
         weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.rollout)  # None unless enabled
+        if self.cfg.loss.positions == "reasoning":
+            weight_metrics = {**weight_metrics, **self.marker_monitor(rollout.texts)}
         # The teacher-student KL and the target diagnostics are only for the log.
         result = score_and_distil(self.model, self.teacher.model, batch.student_ids, batch.student_mask,
                                   batch.teacher_ids, batch.teacher_mask, g, g_mask, mask, self.cfg.aggregation,
