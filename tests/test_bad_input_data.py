@@ -173,3 +173,45 @@ def test_answer_marker_missing_reaches_the_run_metrics_under_reasoning(tmp_path,
     rows = [row for row in read_metrics(tmp_path) if row.get("train/loss")]
     assert [float(row["train/answer_marker_missing"]) for row in rows] == [1.0, 1.0]  # random text writes no ####
     assert caplog.text.count("do not write data.answer_marker='####'") == 1
+
+
+# ------------------------------------------------------------------- the probe on the user's data
+
+FREE_TEXT = [{"problem": f"Start with {i}. Add 3.", "answer": str(i + 3),
+              "solution": f"Well, if you take {i} things and add three more, you end up with {i + 3}."} for i in range(6)]
+
+
+def probe_config(overrides: list[str]):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(compose_config(["model=tiny_random", "logger.mode=disabled", "max_new_tokens=8",
+                                               "data.eval_size=2", "threads=1", *overrides], config_name="probe"))
+
+
+@pytest.mark.parametrize("setting, comparable", [([], False), (["references_in_student_format=true"], True)],
+                         ids=["unsaid", "said"])
+def test_probe_deviation_rows_are_na_unless_references_are_in_the_student_format(tmp_path, setting, comparable):
+    from sdharness.tools.probe import probe
+
+    path = write_rows(tmp_path / "free.jsonl", FREE_TEXT)
+    result = probe(probe_config(["data=jsonl", f"data.path={path}", *setting]), tmp_path / "run")
+    assert result["deviation"]["references_in_student_format"] is comparable
+    if comparable:
+        assert result["deviation"]["deviating"] == 2 and re.search(r"samples leaving the reference +2/2", result["table"])
+    else:
+        assert result["deviation"] == {"references_in_student_format": False}
+        assert "samples leaving the reference" not in result["table"]
+        assert re.search(r"\nfirst deviation from the reference +n/a: the references are not in the student's format "
+                         r"\(references_in_student_format=true if they are\)\n", result["table"])
+
+
+def test_probe_refuses_answer_only_eval_rows_before_the_model_loads(tmp_path, monkeypatch):
+    import sdharness.tools.probe as probe_module
+
+    monkeypatch.setattr(probe_module, "load_model_and_tokenizer", lambda cfg: pytest.fail("the model was loaded"))
+    train = write_rows(tmp_path / "train.jsonl", [problem(i) for i in range(4)])
+    answers = write_rows(tmp_path / "answers_only.jsonl", [{"problem": "Start with 9. Add 3.", "answer": "12"}])
+    with pytest.raises(DataError, match=rf"^{re.escape(answers)}:1: sdharness-probe puts each problem's solution in "
+                                        r"the teacher prompt, and this row has none; give data.eval_path rows with a "
+                                        r"solution, or leave data.eval_path out to probe rows held out of data.path$"):
+        probe_module.probe(probe_config(["data=jsonl", f"data.path={train}", f"data.eval_path={answers}"]), tmp_path)
