@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from sdharness.run_lock import LOCK_FILE, RunDirectoryInUse, acquire, release
 from tests.conftest import TINY, compose_config
 
+LOCK_FILE = ".sdharness.lock"
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
 RUN = [*TINY, "logger.mode=disabled", "threads=1", "eval.at_start=false"]
 
@@ -63,6 +63,7 @@ def test_second_run_on_a_directory_in_use_is_refused_in_one_line_before_it_write
 
 @pytest.mark.parametrize("overrides", [[], ["ckpt_path=last"]], ids=["fresh", "resume"])
 def test_train_and_resume_take_the_directory_lock(tmp_path, overrides):
+    from sdharness.run_lock import RunDirectoryInUse
     from sdharness.train import train
 
     holder = hold_lock(tmp_path)
@@ -76,6 +77,8 @@ def test_train_and_resume_take_the_directory_lock(tmp_path, overrides):
 
 
 def test_lock_of_a_killed_run_is_taken_over_with_a_log_line(tmp_path, caplog):
+    from sdharness.run_lock import LOCK_FILE, acquire, release
+
     holder = hold_lock(tmp_path)
     holder.kill()  # as SIGKILL or the OOM killer ends a run: its record stays, its flock goes
     holder.wait()
