@@ -169,8 +169,8 @@ def read_metrics(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith(("\n", "\r")):
-        log.warning("%s: dropped its last line, which has no newline (written while the file was being "
-                    "written?): %r", path, lines.pop()[:80])
+        log.warning("%s: dropped its last line, which has no newline (cut off mid-write: the file was copied, or "
+                    "its run killed, while it was written): %r", path, lines.pop()[:80])
     parsed = list(csv.reader(lines))
     header, rows = (parsed[0], parsed[1:]) if parsed else ([], [])
     kept = []
