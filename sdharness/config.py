@@ -454,9 +454,14 @@ class LoggerConfig:
     mode: str = "auto"  # auto: online when WANDB_API_KEY is set, offline otherwise
     group: Optional[str] = None
     entity: Optional[str] = None
+    # When online logging cannot start (no network, a bad key): error (one line, the run stops) or offline
+    # (a warning, the run logs under <run dir>/wandb). init_timeout_s bounds W&B's own wait (90 s).
+    if_online_fails: str = "error"
+    init_timeout_s: float = 10.0
 
     def __post_init__(self):
         _choice("logger.mode", self.mode, ("auto", "online", "offline", "disabled"))
+        _choice("logger.if_online_fails", self.if_online_fails, ("error", "offline"))
 
 
 def resolve_wandb_mode(mode: str) -> str:

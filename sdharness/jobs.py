@@ -17,8 +17,40 @@ import traceback
 from pathlib import Path
 
 FAILED_FILE = "FAILED.json"
+# The shell's status for a process ended by SIGTERM (128 + 15): a preempted or cancelled run.
+INTERRUPTED_EXIT = 143
 # Job directories whose job failed in this process: the sweep's exit status (sdharness.cli.cli_errors).
 failed_jobs: list[str] = []
+
+
+class RunInterrupted(Exception):
+    """SIGTERM stopped training (SLURM preemption, ``scancel``, ``timeout``); the checkpoint it
+    resumes from, or None when none was written yet."""
+
+    def __init__(self, checkpoint: Path | None, every_n_steps: int):
+        self.checkpoint = checkpoint
+        where = (f"the last checkpoint is {checkpoint}" if checkpoint else
+                 f"no checkpoint was written yet (trainer.checkpoint_every_n_steps={every_n_steps}), so it restarts")
+        super().__init__(f"stopped by SIGTERM; {where}")
+
+
+def resume_command(output_dir: str | Path) -> str:
+    """The command line that resumes this job in ``output_dir``: its own overrides, then
+    ``hydra.run.dir=<output_dir> ckpt_path=last``."""
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    words = ["sdharness-train"]
+    config_dirs = [source.path for source in hydra_cfg.runtime.config_sources if source.provider == "command-line"]
+    words += [f"--config-dir={path}" for path in config_dirs]
+    if hydra_cfg.job.config_name != "train":
+        words.append(f"--config-name={hydra_cfg.job.config_name}")
+    words += [override for override in hydra_cfg.overrides.task
+              if not override.startswith(("ckpt_path=", "hydra.run.dir="))]
+    words += [f"hydra.run.dir={output_dir}", "ckpt_path=last"]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def in_multirun() -> bool:
@@ -43,7 +75,7 @@ def failure_record(error: BaseException, tail_lines: int = 40) -> dict:
     lines = "".join(traceback.format_exception(type(error), error, error.__traceback__)).splitlines()
     error_line = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return {"error_type": type(error).__name__, "message": str(error), "error_line": error_line,
-            "traceback_tail": "\n".join(lines[-tail_lines:])}
+            "interrupted": isinstance(error, RunInterrupted), "traceback_tail": "\n".join(lines[-tail_lines:])}
 
 
 def write_failure(output_dir: str | Path, error: BaseException) -> Path:

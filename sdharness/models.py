@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -146,8 +147,26 @@ def gguf_cache_dir(cfg: ModelConfig, gguf: Path) -> Path:
     return Path(os.path.expanduser(cfg.cache_dir)) / f"{cfg.name}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
+def _convert_into_cache(cfg: ModelConfig, source: Path, cached: Path) -> None:
+    """Convert into a temporary directory of this process's own beside ``cached`` and rename it into
+    place. Runs started together on a fresh node (a parallel sweep, a SLURM array) all convert; the
+    first complete copy wins and later ones are discarded, so none reads a copy still being written."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", suffix=".partial", dir=cached.parent))
+    try:
+        _convert_gguf(cfg, source, staging)
+        try:
+            staging.rename(cached)
+        except OSError:  # ENOTEMPTY or EEXIST: another process put its complete copy there first
+            if not (cached / "config.json").exists():
+                raise
+            log.info("model %s: another process converted %s first; using its copy", cfg.name, source / cfg.gguf_file)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _convert_gguf(cfg: ModelConfig, source: Path, target: Path) -> None:
-    """Dequantise a GGUF file once and keep an HF copy, written atomically."""
+    """Dequantise a GGUF file and save it as an HF model in ``target``."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=cfg.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=torch.float32)
@@ -159,11 +178,8 @@ def _convert_gguf(cfg: ModelConfig, source: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
 
 
 def load_model_and_tokenizer(cfg: ModelConfig):
@@ -181,8 +197,7 @@ def load_model_and_tokenizer(cfg: ModelConfig):
                 log.info("model %s: %s, converted before into %s", cfg.name, directory / cfg.gguf_file, cached)
             else:
                 log.info("model %s: converting %s into %s (once)", cfg.name, directory / cfg.gguf_file, cached)
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                _convert_gguf(cfg, directory, cached)
+                _convert_into_cache(cfg, directory, cached)
             directory = cached
         elif not (directory / "config.json").exists():
             raise ConfigError(f"model.path={cfg.path!r}: no config.json in {directory}; for a .gguf file "

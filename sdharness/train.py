@@ -19,20 +19,23 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness.cli import cli_errors
-from sdharness.config import CONF_DIR, ConfigError, register_configs, to_train_config
+from sdharness.config import CONF_DIR, ConfigError, TrainConfig, register_configs, to_train_config
 from sdharness.data.datamodule import DataError, ProblemDataModule, load_data
 from sdharness.data.prompts import uses_chat_template
 from sdharness.eval.quick import QuickEval, hinted_batches, print_summary
-from sdharness.jobs import end_wandb_run, in_multirun, record_failure
+from sdharness.jobs import (INTERRUPTED_EXIT, RunInterrupted, end_wandb_run, in_multirun, record_failure,
+                            resume_command, write_failure)
 from sdharness.methods import method_class
 from sdharness.methods.accounting import BudgetStop
 from sdharness.methods.policy import SkippedUpdatesError
 from sdharness.models import check_pretrained_task, load_model_and_tokenizer, save_for_inference, set_threads_for
 from sdharness.report.loggers import make_loggers
-from sdharness.scale.checkpoints import AtomicCheckpointIO, StepCheckpoint
+from sdharness.run_lock import run_directory_lock
+from sdharness.scale.checkpoints import AtomicCheckpointIO, DiskFullError, StepCheckpoint
 from sdharness.scale.resume import resume_from
 from sdharness.scale.sharding import full_state_dict, is_sharded
 from sdharness.scale.strategy import build_strategy
@@ -55,7 +58,11 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
         raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} (trainer=gpu, ddp, fsdp and deepspeed) but "
                           "no CUDA GPU is visible here; on CPU use trainer=cpu, or trainer=ddp (or fsdp) "
                           "trainer.accelerator=cpu trainer.devices=2 trainer.precision=32-true")
-    output_dir = Path(output_dir)
+    with run_directory_lock(output_dir):  # refused, before anything is written, if another run holds it
+        return _fit(cfg, dict_cfg, Path(output_dir), callbacks)
+
+
+def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tuple) -> dict[str, float]:
     resume = resume_from(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     loaded = load_data(cfg.data, cfg.algo.name)  # a malformed data file fails now, not after a model load
@@ -82,6 +89,9 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
                            hinted_batches=hinted)
     checkpoints = StepCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.trainer.checkpoint_every_n_steps)
     loggers = make_loggers(cfg, output_dir, OmegaConf.to_container(dict_cfg, resolve=True), resume)
+    if loaded.contamination and resume is None:  # a resumed run keeps this row (it has no problems_seen)
+        for logger in loggers:
+            logger.log_metrics({f"data/{name}": float(n) for name, n in loaded.contamination.items()}, step=0)
     try:
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
@@ -95,11 +105,19 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
             **cfg.trainer.extra,
         )
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+    except SIGTERMException:  # Lightning's SystemExit() after the step SIGTERM arrived in: status 0
+        end_wandb_run(exit_code=1)
+        raise RunInterrupted(checkpoints.path if checkpoints.path.exists() else None,
+                             cfg.trainer.checkpoint_every_n_steps) from None
     except BaseException:
         end_wandb_run(exit_code=1)
         raise
     # Closed here, not left open: the next run in this process (a multirun's next job) gets its own.
     end_wandb_run()
+    if trainer.global_step > cfg.trainer.max_steps:  # resumed past it: nothing trained, final_model/ left as it is
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps}, but the checkpoint resumed is already at step "
+                          f"{trainer.global_step}; raise trainer.max_steps above {trainer.global_step} to train on, "
+                          "or use its final_model/ as it is")
 
     # FSDP2 shards in place: the full weights are gathered (every rank takes part) for rank 0 to save.
     weights = full_state_dict(module.model) if is_sharded(module.model) else None
@@ -114,11 +132,17 @@ def main(dict_cfg: DictConfig) -> float:
     output_dir = HydraConfig.get().runtime.output_dir
     try:
         metrics = train(dict_cfg, output_dir)
-    except (ConfigError, DataError, SkippedUpdatesError) as error:  # say what to fix, no traceback
-        print(f"sdharness: error: {error}", file=sys.stderr, flush=True)
+    except RunInterrupted as error:  # the scheduler's, make's and the shell's `&&` see a failure, not success
+        print(f"sdharness: {error}; resume with: {resume_command(output_dir)}", file=sys.stderr, flush=True)
+        if in_multirun():
+            write_failure(output_dir, error)
+        sys.exit(INTERRUPTED_EXIT)  # a sweep stops too: the whole process was asked to end
+    except (ConfigError, DataError, SkippedUpdatesError, DiskFullError) as error:  # say what to fix, no traceback
+        print(f"sdharness: error: {error.strerror if isinstance(error, OSError) else error}", file=sys.stderr,
+              flush=True)
         if in_multirun():  # the sweep goes on; the job is recorded in <job dir>/FAILED.json
             return record_failure(output_dir, error, show_traceback=False)
-        sys.exit(1 if isinstance(error, SkippedUpdatesError) else 2)  # 2: bad input, 1: the run failed
+        sys.exit(2 if isinstance(error, (ConfigError, DataError)) else 1)  # 2: bad input, 1: the run failed
     except Exception as error:
         if not in_multirun():
             raise

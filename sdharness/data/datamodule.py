@@ -27,7 +27,7 @@ from sdharness.data.jsonl import DataError, json_objects
 from sdharness.models import resolve_path
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad, teacher_context
 from sdharness.data.builtin import builtin_task
-from sdharness.data.tasks import SOLUTION_STYLES
+from sdharness.data.tasks import SOLUTION_STYLES, unreadable_answer
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,47 @@ class EpochSampler(torch.utils.data.Sampler):
 @dataclass
 class LoadedData:
     """Raw train and eval rows of the configured data set, before tokenization; ``skipped``
-    counts unusable rows by reason (chat logs)."""
+    counts unusable rows by reason (chat logs); ``contamination`` counts held-out problems that
+    also occur in training (:func:`check_contamination`), logged as ``data/<name>``."""
 
     train: list[dict]
     evaluation: list[dict]
     skipped: Counter = field(default_factory=Counter)
     validation: list[dict] = field(default_factory=list)  # held out of the training rows (data.validation_size)
+    contamination: dict[str, int] = field(default_factory=dict)
+
+
+def shared_problems(rows: list[dict], others: list[dict]) -> list[dict]:
+    """The rows of ``rows`` whose problem, with whitespace runs made one space, is also one of ``others``'."""
+    seen = {" ".join(other["problem"].split()) for other in others}
+    return [row for row in rows if " ".join(row["problem"].split()) in seen]
+
+
+def check_contamination(cfg: DataConfig, loaded: LoadedData) -> dict[str, int]:
+    """``{"eval_in_train", "validation_in_train", "validation_in_eval"}``: how many held-out problems
+    a split shares with another. Each overlap is warned with its first example (an error under
+    ``data.strict``); a validation split that selects (``data.evaluate_on=validation``, or ``both``: the
+    checkpoint the report keeps) sharing problems with the eval split is always an error, since the eval
+    split would not be unseen."""
+    pairs = {"eval_in_train": (loaded.evaluation, loaded.train, "eval", "training"),
+             "validation_in_train": (loaded.validation, loaded.train, "validation", "training"),
+             "validation_in_eval": (loaded.validation, loaded.evaluation, "validation", "eval")}
+    counts = {}
+    for name, (held_out, others, held_out_name, others_name) in pairs.items():
+        shared = shared_problems(held_out, others)
+        counts[name] = len(shared)
+        if not shared:
+            continue
+        first = shared[0]
+        message = (f"{len(shared)} of {len(held_out)} {held_out_name} problems also occur in the {others_name} "
+                   f"problems (whitespace normalised), e.g. {first['problem'][:60]!r}"
+                   f"{' at ' + first['where'] if 'where' in first else ''}; their scores measure recall, not "
+                   f"reasoning: remove them from data.path or data.eval_path")
+        if cfg.strict or (name == "validation_in_eval" and cfg.evaluate_on in ("validation", "both")):
+            raise DataError(message + ("" if cfg.strict else f"; data.evaluate_on={cfg.evaluate_on} selects on a "
+                                       "split that must not overlap the eval split"))
+        log.warning("%s (data/%s; data.strict=true makes this an error)", message, name)
+    return counts
 
 
 def load_data(cfg: DataConfig, algo: str = "sd") -> LoadedData:
@@ -180,8 +215,11 @@ def load_data(cfg: DataConfig, algo: str = "sd") -> LoadedData:
         if cfg.validation_size and cfg.validation_size >= len(train):
             raise DataError(f"data.validation_size={cfg.validation_size} leaves no training problem of the "
                             f"{len(train)} (it is taken from them); lower it, or raise data.train_size or add rows")
+        check_answers(train + evaluation, cfg.checker)
         # From the training rows, so it is disjoint from the eval split as the training rows are.
-        return LoadedData(train[cfg.validation_size:], evaluation, validation=train[:cfg.validation_size])
+        loaded = LoadedData(train[cfg.validation_size:], evaluation, validation=train[:cfg.validation_size])
+        loaded.contamination = check_contamination(cfg, loaded)
+        return loaded
     train, evaluation, skipped = load_chats(cfg)
     for reason, count in sorted(skipped.items()):
         log.warning("skipped %d conversation(s) of %s: %s", count, cfg.path, reason)
@@ -193,7 +231,17 @@ def load_data(cfg: DataConfig, algo: str = "sd") -> LoadedData:
     if "answer" in required_fields(algo) and unanswered is not None:
         raise DataError(f"{unanswered['path']}:{unanswered['line']}: algo={algo} rewards the answer, but this "
                         "conversation has no \"answer\" field; give every conversation one, or use algo=sd")
+    check_answers([{**example, "where": f"{example['path']}:{example['line']}"} for example in train + evaluation
+                   if "answer" in example], cfg.checker)
     return LoadedData(train, evaluation, skipped)
+
+
+def check_answers(rows: list[dict], checker: str) -> None:
+    """Refuse, naming file:line, the first gold answer ``checker`` cannot read (:func:`unreadable_answer`)."""
+    for row in rows:
+        why = unreadable_answer(row["answer"], checker) if "answer" in row else None
+        if why:
+            raise DataError(f"{row.get('where', 'data')}: {why}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import random
 import re
+import unicodedata
 from fractions import Fraction
 from typing import Callable
 
@@ -34,6 +35,12 @@ _NUMBER = rf"-?{_UNSIGNED}(?:\s*/\s*{_UNSIGNED})?"
 CHECKERS = ("builtin", "math_verify")
 
 Checker = Callable[[str, str], bool]  # (completion, answer) -> correct?
+
+
+def normalise_notation(text: str) -> str:
+    """Full-width and other compatibility forms as plain characters (NFKC: ``１２`` -> ``12``) and the
+    Unicode minus sign as ``-``, as both checkers read answers and completions."""
+    return unicodedata.normalize("NFKC", text).replace("\u2212", "-")
 
 
 def normalise_number(text: str) -> Fraction | None:
@@ -60,10 +67,11 @@ def extract_answer(completion: str, marker: str = ANSWER_MARKER) -> str | None:
 def is_correct(completion: str, answer: str, marker: str = ANSWER_MARKER) -> bool:
     """True when the completion's marked answer equals ``answer`` as a number (an integer,
     decimal or fraction, compared exactly) or, when either is not a number, as text."""
-    predicted = extract_answer(completion, marker)
+    predicted = extract_answer(normalise_notation(completion), marker)
     if predicted is None:
         return False
-    got, want = normalise_number(predicted), normalise_number(str(answer))
+    answer = normalise_notation(str(answer))
+    got, want = normalise_number(predicted), normalise_number(answer)
     if got is None or want is None:
         return predicted.strip() == str(answer).strip()
     return got == want
@@ -73,6 +81,7 @@ def _math_verify_checker(marker: str) -> Checker:
     from math_verify import parse, verify
 
     def check(completion: str, answer: str) -> bool:
+        completion, answer = normalise_notation(completion), normalise_notation(str(answer))
         index = completion.find(marker)
         if index >= 0:  # the answer the completion commits to: the rest of the marker's line
             completion = completion[index + len(marker):].split("\n", 1)[0].strip().rstrip(".")
@@ -99,6 +108,17 @@ def answer_checker(name: str, marker: str = ANSWER_MARKER) -> Checker:
                               "or set data.checker=builtin")
         return _math_verify_checker(marker)
     return functools.partial(is_correct, marker=marker)
+
+
+def unreadable_answer(answer: str, checker: str) -> str | None:
+    """Why ``checker`` can never judge a completion right against the gold ``answer``, or None. The
+    builtin checker compares numbers: any other gold answer (``12 apples``, ``\\frac{1}{2}``,
+    ``\\boxed{5}``) matches nothing, and GRPO would reward nothing, silently."""
+    if checker != "builtin" or normalise_number(normalise_notation(answer)) is not None:
+        return None
+    return (f"answer {answer[:60]!r} is not a number the builtin checker can read (an integer, decimal or fraction), "
+            "so no completion could be judged right; set data.checker=math_verify for answers in other notations, "
+            "or write it as a number")
 
 
 def answer_span_start(completion: str, marker: str = ANSWER_MARKER) -> int | None:

@@ -7,9 +7,13 @@ whether or not its own reasoning reached them.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from sdharness.data.tasks import answer_span_start
+
+log = logging.getLogger(__name__)
 
 
 def _first_token_of_char(tokenizer, ids: list[int], char_index: int) -> int:
@@ -46,3 +50,22 @@ def loss_positions(
             first = _first_token_of_char(tokenizer, completion_ids[row, :length].tolist(), start)
             mask[row, first:] = False
     return mask
+
+
+class AnswerMarkerMonitor:
+    """Under ``reasoning``, a completion without the answer marker keeps every token in the loss,
+    its answer included, as under ``all``. Each step's share of such completions is logged as
+    ``train/answer_marker_missing``, and a warning is given the first time it exceeds ``warn_above``."""
+
+    def __init__(self, answer_marker: str, warn_above: float = 0.5):
+        self.answer_marker, self.warn_above, self.warned = answer_marker, warn_above, False
+
+    def __call__(self, texts: list[str]) -> dict[str, float]:
+        missing = sum(answer_span_start(text, self.answer_marker) is None for text in texts) / max(len(texts), 1)
+        if missing > self.warn_above and not self.warned:
+            self.warned = True
+            log.warning("loss.positions=reasoning: %.0f%% of this step's completions do not write "
+                        "data.answer_marker=%r, so all their tokens, the answer included, carry loss "
+                        "(train/answer_marker_missing); set data.answer_marker to the marker the completions write, "
+                        "or loss.positions=all", 100 * missing, self.answer_marker)
+        return {"train/answer_marker_missing": missing}

@@ -10,7 +10,7 @@ from sdharness.data.datamodule import PromptBatch
 from sdharness.data.tasks import answer_checker
 from sdharness.distill.logits import completion_hidden, completion_logits
 from sdharness.distill.losses import DistillationLoss, distillation_loss
-from sdharness.distill.positions import loss_positions
+from sdharness.distill.positions import AnswerMarkerMonitor, loss_positions
 from sdharness.eval.teacher_health import HealthModels
 from sdharness.methods.accounting import rollout_cost
 from sdharness.methods.distill_pg import PolicyGradientMix
@@ -51,6 +51,7 @@ class SelfDistillModule(PolicyGradientMix, PolicyModule):
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         super().__init__(model, tokenizer, cfg)
         self.teacher = self.shadow_weights("teacher_model", cfg.teacher.weights, cfg.teacher.ema_decay)
+        self.marker_monitor = AnswerMarkerMonitor(cfg.data.answer_marker)
         # The initial weights for the teacher-health drift figures: the teacher itself when it is frozen.
         self.initial = self.teacher if cfg.teacher.weights == "initial" else (
             self.shadow_weights("initial_model", "initial") if cfg.eval.teacher_health else None)
@@ -73,6 +74,8 @@ class SelfDistillModule(PolicyGradientMix, PolicyModule):
         mask = loss_positions(self.tokenizer, g, g_mask, rollout.texts, mode=self.cfg.loss.positions,
                               answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
         weights, weight_metrics = guided_token_weights(rollout, mask, self.cfg.loss.is_clip)  # None on policy
+        if self.cfg.loss.positions == "reasoning":
+            weight_metrics = {**weight_metrics, **self.marker_monitor(rollout.texts)}
         # The teacher-student KL and the target diagnostics are only for the log.
         result = score_and_distil(self.model, self.teacher.model, batch.student_ids, batch.student_mask,
                                   batch.teacher_ids, batch.teacher_mask, g, g_mask, mask, self.cfg.aggregation,

@@ -234,8 +234,8 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
     groups = group_runs(runs)
     scores = final_scores(groups)
     target, reference = target_and_reference(groups, scores, target_accuracy)
-    counts = {s: sum(r.status == s for r in runs) for s in ("completed", "failed", "incomplete")}
-    summary = ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(runs)} runs."
+    counts = {s: sum(r.status == s for r in runs) for s in ("completed", "failed", "corrupt", "incomplete")}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s != "corrupt") + f" of {len(runs)} runs."
     md = [f"# Sweep report: {title}", "", summary, ""]
     table = scores_table(scores) if scores else "No completed run."
     md += ["## Final scores", "", "Last eval of each run; mean ± half-width of the 95% confidence interval over "
@@ -274,7 +274,8 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
            f"\"{NOT_USED}\": ignored by the method, e.g. the aggregation of sft and grpo).", "",
            config_differences(runs), ""]
     md += ["## Runs", "", markdown_table(["run", "label", "seed", "status", "final accuracy"],
-           [[r.name, r.label, r.config.get("seed"), r.status, fmt(r.final().get("eval/accuracy"), ".3f")] for r in runs]), ""]
+           [[r.name, r.label, r.config.get("seed"), r.status,
+             fmt(None if r.status == "corrupt" else r.final().get("eval/accuracy"), ".3f")] for r in runs]), ""]
     bad = [r for r in runs if r.status != "completed"]
     md += ["## Failed and incomplete jobs", ""] + (["None."] if not bad else [])
     for r in bad:

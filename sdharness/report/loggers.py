@@ -3,13 +3,17 @@ every cost counter declared as an x-axis."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from sdharness.config import resolve_wandb_mode
+from sdharness.config import ConfigError, resolve_wandb_mode
+from sdharness.jobs import end_wandb_run
 from sdharness.methods.accounting import X_AXES
 from sdharness.scale.resume import Resume, metric_rows_to_keep
+
+log = logging.getLogger(__name__)
 
 
 def make_loggers(cfg, output_dir: Path, config_dict: dict, resume: Resume | None) -> list:
@@ -22,14 +26,35 @@ def make_loggers(cfg, output_dir: Path, config_dict: dict, resume: Resume | None
         csv_logger.experiment.save()
     loggers = [csv_logger]
     mode = resolve_wandb_mode(cfg.logger.mode)
-    if mode != "disabled":
-        same_run = {"id": resume.wandb_id, "resume": "allow"} if resume and resume.wandb_id else {}
-        wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-                            tags=list(cfg.tags), save_dir=str(output_dir), offline=mode == "offline",
-                            name=output_dir.name, **same_run)
-        wandb.log_hyperparams(config_dict)
-        for axis in X_AXES:  # every cost counter is offered as an x-axis for every curve
-            wandb.experiment.define_metric(f"train/{axis}")
-        wandb.experiment.define_metric("eval/*", step_metric="train/problems_seen")
-        loggers.append(wandb)
+    if mode == "disabled":
+        return loggers
+    try:
+        loggers.append(_wandb_logger(cfg, output_dir, config_dict, resume, offline=mode == "offline"))
+    except Exception as error:  # noqa: BLE001 - wandb raises many kinds; each is reported in one line
+        if mode != "online":
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if cfg.logger.if_online_fails == "error":
+            raise ConfigError(f"W&B online logging failed: {reason}; set logger.mode=offline or WANDB_MODE=offline, "
+                              "or logger.if_online_fails=offline to fall back") from None
+        end_wandb_run(exit_code=1)
+        log.warning("W&B online logging failed: %s; logging offline under %s instead (logger.if_online_fails="
+                    "offline)", reason, output_dir / "wandb")
+        loggers.append(_wandb_logger(cfg, output_dir, config_dict, resume, offline=True))
     return loggers
+
+
+def _wandb_logger(cfg, output_dir: Path, config_dict: dict, resume: Resume | None, offline: bool) -> WandbLogger:
+    import wandb as wandb_module
+
+    same_run = {"id": resume.wandb_id, "resume": "allow"} if resume and resume.wandb_id else {}
+    wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                        tags=list(cfg.tags), save_dir=str(output_dir), offline=offline,
+                        name=output_dir.name, settings=wandb_module.Settings(init_timeout=cfg.logger.init_timeout_s),
+                        # Said to wandb.init too: its settings may have been read while the mode was online.
+                        **({"mode": "offline"} if offline else {}), **same_run)
+    wandb.log_hyperparams(config_dict)
+    for axis in X_AXES:  # every cost counter is offered as an x-axis for every curve
+        wandb.experiment.define_metric(f"train/{axis}")
+    wandb.experiment.define_metric("eval/*", step_metric="train/problems_seen")
+    return wandb

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ from omegaconf import OmegaConf
 from sdharness.data import SOURCES
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.jobs import read_failure
+from sdharness.report.curves import AXIS_NAMES
+
+log = logging.getLogger(__name__)
 
 METHOD_KEYS = ("algo.name", "aggregation.name", "aggregation.tau")
 SETTING_KEYS = ("rollout.guidance", "data.name", "teacher.weights", "teacher.ema_decay")  # see settings()
@@ -27,6 +31,7 @@ DEFAULT_TEACHER = "initial"
 NOT_IN_LABEL = {"seed", "tags", "output_dir", "ckpt_path", "resume_allow_changes", *METHOD_KEYS, *SETTING_KEYS}
 UNUSED_TAU = tuple(name for name, aggregation in AGGREGATIONS.items() if not aggregation.uses_tau)
 PROVENANCE_SUFFIX = ".provenance.json"  # the sidecar sdharness-bootstrap writes next to its output
+CORRUPT = "corrupt metrics.csv"  # a run's failure type when a logged value is outside its range
 
 
 @dataclass
@@ -46,7 +51,9 @@ class Run:
 
     @property
     def status(self) -> str:
-        return "failed" if self.failure else "completed" if self.finished and self.evals else "incomplete"
+        if self.failure:
+            return "corrupt" if self.failure.get("error_type") == CORRUPT else "failed"
+        return "completed" if self.finished and self.evals else "incomplete"
 
     def final(self) -> dict:
         """The last eval row, plus the last value of any ``lmeval/*`` column."""
@@ -163,21 +170,58 @@ def bootstrapped_data(config: dict, cwd: str | Path | None = None) -> bool:
         return False
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.csv``, as numbers. A line with the wrong number of fields, or a last
+    line without its newline (the file was copied, or its run killed, mid-write), is dropped with a
+    warning naming the file: a row cut inside a field reads as another, wrong, number."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        log.warning("%s: dropped its last line, which has no newline (cut off mid-write: the file was copied, or "
+                    "its run killed, while it was written): %r", path, lines.pop()[:80])
+    parsed = list(csv.reader(lines))
+    header, rows = (parsed[0], parsed[1:]) if parsed else ([], [])
+    kept = []
+    for number_, fields in enumerate(rows, start=2):
+        if len(fields) != len(header):
+            log.warning("%s:%d: dropped, %d fields where the header has %d", path, number_, len(fields), len(header))
+            continue
+        kept.append({key: number(value) for key, value in zip(header, fields) if key})
+    return kept
+
+
+def out_of_range(rows: list[dict]) -> str | None:
+    """The first logged value outside its range (an accuracy outside [0, 1], a negative count on an
+    axis the report plots against, a negative data count), or None."""
+    for index, row in enumerate(rows):
+        for key, value in row.items():
+            if value is None:
+                continue
+            name = key.rsplit("/", 1)[-1]
+            if ("accuracy" in name and not 0 <= value <= 1) or (
+                    (name in AXIS_NAMES or key.startswith("data/")) and value < 0):
+                return f"{key}={value:g} in row {index + 1} (after the header), outside its range"
+    return None
+
+
 def load_run(run_dir: Path) -> Run:
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation that needs Hydra (${hydra:...}): keep it as written
         config = OmegaConf.to_container(cfg, resolve=False)
-    rows = []
-    if (run_dir / "metrics.csv").exists():
-        with open(run_dir / "metrics.csv", newline="") as handle:
-            rows = [{k: number(v) for k, v in row.items() if k} for row in csv.DictReader(handle)]
+    rows = read_metrics(run_dir / "metrics.csv")
+    failure = read_failure(run_dir)
+    wrong = out_of_range(rows)
+    if wrong and failure is None:  # a number in no table: the file holds another run's rows, or is damaged
+        failure = {"error_type": CORRUPT, "message": f"{run_dir / 'metrics.csv'}: {wrong}", "traceback_tail": ""}
     overrides_file, hydra_file = run_dir / ".hydra" / "overrides.yaml", run_dir / ".hydra" / "hydra.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
     cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd") if hydra_file.exists() else None
     config = flatten(config)
-    return Run(str(run_dir), config, rows, read_failure(run_dir), (run_dir / "final_model").is_dir(),
+    return Run(str(run_dir), config, rows, failure, (run_dir / "final_model").is_dir(),
                [str(o) for o in overrides], bootstrapped=bootstrapped_data(config, cwd))
 
 

@@ -14,6 +14,7 @@ disk, and renames it over the target in one step.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -117,6 +118,10 @@ def remove_checkpoint(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+class DiskFullError(OSError):
+    """No space left for a checkpoint; the message names the directory and the space it needs."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
@@ -128,5 +133,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(staging, path)
+        except (OSError, RuntimeError) as error:  # torch.save turns the file's OSError into a RuntimeError
+            if not _disk_full(error):
+                raise
+            needed = sum(t.numel() * t.element_size() for t in _tensors(checkpoint)) / 2**20
+            raise DiskFullError(errno.ENOSPC, f"no space left in {path.parent} for a checkpoint of about "
+                                f"{needed:.1f} MiB ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free); free "
+                                "that much there, or set hydra.run.dir on a larger disk; any previous checkpoint is "
+                                "intact") from None
         finally:
             staging.unlink(missing_ok=True)
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)

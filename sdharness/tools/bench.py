@@ -38,6 +38,7 @@ measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -427,13 +428,31 @@ def main(argv: list[str] | None = None) -> None:
                         f"choose from {', '.join(sorted(known))}\n")
         bench_cases = [case for case in bench_cases if case.name in wanted]
         peer_cases = [case for case in peer_cases if case.name in wanted]
-    report = run_cases(bench_cases, repeats, args.threads, rounds)
-    if peer_cases:
-        report["peer"] = {"name": args.peer, "version": peer.TRL_VERSION, "unequal": list(peer.UNEQUAL), "cases": [
-            peer.run_peer_case(case, repeats, args.threads, rounds, _fresh) for case in peer_cases]}
-    elif skip:
-        report["peer"] = {"name": args.peer, "skipped": skip}
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():  # `--json | jq` reads the JSON alone
+        report = run_cases(bench_cases, repeats, args.threads, rounds)
+        if peer_cases:
+            report["peer"] = {"name": args.peer, "version": peer.TRL_VERSION, "unequal": list(peer.UNEQUAL),
+                              "cases": [peer.run_peer_case(case, repeats, args.threads, rounds, _fresh)
+                                        for case in peer_cases]}
+        elif skip:
+            report["peer"] = {"name": args.peer, "skipped": skip}
     print(json.dumps(report, indent=2) if args.json else format_table(report))
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """File descriptor 1 pointed at stderr, for this process and the workers it starts: libraries print
+    on import (transformers: ``[INFO] Running in WANDB offline mode``)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, M
                               require, resolve_wandb_mode)
 from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems, reference_styles
+from sdharness.data.jsonl import DataError
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher, teacher_context
 from sdharness.data.builtin import builtin_task
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
@@ -75,6 +76,10 @@ class ProbeConfig:
     seed: int = 0
     threads: str = "auto"  # as sdharness-train's: auto, 0 (torch's default) or N
     output_dir: Optional[str] = None  # null: the Hydra run directory
+    # Whether the references are written as the student writes (its format, not its errors): the
+    # deviation figures compare g with them token by token. null: true for a built-in task's native
+    # style, false for its foreign style and for a data file (set true when its solutions are).
+    references_in_student_format: Optional[bool] = None
 
     def __post_init__(self):
         require(not SOURCES[self.data.name].logged_completions, f"sdharness-probe samples g from problems; "
@@ -178,12 +183,18 @@ def default_taus() -> dict[str, float | None]:
     return taus
 
 
+def references_in_student_format(cfg: ProbeConfig) -> bool:
+    if cfg.references_in_student_format is not None:
+        return cfg.references_in_student_format
+    return SOURCES[cfg.data.name].built_in_task and cfg.data.solution_style == "native"
+
+
 def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], taus: dict[str, float]) -> Accumulator:
     """Sample g per problem and accumulate the deviation, KL, aggregation and slip figures."""
     acc = Accumulator(aggregation={name: {"mass": [], "log_ratio": [], "kl": [], "tail": [], "entry": []}
                                    for name in taus})
     built_in = SOURCES[cfg.data.name].built_in_task
-    native = not built_in or cfg.data.solution_style == "native"
+    native = references_in_student_format(cfg)
     task = builtin_task(cfg.data.task) if built_in and native else None
     eos = eos_token_ids(model, tokenizer)
     torch.manual_seed(cfg.seed)
@@ -263,8 +274,11 @@ def _follow_or_copy(cfg, model, tokenizer, acc: Accumulator, task, problem: dict
     acc.copies += choice == copied[differ]
 
 
-def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float, top_k: int = 100) -> dict:
-    """The probe's result: every figure, with the counts behind it."""
+def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float, top_k: int = 100,
+            comparable: bool = True) -> dict:
+    """The probe's result: every figure, with the counts behind it. ``comparable``: the references
+    are in the student's format; otherwise the deviation figures are None (a free-text reference is
+    left by every sample at once, and its tokens are no target for the teacher's argmax)."""
     aggregations = {}
     for name, rows in acc.aggregation.items():
         ratios = sorted(rows["log_ratio"])
@@ -281,7 +295,8 @@ def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float, 
     return {
         "greedy": greedy,
         "problems": acc.problems,
-        "deviation": {
+        "deviation": {"references_in_student_format": False} if not comparable else {
+            "references_in_student_format": True,
             "deviating": acc.deviating,
             "teacher_argmax_is_reference": _rate(acc.argmax_is_reference, len(acc.p_teacher_reference)),
             "p_teacher_reference": _mean(acc.p_teacher_reference),
@@ -315,14 +330,18 @@ def format_table(result: dict) -> str:
             rows.append((f"early-answer rate, teacher with hint ({name.removeprefix('hint_')})",
                          _cell(row["early_answer_rate"])))
     deviation = result["deviation"]
-    rows += [
-        ("samples leaving the reference", f"{deviation['deviating']}/{result['problems']}"),
-        ("at the first deviation: teacher argmax = reference", _cell(deviation["teacher_argmax_is_reference"])),
-        ("at the first deviation: mean p_T(reference)", _cell(deviation["p_teacher_reference"])),
-        ("at the first deviation: mean p_S(reference)", _cell(deviation["p_student_reference"])),
-        ("KL(teacher||student) per token, before it", _cell(deviation["kl_before"])),
-        ("KL(teacher||student) per token, after it", _cell(deviation["kl_after"])),
-    ]
+    if not deviation["references_in_student_format"]:
+        rows.append(("first deviation from the reference", "n/a: the references are not in the student's format "
+                     "(references_in_student_format=true if they are)"))
+    else:
+        rows += [
+            ("samples leaving the reference", f"{deviation['deviating']}/{result['problems']}"),
+            ("at the first deviation: teacher argmax = reference", _cell(deviation["teacher_argmax_is_reference"])),
+            ("at the first deviation: mean p_T(reference)", _cell(deviation["p_teacher_reference"])),
+            ("at the first deviation: mean p_S(reference)", _cell(deviation["p_student_reference"])),
+            ("KL(teacher||student) per token, before it", _cell(deviation["kl_before"])),
+            ("KL(teacher||student) per token, after it", _cell(deviation["kl_after"])),
+        ]
     slip = result["after_slip"]
     if slip["slips"]:
         rows += [("samples whose first deviation is a slipped result", str(slip["slips"])),
@@ -368,6 +387,11 @@ def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = N
     """Run every figure on the held-out split; print, write ``probe.json``, log; return the result."""
     output_dir = Path(output_dir)
     _, problems = load_problems(cfg.data)  # a bad data file fails now, not after a model load
+    unsolved = next((row for row in problems if "solution" not in row), None)
+    if unsolved is not None:  # a separate eval file needs only problem and answer; the teacher prompt needs more
+        raise DataError(f"{unsolved.get('where', 'data.eval_path')}: sdharness-probe puts each problem's solution in "
+                        "the teacher prompt, and this row has none; give data.eval_path rows with a solution, or "
+                        "leave data.eval_path out to probe rows held out of data.path")
     check_pretrained_task(cfg.model, cfg.data)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     set_threads_for(model, cfg.threads)
@@ -375,7 +399,7 @@ def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = N
     taus = default_taus()
     greedy = greedy_figures(cfg, model, tokenizer, problems)
     acc = sample_figures(cfg, model, tokenizer, problems, taus)
-    result = figures(greedy, acc, taus, cfg.eps, cfg.top_k)
+    result = figures(greedy, acc, taus, cfg.eps, cfg.top_k, comparable=references_in_student_format(cfg))
     result["table"] = format_table(result)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RESULT_NAME).write_text(json.dumps(result, indent=2) + "\n")

@@ -44,7 +44,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.config import SWEEPS_DIR
+from sdharness.config import SWEEPS_DIR, ConfigError
+from sdharness.data.jsonl import DataError
 from sdharness.report.build import build_report, markdown_table
 from sdharness.report.runs import Run, find_runs, teacher_of
 
@@ -186,6 +187,21 @@ def final_commands(out: Path, selection: dict[str, dict], styles: list[str], see
     return commands
 
 
+def check_selection_data(overrides: list[str]) -> None:
+    """Load the selection stage's data once, before any job: a validation split that shares problems
+    with the eval split is refused here (:func:`sdharness.data.datamodule.check_contamination`), not
+    in every one of its jobs."""
+    from hydra import compose, initialize_config_dir
+
+    from sdharness.config import CONF_DIR, register_configs, to_train_config
+    from sdharness.data.datamodule import load_data
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
+        cfg = to_train_config(compose("protocol_select", [f"hydra.searchpath=[file://{CONF_DIR}]", *overrides]))
+    load_data(cfg.data, cfg.algo.name)
+
+
 def run_all(commands: list[list[str]], jobs: int, dry_run: bool) -> None:
     for command in commands:
         print("+ " + " ".join(command), flush=True)
@@ -237,6 +253,10 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [m for m in methods if m not in METHOD_CHOICES]
         if unknown:
             parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_CHOICES)}")
+        try:
+            check_selection_data(args.overrides)
+        except (ConfigError, DataError) as error:
+            parser.error(str(error))
         run_all(select_commands(out, first_arms(methods), args.lrs, args.overrides), args.jobs, args.dry_run)
         if args.dry_run:
             if teachers and args.teacher_top:
