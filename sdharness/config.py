@@ -395,7 +395,7 @@ class EvalConfig:
     # health_size problems of the scored split. Its drift figure holds a frozen copy of the initial weights
     # unless the teacher is that copy or LoRA gives them by disabling the adapters.
     teacher_health: bool = True
-    health_size: int = 64
+    health_size: int = 32
 
     def __post_init__(self):
         require(self.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {self.every_n_steps}")

@@ -335,22 +335,22 @@ def test_best_on_validation_health_and_collapse_in_the_report(tmp_path):
         with open(path / "metrics.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, ["step", "eval/accuracy", "val/accuracy", "train/problems_seen",
                                              "train/wall_seconds", "health/teacher_hint_accuracy_native",
-                                             "health/seconds"])
+                                             "time/health_seconds", "time/eval_seconds"])
             writer.writeheader()
             for step in range(4):
                 writer.writerow({"step": 8 * step, "eval/accuracy": accuracy[seed][step],
                                  "val/accuracy": validation[seed][step], "train/problems_seen": 64 * step,
                                  "train/wall_seconds": 10.0 * step, "health/teacher_hint_accuracy_native": hint[step],
-                                 "health/seconds": 1.0 * step})
+                                 "time/health_seconds": 1.0 * step, "time/eval_seconds": 2.0 * step})
     result = build_report(find_runs(root), tmp_path / "report", target_accuracy=0.5)
     label = "sd/clip/tau=1 teacher=live"
     assert result["scores"][label]["eval/accuracy@best_val"]["mean"] == pytest.approx((0.7 + 0.7) / 2)
     assert f"| {label} | 2 | 0.050 ± 0.635 | 0.700 ± 0.000 |" in result["table"]
     md = (tmp_path / "report" / "report.md").read_text()
     assert f"| {label} | 0.000 ± 0.000 |" in md  # the teacher's final hint accuracy
-    assert "Health evals took 10% of training time on average (max 10%)" in md
+    assert "Health evals took 8% of a run's training, eval and health time on average (max 8%)" in md
     assert ("- 1 (sd/clip/tau=1 teacher=live, seed 1): best 0.900 at step 16, final 0.000; dropped by step 24; "
-            "first moved: health/teacher_hint_accuracy_native (by step 24)") in md
+            "first moved: health/teacher_hint_accuracy_native (by step 16)") in md
     assert ("- 0 (sd/clip/tau=1 teacher=live, seed 0): best 0.800 at step 8, final 0.100; dropped by step 24; "
             "first moved: health/teacher_hint_accuracy_native (by step 16)") in md
     assert (tmp_path / "report" / "teacher_health.png").exists()

@@ -112,7 +112,8 @@ def test_a_live_teacher_is_the_policy_and_drifts_with_it(tmp_path):
     start, end = health_rows(tmp_path, "live")
     assert not any(key.startswith("health/policy_") for key in start)
     assert start["health/teacher_drift_kl"] == 0.0 < end["health/teacher_drift_kl"]
-    assert end["health/seconds"] > start["health/seconds"] > 0
+    assert end["time/health_seconds"] > start["time/health_seconds"] > 0
+    assert end["time/eval_seconds"] > start["time/eval_seconds"] > 0
 
 
 def test_a_run_without_health_logs_none(tmp_path):
@@ -163,8 +164,8 @@ def test_best_on_validation_reads_eval_where_validation_peaked_first():
 
 def test_collapse_names_the_first_health_figure_to_move_before_the_drop():
     accuracy = [0.3, 0.7, 0.8, 0.75, 0.3, 0.0]
-    hint = [0.96, 0.96, 0.95, 0.40, 0.10, 0.0]  # half its fall (0.95 -> 0) by step 3
-    entropy = [0.5, 0.5, 0.5, 0.5, 0.9, 1.0]  # half its rise by step 4
+    hint = [0.96, 0.96, 0.95, 0.40, 0.10, 0.0]  # a quarter of its fall (0.96 -> 0) by step 3
+    entropy = [0.5, 0.5, 0.5, 0.5, 0.9, 1.0]  # a quarter of its rise by step 4
     evals = [{"step": step, "eval/accuracy": a, "health/teacher_hint_accuracy_native": h,
               "health/student_entropy": e} for step, (a, h, e) in enumerate(zip(accuracy, hint, entropy))]
     found = collapse(evals, ["health/student_entropy", "health/teacher_hint_accuracy_native"])

@@ -18,7 +18,7 @@ from sdharness.scale.checkpoints import is_final_step
 from sdharness.config import DataConfig, EvalConfig, PromptConfig
 from sdharness.data.datamodule import reference_styles
 from sdharness.data.prompts import encode_prompt, encode_prompts, left_pad, render_teacher
-from sdharness.eval.teacher_health import HealthClock, TokenSums, add_token_figures, token_metrics
+from sdharness.eval.teacher_health import Stopwatch, TokenSums, add_token_figures, token_metrics
 from sdharness.rollout.hf import Rollout, generate
 from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import answer_checker, is_early_answer
@@ -146,7 +146,7 @@ class QuickEval(L.Callback):
         self.splits, self.cfg, self.prefix = splits, cfg, next(iter(splits))
         self.answer_marker, self.leak_phrases = answer_marker, list(leak_phrases)
         self.hinted_batches = hinted_batches
-        self.health_clock = HealthClock()
+        self.eval_clock, self.health_clock = Stopwatch(), Stopwatch()
         self.history: list[tuple[int, EvalResult]] = []
 
     def _decode(self, trainer: L.Trainer, module, model, batches, decoded: list | None = None) -> EvalResult:
@@ -160,15 +160,17 @@ class QuickEval(L.Callback):
             return self.history[-1][1]
         module.clock.pause()  # evaluation time is not training time
         metrics, decoded = {}, []
-        for prefix, batches in self.splits.items():
-            own = prefix == self.prefix
-            result = self._decode(trainer, module, module.model, batches(), decoded if own else None)
-            metrics |= result.as_metrics(prefix)
-            if own:
-                kept = result
+        with self.eval_clock:
+            for prefix, batches in self.splits.items():
+                own = prefix == self.prefix
+                result = self._decode(trainer, module, module.model, batches(), decoded if own else None)
+                metrics |= result.as_metrics(prefix)
+                if own:
+                    kept = result
+            metrics |= self.lm_eval(module)
         if self.hinted_batches is not None:
             metrics |= self.teacher_health(trainer, module, decoded)
-        metrics |= {**module.counters.as_metrics(), **self.lm_eval(module)}
+        metrics |= {**module.counters.as_metrics(), "time/eval_seconds": self.eval_clock.seconds}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append((trainer.global_step, kept))
@@ -203,7 +205,7 @@ class QuickEval(L.Callback):
                 summed = trainer.strategy.reduce(summed, reduce_op="sum")
             metrics |= token_metrics(summed.tolist(), teacher_is_policy=models.teacher is models.policy,
                                      with_drift=models.initial is not None)
-        metrics["health/seconds"] = self.health_clock.seconds
+        metrics["time/health_seconds"] = self.health_clock.seconds
         return metrics
 
     def lm_eval(self, module) -> dict[str, float]:
@@ -230,11 +232,12 @@ class QuickEval(L.Callback):
 
     def state_dict(self) -> dict:  # checkpointed, so a resumed run still reports its starting accuracy
         return {"history": [(step, asdict(result)) for step, result in self.history],
-                "health_seconds": self.health_clock.seconds}
+                "eval_seconds": self.eval_clock.seconds, "health_seconds": self.health_clock.seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [(step, EvalResult(**result)) for step, result in state["history"]]
-        self.health_clock = HealthClock(state.get("health_seconds", 0.0))
+        self.eval_clock = Stopwatch(state.get("eval_seconds", 0.0))
+        self.health_clock = Stopwatch(state.get("health_seconds", 0.0))
 
 
 def print_summary(evals: list, counters, output_dir, prefix: str = "eval") -> dict[str, float]:

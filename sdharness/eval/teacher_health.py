@@ -14,7 +14,8 @@ diagnostics stay small. These figures, logged at every eval point of an SD run, 
   per token on ``[teacher prompt, g]``, ``g`` the eval's greedy completions;
 * ``health/student_entropy`` and ``health/teacher_entropy``: mean token entropy of the current
   weights on ``[student prompt, g]`` and of the teacher on ``[teacher prompt, g]``;
-* ``health/seconds``: the run's time spent on these figures so far, kept apart from training.
+* ``time/health_seconds``: the run's time spent on these figures so far, kept apart from training
+  (``train/wall_seconds``) and from the other evals (``time/eval_seconds``).
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ def token_metrics(summed: list[float], *, teacher_is_policy: bool, with_drift: b
     return metrics
 
 
-class HealthClock:
-    """Seconds spent on health figures, cumulative over the run (checkpointed with the eval history)."""
+class Stopwatch:
+    """Seconds spent inside ``with`` blocks, cumulative over the run (checkpointed with the eval history)."""
 
     def __init__(self, seconds: float = 0.0):
         self.seconds = seconds

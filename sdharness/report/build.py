@@ -151,6 +151,12 @@ def diagnostics_table(scores: dict) -> str:
     return markdown_table(["run", "early answer"] + [name for _, name, _ in DIAGNOSTICS], rows)
 
 
+def health_share(final: dict) -> float:
+    """The health evals' share of a run's time: training + the other evals + health (start-up aside)."""
+    health = final.get("time/health_seconds", NAN)
+    return health / (final.get("train/wall_seconds", NAN) + final.get("time/eval_seconds", 0.0) + health)
+
+
 def health_section(groups: dict[str, list[Run]], scores: dict) -> str:
     """The teacher's health at the final eval per label (mean ± 95% half-width), the health evals' time
     against training time, and every run that collapsed with the first health figure that moved."""
@@ -159,13 +165,13 @@ def health_section(groups: dict[str, list[Run]], scores: dict) -> str:
         return "No run logged the teacher's health (SD runs with eval.teacher_health=true do)."
     rows = [[label, *(with_interval(s.get(key), spec) for key, _, spec in columns)] for label, s in scores.items()
             if any(key in s for key, _, _ in columns)]
-    share = [r.final().get("health/seconds", NAN) / r.final().get("train/wall_seconds", NAN)
-             for group in groups.values() for r in group if r.final().get("health/seconds") is not None]
+    share = [health_share(r.final()) for group in groups.values() for r in group
+             if r.final().get("time/health_seconds") is not None]
     cost = summarize(share)
     md = [f"Final eval point. Hint accuracy: greedy, with the reference in the prompt, on the first eval.health_size "
           "problems; drift: KL(weights ‖ initial weights) per token on [teacher prompt, g]; entropies per token on "
-          f"the eval's completions. Health evals took {fmt(cost['mean'] * 100, '.0f')}% of training time on average "
-          f"(max {fmt(cost['max'] * 100, '.0f')}%), counted apart from it.", "",
+          f"the eval's completions. Health evals took {fmt(cost['mean'] * 100, '.0f')}% of a run's training, eval and "
+          f"health time on average (max {fmt(cost['max'] * 100, '.0f')}%), counted apart from training.", "",
           markdown_table(["run", *(name for _, name, _ in columns)], rows), ""]
     figures = [key for key, _, _ in HEALTH]
     collapsed = [(r, found) for group in groups.values() for r in group

@@ -81,8 +81,8 @@ def collapse(evals: list[dict], figures: list[str], drop: float = COLLAPSE_DROP)
     """A run whose final ``eval/accuracy`` ends at least ``drop`` below its best: ``{best, best_step,
     final, dropped_step, first_moved, moved_step}``; None otherwise. The drop happens at the first eval
     after the best at or below half-way from best to final. A figure (of ``figures``, e.g. the teacher's
-    health) moves at the first eval after the best where it has covered half its own change from the best
-    eval to the final one; ``first_moved`` is the earliest to move at or before the drop (None: none did)."""
+    health) moves at the first eval where it has covered a quarter of its own change from the first eval
+    to the final one; ``first_moved`` is the earliest to move at or before the drop (None: none did)."""
     rows = [row for row in evals if row.get("eval/accuracy") is not None]
     if len(rows) < 2:
         return None
@@ -90,15 +90,14 @@ def collapse(evals: list[dict], figures: list[str], drop: float = COLLAPSE_DROP)
     best, final = rows[at_best]["eval/accuracy"], rows[-1]["eval/accuracy"]
     if final > best - drop:
         return None
-    after = rows[at_best + 1:]
-    dropped = next(row for row in after if row["eval/accuracy"] <= best - (best - final) / 2)
+    dropped = next(row for row in rows[at_best + 1:] if row["eval/accuracy"] <= best - (best - final) / 2)
     moved = []
     for order, name in enumerate(figures):
-        start, end = rows[at_best].get(name), rows[-1].get(name)
+        start, end = rows[0].get(name), rows[-1].get(name)
         if start is None or end is None or not math.isfinite(start) or not math.isfinite(end) or start == end:
             continue
-        step = next(eval_step(row) for row in after
-                    if row.get(name) is not None and abs(row[name] - start) >= abs(end - start) / 2)
+        step = next(eval_step(row) for row in rows[1:]
+                    if row.get(name) is not None and abs(row[name] - start) >= abs(end - start) / 4)
         if step <= eval_step(dropped):
             moved.append((step, order, name))
     first = min(moved, default=None)
