@@ -54,8 +54,10 @@ def run(out: Path, *overrides: str, kill_at: int = -1, hook: str = "on_train_bat
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
+    """The rows without their wall-clock seconds (training, evals, health), which no rerun repeats."""
     with open(run_dir / "metrics.csv", newline="") as handle:
-        return [{k: v for k, v in row.items() if k != "train/wall_seconds"} for row in csv.DictReader(handle)]
+        return [{k: v for k, v in row.items() if k != "train/wall_seconds" and not k.startswith("time/")}
+                for row in csv.DictReader(handle)]
 
 
 @pytest.mark.slow
@@ -300,3 +302,15 @@ def test_a_checkpoint_written_before_a_schema_field_existed_resumes_at_its_defau
     mixed = to_train_config(compose_config(TINY + ["algo.distillation_weight=0.5", "algo.group_size=2"]))
     with pytest.raises(ConfigError, match=r"algo.distillation_weight: checkpoint None, now 0.5"):
         check_resume(saved, mixed, "old.ckpt")
+
+
+def test_a_changed_method_keeps_the_policy_and_adopts_only_scoring_weights():
+    from sdharness.methods.policy import adopt_scoring_weights
+
+    one, two = torch.ones(2), torch.zeros(2)
+    state = {"model.w": one, "teacher_model.w": one}  # an SD checkpoint with its frozen teacher
+    adopt_scoring_weights(state, {"model.w": two, "reference_model.w": two})  # resumed as GRPO with a reference
+    assert state == {"model.w": one, "reference_model.w": two}  # the policy resumed, the reference as built
+    other = {"model.v": one}
+    adopt_scoring_weights(other, {"model.w": two})  # another model: left for the strict load to name
+    assert other == {"model.v": one}

@@ -20,7 +20,6 @@ diagnostics stay small. These figures, logged at every eval point of an SD run, 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -117,18 +116,3 @@ def token_metrics(summed: list[float], *, teacher_is_policy: bool, with_drift: b
         if not teacher_is_policy:
             metrics["health/policy_drift_kl"] = policy_drift / tokens
     return metrics
-
-
-class Stopwatch:
-    """Seconds spent inside ``with`` blocks, cumulative over the run (checkpointed with the eval history)."""
-
-    def __init__(self, seconds: float = 0.0):
-        self.seconds = seconds
-        self._started = None
-
-    def __enter__(self):
-        self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds += time.perf_counter() - self._started

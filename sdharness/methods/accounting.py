@@ -96,6 +96,21 @@ class WallClock:
         self.last = None
 
 
+class Stopwatch:
+    """Seconds spent inside ``with`` blocks, cumulative over the run (checkpointed with the eval history)."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self._started = None
+
+    def __enter__(self):
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds += time.perf_counter() - self._started
+
+
 class BudgetStop(L.Callback):
     """Stops training at the first budget reached: problems, generated tokens or seconds."""
 

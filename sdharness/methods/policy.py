@@ -249,6 +249,8 @@ class PolicyModule(L.LightningModule):
             (logger.version for logger in self.loggers if isinstance(logger, WandbLogger)), None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.cfg.resume_allow_changes and "state_dict" in checkpoint:
+            adopt_scoring_weights(checkpoint["state_dict"], self.state_dict())
         self.counters.load_state_dict(checkpoint.get("sdharness_counters", {}))
         state = checkpoint.get("sdharness_state")
         if state:
@@ -283,6 +285,25 @@ class PolicyModule(L.LightningModule):
         cost = rollout_cost(prompt_mask, rollout)
         self.count(**cost)
         return cost["generated"]
+
+
+def adopt_scoring_weights(state: dict, own: dict) -> None:
+    """A checkpoint resumed with ``resume_allow_changes`` under another method or teacher: the scoring-only
+    weights it holds and this module lacks (another method's frozen teacher) are dropped, and those this
+    module holds and it lacks keep their construction (the initial weights), each said in a log line.
+    The policy's own weights must be there: they are what is resumed."""
+    dropped = sorted({key.split(".", 1)[0] for key in state if key not in own})
+    kept = sorted({key.split(".", 1)[0] for key in own if key not in state})
+    if "model" in dropped + kept:
+        return  # a different model: the strict load names the keys
+    for key in [key for key in state if key not in own]:
+        del state[key]
+    for key in [key for key in own if key not in state]:
+        state[key] = own[key]
+    for names, what in ((dropped, "dropped (this run does not use them)"), (kept, "not in the checkpoint; kept as "
+                                                                             "constructed from the initial weights")):
+        if names:
+            log.warning("resume_allow_changes: the checkpoint's %s %s", ", ".join(names), what)
 
 
 def fused_adamw_supported(params: list[torch.Tensor]) -> bool:

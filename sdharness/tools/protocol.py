@@ -25,12 +25,13 @@ its learning rate over seeds, then the report with confidence bands.
 Both stages run one multirun per method (and, in the final stage, per seed), grpo's first, two at
 a time (``--jobs``, default 2: one per core of the 2-core VM, each job at 1 thread).
 
-Time on the 2-core VM (measured 2026-12-02 at 0ee2318 on the default base, ``--jobs 2``, 1 thread
-per job, nothing else running): the whole protocol, 35 selection jobs (7 methods x 5 lrs) at 512
-problems and 39 final jobs at 2048 problems with 5 evals of 256 problems, took 58 min wall
-(selection 14 min, final 45 min). Per final job: grpo ~6 min of training (8 samples per problem),
-an sd job ~2 min, sft under 30 s. ``--styles native`` or fewer ``--methods`` shrink the
-final stage proportionally.
+Time on the 2-core VM: measured 2026-12-02 at 0ee2318 (before the teacher factor, the validation split
+beside eval in the final stage and the teacher's health): 35 selection jobs and 39 final jobs took 58 min
+wall with ``--jobs 2`` (selection 14 min, final 45 min; per final job grpo ~6 min of training, an sd job
+~2 min, sft under 30 s). The protocol as it is now adds 15 selection jobs (the other teachers for the
+first-ranked SD method) and 18 final SD jobs, and scores 256 validation problems and the teacher's health
+beside the eval at each of the 5 points: not yet timed whole; about 2 hours by those parts. ``--styles
+native``, fewer ``--methods``, ``--teachers ''`` or ``--teacher-top 0`` shrink it proportionally.
 """
 
 from __future__ import annotations
