@@ -173,3 +173,18 @@ def test_collapse_names_the_first_health_figure_to_move_before_the_drop():
                      "first_moved": "health/teacher_hint_accuracy_native", "moved_step": 3}
     steady = [{"step": s, "eval/accuracy": a} for s, a in enumerate([0.3, 0.8, 0.7, 0.65])]
     assert collapse(steady, []) is None  # 0.15 below the best: no collapse
+
+
+def test_hint_accuracy_is_counted_per_reference_style_of_shared_batches():
+    from types import SimpleNamespace
+
+    from sdharness.eval.quick import accuracy_by_style
+
+    rows = [{"reference_style": "native", "answer": "5"}, {"reference_style": "foreign", "answer": "5"},
+            {"reference_style": "native", "answer": "7"}, {"reference_style": "foreign", "answer": "7"}]
+    texts = ["The answer is 5.", "The answer is 4.", "The answer is 7.", "The answer is 7."]
+    decoded = [(SimpleNamespace(problems=rows[:2]), SimpleNamespace(texts=texts[:2]), 1.0),
+               (SimpleNamespace(problems=rows[2:]), SimpleNamespace(texts=texts[2:]), 1.0),
+               (SimpleNamespace(problems=rows[:2]), SimpleNamespace(texts=["x", "x"]), 0.0)]  # a stand-in
+    assert accuracy_by_style(decoded, answer_marker="The answer is", checker="builtin") == {"native": 1.0,
+                                                                                          "foreign": 0.5}

@@ -78,19 +78,40 @@ def prompt_batches(prompt: PromptConfig, tokenizer, texts: list[str], problems: 
 
 
 def hinted_batches(data: DataConfig, prompt: PromptConfig, tokenizer, items: list[dict],
-                   batch_size: int) -> dict[str, list[PromptRows]]:
-    """Teacher prompts (problem + reference) of the encoded eval ``items`` that have a reference, per
-    reference style (:func:`sdharness.data.datamodule.reference_styles`): the items' own teacher prompts
-    for the data's references, the teacher template rendered with the other notation's."""
-    batches = {}
-    for style, rows in reference_styles(data, items).items():
+                   batch_size: int) -> list[PromptRows]:
+    """Teacher prompts (problem + reference) of the encoded eval ``items`` that have a reference, in every
+    reference style (:func:`sdharness.data.datamodule.reference_styles`; each row's ``reference_style``
+    says which): the items' own teacher prompts for the data's references, the teacher template rendered
+    with the other notation's. The styles share batches: a decoding call costs about the same for a few
+    rows more, so one call scores both."""
+    rows, ids = [], []
+    for style, styled in reference_styles(data, items).items():
         own = style in (data.solution_style, "given")
-        ids = [row["teacher_ids"] if own else encode_prompt(prompt, tokenizer, render_teacher(prompt, row["problem"],
-                                                                                           row["solution"]))
-               for row in rows]
-        batches[style] = [PromptRows(*left_pad(ids[start:start + batch_size], tokenizer.pad_token_id),
-                                     rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
-    return batches
+        for row in styled:
+            rows.append({**row, "reference_style": style})
+            ids.append(row["teacher_ids"] if own else encode_prompt(prompt, tokenizer, render_teacher(
+                prompt, row["problem"], row["solution"])))
+    return [PromptRows(*left_pad(ids[start:start + batch_size], tokenizer.pad_token_id), rows[start:start + batch_size])
+            for start in range(0, len(rows), batch_size)]
+
+
+def accuracy_by_style(decoded: list, *, answer_marker: str, checker: str, world_size: int = 1) -> dict[str, float]:
+    """Greedy accuracy per ``reference_style`` of the rows :func:`evaluate_greedy` decoded (``decoded``, this
+    rank's; gathered from every rank)."""
+    texts, styles, answers = [], [], []
+    for batch, rollout, weight in decoded:
+        if weight:
+            texts += rollout.texts
+            styles += [row["reference_style"] for row in batch.problems]
+            answers += [row.get("answer") for row in batch.problems]
+    texts, styles, answers = (gathered_from_all_ranks(part, world_size) for part in (texts, styles, answers))
+    check = answer_checker(checker, answer_marker)
+    accuracy = {}
+    for style in dict.fromkeys(styles):
+        checked = [(text, answer) for text, s, answer in zip(texts, styles, answers) if s == style and answer]
+        if checked:
+            accuracy[style] = sum(check(text, answer) for text, answer in checked) / len(checked)
+    return accuracy
 
 
 def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_marker: str,
@@ -185,12 +206,14 @@ class QuickEval(L.Callback):
         size = self.cfg.health_size
         with self.health_clock:
             metrics = {}
-            for style, batches in self.hinted_batches().items():
-                metrics[f"health/teacher_hint_accuracy_{style}"] = self._decode(trainer, module, models.teacher,
-                                                                                batches).accuracy
-                if models.teacher is not models.policy:
-                    metrics[f"health/policy_hint_accuracy_{style}"] = self._decode(trainer, module, models.policy,
-                                                                                   batches).accuracy
+            for name, model in (("teacher", models.teacher), ("policy", models.policy)):
+                if name == "policy" and model is models.teacher:
+                    continue
+                hinted: list = []
+                self._decode(trainer, module, model, self.hinted_batches(), hinted)
+                accuracy = accuracy_by_style(hinted, answer_marker=self.answer_marker, checker=module.cfg.data.checker,
+                                             world_size=trainer.world_size)
+                metrics |= {f"health/{name}_hint_accuracy_{style}": value for style, value in accuracy.items()}
             sums, device, scored = TokenSums(), module.device, 0
             for batch, rollout, weight in decoded:
                 if scored >= size:  # every rank scores as many batches as it decoded up to here: ranks stay in step
