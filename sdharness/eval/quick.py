@@ -203,7 +203,6 @@ class QuickEval(L.Callback):
         """``health/*`` (:mod:`sdharness.eval.teacher_health`): hint accuracy of the teacher's (and, when
         they differ, the current) weights per reference style; entropies and drift on the eval's completions."""
         models = module.health_models()
-        size = self.cfg.health_size
         with self.health_clock:
             metrics = {}
             for name, model in (("teacher", models.teacher), ("policy", models.policy)):
@@ -214,11 +213,9 @@ class QuickEval(L.Callback):
                 accuracy = accuracy_by_style(hinted, answer_marker=self.answer_marker, checker=module.cfg.data.checker,
                                              world_size=trainer.world_size)
                 metrics |= {f"health/{name}_hint_accuracy_{style}": value for style, value in accuracy.items()}
-            sums, device, scored = TokenSums(), module.device, 0
-            for batch, rollout, weight in decoded:
-                if scored >= size:  # every rank scores as many batches as it decoded up to here: ranks stay in step
-                    break
-                scored += len(batch.problems)
+            sums, device = TokenSums(), module.device
+            # As many batches on every rank (sharded ranks decoded stand-ins to stay in step): about health_size rows.
+            for batch, rollout, weight in decoded[:math.ceil(self.cfg.health_size / self.cfg.batch_size)]:
                 add_token_figures(sums, policy=models.policy, teacher=models.teacher, initial=models.initial,
                                   student_ids=batch.student_ids.to(device), student_mask=batch.student_mask.to(device),
                                   teacher_ids=batch.teacher_ids.to(device), teacher_mask=batch.teacher_mask.to(device),
