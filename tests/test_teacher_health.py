@@ -168,11 +168,14 @@ def test_collapse_names_the_first_health_figure_to_move_before_the_drop():
     entropy = [0.5, 0.5, 0.5, 0.5, 0.9, 1.0]  # a quarter of its rise by step 4
     evals = [{"step": step, "eval/accuracy": a, "health/teacher_hint_accuracy_native": h,
               "health/student_entropy": e} for step, (a, h, e) in enumerate(zip(accuracy, hint, entropy))]
-    found = collapse(evals, ["health/student_entropy", "health/teacher_hint_accuracy_native"])
+    found = collapse(evals, [("health/student_entropy", 1), ("health/teacher_hint_accuracy_native", -1)])
     assert found == {"best": 0.8, "best_step": 2, "final": 0.0, "dropped_step": 4,
                      "first_moved": "health/teacher_hint_accuracy_native", "moved_step": 3}
     steady = [{"step": s, "eval/accuracy": a} for s, a in enumerate([0.3, 0.8, 0.7, 0.65])]
     assert collapse(steady, []) is None  # 0.15 below the best: no collapse
+    sharpening = [{**row, "health/student_entropy": 1.0 - 0.1 * row["step"]} for row in evals]  # it learns
+    found = collapse(sharpening, [("health/student_entropy", 1), ("health/teacher_hint_accuracy_native", -1)])
+    assert found["first_moved"] == "health/teacher_hint_accuracy_native"  # an entropy that falls never moves
 
 
 def test_hint_accuracy_is_counted_per_reference_style_of_shared_batches():

@@ -40,16 +40,17 @@ DIAGNOSTICS = [("train/unconsidered_mass", "unconsidered mass", ".3f"),
 
 # The teacher's health at every eval point (sdharness/eval/teacher_health.py), in the order a collapse
 # names the first to move.
-HEALTH = [("health/teacher_hint_accuracy_native", "teacher hint acc. (native)", ".3f"),
-          ("health/teacher_hint_accuracy_foreign", "teacher hint acc. (foreign)", ".3f"),
-          ("health/teacher_hint_accuracy_given", "teacher hint acc.", ".3f"),
-          ("health/policy_hint_accuracy_native", "policy hint acc. (native)", ".3f"),
-          ("health/policy_hint_accuracy_foreign", "policy hint acc. (foreign)", ".3f"),
-          ("health/policy_hint_accuracy_given", "policy hint acc.", ".3f"),
-          ("health/teacher_drift_kl", "teacher drift KL", ".3f"),
-          ("health/policy_drift_kl", "policy drift KL", ".3f"),
-          ("health/teacher_entropy", "teacher entropy", ".3f"),
-          ("health/student_entropy", "student entropy", ".3f")]
+# (key, name, format, the direction it worsens in: -1 falls, +1 rises)
+HEALTH = [("health/teacher_hint_accuracy_native", "teacher hint acc. (native)", ".3f", -1),
+          ("health/teacher_hint_accuracy_foreign", "teacher hint acc. (foreign)", ".3f", -1),
+          ("health/teacher_hint_accuracy_given", "teacher hint acc.", ".3f", -1),
+          ("health/policy_hint_accuracy_native", "policy hint acc. (native)", ".3f", -1),
+          ("health/policy_hint_accuracy_foreign", "policy hint acc. (foreign)", ".3f", -1),
+          ("health/policy_hint_accuracy_given", "policy hint acc.", ".3f", -1),
+          ("health/teacher_drift_kl", "teacher drift KL", ".3f", 1),
+          ("health/policy_drift_kl", "policy drift KL", ".3f", 1),
+          ("health/teacher_entropy", "teacher entropy", ".3f", 1),
+          ("health/student_entropy", "student entropy", ".3f", 1)]
 BEST_ON_VALIDATION = "eval/accuracy@best_val"
 
 
@@ -160,7 +161,7 @@ def health_share(final: dict) -> float:
 def health_section(groups: dict[str, list[Run]], scores: dict) -> str:
     """The teacher's health at the final eval per label (mean ± 95% half-width), the health evals' time
     against training time, and every run that collapsed with the first health figure that moved."""
-    columns = [(key, name, spec) for key, name, spec in HEALTH if any(key in s for s in scores.values())]
+    columns = [(key, name, spec) for key, name, spec, _ in HEALTH if any(key in s for s in scores.values())]
     if not columns:
         return "No run logged the teacher's health (SD runs with eval.teacher_health=true do)."
     rows = [[label, *(with_interval(s.get(key), spec) for key, _, spec in columns)] for label, s in scores.items()
@@ -173,11 +174,12 @@ def health_section(groups: dict[str, list[Run]], scores: dict) -> str:
           f"the eval's completions. Health evals took {fmt(cost['mean'] * 100, '.0f')}% of a run's training, eval and "
           f"health time on average (max {fmt(cost['max'] * 100, '.0f')}%), counted apart from training.", "",
           markdown_table(["run", *(name for _, name, _ in columns)], rows), ""]
-    figures = [key for key, _, _ in HEALTH]
+    figures = [(key, direction) for key, _, _, direction in HEALTH]
     collapsed = [(r, found) for group in groups.values() for r in group
                  if (found := collapse(r.evals, figures)) is not None]
     md += [f"Collapses (final eval accuracy at least {COLLAPSE_DROP} below the run's best), with the first health "
-           "figure to cover half its change before accuracy covered half its drop:", ""]
+           "figure that had covered a quarter of its worsening (start to end: a hint accuracy falling, a drift or an "
+           "entropy rising) by the time accuracy had covered half its drop:", ""]
     md += [f"- {r.name} ({r.label}, seed {r.config.get('seed')}): best {found['best']:.3f} at step "
            f"{found['best_step']:g}, final {found['final']:.3f}; dropped by step {found['dropped_step']:g}; first "
            "moved: " + (f"{found['first_moved']} (by step {found['moved_step']:g})" if found["first_moved"] else
@@ -269,7 +271,8 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
         for axis, name in AXIS_NAMES.items():
             png = plot_curves(groups, axis, name, out / f"accuracy_vs_{axis}.png", target)
             md += [f"![accuracy vs {name}]({png.name})", ""]
-        health = [(key, name) for key, name, _ in HEALTH if any(key in r for g in groups.values() for r in g[0].evals)]
+        health = [(key, name) for key, name, _, _ in HEALTH
+                  if any(key in r for g in groups.values() for r in g[0].evals)]
         if health:
             png = plot_health(groups, [("eval/accuracy", "eval accuracy"), *health], out / "teacher_health.png")
             md += ["## The teacher's health against problems seen", "", "Mean over seeds and 95% band.", "",

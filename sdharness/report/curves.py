@@ -77,12 +77,14 @@ def best_on_validation(evals: list[dict]) -> float | None:
 COLLAPSE_DROP = 0.2  # final eval accuracy this far below the run's best marks a collapse
 
 
-def collapse(evals: list[dict], figures: list[str], drop: float = COLLAPSE_DROP) -> dict | None:
+def collapse(evals: list[dict], figures: list[tuple[str, int]], drop: float = COLLAPSE_DROP) -> dict | None:
     """A run whose final ``eval/accuracy`` ends at least ``drop`` below its best: ``{best, best_step,
     final, dropped_step, first_moved, moved_step}``; None otherwise. The drop happens at the first eval
-    after the best at or below half-way from best to final. A figure (of ``figures``, e.g. the teacher's
-    health) moves at the first eval where it has covered a quarter of its own change from the first eval
-    to the final one; ``first_moved`` is the earliest to move at or before the drop (None: none did)."""
+    after the best at or below half-way from best to final. ``figures`` are ``(name, direction)`` pairs,
+    the direction in which a figure worsens (+1: rises, as a drift; -1: falls, as a hint accuracy). A
+    figure that ends worse than it started moves at the first eval where it has covered a quarter of that
+    change; ``first_moved`` is the earliest to move at or before the drop (ties: the order of ``figures``;
+    None: none did). A figure that improves (a student's entropy falling as it learns) never moves."""
     rows = [row for row in evals if row.get("eval/accuracy") is not None]
     if len(rows) < 2:
         return None
@@ -92,12 +94,15 @@ def collapse(evals: list[dict], figures: list[str], drop: float = COLLAPSE_DROP)
         return None
     dropped = next(row for row in rows[at_best + 1:] if row["eval/accuracy"] <= best - (best - final) / 2)
     moved = []
-    for order, name in enumerate(figures):
+    for order, (name, direction) in enumerate(figures):
         start, end = rows[0].get(name), rows[-1].get(name)
-        if start is None or end is None or not math.isfinite(start) or not math.isfinite(end) or start == end:
+        if start is None or end is None or not math.isfinite(start) or not math.isfinite(end):
+            continue
+        worse = (end - start) * direction
+        if worse <= 0:
             continue
         step = next(eval_step(row) for row in rows[1:]
-                    if row.get(name) is not None and abs(row[name] - start) >= abs(end - start) / 4)
+                    if row.get(name) is not None and (row[name] - start) * direction >= worse / 4)
         if step <= eval_step(dropped):
             moved.append((step, order, name))
     first = min(moved, default=None)

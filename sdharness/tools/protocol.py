@@ -27,11 +27,12 @@ a time (``--jobs``, default 2: one per core of the 2-core VM, each job at 1 thre
 
 Time on the 2-core VM: measured 2026-12-02 at 0ee2318 (before the teacher factor, the validation split
 beside eval in the final stage and the teacher's health): 35 selection jobs and 39 final jobs took 58 min
-wall with ``--jobs 2`` (selection 14 min, final 45 min; per final job grpo ~6 min of training, an sd job
-~2 min, sft under 30 s). The protocol as it is now adds 15 selection jobs (the other teachers for the
-first-ranked SD method) and 18 final SD jobs, and scores 256 validation problems and the teacher's health
-beside the eval at each of the 5 points: not yet timed whole; about 2 hours by those parts. ``--styles
-native``, fewer ``--methods``, ``--teachers ''`` or ``--teacher-top 0`` shrink it proportionally.
+wall with ``--jobs 2`` (selection 14 min, final 45 min; per final job grpo ~6 min of training, sft under
+30 s). The protocol as it is now adds 15 selection jobs (the other teachers for the first-ranked SD
+method) and 18 final SD jobs; one final SD job (sd_product, initial teacher) took 2.5 min at 29fa0a6
+(92 s training, 25 s eval and validation, 20 s the teacher's health). The whole protocol is not yet
+timed; by those parts about 1.5 to 2 hours. ``--styles native``, fewer ``--methods``, ``--teachers ''``
+or ``--teacher-top 0`` shrink it proportionally.
 """
 
 from __future__ import annotations
