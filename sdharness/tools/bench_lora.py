@@ -2,9 +2,10 @@
 adapter-free base (``teacher=initial`` with ``model.lora_rank`` set: no copy) against a frozen copy
 of the weights (what ``teacher=initial`` holds without LoRA).
 
-Each way runs in a fresh process: the LoRA model is built (rank 16 on q_proj and v_proj), the RSS is
-read, the teacher is made and scores one batch, and the growth of the RSS high-water mark over that
-read is the teacher's memory (CPU; on GPU, allocated memory). The teacher's logits are checked equal
+Each way runs in a fresh process: the LoRA model is built (rank 16 on q_proj and v_proj) and scores one
+batch (so that its weights are resident), the RSS is read, the teacher is made and scores the batch,
+and the growth of the RSS high-water mark over that read is the teacher's memory (CPU; on GPU,
+allocated memory). The teacher's logits are checked equal
 to the copy's, so the saving is not bought with a different teacher.
 """
 
@@ -33,6 +34,8 @@ def measure_teacher(model_name: str, way: str, threads: int | None) -> dict:
     vocab = model.get_output_embeddings().weight.shape[0]
     prompt = torch.randint(3, vocab, (2, 32), generator=generator).to(device)
     g = torch.randint(3, vocab, (2, 16), generator=generator).to(device)
+    with torch.no_grad():  # the student's own pass first: its weights (memory-mapped from disk) become resident
+        completion_hidden(model, prompt, torch.ones_like(prompt), g, torch.ones_like(g))
     baseline, reset = reset_peak(device)
     teacher = ShadowWeights(model, "initial").model if way == "adapter_free" else \
         copy.deepcopy(model).eval().requires_grad_(False)
