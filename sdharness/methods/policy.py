@@ -336,7 +336,9 @@ class ShadowWeights:
 
     @property
     def model(self):
-        return self.view or (self.live if self.copy is None else self.copy)
+        if self.view is not None:
+            return self.view
+        return self.live if self.copy is None else self.copy
 
     @torch.no_grad()
     def update(self) -> None:
