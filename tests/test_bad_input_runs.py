@@ -263,37 +263,6 @@ def test_wandb_online_failure_is_one_line_or_falls_back_to_offline(tmp_path, mon
     assert time.monotonic() - started < 30
 
 
-def test_a_resumed_run_waits_while_its_killed_writer_still_holds_the_wandb_run(tmp_path, monkeypatch, caplog):
-    """A run resumed at once after a SIGKILL: the killed process's W&B service may hold the run id a few
-    seconds more (``run ID ... is in use``); the resume waits and tries again instead of failing."""
-    from sdharness.config import to_train_config
-    from sdharness.report import loggers as loggers_module
-    from sdharness.scale.resume import Resume
-
-    class StandIn:
-        tries = 0
-
-        def __init__(self, **kwargs):
-            self.kwargs, self.experiment = kwargs, type("Run", (), {"define_metric": lambda *a, **k: None})()
-
-        def log_hyperparams(self, params):
-            StandIn.tries += 1
-            if StandIn.tries < 3:
-                raise RuntimeError("run ID abc123 is in use")
-
-    monkeypatch.setattr(loggers_module, "WandbLogger", StandIn)
-    monkeypatch.setattr(loggers_module, "RUN_IN_USE_WAITS", (0, 0, 0))
-    cfg = to_train_config(compose_config(TINY + ["logger.mode=offline"]))
-    resume = Resume(path=str(tmp_path / "last.ckpt"), problems_seen=0, wandb_id="abc123")
-    with caplog.at_level(logging.WARNING, logger="sdharness"):
-        wandb = loggers_module._wandb_logger(cfg, tmp_path, {}, resume, offline=True)
-    assert StandIn.tries == 3 and wandb.kwargs["id"] == "abc123" and wandb.kwargs["resume"] == "allow"
-    assert caplog.text.count("W&B run abc123 is still held by the process that wrote it") == 2
-    StandIn.tries = 0
-    with pytest.raises(RuntimeError, match="is in use"):  # a new run's id clash is not waited out
-        loggers_module._wandb_logger(cfg, tmp_path, {}, None, offline=True)
-
-
 def test_bench_json_stdout_is_the_json_alone(monkeypatch, capfd):
     from sdharness.tools import bench
 

@@ -4,7 +4,6 @@ every cost counter declared as an x-axis."""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -15,7 +14,6 @@ from sdharness.methods.accounting import X_AXES
 from sdharness.scale.resume import Resume, metric_rows_to_keep
 
 log = logging.getLogger(__name__)
-RUN_IN_USE_WAITS = (2, 4, 8, 16)  # seconds between tries while a killed run's W&B service lets go of the run
 
 
 def make_loggers(cfg, output_dir: Path, config_dict: dict, resume: Resume | None) -> list:
@@ -50,24 +48,12 @@ def _wandb_logger(cfg, output_dir: Path, config_dict: dict, resume: Resume | Non
     import wandb as wandb_module
 
     same_run = {"id": resume.wandb_id, "resume": "allow"} if resume and resume.wandb_id else {}
-    for wait in (*RUN_IN_USE_WAITS, None):
-        wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-                            tags=list(cfg.tags), save_dir=str(output_dir), offline=offline,
-                            name=output_dir.name, settings=wandb_module.Settings(init_timeout=cfg.logger.init_timeout_s),
-                            # Said to wandb.init too: its settings may have been read while the mode was online.
-                            **({"mode": "offline"} if offline else {}), **same_run)
-        try:
-            wandb.log_hyperparams(config_dict)
-            break
-        except Exception as error:  # noqa: BLE001 - wandb's own error types vary by version
-            # A run resumed right after its process was killed: the killed process's W&B service may hold
-            # the run a few seconds more, until it notices its parent is gone.
-            if wait is None or not same_run or "in use" not in str(error):
-                raise
-            log.warning("W&B run %s is still held by the process that wrote it (killed?); retrying in %d s",
-                        resume.wandb_id, wait)
-            end_wandb_run(exit_code=1)
-            time.sleep(wait)
+    wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                        tags=list(cfg.tags), save_dir=str(output_dir), offline=offline,
+                        name=output_dir.name, settings=wandb_module.Settings(init_timeout=cfg.logger.init_timeout_s),
+                        # Said to wandb.init too: its settings may have been read while the mode was online.
+                        **({"mode": "offline"} if offline else {}), **same_run)
+    wandb.log_hyperparams(config_dict)
     for axis in X_AXES:  # every cost counter is offered as an x-axis for every curve
         wandb.experiment.define_metric(f"train/{axis}")
     wandb.experiment.define_metric("eval/*", step_metric="train/problems_seen")
