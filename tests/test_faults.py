@@ -48,7 +48,10 @@ train(compose_config(overrides), out, callbacks=(KillAt(),))
 
 
 def run(out: Path, *overrides: str, kill_at: int = -1, hook: str = "on_train_batch_start") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    # Without WANDB_SERVICE: a child would join this test process's W&B service (started by an earlier
+    # in-process test), which keeps the killed child's run id "in use", so the resume could not take it.
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(kill_at), hook, *RUN, *overrides],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 

@@ -163,7 +163,8 @@ def test_cli_on_saved_model_writes_json_and_resumes_offline_wandb_run(tiny, tmp_
     for name in TASKS:
         assert 0.0 <= record["results"][name][METRIC] <= 1.0
     # The evaluation resumed the training run: a second offline folder with the same run id.
-    folders = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    # W&B names a folder by its start second; a resume within the same second gets a "-1" suffix.
+    folders = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}*"))
     assert len(folders) == 2
     evaluated = next(folder for folder in folders if (folder / "files" / "lmeval_results.json").exists())
     assert json.loads((evaluated / "files" / "lmeval_results.json").read_text())["results"] == record["results"]
