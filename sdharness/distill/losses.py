@@ -33,7 +33,7 @@ from sdharness.distill.aggregation import LOG2E, ChunkBits, aggregation_named
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.distill.logits import LazyLogits
 
-def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+def kl_per_position(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per position; terms with p = 0 count as 0, in the gradient too."""
     p = p_logp.exp()
     # The difference is masked before the product: p * NaN (-inf - -inf) would make a NaN gradient.
@@ -55,18 +55,18 @@ def _log_ratio_where_supported(log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def forward_kl(target_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
-    return _kl(target_logp, student_logp)
+    return kl_per_position(target_logp, student_logp)
 
 
 def reverse_kl(target_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
-    return _kl(student_logp, target_logp)
+    return kl_per_position(student_logp, target_logp)
 
 
 def jsd(target_logp: torch.Tensor, student_logp: torch.Tensor, *, beta: float = 0.5) -> torch.Tensor:
     # Clamped: where both are -inf, logsumexp's gradient would be exp(-inf - -inf) = NaN.
     stacked = torch.stack([target_logp + math.log(beta), student_logp + math.log1p(-beta)])
     mixture = torch.logsumexp(stacked.clamp(min=torch.finfo(stacked.dtype).min), dim=0)
-    return beta * _kl(target_logp, mixture) + (1 - beta) * _kl(student_logp, mixture)
+    return beta * kl_per_position(target_logp, mixture) + (1 - beta) * kl_per_position(student_logp, mixture)
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ def _generic_chunk(z_s, z_t, work: _Workspace, grad_out, scale, *, target_fn, va
     monitored = None
     if monitor:
         found = target_diagnostics(target, s, eps=eps)
-        monitored = torch.stack([_kl(t, s), found.unconsidered_mass, found.max_log_ratio, found.kl_target_student], -1)
+        monitored = torch.stack([kl_per_position(t, s), found.unconsidered_mass, found.max_log_ratio, found.kl_target_student], -1)
     return value, monitored, grad.mul_(scale)
 
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from sdharness.distill.aggregation import LOG2E, ChunkBits
 from sdharness.distill.diagnostics import target_diagnostics
-from sdharness.distill.losses import LN2, _kl, _log_ratio_where_supported, _softmax_parts, divergence, value_and_grad_fn
+from sdharness.distill.losses import (LN2, _log_ratio_where_supported, _softmax_parts, divergence, kl_per_position,
+                                     value_and_grad_fn)
 
 SUPPORTS = ("full", "topk", "sampled")
 TOPK_FROM = ("teacher", "student")
@@ -137,7 +138,7 @@ def _monitored(z_t, s, log_zs, g, log_zg, eps: float) -> torch.Tensor:
     student, target = (s - log_zs) * LN2, (g - log_zg) * LN2
     teacher = F.log_softmax(z_t.to(s.dtype), dim=-1)
     found = target_diagnostics(target, student, eps=eps)
-    return torch.stack([_kl(teacher, student), found.unconsidered_mass, found.max_log_ratio,
+    return torch.stack([kl_per_position(teacher, student), found.unconsidered_mass, found.max_log_ratio,
                         found.kl_target_student], -1)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from sdharness.distill.logits import completion_hidden
+from sdharness.distill.losses import kl_per_position
 from sdharness.rollout.hf import Rollout
 
 CHUNK_POSITIONS = 256  # completion positions turned into vocabulary logits at once
@@ -39,9 +40,7 @@ def entropy_and_kl(logits: torch.Tensor, reference: torch.Tensor | None = None) 
     entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
     if reference is None:
         return entropy, torch.zeros_like(entropy)
-    logq = torch.log_softmax(reference.to(logp.dtype), dim=-1)
-    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-    return entropy, kl
+    return entropy, kl_per_position(logp, torch.log_softmax(reference.to(logp.dtype), dim=-1))
 
 
 @dataclass
