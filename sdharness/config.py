@@ -312,6 +312,10 @@ class AlgoConfig:
     # sd only: below 1, w * SD + (1 - w) * GRPO's clipped loss on group_size rollouts per problem
     # (sdharness/methods/distill_pg.py); 0 is GRPO.
     distillation_weight: float = 1.0
+    # sd only: the teacher's hint. reference: the row's worked solution (or hint). sibling: of group_size
+    # completions per problem, one whose answer checks is the reference of the others; rows need only
+    # problem and answer (sdharness/methods/sibling_hints.py).
+    hint_source: str = "reference"
 
     def __post_init__(self):
         from sdharness.methods.policy_gradient import LOSS_AGGREGATIONS, SCALES
@@ -334,6 +338,14 @@ class AlgoConfig:
                     "adds GRPO's clipped loss with one step per batch and no KL term; set algo.group_size >= 2 "
                     f"(got {self.group_size}), algo.inner_epochs=1 (got {self.inner_epochs}), algo.beta=0 "
                     f"(got {self.beta})")
+        _choice("algo.hint_source", self.hint_source, ("reference", "sibling"))
+        if self.hint_source == "sibling":
+            require(self.name == "sd", f"algo.hint_source=sibling chooses SD's teacher hint, not algo={self.name}'s; "
+                    "set algo=sd or algo.hint_source=reference")
+            require(self.group_size >= 2, f"algo.hint_source=sibling needs algo.group_size >= 2 (a completion's hint "
+                    f"is a sibling's), got {self.group_size}; e.g. algo.group_size=8")
+            require(self.distillation_weight == 1, "algo.hint_source=sibling is pure self-distillation; set "
+                    f"algo.distillation_weight=1 (got {self.distillation_weight}) or algo.hint_source=reference")
 
 
 @dataclass
@@ -515,6 +527,12 @@ class TrainConfig:
         require(not (SOURCES[self.data.name].logged_completions and self.rollout.guidance != "never"),
                  f"rollout.guidance={self.rollout.guidance} cannot apply to data=chatlog: its completions are "
                  "logged, not sampled; set rollout.guidance=never")
+        if self.algo.hint_source == "sibling":
+            require(self.rollout.guidance == "never", "algo.hint_source=sibling samples plain groups from the "
+                    f"student prompt; set rollout.guidance=never (got {self.rollout.guidance})")
+            require(not SOURCES[self.data.name].logged_completions, f"algo.hint_source=sibling samples and checks "
+                    f"completions; data={self.data.name} has logged ones: use problem data with answers (arithmetic, "
+                    "jsonl) or algo.hint_source=reference")
 
 
 

@@ -65,7 +65,8 @@ def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -
 def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tuple) -> dict[str, float]:
     resume = resume_from(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    loaded = load_data(cfg.data, cfg.algo.name)  # a malformed data file fails now, not after a model load
+    # A malformed data file fails now, not after a model load.
+    loaded = load_data(cfg.data, cfg.algo.name, cfg.algo.hint_source)
     check_pretrained_task(cfg.model, cfg.data)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     set_threads_for(model, cfg.threads)

@@ -35,10 +35,11 @@ REQUIRED_FIELDS = ("problem", "solution")
 EVAL_FIELDS = ("problem", "answer")  # eval prompts with the problem and checks the answer; no solution
 
 
-def required_fields(algo: str) -> tuple[str, ...]:
+def required_fields(algo: str, hint_source: str = "reference") -> tuple[str, ...]:
     """What every training row of ``algo`` needs: SD's teacher prompt and SFT's target are the
-    worked solution; GRPO samples from the problem alone and rewards the answer."""
-    return ("problem", "answer") if algo == "grpo" else REQUIRED_FIELDS
+    worked solution; GRPO, and SD with ``algo.hint_source=sibling``, sample from the problem alone
+    and check the answer."""
+    return ("problem", "answer") if algo == "grpo" or hint_source == "sibling" else REQUIRED_FIELDS
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *, field: str = "data.path",
@@ -54,7 +55,8 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *,
         if missing:
             optional = "" if "answer" in required else " (answer is optional)"
             bootstrap = (f"; rows with only problem and answer get worked solutions from `sdharness-bootstrap "
-                         f"--problems {path} --out solved.jsonl`, or train on them with algo=grpo"
+                         f"--problems {path} --out solved.jsonl`, or train on them with algo=grpo or "
+                         "algo.hint_source=sibling"
                          if "solution" in missing else "")
             raise DataError(f"{path}:{number}: field(s) {', '.join(missing)} missing or not a non-empty string; "
                             f"every row needs {', '.join(required)}{optional}{bootstrap}")
@@ -93,7 +95,7 @@ def data_path(path: str, field: str) -> str | Path:
     return resolve_path(path, field) if path.startswith("pkg://") else path
 
 
-def load_problems(cfg: DataConfig, algo: str = "sd") -> tuple[list[dict], list[dict]]:
+def load_problems(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference") -> tuple[list[dict], list[dict]]:
     """``(train, eval)`` problem lists for the configured data set; rows need the fields ``algo``
     trains on (:func:`required_fields`), a separate eval file only problem and answer."""
     if SOURCES[cfg.name].built_in_task:
@@ -102,7 +104,7 @@ def load_problems(cfg: DataConfig, algo: str = "sd") -> tuple[list[dict], list[d
         evaluation = task.split(cfg.seed + 1, cfg.eval_size, cfg.eval_difficulty or cfg.difficulty,
                                 cfg.solution_style, exclude={row["problem"] for row in train})
         return train, evaluation
-    rows = read_jsonl(data_path(cfg.path, "data.path"), required_fields(algo), where=True)
+    rows = read_jsonl(data_path(cfg.path, "data.path"), required_fields(algo, hint_source), where=True)
     if cfg.eval_path:
         return rows, read_jsonl(data_path(cfg.eval_path, "data.eval_path"), EVAL_FIELDS, field="data.eval_path",
                                 where=True)
@@ -207,11 +209,11 @@ def check_contamination(cfg: DataConfig, loaded: LoadedData) -> dict[str, int]:
     return counts
 
 
-def load_data(cfg: DataConfig, algo: str = "sd") -> LoadedData:
-    """Read and validate the configured data for training with ``algo``; needs no tokenizer, so it
-    runs before any model loads."""
+def load_data(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference") -> LoadedData:
+    """Read and validate the configured data for training with ``algo`` (and SD's ``algo.hint_source``);
+    needs no tokenizer, so it runs before any model loads."""
     if not SOURCES[cfg.name].logged_completions:
-        train, evaluation = load_problems(cfg, algo)
+        train, evaluation = load_problems(cfg, algo, hint_source)
         if cfg.validation_size and cfg.validation_size >= len(train):
             raise DataError(f"data.validation_size={cfg.validation_size} leaves no training problem of the "
                             f"{len(train)} (it is taken from them); lower it, or raise data.train_size or add rows")

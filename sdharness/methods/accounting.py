@@ -8,6 +8,10 @@ forward-only pass and 6N per token of a forward+backward pass, N = parameter cou
 With several ranks each rank counts its own work for a step and the step's counts are summed
 over ranks (``SUMMED``), so every rank holds the run's totals; ``wall_seconds`` is each rank's own
 wall clock and ``skipped_steps`` is decided jointly by all ranks, so neither is summed.
+
+``problems_without_success`` counts problems none of whose sampled completions' answers checked, where
+a method checks them before its loss: SD with ``algo.hint_source=sibling`` (such a problem has no
+hint and no loss); 0 under every other method, which does not count them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ log = logging.getLogger(__name__)
 # The x-axes every method shares; W&B plots eval curves against any of them.
 X_AXES = ("problems_seen", "rollouts", "generated_tokens", "forward_tokens", "trained_tokens", "flops",
           "wall_seconds")
-SUMMED = ("problems_seen", "rollouts", "generated_tokens", "forward_tokens", "trained_tokens", "flops")
+SUMMED = ("problems_seen", "rollouts", "generated_tokens", "forward_tokens", "trained_tokens", "flops",
+          "problems_without_success")
 
 
 def rollout_cost(prompt_mask, rollout) -> dict[str, int]:
@@ -45,15 +50,17 @@ class Counters:
     flops: float = 0.0
     wall_seconds: float = 0.0
     skipped_steps: int = 0
+    problems_without_success: int = 0
 
     def add(self, *, parameters: int, problems: int = 0, rollouts: int = 0, generated: int = 0,
-            forward_only: int = 0, trained: int = 0) -> None:
+            forward_only: int = 0, trained: int = 0, problems_without_success: int = 0) -> None:
         """Record one step's work; ``forward_only`` and ``trained`` tokens are disjoint."""
         self.problems_seen += problems
         self.rollouts += rollouts
         self.generated_tokens += generated
         self.forward_tokens += forward_only + trained
         self.trained_tokens += trained
+        self.problems_without_success += problems_without_success
         self.flops += 2.0 * parameters * forward_only + 6.0 * parameters * trained
 
     def summed(self) -> list[float]:

@@ -15,6 +15,7 @@ from sdharness.eval.teacher_health import HealthModels
 from sdharness.methods.accounting import rollout_cost
 from sdharness.methods.distill_pg import PolicyGradientMix
 from sdharness.methods.policy import PolicyModule
+from sdharness.methods.sibling_hints import SiblingHintLosses
 from sdharness.rollout.guided import guided_rollout, guided_token_weights
 from sdharness.rollout.hf import Rollout
 
@@ -45,8 +46,9 @@ def distil(student_logits, teacher_logits, loss_mask, g, aggregation: Aggregatio
                              topk_from=loss.topk_from, sampled_tokens=g, entry_clip=loss.entry_clip)
 
 
-class SelfDistillModule(PolicyGradientMix, PolicyModule):
-    """Privileged on-policy self-distillation; below ``algo.distillation_weight`` 1, mixed with GRPO."""
+class SelfDistillModule(SiblingHintLosses, PolicyGradientMix, PolicyModule):
+    """Privileged on-policy self-distillation; below ``algo.distillation_weight`` 1, mixed with GRPO; with
+    ``algo.hint_source=sibling``, a successful sibling completion as the teacher's reference."""
 
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         super().__init__(model, tokenizer, cfg)
@@ -68,6 +70,9 @@ class SelfDistillModule(PolicyGradientMix, PolicyModule):
     def losses(self, batch: PromptBatch):
         if self.cfg.algo.distillation_weight < 1:
             yield from self.mixed_losses(batch)
+            return
+        if self.cfg.algo.hint_source == "sibling":
+            yield from self.sibling_losses(batch)
             return
         rollout, guidance, cost = self.sample(batch)
         g, g_mask = rollout.completion_ids, rollout.completion_mask

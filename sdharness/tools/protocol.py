@@ -201,7 +201,7 @@ def check_selection_data(overrides: list[str]) -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
         cfg = to_train_config(compose("protocol_select", [f"hydra.searchpath=[file://{CONF_DIR}]", *overrides]))
-    load_data(cfg.data, cfg.algo.name)
+    load_data(cfg.data, cfg.algo.name, cfg.algo.hint_source)
 
 
 def run_all(commands: list[list[str]], jobs: int, dry_run: bool) -> None:
