@@ -12,7 +12,7 @@ from sdharness.config import ConfigError, DataConfig, to_train_config
 from sdharness.data.datamodule import DataError, ProblemDataModule, PromptBatch, load_data
 from sdharness.data.prompts import encode_prompts, render_teacher, right_pad
 from sdharness.methods.self_distill import SelfDistillModule
-from sdharness.methods.sibling_hints import problems_without_success, sibling_hints
+from sdharness.methods.sibling_hints import check_fits_context, problems_without_success, sibling_hints
 from sdharness.models import load_model_and_tokenizer
 from sdharness.rollout.hf import Rollout
 from tests.conftest import TINY, compose_config
@@ -142,6 +142,16 @@ def test_every_sampled_token_is_counted_once():
     assert c.forward_tokens == rollout_pass + (3 * teacher + scored_g) + (3 * student + scored_g)
     n = module.parameter_count
     assert c.flops == 2 * n * (c.forward_tokens - c.trained_tokens) + 6 * n * c.trained_tokens
+
+
+def test_a_teacher_prompt_that_a_sibling_makes_too_long_is_refused_in_one_line():
+    teacher_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    g_mask = torch.tensor([[True, True, False], [True, False, False]])
+    check_fits_context(teacher_mask, g_mask, 5)  # 3 + 2 and 4 + 1: the longest row, not the padded widths
+    with pytest.raises(ConfigError, match=r"^algo.hint_source=sibling: a teacher prompt holding a sibling's completion, "
+                       r"plus the completion it scores, takes 5 tokens, more than the model context of 4; lower "
+                       r"rollout.max_new_tokens or shorten prompt.teacher$"):
+        check_fits_context(teacher_mask, g_mask, 4)
 
 
 @pytest.mark.parametrize("overrides,message", [

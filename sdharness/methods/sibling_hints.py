@@ -88,14 +88,14 @@ class SiblingHintLosses:
         hints = sibling_hints(successes, group)
         self.count(problems=len(batch), problems_without_success=problems_without_success(successes, group))
         hint_of = {row: hint for row, hint in enumerate(hints) if hint is not None}
-        # No hint anywhere: one row is still scored, with no loss position, so that every rank runs the
-        # forward passes its strategy (DDP, FSDP) expects; the step then has no loss tokens and is skipped.
-        scored = list(hint_of or {0: 0})
+        # No hint anywhere: row 0 is still scored (under its own text), with no loss position, so that every
+        # rank runs the forward passes its strategy (DDP, FSDP) expects; the step has no loss tokens and is skipped.
+        scored = hint_of or {0: 0}
         teacher_ids, teacher_mask = sibling_teacher_prompts(
-            self.cfg.prompt, self.tokenizer, [problem["problem"] for problem in problems], rollout.texts,
-            hint_of or {0: 0}, self.cfg.data.answer_marker)
+            self.cfg.prompt, self.tokenizer, [problem["problem"] for problem in problems], rollout.texts, scored,
+            self.cfg.data.answer_marker)
         teacher_ids, teacher_mask = teacher_ids.to(self.device), teacher_mask.to(self.device)
-        index = torch.tensor(scored, device=rollout.completion_ids.device)
+        index = torch.tensor(list(scored), device=rollout.completion_ids.device)
         hinted = Rollout(rollout.completion_ids[index], rollout.completion_mask[index],
                          [rollout.texts[row] for row in scored])
         g, g_mask = hinted.completion_ids, hinted.completion_mask
