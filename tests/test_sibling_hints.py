@@ -148,9 +148,9 @@ def test_a_teacher_prompt_that_a_sibling_makes_too_long_is_refused_in_one_line()
     teacher_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     g_mask = torch.tensor([[True, True, False], [True, False, False]])
     check_fits_context(teacher_mask, g_mask, 5)  # 3 + 2 and 4 + 1: the longest row, not the padded widths
-    with pytest.raises(ConfigError, match=r"^algo.hint_source=sibling: a teacher prompt holding a sibling's completion, "
-                       r"plus the completion it scores, takes 5 tokens, more than the model context of 4; lower "
-                       r"rollout.max_new_tokens or shorten prompt.teacher$"):
+    with pytest.raises(ConfigError, match=r"^algo.hint_source=sibling: a teacher prompt holding a sibling's "
+                       r"completion, plus the completion it scores, takes 5 tokens, more than the model context of 4; "
+                       r"lower rollout.max_new_tokens or shorten prompt.teacher$"):
         check_fits_context(teacher_mask, g_mask, 4)
 
 
