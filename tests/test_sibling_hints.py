@@ -213,3 +213,22 @@ def test_sibling_hint_run_on_answer_only_data_logs_hints_and_problems_without_su
     assert float(last["train/rollouts"]) == 4 * float(last["train/problems_seen"])  # group_size 4 each
     without = [float(row["train/problems_without_success"]) for row in rows]
     assert without == sorted(without) and 0 < without[-1] < float(last["train/problems_seen"])
+
+
+@pytest.mark.slow
+def test_batches_without_any_success_are_not_a_failing_run(tmp_path):
+    """tiny_random never solves a problem: every batch is skipped for want of a sibling hint, which is the
+    data, not a fault, so trainer.max_consecutive_skipped does not stop the run; the budget ends it."""
+    from sdharness.train import train
+
+    answer_only_columns(tmp_path / "train.jsonl", 12)
+    train(compose_config(TINY + SIBLING + [
+        "data=jsonl", f"data.path={tmp_path / 'train.jsonl'}", "data.eval_size=2", "data.batch_size=2",
+        "budget.problems=6", "eval.at_start=false", "logger.mode=disabled", "trainer.max_consecutive_skipped=1"]),
+        tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/sibling_hint_rows")]
+    last = rows[-1]
+    assert [float(row["train/sibling_hint_rows"]) for row in rows] == [0.0, 0.0, 0.0]
+    assert float(last["train/skipped_steps"]) == 3.0
+    assert float(last["train/problems_without_success"]) == float(last["train/problems_seen"]) == 6.0

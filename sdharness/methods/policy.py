@@ -129,7 +129,12 @@ class PolicyModule(L.LightningModule):
             # No rank had a token to learn from (e.g. every rollout ended at once): AdamW would still
             # move the weights on its momentum alone, so no update.
             if self.trainer.strategy.reduce_boolean_decision(metrics.get("train/loss_tokens", 1) == 0, all=True):
-                self._skip_update("no loss tokens")
+                # Under sibling hints a batch whose groups all failed is data with nothing to teach, counted in
+                # train/problems_without_success; on hard problems many come in a row, and that is no fault.
+                no_hint = self.trainer.strategy.reduce_boolean_decision(
+                    metrics.get("train/sibling_hint_rows", 1) == 0, all=True)
+                self._skip_update("no group had a successful sibling" if no_hint else "no loss tokens",
+                                  fault=not no_hint)
                 continue
             self.clip_gradients(optimizer, gradient_clip_val=self.cfg.trainer.gradient_clip_val,
                                 gradient_clip_algorithm="norm")
@@ -165,9 +170,12 @@ class PolicyModule(L.LightningModule):
         finite = bool(torch.isfinite(loss)) and gradients
         return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
 
-    def _skip_update(self, reason: str) -> None:
-        self.skipped_in_a_row += 1
+    def _skip_update(self, reason: str, *, fault: bool = True) -> None:
         self.counters.skipped_steps += 1
+        if not fault:
+            log.info("step %d: %s; update skipped", self.global_step, reason)
+            return
+        self.skipped_in_a_row += 1
         limit = self.cfg.trainer.max_consecutive_skipped
         log.warning("step %d: %s; update skipped (%d in a row, limit %d)", self.global_step, reason,
                     self.skipped_in_a_row, limit)
