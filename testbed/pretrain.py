@@ -1,11 +1,15 @@
 """Pretrain a testbed base from scratch on a built-in arithmetic task (a Hydra app).
 
-    sdharness-pretrain --config-name pretrain_columns output_dir=s1   # the default base (assets/testbed) in three
-    sdharness-pretrain --config-name pretrain_columns_teacher init_from=s1 output_dir=s2  # stages, each but the
-    sdharness-pretrain --config-name pretrain_columns_practice init_from=s2 output_dir=s3 # first stopped by stop_when
-    sdharness-pretrain --config-name pretrain_v2        # the chained-arithmetic base (assets/testbed_chain)
-    sdharness-pretrain                                  # the first base (sdharness/assets/testbed_v1)
-    sdharness-pretrain early_answer_fraction=0.5 output_dir=/tmp/leaky_base
+The builder of the shipped bases (``sdharness/assets/testbed*``), not part of the installed package:
+run it from the repository root of a checkout (its configs are ``testbed/conf/pretrain*.yaml``)::
+
+    python -m testbed.pretrain --config-name pretrain_columns output_dir=s1   # the default base (assets/testbed)
+    python -m testbed.pretrain --config-name pretrain_columns_teacher init_from=s1 output_dir=s2  # in three stages,
+    python -m testbed.pretrain --config-name pretrain_columns_practice init_from=s2 output_dir=s3 # each but the first
+                                                               # stopped by stop_when
+    python -m testbed.pretrain --config-name pretrain_v2       # the chained-arithmetic base (assets/testbed_chain)
+    python -m testbed.pretrain                                 # the first base (sdharness/assets/testbed_v1)
+    python -m testbed.pretrain early_answer_fraction=0.5 output_dir=/tmp/leaky_base
 
 A testbed base is a small Llama (0.45M parameters: hidden 96, 4 layers) with the character-level
 tokenizer, saved with ``save_pretrained`` so the harness loads it like any other Hugging Face model
@@ -57,7 +61,10 @@ from typing import Optional
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, OmegaConf
 from transformers import LlamaForCausalLM
 
@@ -71,6 +78,8 @@ from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS
 
 log = logging.getLogger(__name__)
+PRETRAIN_CONF_DIR = Path(__file__).resolve().parent / "conf"
+COMMAND = ("python", "-m", "testbed.pretrain")  # how a report records this app's command line
 REQUIRED_INIT = "REQUIRED"  # init_from of a stage config: the command line must name the base
 KINDS = ("student_easy", "student_hard", "teacher_easy", "teacher_hard")
 EVAL_SETS = {  # name -> (prompt format, problems: difficulty or difficulty_foreign for foreign-notation hints)
@@ -149,7 +158,7 @@ class PretrainConfig:
     eval_every: int = 0  # > 0: also a quick greedy eval (on eval_every_size problems per set) every this many steps
     eval_every_size: int = 30
     threads: int = 1  # torch intra-op threads; 0 keeps torch's default. Results depend on it slightly.
-    # A base (directory or pkg:// path, made by sdharness-pretrain on the same task and eval problems)
+    # A base (directory or pkg:// path, made by this app on the same task and eval problems)
     # to continue from instead of a fresh initialisation; it must have ``arch``'s sizes. A stage
     # config sets it to REQUIRED_INIT ('???' would not do: merged over null it leaves null, and the
     # stage would silently train from scratch).
@@ -182,8 +191,29 @@ class PretrainConfig:
                  "stop_when needs the quick evals it is checked on; set eval_every > 0 (e.g. eval_every=100)")
 
 
+class HarnessConfSearchPath(SearchPathPlugin):
+    """The harness's ``conf/`` after ``testbed/conf``: the pretraining configs take their prompt
+    from ``conf/prompt``. (``hydra.searchpath`` in a YAML would have to be in every stage config:
+    Hydra reads it from the primary config only and refuses it in a config another one extends.)"""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.append(provider="sdharness", path=f"file://{CONF_DIR}")
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+    Plugins.instance().register(HarnessConfSearchPath)
+
+
+def compose_pretrain_config(overrides: list[str] | None = None, config_name: str = "pretrain") -> DictConfig:
+    """``testbed/conf/<config_name>.yaml`` with ``overrides``, composed as the app composes it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(PRETRAIN_CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
 
 
 def to_pretrain_config(dict_cfg: DictConfig) -> PretrainConfig:
@@ -340,13 +370,13 @@ def build_model(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
 def load_base(cfg: PretrainConfig) -> tuple[LlamaForCausalLM, dict]:
     """The base ``cfg.init_from`` to continue from, and its pretraining report.
 
-    It must be a base made by sdharness-pretrain on ``cfg.task`` with the same held-out problems, so
+    It must be a base made by this app on ``cfg.task`` with the same held-out problems, so
     that the eval problems stay unseen, and of ``cfg.arch``'s sizes."""
     directory = resolve_path(cfg.init_from, "init_from")
     report_path = directory / PRETRAIN_REPORT
     if not report_path.is_file():
         raise ConfigError(f"init_from={cfg.init_from!r}: {report_path} does not exist; point init_from at a base "
-                          f"made by sdharness-pretrain (its held-out problems must be known)")
+                          f"made by this app (its held-out problems must be known)")
     report = json.loads(report_path.read_text())
     trained = report.get("config", {})
     base_data = {"task": pretrained_task(trained), "eval_seed": trained.get("eval_seed"), "eval_size": trained.get("eval_size")}
@@ -544,13 +574,13 @@ def _command() -> str:
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:
-        return shlex.join(["sdharness-pretrain", *sys.argv[1:]])
+        return shlex.join([*COMMAND, *sys.argv[1:]])
     name = hydra_cfg.job.config_name
     chosen = [] if name == "pretrain" else ["--config-name", name]
-    return shlex.join(["sdharness-pretrain", *chosen, *hydra_cfg.overrides.task])
+    return shlex.join([*COMMAND, *chosen, *hydra_cfg.overrides.task])
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
+@hydra.main(version_base="1.3", config_path=str(PRETRAIN_CONF_DIR), config_name="pretrain")
 @bad_input_exits
 def main(dict_cfg: DictConfig) -> float:
     cfg = to_pretrain_config(dict_cfg)
