@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from sdharness.config import ConfigError, DataConfig, ModelConfig
 from sdharness.data import SOURCES
+from sdharness.paths import CHECKOUT_SCHEME, checkout_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,15 @@ def tiny_random_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
 
 
 def resolve_path(path: str, field: str = "model.path") -> Path:
-    """Expand ``~`` and ``pkg://PACKAGE/sub/path``; error (naming the config ``field``) if nothing is there."""
-    if path.startswith("pkg://"):
+    """Expand ``~``, ``pkg://PACKAGE/sub/path`` and ``checkout://PATH`` (a file kept in the source checkout
+    only, :mod:`sdharness.paths`); error (naming the config ``field``) if nothing is there."""
+    if path.startswith(CHECKOUT_SCHEME):
+        checkout = checkout_dir()
+        if checkout is None:
+            raise ConfigError(f"{field}={path!r} is kept in the sdharness source checkout only, not in an installed "
+                              f"package; run from a clone (git clone, then pip install -e .) or choose another {field}")
+        resolved = checkout / path[len(CHECKOUT_SCHEME):]
+    elif path.startswith("pkg://"):
         package, _, rest = path[len("pkg://"):].partition("/")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
