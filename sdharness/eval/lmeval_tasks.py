@@ -41,11 +41,10 @@ from typing import Any, Iterable
 
 import yaml
 
-from sdharness.config import PACKAGE_DIR
 from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, answer_pattern, CHAIN
+from sdharness.paths import config_dir
 
-REPO_ROOT = PACKAGE_DIR.parent
-TASKS_DIR = REPO_ROOT / "evals" / "tasks"  # the shipped task files (editable install / checkout)
+TASKS_DIR = config_dir("evals") / "tasks"  # the shipped task files
 HELDOUT_SEED = 999
 HELDOUT_SIZE = 100
 DEFAULT_DIFFICULTIES = ("easy", "hard")
