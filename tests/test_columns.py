@@ -205,7 +205,8 @@ def test_pretraining_examples_of_the_columns_task():
 
     from sdharness.config import PromptConfig
     from sdharness.models import char_tokenizer
-    from testbed.pretrain import MixConfig, build_examples, compose_pretrain_config, eval_problems, to_pretrain_config
+    from testbed.examples import build_examples, eval_problems
+    from testbed.pretrain_config import MixConfig, compose_pretrain_config, to_pretrain_config
     from tests.test_testbed import unsupervised_completion_spans
 
     cfg = to_pretrain_config(compose_pretrain_config(config_name="pretrain_columns"))

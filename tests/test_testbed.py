@@ -16,17 +16,9 @@ from omegaconf import OmegaConf
 
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.models import PRETRAIN_REPORT, char_tokenizer, load_model_and_tokenizer, resolve_path
-from testbed.pretrain import (
-    COMMAND,
-    MixConfig,
-    build_examples,
-    compose_pretrain_config,
-    eval_problems,
-    evaluate_suite,
-    make_batches,
-    split_counts,
-    to_pretrain_config,
-)
+from testbed.examples import build_examples, eval_problems, make_batches, split_counts
+from testbed.pretrain import COMMAND, evaluate_suite
+from testbed.pretrain_config import MixConfig, compose_pretrain_config, to_pretrain_config
 from tests.conftest import TESTBED, TESTBED_CHAIN, compose_config
 
 REPO = Path(__file__).resolve().parent.parent  # the builder runs from a checkout (python -m testbed.pretrain)
