@@ -22,11 +22,12 @@ from sdharness.distill.losses import DIVERGENCES
 from sdharness.distill.variants import SUPPORTS, TOPK_FROM
 from sdharness.data import SOURCES
 from sdharness.methods import METHODS
+from sdharness.paths import config_dir
 from sdharness.rollout import BACKENDS, GUIDANCE_MODES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CONF_DIR = PACKAGE_DIR.parent / "conf"  # the checkout's conf/ (the package is installed editable)
-SWEEPS_DIR = PACKAGE_DIR.parent / "sweeps"
+CONF_DIR = config_dir("conf")
+SWEEPS_DIR = config_dir("sweeps")
 
 
 class ConfigError(ValueError):

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from sdharness.config import ConfigError, DataConfig, ModelConfig
 from sdharness.data import SOURCES
+from sdharness.paths import CHECKOUT_SCHEME, checkout_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,15 @@ def tiny_random_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
 
 
 def resolve_path(path: str, field: str = "model.path") -> Path:
-    """Expand ``~`` and ``pkg://PACKAGE/sub/path``; error (naming the config ``field``) if nothing is there."""
-    if path.startswith("pkg://"):
+    """Expand ``~``, ``pkg://PACKAGE/sub/path`` and ``checkout://PATH`` (a file kept in the source checkout
+    only, :mod:`sdharness.paths`); error (naming the config ``field``) if nothing is there."""
+    if path.startswith(CHECKOUT_SCHEME):
+        checkout = checkout_dir()
+        if checkout is None:
+            raise ConfigError(f"{field}={path!r} is kept in the sdharness source checkout only, not in an installed "
+                              f"package; run from a clone (git clone, then pip install -e .) or choose another {field}")
+        resolved = checkout / path[len(CHECKOUT_SCHEME):]
+    elif path.startswith("pkg://"):
         package, _, rest = path[len("pkg://"):].partition("/")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
@@ -105,12 +113,12 @@ def resolve_path(path: str, field: str = "model.path") -> Path:
         resolved = Path(os.path.expanduser(path))
     if not resolved.exists():
         fix = {"model.path": "a local model directory (config.json + weights) or a directory holding model.gguf_file",
-               "init_from": "a base directory written by sdharness-pretrain"}.get(field, "an existing file")
+               "init_from": "a base directory written by python -m testbed.pretrain"}.get(field, "an existing file")
         raise ConfigError(f"{field}={path!r}: {resolved} does not exist; point {field} at {fix}")
     return resolved
 
 
-# Written beside a base's weights by sdharness-pretrain: command, seed, config (its task), accuracies.
+# Written beside a base's weights by testbed/pretrain.py: command, seed, config (its task), accuracies.
 PRETRAIN_REPORT = "pretrain_report.json"
 
 
@@ -122,7 +130,7 @@ def pretrained_task(config: dict) -> str:
 def check_pretrained_task(model: ModelConfig, data: DataConfig) -> None:
     """Refuse a base pretrained on one built-in task run on another: it would score near zero and
     nothing would say why. Bases without a pretraining report (any model not made by
-    sdharness-pretrain) and data other than the built-in task are not checked."""
+    testbed/pretrain.py) and data other than the built-in task are not checked."""
     if not SOURCES[data.name].built_in_task or model.source != "hf" or model.path is None:
         return
     report = resolve_path(model.path) / PRETRAIN_REPORT

@@ -381,7 +381,7 @@ def test_a_base_pretrained_on_another_task_is_refused_before_it_loads(tmp_path, 
         train(compose_config(["experiment=testbed_sd", "model=testbed", "data.task=chain"]), tmp_path)
     columns = to_train_config(compose_config(["model=testbed", "data.task=columns"]))
     check_pretrained_task(columns.model, columns.data)
-    (tmp_path / "base").mkdir()  # a base without a pretraining report (not made by sdharness-pretrain)
+    (tmp_path / "base").mkdir()  # a base without a pretraining report (not made by testbed/pretrain.py)
     other = to_train_config(compose_config(["model=local", f"model.path={tmp_path / 'base'}", "data.task=columns"]))
     check_pretrained_task(other.model, other.data)
     (tmp_path / "base" / PRETRAIN_REPORT).write_text(json.dumps({"config": {"seed": 0}}))  # before tasks: chain
@@ -535,15 +535,15 @@ def test_uncomposable_config_through_the_wrapped_hydra_entry_point(tmp_path, mon
     # A misspelt key is matched against the app's own schema (was: sdharness-train's keys, no suggestion).
     ("sdharness.tools.probe", ["max_new_tokenz=5"],
      "sdharness: error: max_new_tokenz is not a config key (did you mean max_new_tokens?); the config has: "),
-    ("sdharness.tools.pretrain", ["stepz=5"], "sdharness: error: stepz is not a config key (did you mean steps?); "),
+    ("testbed.pretrain", ["stepz=5"], "sdharness: error: stepz is not a config key (did you mean steps?); "),
     # The pretraining app's own errors are one line, not a traceback.
-    ("sdharness.tools.pretrain", ["init_from=/nonexistent/base"],
+    ("testbed.pretrain", ["init_from=/nonexistent/base"],
      "sdharness: error: init_from='/nonexistent/base': /nonexistent/base does not exist; point init_from at a base "
-     "directory written by sdharness-pretrain\n"),
-    ("sdharness.tools.pretrain", ["eval_every=0", "+stop_when.no_hint_hard=0.3"],
+     "directory written by python -m testbed.pretrain\n"),
+    ("testbed.pretrain", ["eval_every=0", "+stop_when.no_hint_hard=0.3"],
      "sdharness: error: stop_when needs the quick evals it is checked on; set eval_every > 0 (e.g. eval_every=100)\n"),
     # Was silent: a stage config without init_from trained from scratch with the stage's settings.
-    ("sdharness.tools.pretrain", ["--config-name", "pretrain_columns_practice"],
+    ("testbed.pretrain", ["--config-name", "pretrain_columns_practice"],
      "sdharness: error: init_from must be set on the command line, e.g. init_from=DIR: this config is a stage "
      "that continues a base\n"),
 ])

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from sdharness.data.chatlog import chat_examples, encode_chat, load_chats, read_chats
-from sdharness.tools.synthetic_chats import main as chatlog_main, synthetic_chats
+from scripts.synthetic_chats import main as chatlog_main, synthetic_chats
 from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.data.datamodule import DataError, ProblemDataModule
 from sdharness.models import char_tokenizer, resolve_path

@@ -205,18 +205,18 @@ def test_pretraining_examples_of_the_columns_task():
 
     from sdharness.config import PromptConfig
     from sdharness.models import char_tokenizer
-    from sdharness.tools.pretrain import MixConfig, build_examples, eval_problems, to_pretrain_config
-    from tests.conftest import compose_config
+    from testbed.examples import build_examples, eval_problems
+    from testbed.pretrain_config import MixConfig, compose_pretrain_config, to_pretrain_config
     from tests.test_testbed import unsupervised_completion_spans
 
-    cfg = to_pretrain_config(compose_config(config_name="pretrain_columns"))
+    cfg = to_pretrain_config(compose_pretrain_config(config_name="pretrain_columns"))
     assert cfg.task == "columns" and cfg.foreign_hint_fraction == 0.5
     with pytest.raises(ConfigError, match=r"^task='sums' is unknown; choose one of: chain, columns$"):
-        to_pretrain_config(compose_config(["task=sums"], config_name="pretrain_columns"))
+        to_pretrain_config(compose_pretrain_config(["task=sums"], config_name="pretrain_columns"))
     held_out = eval_problems(20240, 20, "columns")
     assert held_out["hard"][0]["problem"] == COLUMNS.split(20242, 1, "hard")[0]["problem"]
     assert held_out["hard_foreign"][0]["solution"] == COLUMNS.split(20242, 1, "hard", "foreign")[0]["solution"]
-    prompt = PromptConfig(**OmegaConf.to_container(compose_config(config_name="pretrain_columns").prompt))
+    prompt = PromptConfig(**OmegaConf.to_container(compose_pretrain_config(config_name="pretrain_columns").prompt))
     tokenizer = char_tokenizer()
     mix = MixConfig(student_easy=0.2, student_hard=0.2, teacher_easy=0.2, teacher_hard=0.4)
     exclude = {row["problem"] for rows in held_out.values() for row in rows}

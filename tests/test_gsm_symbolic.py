@@ -18,9 +18,9 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from sdharness.tools.gsm_symbolic import expressions  # noqa: E402
-from sdharness.tools.gsm_symbolic import build as gsm  # noqa: E402
-from sdharness.tools.gsm_symbolic import templates  # noqa: E402
+from scripts.gsm_symbolic import expressions  # noqa: E402
+from scripts.gsm_symbolic import build as gsm  # noqa: E402
+from scripts.gsm_symbolic import templates  # noqa: E402
 from sdharness.eval import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig  # noqa: E402
 from sdharness.data.datamodule import read_jsonl  # noqa: E402

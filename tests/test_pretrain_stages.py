@@ -1,4 +1,4 @@
-"""sdharness-pretrain in stages: continuing from a base (init_from) and stopping on a quick eval (stop_when)."""
+"""The testbed's pretraining in stages: continuing from a base (init_from) and stopping on a quick eval (stop_when)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 
 from sdharness.config import ConfigError
 from sdharness.models import PRETRAIN_REPORT
-from sdharness.tools import pretrain as pretrain_module
-from sdharness.tools.pretrain import pretrain, to_pretrain_config
-from tests.conftest import compose_config
+from testbed import pretrain as pretrain_module
+from testbed.pretrain import pretrain
+from testbed.pretrain_config import EVAL_SETS, compose_pretrain_config, to_pretrain_config
 
 TINY = ["arch.hidden_size=16", "arch.num_layers=1", "arch.num_heads=2", "arch.intermediate_size=32",
         "batch_size=2", "warmup_steps=1", "eval_size=2", "eval_every_size=2", "eval_batch_size=2",
@@ -19,7 +19,7 @@ TINY = ["arch.hidden_size=16", "arch.num_layers=1", "arch.num_heads=2", "arch.in
 
 
 def tiny_config(*overrides: str):
-    return to_pretrain_config(compose_config([*TINY, *overrides], config_name="pretrain_columns"))
+    return to_pretrain_config(compose_pretrain_config([*TINY, *overrides], config_name="pretrain_columns"))
 
 
 def scripted_evals(monkeypatch, no_hint_hard: list[float]) -> list[tuple[str, ...]]:
@@ -27,7 +27,7 @@ def scripted_evals(monkeypatch, no_hint_hard: list[float]) -> list[tuple[str, ..
     calls = []
 
     def evaluate(model, tokenizer, prompt, problems, *, task, max_new_tokens, batch_size,
-                 sets=tuple(pretrain_module.EVAL_SETS)):
+                 sets=tuple(EVAL_SETS)):
         value = no_hint_hard[min(len(calls), len(no_hint_hard) - 1)]
         calls.append(sets)
         return {name: {"accuracy": value if name == "no_hint_hard" else 1.0, "early_answer_rate": 0.0,

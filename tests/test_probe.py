@@ -155,7 +155,8 @@ def test_command_line_bad_input_is_one_error_line(tmp_path, override, named):
 
 def _tiny_model():
     from sdharness.models import char_tokenizer
-    from sdharness.tools.pretrain import ArchConfig, build_model
+    from testbed.pretrain import build_model
+    from testbed.pretrain_config import ArchConfig
 
     tokenizer = char_tokenizer()
     return build_model(ArchConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16), tokenizer, 0).eval(), tokenizer

@@ -16,31 +16,38 @@ from omegaconf import OmegaConf
 
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.models import PRETRAIN_REPORT, char_tokenizer, load_model_and_tokenizer, resolve_path
-from sdharness.tools.pretrain import (
-    MixConfig,
-    build_examples,
-    eval_problems,
-    evaluate_suite,
-    make_batches,
-    split_counts,
-    to_pretrain_config,
-)
+from testbed.examples import build_examples, eval_problems, make_batches, split_counts
+from testbed.pretrain import COMMAND, evaluate_suite
+from testbed.pretrain_config import MixConfig, compose_pretrain_config, to_pretrain_config
 from tests.conftest import TESTBED, TESTBED_CHAIN, compose_config
 
+REPO = Path(__file__).resolve().parent.parent  # the builder runs from a checkout (python -m testbed.pretrain)
 TOLERANCE = 0.05  # accuracy points, as a fraction
 ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")
 
 
 TESTBED_V1 = ModelConfig(name="testbed_v1", source="hf", path="pkg://sdharness/assets/testbed_v1")
-TESTBED_COLUMNS_V1 = ModelConfig(name="testbed_columns_v1", source="hf", path="pkg://sdharness/assets/testbed_columns_v1")
+# Only reproduces a past result, so it stays out of the wheel: in the checkout, under testbed/bases.
+TESTBED_COLUMNS_V1 = ModelConfig(name="testbed_columns_v1", source="hf",
+                                 path="checkout://testbed/bases/testbed_columns_v1")
 BASES = {"testbed": (TESTBED, "pretrain_columns_practice"),  # model -> the config of its (last) pretraining stage
          "testbed_columns_v1": (TESTBED_COLUMNS_V1, "pretrain_columns"),
          "testbed_chain": (TESTBED_CHAIN, "pretrain_v2"), "testbed_v1": (TESTBED_V1, "pretrain")}
 
 
-def recorded_config_name(command: str) -> str:
-    """The ``--config-name`` of a recorded ``sdharness-pretrain`` command (``pretrain`` without one)."""
+def recorded_arguments(command: str) -> list[str]:
+    """The arguments of a recorded pretraining command: after ``python -m testbed.pretrain``, or after
+    ``sdharness-pretrain``, the console script that ran the same app before it left the package."""
     words = shlex.split(command)
+    for program in (list(COMMAND), ["sdharness-pretrain"]):
+        if words[:len(program)] == program:
+            return words[len(program):]
+    raise AssertionError(f"{command!r} is not a pretraining command")
+
+
+def recorded_config_name(command: str) -> str:
+    """The ``--config-name`` of a recorded pretraining command (``pretrain`` without one)."""
+    words = recorded_arguments(command)
     return words[words.index("--config-name") + 1] if "--config-name" in words else "pretrain"
 
 
@@ -53,14 +60,14 @@ def prompt_from(report: dict) -> PromptConfig:
 
 
 def test_pretrain_config_composes_and_validates():
-    cfg = to_pretrain_config(compose_config(config_name="pretrain"))
+    cfg = to_pretrain_config(compose_pretrain_config(config_name="pretrain"))
     assert cfg.prompt.name == "testbed" and cfg.prompt.chat_template == "never"
     assert "Reference solution" in cfg.prompt.teacher and "Reference solution" not in cfg.prompt.student
     assert cfg.early_answer_fraction == 0.0
     with pytest.raises(ConfigError, match="early_answer_fraction"):
-        to_pretrain_config(compose_config(["early_answer_fraction=1.5"], config_name="pretrain"))
+        to_pretrain_config(compose_pretrain_config(["early_answer_fraction=1.5"], config_name="pretrain"))
     with pytest.raises(ConfigError, match="sum to 1"):
-        to_pretrain_config(compose_config(["mix.student_easy=0.9"], config_name="pretrain"))
+        to_pretrain_config(compose_pretrain_config(["mix.student_easy=0.9"], config_name="pretrain"))
 
 
 @pytest.mark.parametrize("name", BASES)
@@ -73,7 +80,7 @@ def test_model_group_points_at_the_shipped_base(name):
 def test_shipped_report_records_the_command_and_the_target_band(name):
     base, config_name = BASES[name]
     report = shipped_report(base)
-    assert report["command"].startswith("sdharness-pretrain")
+    assert report["command"].startswith(("sdharness-pretrain ", shlex.join(COMMAND)))
     assert recorded_config_name(report["command"]) == config_name
     assert report["seed"] == report["config"]["seed"]
     assert report["wall_seconds"]["total"] > 0
@@ -128,7 +135,7 @@ def _teacher_split(examples):
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1.0])
 def test_early_answer_fraction_is_exact(fraction):
-    prompt = PromptConfig(**OmegaConf.to_container(compose_config(config_name="pretrain").prompt))
+    prompt = PromptConfig(**OmegaConf.to_container(compose_pretrain_config(config_name="pretrain").prompt))
     tokenizer = char_tokenizer()
     mix = MixConfig(student_easy=0.4, student_hard=0.1, teacher_easy=0.2, teacher_hard=0.3)
     examples = build_examples(prompt, tokenizer, size=200, mix=mix, early_answer_fraction=fraction, seed=3)
@@ -152,7 +159,7 @@ def test_early_answer_fraction_is_exact(fraction):
 
 
 def test_examples_are_deterministic_and_exclude_the_eval_sets():
-    prompt = PromptConfig(**OmegaConf.to_container(compose_config(config_name="pretrain").prompt))
+    prompt = PromptConfig(**OmegaConf.to_container(compose_pretrain_config(config_name="pretrain").prompt))
     tokenizer = char_tokenizer()
     held_out = eval_problems(20240, 50)
     exclude = {item["problem"] for items in held_out.values() for item in items}
@@ -173,11 +180,6 @@ def test_split_counts_sum_exactly():
     assert sum(split_counts(1001, {"a": 0.33, "b": 0.33, "c": 0.34}).values()) == 1001
 
 
-def _pretrain_command() -> list[str]:
-    script = Path(sys.executable).with_name("sdharness-pretrain")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "sdharness.tools.pretrain"]
-
-
 def _recorded_part(fresh, recorded):
     """``fresh`` restricted to the keys ``recorded`` has, recursively."""
     if isinstance(recorded, dict) and isinstance(fresh, dict):
@@ -194,15 +196,15 @@ def test_recorded_part_ignores_settings_added_later():
 def rebuild_stage(stage: dict, directory: Path) -> dict:
     """Re-runs a recorded pretraining stage into ``directory``, first the stages it continued from
     (``init_from``, recorded recursively), and returns the fresh report."""
-    recorded = shlex.split(stage["command"])[1:]
+    recorded = recorded_arguments(stage["command"])
     overrides = [arg for arg in recorded if not arg.startswith(("output_dir=", "hydra.", "init_from="))]
     if stage.get("init_from"):
         base = directory.with_name(directory.name + "_from")
         rebuild_stage(stage["init_from"], base)
         overrides.append(f"init_from={base}")
     run = subprocess.run(
-        _pretrain_command() + overrides + [f"output_dir={directory}", f"hydra.run.dir={directory}_hydra"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800,
+        [sys.executable, *COMMAND[1:], *overrides, f"output_dir={directory}", f"hydra.run.dir={directory}_hydra"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return json.loads((directory / PRETRAIN_REPORT).read_text())
@@ -249,7 +251,7 @@ def test_short_self_distillation_run_gives_its_measured_accuracies(tmp_path, tea
 
 
 def test_foreign_hints_and_slips_are_exact_and_the_slip_carries_no_loss():
-    prompt = PromptConfig(**OmegaConf.to_container(compose_config(config_name="pretrain").prompt))
+    prompt = PromptConfig(**OmegaConf.to_container(compose_pretrain_config(config_name="pretrain").prompt))
     tokenizer = char_tokenizer()
     mix = MixConfig(student_easy=0.2, student_hard=0.2, teacher_easy=0.2, teacher_hard=0.4)
     examples = build_examples(prompt, tokenizer, size=200, mix=mix, early_answer_fraction=0.25, seed=5,

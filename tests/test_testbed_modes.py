@@ -27,7 +27,7 @@ from sdharness.tools.generate import named_config
 from sdharness.rollout.guided import guided_generate
 from sdharness.distill.logits import completion_logits
 from sdharness.models import load_model_and_tokenizer, resolve_path
-from sdharness.tools.pretrain import eval_problems
+from testbed.examples import eval_problems
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher
 from sdharness.rollout.hf import generate
 from sdharness.data.tasks import is_correct

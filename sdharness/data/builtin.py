@@ -1,7 +1,7 @@
 """The generated tasks of ``data=arithmetic``, by ``data.task``: the only list of them.
 
 Adding a task is one :class:`sdharness.data.tasks.BuiltinTask` subclass and its entry here; the
-datamodule, ``sdharness-pretrain`` and ``sdharness-probe`` ask this registry, never a task's name.
+datamodule, the testbed's pretraining and ``sdharness-probe`` ask this registry, never a task's name.
 """
 
 from __future__ import annotations

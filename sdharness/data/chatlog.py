@@ -20,7 +20,7 @@ counted by reason, or with ``data.strict=true`` rejected with file:line. Malform
 UTF-8, not JSON, not an object with a ``messages`` list of ``{"role", "content"}`` objects) are
 always errors.
 
-A synthetic set ships in ``sdharness/assets/chatlog`` (written by :mod:`sdharness.tools.synthetic_chats`).
+A synthetic set ships in ``sdharness/assets/chatlog`` (written by ``scripts/synthetic_chats.py`` in the checkout).
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
 """Pretrain a testbed base from scratch on a built-in arithmetic task (a Hydra app).
 
-    sdharness-pretrain --config-name pretrain_columns output_dir=s1   # the default base (assets/testbed) in three
-    sdharness-pretrain --config-name pretrain_columns_teacher init_from=s1 output_dir=s2  # stages, each but the
-    sdharness-pretrain --config-name pretrain_columns_practice init_from=s2 output_dir=s3 # first stopped by stop_when
-    sdharness-pretrain --config-name pretrain_v2        # the chained-arithmetic base (assets/testbed_chain)
-    sdharness-pretrain                                  # the first base (sdharness/assets/testbed_v1)
-    sdharness-pretrain early_answer_fraction=0.5 output_dir=/tmp/leaky_base
+The builder of the shipped bases (``sdharness/assets/testbed*``), not part of the installed package:
+run it from the repository root of a checkout (its configs are ``testbed/conf/pretrain*.yaml``)::
+
+    python -m testbed.pretrain --config-name pretrain_columns output_dir=s1   # the default base (assets/testbed)
+    python -m testbed.pretrain --config-name pretrain_columns_teacher init_from=s1 output_dir=s2  # in three stages,
+    python -m testbed.pretrain --config-name pretrain_columns_practice init_from=s2 output_dir=s3 # each but the first
+                                                               # stopped by stop_when
+    python -m testbed.pretrain --config-name pretrain_v2       # the chained-arithmetic base (assets/testbed_chain)
+    python -m testbed.pretrain                                 # the first base (sdharness/assets/testbed_v1)
+    python -m testbed.pretrain early_answer_fraction=0.5 output_dir=/tmp/leaky_base
 
 A testbed base is a small Llama (0.45M parameters: hidden 96, 4 layers) with the character-level
 tokenizer, saved with ``save_pretrained`` so the harness loads it like any other Hugging Face model
@@ -42,286 +46,34 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
-import random
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import LlamaForCausalLM
 
 from sdharness.cli import bad_input_exits, cli_errors
-from sdharness.config import CONF_DIR, ConfigError, PromptConfig, require
+from sdharness.config import ConfigError, PromptConfig
 from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.methods.schedule import lr_lambda
+from sdharness.data.prompts import render_student, render_teacher
+from sdharness.data.tasks import ANSWER_MARKER
 from sdharness.models import PRETRAIN_REPORT, char_llama_config, char_tokenizer, pretrained_task, resolve_path
-from sdharness.data.prompts import encode_prompt, render_student, render_teacher
-from sdharness.data.builtin import builtin_task
-from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS
+from testbed.examples import build_examples, eval_problems, make_batches
+from testbed.pretrain_config import (EVAL_SETS, KINDS, PRETRAIN_CONF_DIR, ArchConfig, PretrainConfig, register_configs,
+                                     to_pretrain_config)
 
 log = logging.getLogger(__name__)
-REQUIRED_INIT = "REQUIRED"  # init_from of a stage config: the command line must name the base
-KINDS = ("student_easy", "student_hard", "teacher_easy", "teacher_hard")
-EVAL_SETS = {  # name -> (prompt format, problems: difficulty or difficulty_foreign for foreign-notation hints)
-    "no_hint_easy": ("student", "easy"),
-    "no_hint_hard": ("student", "hard"),
-    "hint_hard": ("teacher", "hard"),
-    "hint_easy": ("teacher", "easy"),
-    "foreign_hint_hard": ("teacher", "hard_foreign"),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ArchConfig:
-    """The Llama's sizes; the vocabulary is the character tokenizer's (100 ids)."""
-
-    hidden_size: int = 96
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 256
-    max_position_embeddings: int = 512
-    rope_theta: float = 10000.0
-
-    def __post_init__(self):
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-            require(getattr(self, name) >= 1, f"arch.{name} must be >= 1, got {getattr(self, name)}")
-        require(self.hidden_size % self.num_heads == 0,
-                 f"arch.hidden_size={self.hidden_size} must be divisible by arch.num_heads={self.num_heads}")
-
-
-@dataclass
-class MixConfig:
-    """Fractions of the training examples by prompt format and difficulty; they must sum to 1."""
-
-    student_easy: float = 0.35
-    student_hard: float = 0.35
-    teacher_easy: float = 0.05
-    teacher_hard: float = 0.25
-
-    def __post_init__(self):
-        values = asdict(self)
-        require(all(value >= 0 for value in values.values()), f"mix fractions must be >= 0, got {values}")
-        require(abs(sum(values.values()) - 1) < 1e-6, f"mix fractions must sum to 1, got {sum(values.values())}")
-        require(self.teacher_easy + self.teacher_hard > 0 and self.student_easy + self.student_hard > 0,
-                 "mix needs both student-format and teacher-format examples")
-
-
-@dataclass
-class PretrainConfig:
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    task: str = "chain"  # the built-in task trained on (sdharness/data/builtin.py TASKS)
-    arch: ArchConfig = field(default_factory=ArchConfig)
-    mix: MixConfig = field(default_factory=MixConfig)
-    early_answer_fraction: float = 0.0  # of teacher-format examples: completion is only "The answer is N."
-    foreign_hint_fraction: float = 0.0  # of teacher-format examples: the hint is in the foreign notation
-    slip_fraction: float = 0.0  # of teacher-format examples without an early answer: one slip, then consistent
-    steps: int = 7200
-    batch_size: int = 4
-    bucket_batches: int = 32  # examples are sorted by length within windows of this many batches (less padding)
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 200
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    grad_clip: float = 1.0
-    seed: int = 0  # model initialisation, training problems, their order
-    eval_seed: int = 20240  # the fixed held-out problems (excluded from training)
-    eval_size: int = 100  # problems in each eval set
-    eval_batch_size: int = 50
-    eval_max_new_tokens: int = 96
-    log_every: int = 500
-    eval_every: int = 0  # > 0: also a quick greedy eval (on eval_every_size problems per set) every this many steps
-    eval_every_size: int = 30
-    threads: int = 1  # torch intra-op threads; 0 keeps torch's default. Results depend on it slightly.
-    # A base (directory or pkg:// path, made by sdharness-pretrain on the same task and eval problems)
-    # to continue from instead of a fresh initialisation; it must have ``arch``'s sizes. A stage
-    # config sets it to REQUIRED_INIT ('???' would not do: merged over null it leaves null, and the
-    # stage would silently train from scratch).
-    init_from: Optional[str] = None
-    # Eval set -> accuracy: stop at the first quick eval (every eval_every steps) where every listed
-    # set reaches its value, e.g. {no_hint_hard: 0.25} to stop while a skill is still being learned.
-    stop_when: dict[str, float] = field(default_factory=dict)
-    output_dir: Optional[str] = None  # null: the Hydra run directory
-
-    def __post_init__(self):
-        builtin_task(self.task, "task")
-        for name in ("early_answer_fraction", "foreign_hint_fraction", "slip_fraction"):
-            require(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("steps", "batch_size", "bucket_batches", "eval_batch_size", "eval_max_new_tokens", "log_every"):
-            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_size", "eval_every", "eval_every_size"):
-            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        require(self.lr > 0, f"lr must be positive, got {self.lr}")
-        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        require(0 <= self.warmup_steps < self.steps, f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
-        require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
-        require(self.prompt.chat_template != "always",
-                 "prompt.chat_template=always cannot work: the character tokenizer has no chat template")
-        require(self.init_from != REQUIRED_INIT,
-                "init_from must be set on the command line, e.g. init_from=DIR: this config is a stage that continues a base")
-        for name, value in self.stop_when.items():
-            require(name in EVAL_SETS, f"stop_when.{name}: unknown eval set; choose from {', '.join(EVAL_SETS)}")
-            require(0 < value <= 1, f"stop_when.{name} must be in (0, 1], got {value}")
-        require(not self.stop_when or self.eval_every > 0,
-                 "stop_when needs the quick evals it is checked on; set eval_every > 0 (e.g. eval_every=100)")
-
-
-def register_configs() -> None:
-    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
-
-
-def to_pretrain_config(dict_cfg: DictConfig) -> PretrainConfig:
-    """The validated, typed config (unknown keys fail at compose through the schema)."""
-    return OmegaConf.to_object(dict_cfg)
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    """One training sequence: ``ids[:prompt_length]`` is the prompt, the rest is the completion + EOS.
-
-    ``no_loss`` is a ``[begin, end)`` token span of the completion that carries no loss (a slip's
-    wrong digits), or None."""
-
-    ids: list[int]
-    prompt_length: int
-    kind: str  # one of KINDS
-    early_answer: bool
-    problem: str
-    completion: str
-    foreign_hint: bool = False
-    no_loss: Optional[tuple[int, int]] = None
-
-
-def split_counts(total: int, fractions: dict[str, float]) -> dict[str, int]:
-    """Integer counts summing to ``total`` closest to ``total * fraction`` (largest remainder)."""
-    raw = {name: total * fraction for name, fraction in fractions.items()}
-    counts = {name: math.floor(value) for name, value in raw.items()}
-    by_remainder = sorted(raw, key=lambda name: (-(raw[name] - counts[name]), list(raw).index(name)))
-    for name in by_remainder[: total - sum(counts.values())]:
-        counts[name] += 1
-    return counts
-
-
-def early_answer_line(answer: str) -> str:
-    return f"{ANSWER_MARKER} {answer}."
-
-
-def eval_problems(seed: int, size: int, task: str = "chain") -> dict[str, list[dict[str, str]]]:
-    """The fixed held-out problems of ``task``: ``{'easy': [...], 'hard': [...], 'hard_foreign': [...]}``.
-
-    ``hard_foreign`` are the ``hard`` problems with their solutions in the foreign notation."""
-    split = builtin_task(task, "task").split
-    problems = {difficulty: split(seed + offset, size, difficulty) for offset, difficulty in enumerate(DIFFICULTY_STEPS)}
-    problems["hard_foreign"] = split(seed + list(DIFFICULTY_STEPS).index("hard"), size, "hard", "foreign")
-    return problems
-
-
-def build_examples(prompt: PromptConfig, tokenizer, *, size: int, mix: MixConfig | dict[str, float],
-                   early_answer_fraction: float, seed: int, exclude: set[str] | None = None,
-                   foreign_hint_fraction: float = 0.0, slip_fraction: float = 0.0, task: str = "chain") -> list[Example]:
-    """``size`` training examples of ``task`` in a seeded random order.
-
-    The kinds come in exactly the counts of :func:`split_counts`; of the teacher-format
-    examples exactly ``round(early_answer_fraction * n)`` complete with the answer line only,
-    ``round(foreign_hint_fraction * n)`` get their hint in the foreign notation, and
-    ``round(slip_fraction * m)`` of the ``m`` others complete with the task's slipped solution (its
-    slip carries no loss). Problems in ``exclude`` (the eval sets) never appear. With both new
-    fractions 0 the random stream, and so every example, is the one before they existed.
-    """
-    fractions = asdict(mix) if isinstance(mix, MixConfig) else dict(mix)
-    builder = builtin_task(task, "task")
-    rng = random.Random(seed)
-    counts = split_counts(size, {kind: fractions.get(kind, 0.0) for kind in KINDS})
-    kinds = [kind for kind in KINDS for _ in range(counts[kind])]
-    rng.shuffle(kinds)
-    teacher_rows = [row for row, kind in enumerate(kinds) if kind.startswith("teacher")]
-    early_rows = set(rng.sample(teacher_rows, round(early_answer_fraction * len(teacher_rows))))
-    foreign_rows = set(rng.sample(teacher_rows, round(foreign_hint_fraction * len(teacher_rows)))
-                       if foreign_hint_fraction else ())
-    worked_rows = [row for row in teacher_rows if row not in early_rows]
-    slip_rows = set(rng.sample(worked_rows, round(slip_fraction * len(worked_rows))) if slip_fraction else ())
-    exclude = exclude or set()
-    eos = [tokenizer.eos_token_id]
-    examples = []
-    for row, kind in enumerate(kinds):
-        fmt, difficulty = kind.split("_")
-        drawn = builder.draw(rng, difficulty)
-        while builder.problem_text(drawn) in exclude:
-            drawn = builder.draw(rng, difficulty)
-        problem = builder.problem_text(drawn)
-        solution, no_loss = builder.solution(drawn, "native"), None
-        if fmt == "student":
-            text = render_student(prompt, problem)
-        else:
-            hint = builder.solution(drawn, "foreign") if row in foreign_rows else solution
-            text = render_teacher(prompt, problem, hint)
-        if row in early_rows:
-            completion = early_answer_line(builder.answer(drawn))
-        elif row in slip_rows:
-            completion, no_loss = builder.slipped_solution(rng, drawn)
-        else:
-            completion = solution
-        prompt_ids = encode_prompt(prompt, tokenizer, text)
-        ids = prompt_ids + _char_ids(tokenizer, completion) + eos
-        examples.append(Example(ids, len(prompt_ids), kind, row in early_rows, problem, completion,
-                                foreign_hint=row in foreign_rows, no_loss=no_loss))
-    return examples
-
-
-def _char_ids(tokenizer, text: str) -> list[int]:
-    """One id per character: the testbed tokenizer's, which makes character spans token spans."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != len(text):
-        raise ConfigError(f"the pretraining tokenizer must give one token per character; {text!r} gave {len(ids)}")
-    return ids
-
-
-def make_batches(examples: list[Example], batch_size: int, bucket_batches: int, seed: int,
-                 pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(input_ids, labels)`` batches, right-padded; labels are -100 on prompts and padding.
-
-    Within each window of ``bucket_batches`` batches the examples are sorted by length (less
-    padding), and the batch order is then shuffled with ``seed``.
-    """
-    window = batch_size * bucket_batches
-    batches = []
-    for start in range(0, len(examples), window):
-        chunk = sorted(examples[start:start + window], key=lambda example: len(example.ids))
-        for offset in range(0, len(chunk), batch_size):
-            rows = chunk[offset:offset + batch_size]
-            longest = max(len(example.ids) for example in rows)
-            ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-            labels = torch.full((len(rows), longest), -100, dtype=torch.long)
-            for row, example in enumerate(rows):
-                ids[row, :len(example.ids)] = torch.tensor(example.ids)
-                labels[row, example.prompt_length:len(example.ids)] = torch.tensor(example.ids[example.prompt_length:])
-                if example.no_loss is not None:
-                    begin, end = example.no_loss
-                    labels[row, example.prompt_length + begin:example.prompt_length + end] = -100
-            batches.append((ids, labels))
-    random.Random(seed).shuffle(batches)
-    return batches
+COMMAND = ("python", "-m", "testbed.pretrain")  # how a report records this app's command line
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,13 +92,13 @@ def build_model(arch: ArchConfig, tokenizer, seed: int) -> LlamaForCausalLM:
 def load_base(cfg: PretrainConfig) -> tuple[LlamaForCausalLM, dict]:
     """The base ``cfg.init_from`` to continue from, and its pretraining report.
 
-    It must be a base made by sdharness-pretrain on ``cfg.task`` with the same held-out problems, so
+    It must be a base made by this app on ``cfg.task`` with the same held-out problems, so
     that the eval problems stay unseen, and of ``cfg.arch``'s sizes."""
     directory = resolve_path(cfg.init_from, "init_from")
     report_path = directory / PRETRAIN_REPORT
     if not report_path.is_file():
         raise ConfigError(f"init_from={cfg.init_from!r}: {report_path} does not exist; point init_from at a base "
-                          f"made by sdharness-pretrain (its held-out problems must be known)")
+                          f"made by this app (its held-out problems must be known)")
     report = json.loads(report_path.read_text())
     trained = report.get("config", {})
     base_data = {"task": pretrained_task(trained), "eval_seed": trained.get("eval_seed"), "eval_size": trained.get("eval_size")}
@@ -544,13 +296,13 @@ def _command() -> str:
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:
-        return shlex.join(["sdharness-pretrain", *sys.argv[1:]])
+        return shlex.join([*COMMAND, *sys.argv[1:]])
     name = hydra_cfg.job.config_name
     chosen = [] if name == "pretrain" else ["--config-name", name]
-    return shlex.join(["sdharness-pretrain", *chosen, *hydra_cfg.overrides.task])
+    return shlex.join([*COMMAND, *chosen, *hydra_cfg.overrides.task])
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
+@hydra.main(version_base="1.3", config_path=str(PRETRAIN_CONF_DIR), config_name="pretrain")
 @bad_input_exits
 def main(dict_cfg: DictConfig) -> float:
     cfg = to_pretrain_config(dict_cfg)

