@@ -212,7 +212,7 @@ def test_sft_on_native_references_learns_the_default_base_task(tmp_path):
     from sdharness.train import train
     from tests.conftest import compose_config
 
-    train(compose_config(["experiment=testbed_sft", "optim.lr=1e-4", "data.batch_size=32", "budget.problems=2048",
+    train(compose_config(["experiment=testbed", "method=sft", "optim.lr=1e-4", "data.batch_size=32", "budget.problems=2048",
                           "data.eval_size=128", "eval.every_n_steps=0", "logger.mode=disabled", "threads=1"]), tmp_path)
     with open(tmp_path / "metrics.csv") as handle:
         accuracies = [float(r["eval/accuracy"]) for r in csv.DictReader(handle) if r.get("eval/accuracy")]

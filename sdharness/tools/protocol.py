@@ -46,13 +46,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.config import SWEEPS_DIR, ConfigError
+from sdharness.config import CONF_DIR, SWEEPS_DIR, ConfigError
 from sdharness.data.jsonl import DataError
 from sdharness.report.build import build_report, markdown_table
 from sdharness.report.runs import Run, find_runs, teacher_of
 
-# The choices of sweeps/method/, one per compared method; a new file there joins the protocol.
-METHOD_CHOICES = tuple(sorted(path.stem for path in (SWEEPS_DIR / "method").glob("*.yaml")))
+# The choices of conf/method/, one per compared method; a new file there joins the protocol.
+METHOD_CHOICES = tuple(sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml")))
 READS_NO_REFERENCE = ("grpo",)  # trained on answers only: the reference style does not apply
 SELECTION_METRIC = "val/accuracy"
 LEARNING_RATES = "1e-5,3e-5,1e-4,3e-4,1e-3"
@@ -64,8 +64,8 @@ FIRST_TEACHER = "initial"
 
 
 def has_teacher(method: str) -> bool:
-    """Whether the method choice trains with a teacher (its sweeps/method file overrides /algo to sd)."""
-    defaults = OmegaConf.load(SWEEPS_DIR / "method" / f"{method}.yaml").get("defaults", [])
+    """Whether the method choice trains with a teacher (its conf/method file overrides /algo to sd)."""
+    defaults = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml").get("defaults", [])
     return any(dict(entry).get("override /algo") == "sd" for entry in defaults if isinstance(entry, DictConfig))
 
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="protocol dir: select/, selection.json, final/, final/report/")
     parser.add_argument("--stage", choices=("all", "select", "final"), default="all",
                         help="final: reuse OUT/selection.json (or OUT/select)")
-    parser.add_argument("--methods", default=",".join(METHOD_CHOICES), help="choices of sweeps/method/ to compare")
+    parser.add_argument("--methods", default=",".join(METHOD_CHOICES), help="choices of conf/method/ to compare")
     parser.add_argument("--teachers", default=",".join(t for t in TEACHERS if t != FIRST_TEACHER),
                         help=f"teachers besides {FIRST_TEACHER} for the SD methods validation ranks first "
                              f"(choose from {', '.join(TEACHERS)}; empty: none)")
