@@ -28,6 +28,7 @@ from sdharness.models import resolve_path
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad, teacher_context
 from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import SOLUTION_STYLES, unreadable_answer
+from sdharness.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,10 @@ EVAL_FIELDS = ("problem", "answer")  # eval prompts with the problem and checks 
 
 
 def required_fields(algo: str) -> tuple[str, ...]:
-    """What every training row of ``algo`` needs: SD's teacher prompt and SFT's target are the
-    worked solution; GRPO samples from the problem alone and rewards the answer."""
-    return ("problem", "answer") if algo == "grpo" else REQUIRED_FIELDS
+    """What every training row of ``algo`` needs: the worked solution where the method reads it
+    (:class:`sdharness.methods.Method`, SD's teacher prompt and SFT's target); otherwise (GRPO, sampled
+    from the problem alone) the answer its reward checks."""
+    return REQUIRED_FIELDS if METHODS[algo].reads_reference else ("problem", "answer")
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *, field: str = "data.path",
