@@ -378,7 +378,7 @@ def test_a_base_pretrained_on_another_task_is_refused_before_it_loads(tmp_path, 
     with pytest.raises(ConfigError, match=r"^data.task='chain', but model.path='pkg://sdharness/assets/testbed' "
                                           r"was pretrained on data.task='columns' \(.*pretrain_report.json\); set "
                                           r"data.task=columns, or choose a base pretrained on chain$"):
-        train(compose_config(["experiment=testbed_sd", "model=testbed", "data.task=chain"]), tmp_path)
+        train(compose_config(["experiment=testbed", "model=testbed", "data.task=chain"]), tmp_path)
     columns = to_train_config(compose_config(["model=testbed", "data.task=columns"]))
     check_pretrained_task(columns.model, columns.data)
     (tmp_path / "base").mkdir()  # a base without a pretraining report (not made by testbed/pretrain.py)

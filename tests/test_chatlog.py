@@ -127,7 +127,7 @@ def test_shipped_chat_log_loads_with_zero_skips_and_refines_wrong_answers():
         answers = [m["content"] for m in conversation["messages"] if m["role"] == "assistant"]
         assert is_correct(answers[-1], conversation["answer"])
         assert not any(is_correct(text, conversation["answer"]) for text in answers[:-1])
-    dm = ProblemDataModule(DataConfig(name="chatlog", path=SHIPPED, strict=True), PromptConfig(), char_tokenizer(),
+    dm = ProblemDataModule(DataConfig(name="chatlog", path=SHIPPED, eval_size=32, strict=True), PromptConfig(), char_tokenizer(),
                            max_context=1024, max_new_tokens=96)
     dm.setup()
     assert not dm.skipped and len(dm.evaluation) == 32 and all("answer" in item for item in dm.evaluation)

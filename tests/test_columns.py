@@ -12,7 +12,7 @@ from sdharness.data.columns import (COLUMNS, Column, ColumnProblem, add_columns,
                                     foreign_solution, native_solution, parse_line)
 from sdharness.data.datamodule import load_problems
 from sdharness.data.tasks import CHAIN, is_correct, is_early_answer
-from sdharness.tools.probe import first_difference
+from sdharness.tools.probe_figures import first_difference
 
 # 9581 + 4637 = 14218: carries out of the tens, hundreds and thousands; a final carry leads.
 PROBLEM = "Add 9581 and 4637. What is the sum?"

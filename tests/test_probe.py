@@ -10,7 +10,7 @@ import torch
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.distill.diagnostics import target_diagnostics
 from sdharness.data.tasks import CHAIN, chain_operations
-from sdharness.tools.probe import first_deviation, first_difference
+from sdharness.tools.probe_figures import first_deviation, first_difference
 
 consistent_continuation = CHAIN.consistent_continuation
 
@@ -173,7 +173,8 @@ def test_a_slip_counts_only_where_following_and_copying_differ(completion, slip_
     both rates down; the chained task's next result always differs, so its figures are unchanged."""
     from sdharness.config import PromptConfig
     from sdharness.data.columns import COLUMNS
-    from sdharness.tools.probe import Accumulator, _follow_or_copy
+    from sdharness.tools.probe import _follow_or_copy
+    from sdharness.tools.probe_figures import Accumulator
 
     model, tokenizer = _tiny_model()
     cfg = type("Cfg", (), {"prompt": PromptConfig(name="testbed", chat_template="never")})()
@@ -213,7 +214,7 @@ def test_sft_on_native_references_learns_the_default_base_task(tmp_path):
     from sdharness.train import train
     from tests.conftest import compose_config
 
-    train(compose_config(["experiment=testbed_sft", "optim.lr=1e-4", "data.batch_size=32", "budget.problems=2048",
+    train(compose_config(["experiment=testbed", "method=sft", "optim.lr=1e-4", "data.batch_size=32", "budget.problems=2048",
                           "data.eval_size=128", "eval.every_n_steps=0", "logger.mode=disabled", "threads=1"]), tmp_path)
     with open(tmp_path / "metrics.csv") as handle:
         accuracies = [float(r["eval/accuracy"]) for r in csv.DictReader(handle) if r.get("eval/accuracy")]
@@ -225,7 +226,7 @@ def test_sft_on_native_references_learns_the_default_base_task(tmp_path):
 def test_probe_table_lists_the_loss_knobs_that_change_the_target():
     """loss.support=topk merges the target's mass outside the teacher's top-k into one bucket and
     loss.entry_clip caps single KL terms: the table shows both per aggregation."""
-    from sdharness.tools.probe import Accumulator, figures, format_table
+    from sdharness.tools.probe_figures import Accumulator, figures, format_table
 
     acc = Accumulator(aggregation={"clip": {"mass": [0.1], "log_ratio": [0.0], "kl": [0.2], "tail": [0.25, 0.75],
                                             "entry": [0.5, 1.5]}})

@@ -153,6 +153,21 @@ def test_final_commands_give_each_method_its_lr_and_grpo_native_references_only(
     assert "--config-name" in tr and tr[tr.index("--config-name") + 1] == "protocol_final"
 
 
+def test_one_registry_flag_says_what_reads_a_reference_for_the_data_and_the_protocol(tmp_path, monkeypatch):
+    """``reads_reference`` in the methods registry decides both which fields a training row needs and
+    which reference styles the protocol's final stage runs; nothing else names grpo."""
+    from sdharness.data.datamodule import required_fields
+    from sdharness.methods import METHODS, Method
+
+    assert [name for name, method in METHODS.items() if not method.reads_reference] == ["grpo"]
+    assert required_fields("grpo") == ("problem", "answer") and required_fields("sft") == ("problem", "solution")
+    monkeypatch.setitem(METHODS, "sft", Method(METHODS["sft"].module_class, reads_reference=False))
+    assert required_fields("sft") == ("problem", "answer")
+    commands = final_commands(tmp_path, {"sft": {"lr": 1e-4}, "sd_clip": {"lr": 1e-4}}, ["native", "foreign"], "0", [])
+    assert ["data.solution_style=native" in c for c in commands] == [False, True]  # sd_clip, then sft
+    assert "data.solution_style=native,foreign" in commands[0]
+
+
 def test_the_teacher_factor_goes_to_the_sd_method_validation_ranks_first(tmp_path):
     assert first_arms(["sd_clip", "sft", "grpo"]) == ["sd_clip+initial", "sft", "grpo"]
     selection_run(tmp_path, "0", "sd_clip", 1e-4, [0.2, 0.5], eval_=[0.2, 0.1])

@@ -233,14 +233,14 @@ def test_pretrain_command_reproduces_the_shipped_base(tmp_path, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("teacher, after", [("live", 0.22), ("initial", 0.26)])
 def test_short_self_distillation_run_gives_its_measured_accuracies(tmp_path, teacher, after):
-    """8 steps of testbed_sd (product, lr 3e-4) on the chain base, 1 thread, seeded: the base's 0.46 on
+    """8 steps of experiment=testbed (product, lr 3e-4) on the chain base, 1 thread, seeded: the base's 0.46 on
     these 50 HARD problems and after them 0.22 with the live teacher (measured at 78bb8cb, when it was the
     default), 0.26 with the frozen initial one (at 03734f5's successor). Any change to sampling, scoring,
     the loss or the step moves them."""
     from sdharness.train import train
     from tests.conftest import compose_config
 
-    train(compose_config(["experiment=testbed_sd", "model=testbed_chain", "data.task=chain", "optim.lr=3e-4",
+    train(compose_config(["experiment=testbed", "model=testbed_chain", "data.task=chain", "optim.lr=3e-4",
                           "budget.problems=64", "data.eval_size=50", "eval.every_n_steps=0", f"teacher={teacher}",
                           "logger.mode=disabled", "rollout.progress=false"]), tmp_path)
     import csv

@@ -130,12 +130,12 @@ def test_generate_cli_on_failure_fixes_the_students_failures(tmp_path):
 
 @pytest.mark.slow
 def test_on_failure_guided_training_on_testbed_hard(tmp_path):
-    """``experiment=testbed_sd`` (HARD, batch 8, product tau=2, sampling at temperature 1) with
+    """``experiment=testbed`` (HARD, batch 8, product tau=2, sampling at temperature 1) with
     ``rollout.guidance=on_failure``, 2 steps. Measured: guided fraction 0.75 and 0.875 (plain
     accuracy 0.25, 0.125), guided accuracy 1.0 and 1.0. About 6 s."""
     from sdharness.train import train
 
-    train(compose_config(["experiment=testbed_sd", "model=testbed_chain", "data.task=chain", "rollout.guidance=on_failure", "trainer.max_steps=2",
+    train(compose_config(["experiment=testbed", "model=testbed_chain", "data.task=chain", "rollout.guidance=on_failure", "trainer.max_steps=2",
                           "data.eval_size=16", "eval.at_start=false", "eval.every_n_steps=0", "logger.mode=disabled",
                           "threads=1"]), tmp_path)
     rows = [r for r in read_metrics(tmp_path) if r.get("train/guided_fraction")]

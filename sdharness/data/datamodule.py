@@ -28,6 +28,7 @@ from sdharness.models import resolve_path
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad, teacher_context
 from sdharness.data.builtin import builtin_task
 from sdharness.data.tasks import SOLUTION_STYLES, unreadable_answer
+from sdharness.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,11 @@ EVAL_FIELDS = ("problem", "answer")  # eval prompts with the problem and checks 
 
 
 def required_fields(algo: str, hint_source: str = "reference") -> tuple[str, ...]:
-    """What every training row of ``algo`` needs: SD's teacher prompt and SFT's target are the
-    worked solution; GRPO, and SD with ``algo.hint_source=sibling``, sample from the problem alone
-    and check the answer."""
-    return ("problem", "answer") if algo == "grpo" or hint_source == "sibling" else REQUIRED_FIELDS
+    """What every training row of ``algo`` needs: the worked solution where the method reads it
+    (:class:`sdharness.methods.Method`, SD's teacher prompt and SFT's target); otherwise (GRPO, and SD with
+    ``algo.hint_source=sibling``, sampled from the problem alone) the answer that is checked."""
+    reads = METHODS[algo].reads_reference and hint_source != "sibling"
+    return REQUIRED_FIELDS if reads else ("problem", "answer")
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *, field: str = "data.path",

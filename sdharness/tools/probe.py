@@ -43,8 +43,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness.cli import bad_input_exits, cli_errors
-from sdharness.config import (CONF_DIR, ConfigError, DataConfig, LoggerConfig, ModelConfig, PromptConfig, check_threads,
-                              require, resolve_wandb_mode)
+from sdharness.config import (CONF_DIR, AggregationConfig, ConfigError, DataConfig, LoggerConfig, ModelConfig,
+                              PromptConfig, check_threads, require, resolve_wandb_mode)
 from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems, reference_styles
 from sdharness.data.jsonl import DataError
@@ -57,6 +57,7 @@ from sdharness.distill.variants import largest_entry_term, topk_buckets
 from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.models import check_pretrained_task, load_model_and_tokenizer, set_threads_for
 from sdharness.rollout.hf import eos_token_ids, generate
+from sdharness.tools.probe_figures import Accumulator, figures, first_deviation, first_difference, format_table
 
 log = logging.getLogger(__name__)
 RESULT_NAME = "probe.json"
@@ -98,51 +99,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="probe_schema", node=ProbeConfig)
 
 
-# --------------------------------------------------------------------------------------------
-# Pure figures
-# --------------------------------------------------------------------------------------------
-
-
-def first_deviation(completion: list[int], reference: list[int]) -> int | None:
-    """The first index where ``completion`` leaves ``reference``; None when it never does
-    (equal, or ``completion`` stops inside it)."""
-    for index, (token, expected) in enumerate(zip(completion, reference)):
-        if token != expected:
-            return index
-    return len(reference) if len(completion) > len(reference) else None
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def _rate(count: int, total: int) -> float | None:
-    return count / total if total else None
-
-
-# --------------------------------------------------------------------------------------------
-# The probe
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Accumulator:
-    """Running sums over problems, turned into the figures by :meth:`figures`."""
-
-    problems: int = 0
-    deviating: int = 0
-    argmax_is_reference: int = 0
-    p_teacher_reference: list[float] = field(default_factory=list)
-    p_student_reference: list[float] = field(default_factory=list)
-    kl_before: list[float] = field(default_factory=list)
-    kl_after: list[float] = field(default_factory=list)
-    slips: int = 0
-    follows: int = 0
-    copies: int = 0
-    # name -> {"mass", "log_ratio", "kl", "tail" (outside the teacher's top-k), "entry" (largest KL term)}: [...]
-    aggregation: dict = field(default_factory=dict)
-
-
 def _hinted_texts(cfg: ProbeConfig, problems: list[dict]) -> dict[str, list[str]]:
     """Teacher prompts per reference style (:func:`sdharness.data.datamodule.reference_styles`); a row's own
     ``hint`` stands in for its reference (:func:`sdharness.data.prompts.teacher_context`)."""
@@ -171,15 +127,17 @@ def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> 
 
 
 def default_taus() -> dict[str, float | None]:
-    """Each registered aggregation's tau as its ``conf/aggregation/<name>.yaml`` sets it (None
+    """Each registered aggregation's tau as ``aggregation=<name>`` sets it: its
+    ``conf/aggregation/<name>.yaml`` over :class:`~sdharness.config.AggregationConfig`'s defaults (None
     where the aggregation ignores tau)."""
     taus = {}
     for name, aggregation in AGGREGATIONS.items():
         path = CONF_DIR / "aggregation" / f"{name}.yaml"
         if not path.exists():
             raise ConfigError(f"aggregation {name!r} is registered but {path} is missing; every aggregation needs "
-                              "its YAML (name, tau)")
-        taus[name] = float(OmegaConf.load(path).tau) if aggregation.uses_tau else None
+                              "its YAML (name, and tau where it differs from the default)")
+        option = OmegaConf.merge(OmegaConf.structured(AggregationConfig), OmegaConf.load(path))
+        taus[name] = float(option.tau) if aggregation.uses_tau else None
     return taus
 
 
@@ -244,12 +202,6 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
     return acc
 
 
-def first_difference(consistent: list[int], copied: list[int]) -> int | None:
-    """The first position where both continuations have a token and the tokens differ; None when
-    one is a prefix of the other (no next token tells following from copying)."""
-    return next((i for i, (a, b) in enumerate(zip(consistent, copied)) if a != b), None)
-
-
 def _follow_or_copy(cfg, model, tokenizer, acc: Accumulator, task, problem: dict, completion: list[int], at: int,
                     teacher_text: str) -> None:
     """Score the student-consistent continuation after the teacher prompt; count follows/copies
@@ -272,92 +224,6 @@ def _follow_or_copy(cfg, model, tokenizer, acc: Accumulator, task, problem: dict
     choice = int(logits[0, differ].argmax())
     acc.follows += choice == ids[differ]
     acc.copies += choice == copied[differ]
-
-
-def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float, top_k: int = 100,
-            comparable: bool = True) -> dict:
-    """The probe's result: every figure, with the counts behind it. ``comparable``: the references
-    are in the student's format; otherwise the deviation figures are None (a free-text reference is
-    left by every sample at once, and its tokens are no target for the teacher's argmax)."""
-    aggregations = {}
-    for name, rows in acc.aggregation.items():
-        ratios = sorted(rows["log_ratio"])
-        aggregations[name] = {
-            "tau": taus[name],
-            "unconsidered_mass": _mean(rows["mass"]),
-            "max_ratio_median": math.exp(ratios[len(ratios) // 2]) if ratios else None,
-            "max_ratio_max": math.exp(ratios[-1]) if ratios else None,
-            "kl_target_student": _mean(rows["kl"]),
-            "topk_tail_mass": _mean(rows["tail"]),
-            "max_entry_term": _mean(rows["entry"]),
-            "tokens": len(ratios),
-        }
-    return {
-        "greedy": greedy,
-        "problems": acc.problems,
-        "deviation": {"references_in_student_format": False} if not comparable else {
-            "references_in_student_format": True,
-            "deviating": acc.deviating,
-            "teacher_argmax_is_reference": _rate(acc.argmax_is_reference, len(acc.p_teacher_reference)),
-            "p_teacher_reference": _mean(acc.p_teacher_reference),
-            "p_student_reference": _mean(acc.p_student_reference),
-            "kl_before": _mean(acc.kl_before),
-            "kl_after": _mean(acc.kl_after),
-        },
-        "after_slip": {"slips": acc.slips, "follows_student": _rate(acc.follows, acc.slips),
-                       "copies_reference": _rate(acc.copies, acc.slips)},
-        "aggregation": aggregations,
-        "eps": eps,
-        "top_k": top_k,
-    }
-
-
-def _cell(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float) and value >= 1e4:
-        return f"{value:.2e}"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def format_table(result: dict) -> str:
-    """The teacher-quality table as printed (and stored in probe.json as ``table``)."""
-    rows = []
-    for name, row in result["greedy"].items():
-        label = "no hint" if name == "no_hint" else f"hint ({name.removeprefix('hint_')})"
-        rows.append((f"greedy accuracy, {label}", _cell(row["accuracy"])))
-        if name != "no_hint":
-            rows.append((f"early-answer rate, teacher with hint ({name.removeprefix('hint_')})",
-                         _cell(row["early_answer_rate"])))
-    deviation = result["deviation"]
-    if not deviation["references_in_student_format"]:
-        rows.append(("first deviation from the reference", "n/a: the references are not in the student's format "
-                     "(references_in_student_format=true if they are)"))
-    else:
-        rows += [
-            ("samples leaving the reference", f"{deviation['deviating']}/{result['problems']}"),
-            ("at the first deviation: teacher argmax = reference", _cell(deviation["teacher_argmax_is_reference"])),
-            ("at the first deviation: mean p_T(reference)", _cell(deviation["p_teacher_reference"])),
-            ("at the first deviation: mean p_S(reference)", _cell(deviation["p_student_reference"])),
-            ("KL(teacher||student) per token, before it", _cell(deviation["kl_before"])),
-            ("KL(teacher||student) per token, after it", _cell(deviation["kl_after"])),
-        ]
-    slip = result["after_slip"]
-    if slip["slips"]:
-        rows += [("samples whose first deviation is a slipped result", str(slip["slips"])),
-                 ("next result: teacher follows the student's value", _cell(slip["follows_student"])),
-                 ("next result: teacher copies the reference", _cell(slip["copies_reference"]))]
-    width = max(len(label) for label, _ in rows)
-    lines = [f"{'figure':<{width}}  value"] + [f"{label:<{width}}  {value}" for label, value in rows]
-    lines += ["", f"{'aggregation':<16}{'tau':>6}{'mass p_S<' + format(result['eps'], 'g'):>16}"
-                  f"{'max q/p_S median':>18}{'max q/p_S max':>15}{'KL(q||p_S)':>12}"
-                  f"{'q outside top-' + str(result.get('top_k', 100)):>19}{'max KL term':>13}"]
-    for name, row in result["aggregation"].items():
-        lines.append(f"{name:<16}{'–' if row['tau'] is None else format(row['tau'], 'g'):>6}{_cell(row['unconsidered_mass'], 4):>16}"
-                     f"{_cell(row['max_ratio_median'], 2):>18}{_cell(row['max_ratio_max'], 2):>15}"
-                     f"{_cell(row['kl_target_student']):>12}{_cell(row.get('topk_tail_mass'), 4):>19}"
-                     f"{_cell(row.get('max_entry_term')):>13}")
-    return "\n".join(lines)
 
 
 def _flatten(prefix: str, value) -> dict:

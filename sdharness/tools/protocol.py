@@ -15,7 +15,8 @@ its learning rate over seeds, then the report with confidence bands.
    per arm (method, and teacher for SD); the eval split is never scored in this stage. Writes
    ``OUT/selection.json`` and ``OUT/selection.md``.
 2. ``final`` (sweeps/protocol_final.yaml): each arm at its selected lr, seeds 0, 1, 2, native and
-   foreign references (grpo reads none: native only), 2048 problems each, 256 eval and 256 validation
+   foreign references (a method that reads none, grpo: native only; ``reads_reference`` in
+   :data:`sdharness.methods.METHODS`), 2048 problems each, 256 eval and 256 validation
    problems scored at every eval point (the report's best-on-validation column); one multirun per arm
    and seed under ``OUT/final/<arm>/seed<k>``.
 3. ``report``: ``sdharness-report OUT/final`` -> ``OUT/final/report/report.md``: mean ± 95% confidence
@@ -46,14 +47,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sdharness.config import SWEEPS_DIR, ConfigError
+from sdharness.config import CONF_DIR, SWEEPS_DIR, ConfigError
 from sdharness.data.jsonl import DataError
+from sdharness.methods import METHODS
 from sdharness.report.build import build_report, markdown_table
 from sdharness.report.runs import Run, find_runs, teacher_of
 
-# The choices of sweeps/method/, one per compared method; a new file there joins the protocol.
-METHOD_CHOICES = tuple(sorted(path.stem for path in (SWEEPS_DIR / "method").glob("*.yaml")))
-READS_NO_REFERENCE = ("grpo",)  # trained on answers only: the reference style does not apply
+# The choices of conf/method/, one per compared method; a new file there joins the protocol.
+METHOD_CHOICES = tuple(sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml")))
 SELECTION_METRIC = "val/accuracy"
 LEARNING_RATES = "1e-5,3e-5,1e-4,3e-4,1e-3"
 # The teacher factor of SD methods: the frozen initial weights for every aggregation; the live weights and
@@ -63,10 +64,16 @@ TEACHERS = {"initial": ["teacher=initial"], "live": ["teacher=live"],
 FIRST_TEACHER = "initial"
 
 
+def algo_of(method: str) -> str:
+    """The ``algo`` a method choice trains with (its conf/method file's ``override /algo``)."""
+    defaults = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml").get("defaults", [])
+    return next(dict(entry)["override /algo"] for entry in defaults
+                if isinstance(entry, DictConfig) and "override /algo" in entry)
+
+
 def has_teacher(method: str) -> bool:
-    """Whether the method choice trains with a teacher (its sweeps/method file overrides /algo to sd)."""
-    defaults = OmegaConf.load(SWEEPS_DIR / "method" / f"{method}.yaml").get("defaults", [])
-    return any(dict(entry).get("override /algo") == "sd" for entry in defaults if isinstance(entry, DictConfig))
+    """Whether the method choice trains with a teacher (algo sd)."""
+    return algo_of(method) == "sd"
 
 
 def arm(method: str, teacher: str | None) -> str:
@@ -181,7 +188,7 @@ def final_commands(out: Path, selection: dict[str, dict], styles: list[str], see
         method, teacher = split_arm(name)
         if method not in METHOD_CHOICES:
             continue
-        method_styles = ["native"] if method in READS_NO_REFERENCE else styles
+        method_styles = styles if METHODS[algo_of(method)].reads_reference else ["native"]
         for seed in seeds.split(","):
             commands.append(train_command("protocol_final", out / "final" / name / f"seed{seed}", [
                 f"method={method}", *teacher, f"optim.lr={selection[name]['lr']:g}", f"seed={seed}",
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="protocol dir: select/, selection.json, final/, final/report/")
     parser.add_argument("--stage", choices=("all", "select", "final"), default="all",
                         help="final: reuse OUT/selection.json (or OUT/select)")
-    parser.add_argument("--methods", default=",".join(METHOD_CHOICES), help="choices of sweeps/method/ to compare")
+    parser.add_argument("--methods", default=",".join(METHOD_CHOICES), help="choices of conf/method/ to compare")
     parser.add_argument("--teachers", default=",".join(t for t in TEACHERS if t != FIRST_TEACHER),
                         help=f"teachers besides {FIRST_TEACHER} for the SD methods validation ranks first "
                              f"(choose from {', '.join(TEACHERS)}; empty: none)")
