@@ -18,19 +18,19 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness.distill.aggregation import AGGREGATIONS
-from sdharness.distill.losses import DIVERGENCES
+from sdharness.distill.divergences import DIVERGENCES
 from sdharness.distill.variants import SUPPORTS, TOPK_FROM
 from sdharness.data import SOURCES
+from sdharness.data.builtin import builtin_task
+from sdharness.data.answers import answer_checker
+from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES
 from sdharness.methods import METHODS
 from sdharness.rollout import BACKENDS, GUIDANCE_MODES
+from sdharness.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"  # the checkout's conf/ (the package is installed editable)
 SWEEPS_DIR = PACKAGE_DIR.parent / "sweeps"
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field and the fix."""
 
 
 def require(ok: bool, message: str) -> None:
@@ -129,10 +129,6 @@ class DataConfig:
     evaluate_on: str = "eval"
 
     def __post_init__(self):
-        from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES, answer_checker
-
-        from sdharness.data.builtin import builtin_task
-
         _choice("data.name", self.name, tuple(SOURCES))
         builtin_task(self.task)
         answer_checker(self.checker, self.answer_marker)  # an unknown name, or math_verify not installed, fails now

@@ -23,7 +23,8 @@ from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.data.datamodule import DataError, read_jsonl
 from sdharness.tools.generate import named_config
 from sdharness.models import load_model_and_tokenizer
-from sdharness.data.tasks import CHAIN, answer_checker, is_correct
+from sdharness.data.answers import answer_checker, is_correct
+from sdharness.data.chain import CHAIN
 from tests.conftest import TESTBED_CHAIN
 
 TINY = ModelConfig(name="tiny_random", source="tiny_random")

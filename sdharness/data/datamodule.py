@@ -15,6 +15,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -22,12 +23,16 @@ from torch.utils.data import DataLoader
 
 from sdharness.data import SOURCES
 from sdharness.data.chatlog import EXCEEDS_CONTEXT, encode_chat, encode_completion, load_chats
-from sdharness.config import ConfigError, DataConfig, PromptConfig
+from sdharness.errors import ConfigError
 from sdharness.data.jsonl import DataError, json_objects
 from sdharness.models import resolve_path
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad, teacher_context
 from sdharness.data.builtin import builtin_task
-from sdharness.data.tasks import SOLUTION_STYLES, unreadable_answer
+from sdharness.data.answers import unreadable_answer
+from sdharness.data.tasks import SOLUTION_STYLES
+
+if TYPE_CHECKING:  # annotations only: data/ never imports the config schema, which imports data/
+    from sdharness.config import DataConfig, PromptConfig
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file, the line and the fix."""
+from sdharness.errors import DataError
 
 
 def json_objects(path: str | Path, field: str = "data.path") -> Iterator[tuple[int, dict]]:

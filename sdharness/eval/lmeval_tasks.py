@@ -8,7 +8,7 @@
 ``sdh_arithmetic_hard``; tag ``sdh_arithmetic`` runs both): a JSONL file of held-out problems
 (``problem``, ``solution``, ``answer``) and a YAML that loads it with ``dataset_path: json``.
 Answers are read with a regex filter after "The answer is" (the same pattern as
-:func:`sdharness.data.tasks.extract_answer`) and scored with ``exact_match``. The same folder holds
+:func:`sdharness.data.answers.extract_answer`) and scored with ``exact_match``. The same folder holds
 ``sdh_gsm_symbolic`` (GSM8K-style word problems on held-out templates), written with
 :func:`task_config` by ``python -m sdharness.tools.gsm_symbolic.build`` (see :mod:`sdharness.tools.gsm_symbolic.build`).
 The tasks' ``doc_to_text`` is the student prompt of ``conf/prompt/cot.yaml``
@@ -42,7 +42,9 @@ from typing import Any, Iterable
 import yaml
 
 from sdharness.config import PACKAGE_DIR
-from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, answer_pattern, CHAIN
+from sdharness.data.answers import ANSWER_MARKER, answer_pattern
+from sdharness.data.chain import CHAIN
+from sdharness.data.tasks import DIFFICULTY_STEPS
 
 REPO_ROOT = PACKAGE_DIR.parent
 TASKS_DIR = REPO_ROOT / "evals" / "tasks"  # the shipped task files (editable install / checkout)
@@ -61,7 +63,7 @@ DEFAULT_STUDENT_TEMPLATE = (
 )
 # End-of-text markers of common tokenizers; lm-eval adds the tokenizer's own EOS as well.
 STOP_SEQUENCES = ["</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"]
-# Exactly sdharness.data.tasks.extract_answer: the first number after the answer marker.
+# Exactly sdharness.data.answers.extract_answer: the first number after the answer marker.
 ANSWER_REGEX = answer_pattern(ANSWER_MARKER)
 FILTER_NAME = "strict-match"
 
@@ -119,7 +121,7 @@ def task_config(name: str, difficulty: str | None, data_file: str, *, prompt_tem
         "metric_list": [{
             "metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
             "ignore_case": True, "ignore_punctuation": False,
-            # "1,024" == "1024" and "32.0" == "32", as sdharness.data.tasks.is_correct compares numbers
+            # "1,024" == "1024" and "32.0" == "32", as sdharness.data.answers.is_correct compares numbers
             "regexes_to_ignore": [",", r"\.0+$"],
         }],
         "metadata": meta,

@@ -27,7 +27,7 @@ from sdharness.rollout.guided import answer_checks, guided_generate, sample_with
 from sdharness.models import load_model_and_tokenizer
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher, teacher_context
 from sdharness.rollout.hf import generate
-from sdharness.data.tasks import ANSWER_MARKER, answer_checker
+from sdharness.data.answers import ANSWER_MARKER, answer_checker
 
 
 

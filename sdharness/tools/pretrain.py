@@ -68,7 +68,8 @@ from sdharness.methods.schedule import lr_lambda
 from sdharness.models import PRETRAIN_REPORT, char_llama_config, char_tokenizer, pretrained_task, resolve_path
 from sdharness.data.prompts import encode_prompt, render_student, render_teacher
 from sdharness.data.builtin import builtin_task
-from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS
+from sdharness.data.answers import ANSWER_MARKER
+from sdharness.data.tasks import DIFFICULTY_STEPS
 
 log = logging.getLogger(__name__)
 REQUIRED_INIT = "REQUIRED"  # init_from of a stage config: the command line must name the base
