@@ -3,7 +3,11 @@ headline ratio (a positive float) and the table prints."""
 
 import json
 
+import pytest
+
 from sdharness.tools import bench
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
 
 def test_tiny_bench_json_and_table(capsys, monkeypatch):

@@ -27,6 +27,8 @@ from sdharness.data.answers import answer_checker, is_correct
 from sdharness.data.chain import CHAIN
 from tests.conftest import TESTBED_CHAIN
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 TINY = ModelConfig(name="tiny_random", source="tiny_random")
 PROBLEMS = [{"problem": f"Start with {n}. Add 1. What is the result?", "answer": str(n + 1)} for n in range(4)]
 

@@ -22,6 +22,8 @@ from sdharness.config import CONF_DIR, SWEEPS_DIR, register_configs, to_train_co
 from sdharness.train import train
 from tests.conftest import compose_config
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 SWEEPS = sorted(path.stem for path in SWEEPS_DIR.glob("*.yaml"))
 # One optimiser step on a few short problems, no W&B: the smallest run that goes through every stage.

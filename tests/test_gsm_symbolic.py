@@ -27,6 +27,8 @@ from sdharness.data.datamodule import read_jsonl  # noqa: E402
 from sdharness.data.answers import ANSWER_MARKER, extract_answer, is_correct  # noqa: E402
 from tests.conftest import TINY, compose_config, oracle_lm  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "sdharness" / "assets" / "gsm_symbolic"
 TASK_YAML = REPO / "evals" / "tasks" / f"{gsm.TASK_NAME}.yaml"

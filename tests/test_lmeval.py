@@ -25,6 +25,8 @@ from sdharness.models import load_model_and_tokenizer, save_for_inference  # noq
 from sdharness.data.answers import extract_answer, is_correct  # noqa: E402
 from tests.conftest import oracle_lm  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["sdh_arithmetic_easy", "sdh_arithmetic_hard"]
 METRIC = "exact_match,strict-match"

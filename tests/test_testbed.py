@@ -27,6 +27,8 @@ from sdharness.tools.pretrain import (
 )
 from tests.conftest import TESTBED, TESTBED_CHAIN, compose_config
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 TOLERANCE = 0.05  # accuracy points, as a fraction
 ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")
 

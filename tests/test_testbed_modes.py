@@ -34,6 +34,8 @@ from sdharness.data.answers import is_correct
 from tests.conftest import TESTBED_CHAIN, compose_config
 from tests.test_testbed import TESTBED_V1
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 MAX_NEW_TOKENS = 96  # the testbed experiments' rollout.max_new_tokens and eval.max_new_tokens
 SIZE = 16
 

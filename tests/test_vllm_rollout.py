@@ -26,6 +26,8 @@ from sdharness.models import char_llama_config, char_tokenizer, load_model_and_t
 from sdharness.rollout.hf import completion_mask, eos_token_ids, generate
 from sdharness.rollout.vllm import MISSING_VLLM, NO_CUDA, VLLMRollout, hf_state_dict, prompt_token_lists
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 PROMPTS = ["12+7=", "hello", "The answer is 4"]
 
 
