@@ -20,7 +20,7 @@ from sdharness.tools.bootstrap import (
     trim_solution,
 )
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
-from sdharness.data.datamodule import DataError, read_jsonl
+from sdharness.data.jsonl import DataError, read_jsonl
 from sdharness.tools.generate import named_config
 from sdharness.models import load_model_and_tokenizer
 from sdharness.data.answers import answer_checker, is_correct

@@ -23,7 +23,7 @@ from sdharness.tools.gsm_symbolic import build as gsm  # noqa: E402
 from sdharness.tools.gsm_symbolic import templates  # noqa: E402
 from sdharness.eval import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig  # noqa: E402
-from sdharness.data.datamodule import read_jsonl  # noqa: E402
+from sdharness.data.jsonl import read_jsonl  # noqa: E402
 from sdharness.data.answers import ANSWER_MARKER, extract_answer, is_correct  # noqa: E402
 from tests.conftest import TINY, compose_config, oracle_lm  # noqa: E402
 

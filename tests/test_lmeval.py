@@ -20,7 +20,7 @@ pytest.importorskip("lm_eval")
 
 from sdharness.eval import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig, PromptConfig  # noqa: E402
-from sdharness.data.datamodule import read_jsonl  # noqa: E402
+from sdharness.data.jsonl import read_jsonl  # noqa: E402
 from sdharness.models import load_model_and_tokenizer, save_for_inference  # noqa: E402
 from sdharness.data.answers import extract_answer, is_correct  # noqa: E402
 from tests.conftest import oracle_lm  # noqa: E402

@@ -46,7 +46,9 @@ import torch
 
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
-from sdharness.data.datamodule import DataError, data_path, read_jsonl
+from sdharness.data.datamodule import data_path
+from sdharness.data.jsonl import read_jsonl
+from sdharness.errors import DataError
 from sdharness.tools.generate import named_config, add_model_arguments, model_config
 from sdharness.rollout.guided import guided_generate
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
