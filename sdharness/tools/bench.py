@@ -287,12 +287,17 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"sdharness: error: {error}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
+    def only_json_on_stdout():  # `--json | jq` reads the JSON alone: what the work prints goes to stderr
+        return stdout_to_stderr() if args.json else contextlib.nullcontext()
+
     if args.loss_support:
-        entries = bench_loss.run_loss_cases(_fresh, repeats=args.repeats or 3, threads=args.threads)
+        with only_json_on_stdout():
+            entries = bench_loss.run_loss_cases(_fresh, repeats=args.repeats or 3, threads=args.threads)
         print(json.dumps(entries, indent=2) if args.json else bench_loss.format_loss_table(entries))
         return
     if args.lora_teacher:
-        entry = bench_lora.run_lora_teacher(_fresh, "tiny_random" if args.tiny else "smollm2_135m", args.threads)
+        with only_json_on_stdout():
+            entry = bench_lora.run_lora_teacher(_fresh, "tiny_random" if args.tiny else "smollm2_135m", args.threads)
         print(json.dumps(entry, indent=2) if args.json else bench_lora.format_lora_table(entry))
         return
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -307,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"choose from {', '.join(sorted(known))}\n")
         bench_cases = [case for case in bench_cases if case.name in wanted]
         peer_cases = [case for case in peer_cases if case.name in wanted]
-    with stdout_to_stderr() if args.json else contextlib.nullcontext():  # `--json | jq` reads the JSON alone
+    with only_json_on_stdout():
         report = run_cases(bench_cases, repeats, args.threads, rounds)
         if peer_cases:
             report["peer"] = {"name": args.peer, "version": peer.TRL_VERSION, "unequal": list(peer.UNEQUAL),
