@@ -13,7 +13,8 @@ import json
 import random
 from pathlib import Path
 
-from sdharness.data.tasks import DIFFICULTY_STEPS, arithmetic_chain, chain_values, native_solution, slipped_values
+from sdharness.data.chain import arithmetic_chain, chain_values, native_solution, slipped_values
+from sdharness.data.tasks import DIFFICULTY_STEPS
 
 _ASK = ["{problem}", "Can you solve this? {problem}", "Please work this out step by step: {problem}",
         "Quick one: {problem}"]

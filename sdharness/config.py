@@ -19,6 +19,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness.data import SOURCES
+from sdharness.data.answers import answer_checker
+from sdharness.data.builtin import builtin_task
+from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES
 from sdharness.errors import ConfigError
 from sdharness.paths import config_dir
 from sdharness.schema.checks import choice as _choice, placeholders, require
@@ -102,10 +105,6 @@ class DataConfig:
     evaluate_on: str = "eval"
 
     def __post_init__(self):
-        from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES, answer_checker
-
-        from sdharness.data.builtin import builtin_task
-
         _choice("data.name", self.name, tuple(SOURCES))
         builtin_task(self.task)
         answer_checker(self.checker, self.answer_marker)  # an unknown name, or math_verify not installed, fails now

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness.cli import cli_errors
@@ -32,6 +33,7 @@ from sdharness.jobs import (INTERRUPTED_EXIT, RunInterrupted, end_wandb_run, in_
 from sdharness.methods import method_class
 from sdharness.methods.accounting import BudgetStop
 from sdharness.methods.policy import SkippedUpdatesError
+from sdharness.methods.progress import BudgetProgressBar
 from sdharness.models import check_pretrained_task, load_model_and_tokenizer, save_for_inference, set_threads_for
 from sdharness.report.loggers import make_loggers
 from sdharness.run_lock import run_directory_lock
@@ -48,6 +50,19 @@ warnings.filterwarnings("ignore", message="Experiment logs directory .* exists a
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
 # Lightning 2.6 builds torch pytree leaves the way torch 2.13 deprecates; nothing for a user to do.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+# The frozen copies (the initial teacher, the reference of GRPO's KL) stay in eval mode by design.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                        category=PossibleUserWarning)
+
+
+class _WithoutLitLoggerTip(logging.Filter):
+    """Lightning advertises its cloud logger on every run that does not use it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip: For seamless cloud logging")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_WithoutLitLoggerTip())
 
 
 def train(dict_cfg: DictConfig, output_dir: str | Path, callbacks: tuple = ()) -> dict[str, float]:
@@ -93,6 +108,9 @@ def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tu
     if loaded.contamination and resume is None:  # a resumed run keeps this row (it has no problems_seen)
         for logger in loggers:
             logger.log_metrics({f"data/{name}": float(n) for name, n in loaded.contamination.items()}, step=0)
+    # The bar counts towards the limit that ends the run (steps, problems, tokens or seconds), not epochs.
+    progress = [BudgetProgressBar(cfg.budget, cfg.trainer.max_steps)] if cfg.trainer.extra.get(
+        "enable_progress_bar", True) else []
     try:
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
@@ -100,7 +118,8 @@ def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tu
             max_steps=cfg.trainer.max_steps, log_every_n_steps=cfg.trainer.log_every_n_steps, logger=loggers,
             # The budget decides whether this is the final step, then the eval, then the checkpoint
             # (which holds its step's eval). Data is sharded by EpochSampler.
-            callbacks=[BudgetStop(cfg.budget), quick_eval, checkpoints, *callbacks], default_root_dir=output_dir,
+            callbacks=[BudgetStop(cfg.budget), quick_eval, checkpoints, *progress, *callbacks],
+            default_root_dir=output_dir,
             plugins=[AtomicCheckpointIO()], enable_checkpointing=False, enable_model_summary=False,
             use_distributed_sampler=False,
             **cfg.trainer.extra,

@@ -13,7 +13,8 @@ import torch
 from sdharness.config import ConfigError, PromptConfig
 from sdharness.data.builtin import builtin_task
 from sdharness.data.prompts import encode_prompt, render_student, render_teacher
-from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS
+from sdharness.data.answers import ANSWER_MARKER
+from sdharness.data.tasks import DIFFICULTY_STEPS
 from testbed.pretrain_config import KINDS, MixConfig
 
 

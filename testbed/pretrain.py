@@ -66,7 +66,7 @@ from sdharness.config import ConfigError, PromptConfig
 from sdharness.eval.quick import evaluate_greedy, prompt_batches
 from sdharness.methods.schedule import lr_lambda
 from sdharness.data.prompts import render_student, render_teacher
-from sdharness.data.tasks import ANSWER_MARKER
+from sdharness.data.answers import ANSWER_MARKER
 from sdharness.models import PRETRAIN_REPORT, char_llama_config, char_tokenizer, pretrained_task, resolve_path
 from testbed.examples import build_examples, eval_problems, make_batches
 from testbed.pretrain_config import (EVAL_SETS, KINDS, PRETRAIN_CONF_DIR, ArchConfig, PretrainConfig, register_configs,

@@ -35,21 +35,10 @@ TINY = [
 ]
 
 
-# The fast lane (`make test-fast`, `-m "not slow"`) is the kernel, config and unit tests; these modules
-# and tests run whole training jobs, sweeps, subprocesses or several processes, and are `slow`.
-SLOW_MODULES = {"test_distributed", "test_faults", "test_experiments", "test_testbed", "test_testbed_modes",
-                "test_bench", "test_publish", "test_train", "test_lmeval", "test_vllm_rollout", "test_bootstrap",
-                "test_gsm_symbolic"}
-SLOW_TESTS = {"test_cli_runs_as_a_program", "test_tiny_sweep_reports_completed_and_failed_jobs",
-              "test_command_line_exits_2_with_one_error_line"}
-
-
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.gpu`` tests need a CUDA device; without one they are skipped, never failed.
-    End-to-end tests are marked ``slow`` (see ``SLOW_MODULES``)."""
-    for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or item.originalname in SLOW_TESTS:
-            item.add_marker(pytest.mark.slow)
+    The fast lane (`make test-fast`, ``-m "not slow"``) is the kernel, config and unit tests; a file of
+    end-to-end runs says ``pytestmark = pytest.mark.slow`` at its top, a single test ``@pytest.mark.slow``."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

@@ -615,6 +615,7 @@ CLI = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CLI))
 def test_command_line_exits_2_with_one_error_line(tmp_path, case):
     overrides, message = CLI[case]

@@ -120,7 +120,7 @@ NOTATIONS = [
 
 @pytest.mark.parametrize("completion, gold, builtin, math_verify", NOTATIONS)
 def test_both_checkers_read_answers_in_common_notations(completion, gold, builtin, math_verify):
-    from sdharness.data.tasks import answer_checker, unreadable_answer
+    from sdharness.data.answers import answer_checker, unreadable_answer
 
     assert answer_checker("math_verify")(completion, gold) is math_verify
     if builtin is None:

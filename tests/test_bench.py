@@ -3,7 +3,11 @@ headline ratio (a positive float) and the table prints."""
 
 import json
 
+import pytest
+
 from sdharness.tools import bench
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
 
 def test_tiny_bench_json_and_table(capsys, monkeypatch):
@@ -82,3 +86,19 @@ def test_lora_teacher_bench_scores_with_the_copys_states_and_prints_the_saving(c
     assert entry["saved_mb"] == entry["copy"]["teacher_mb"] - entry["adapter_free"]["teacher_mb"]
     bench.main(["--lora-teacher", "--tiny", "--threads", "1"])
     assert "adapter-free base" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("part", ["--loss-support", "--lora-teacher"])
+def test_json_parts_print_only_json_on_stdout(capfd, monkeypatch, part):
+    """What the measuring prints (a library announcing itself on import) goes to stderr, in every part."""
+    from sdharness.tools import bench_lora, bench_loss
+
+    def noisy(*args, **kwargs):
+        print("[INFO] Running in WANDB offline mode")
+        return {"printed": "around"}
+
+    monkeypatch.setattr(bench_loss, "run_loss_cases", noisy)
+    monkeypatch.setattr(bench_lora, "run_lora_teacher", noisy)
+    bench.main([part, "--tiny", "--json"])
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"printed": "around"} and "Running in WANDB offline mode" in err

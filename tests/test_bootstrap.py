@@ -20,11 +20,14 @@ from sdharness.tools.bootstrap import (
     trim_solution,
 )
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
-from sdharness.data.datamodule import DataError, read_jsonl
+from sdharness.data.jsonl import DataError, read_jsonl
 from sdharness.tools.generate import named_config
 from sdharness.models import load_model_and_tokenizer
-from sdharness.data.tasks import CHAIN, answer_checker, is_correct
+from sdharness.data.answers import answer_checker, is_correct
+from sdharness.data.chain import CHAIN
 from tests.conftest import TESTBED_CHAIN
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
 TINY = ModelConfig(name="tiny_random", source="tiny_random")
 PROBLEMS = [{"problem": f"Start with {n}. Add 1. What is the result?", "answer": str(n + 1)} for n in range(4)]

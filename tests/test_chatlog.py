@@ -11,7 +11,7 @@ from scripts.synthetic_chats import main as chatlog_main, synthetic_chats
 from sdharness.config import ConfigError, DataConfig, PromptConfig
 from sdharness.data.datamodule import DataError, ProblemDataModule
 from sdharness.models import char_tokenizer, resolve_path
-from sdharness.data.tasks import is_correct
+from sdharness.data.answers import is_correct
 from tests.conftest import TINY, compose_config
 
 PLAIN = PromptConfig(chat_template="never")

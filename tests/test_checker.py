@@ -4,7 +4,8 @@ the built-in one reads integers, decimals and fractions and compares them exactl
 import pytest
 
 from sdharness.config import to_train_config
-from sdharness.data.tasks import answer_checker, extract_answer, is_correct, resolve_reward
+from sdharness.data.answers import answer_checker, extract_answer, is_correct
+from sdharness.methods.rewards import resolve_reward
 from sdharness.eval.quick import completion_metrics
 from tests.conftest import TINY, compose_config
 

@@ -11,7 +11,8 @@ from sdharness.data.builtin import TASKS, builtin_task
 from sdharness.data.columns import (COLUMNS, Column, ColumnProblem, add_columns, assemble, digit_pairs,
                                     foreign_solution, native_solution, parse_line)
 from sdharness.data.datamodule import load_problems
-from sdharness.data.tasks import CHAIN, is_correct, is_early_answer
+from sdharness.data.answers import is_correct, is_early_answer
+from sdharness.data.chain import CHAIN
 from sdharness.tools.probe_figures import first_difference
 
 # 9581 + 4637 = 14218: carries out of the tens, hundreds and thousands; a final carry leads.

@@ -16,6 +16,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["model=tiny_random", "data.eval_size=4", "rollout.max_new_tokens=8", "rollout.progress=false",
             "eval.max_new_tokens=8", "eval.batch_size=4", "trainer.max_steps=3", "optim.lr=1e-2", "threads=1",

@@ -28,6 +28,8 @@ from sdharness.config import CONF_DIR, SWEEPS_DIR, register_configs, to_train_co
 from sdharness.train import train
 from tests.conftest import compose_config
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 METHODS = sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))
 # Every experiment at its defaults, and every method in the experiment that compares them.

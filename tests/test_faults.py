@@ -19,6 +19,8 @@ from sdharness.data.datamodule import EpochSampler
 from sdharness.train import train
 from tests.conftest import TINY, compose_config
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 ROOT = Path(__file__).resolve().parent.parent
 # 6 problems in batches of 2: steps 3 and 6 start new epochs, so the kill after the step-4
 # checkpoint lands mid-epoch; eval every 3 steps puts an eval both before and after the kill.

@@ -23,9 +23,11 @@ from scripts.gsm_symbolic import build as gsm  # noqa: E402
 from scripts.gsm_symbolic import templates  # noqa: E402
 from sdharness.eval import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig  # noqa: E402
-from sdharness.data.datamodule import read_jsonl  # noqa: E402
-from sdharness.data.tasks import ANSWER_MARKER, extract_answer, is_correct  # noqa: E402
+from sdharness.data.jsonl import read_jsonl  # noqa: E402
+from sdharness.data.answers import ANSWER_MARKER, extract_answer, is_correct  # noqa: E402
 from tests.conftest import TINY, compose_config, oracle_lm  # noqa: E402
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "sdharness" / "assets" / "gsm_symbolic"

@@ -20,10 +20,12 @@ pytest.importorskip("lm_eval")
 
 from sdharness.eval import lmeval, lmeval_tasks  # noqa: E402
 from sdharness.config import ModelConfig, PromptConfig  # noqa: E402
-from sdharness.data.datamodule import read_jsonl  # noqa: E402
+from sdharness.data.jsonl import read_jsonl  # noqa: E402
 from sdharness.models import load_model_and_tokenizer, save_for_inference  # noqa: E402
-from sdharness.data.tasks import extract_answer, is_correct  # noqa: E402
+from sdharness.data.answers import extract_answer, is_correct  # noqa: E402
 from tests.conftest import oracle_lm  # noqa: E402
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ["sdh_arithmetic_easy", "sdh_arithmetic_hard"]
@@ -48,7 +50,7 @@ def test_written_task_files_verify(tmp_path):
         rows = read_jsonl(data_file, required=("problem", "solution", "answer"))
         assert len(rows) == 12 and len({row["problem"] for row in rows}) == 12
         assert all(is_correct(row["solution"], row["answer"]) for row in rows)
-        # The YAML's regex reads what sdharness.data.tasks.extract_answer reads.
+        # The YAML's regex reads what sdharness.data.answers.extract_answer reads.
         pattern = config["filter_list"][0]["filter"][0]["regex_pattern"]
         assert all(re.findall(pattern, row["solution"])[0] == extract_answer(row["solution"]) for row in rows)
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from sdharness.distill import losses
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.diagnostics import target_diagnostics
-from sdharness.distill.losses import DIVERGENCES, distillation_loss
+from sdharness.distill.divergences import DIVERGENCES
+from sdharness.distill.losses import distillation_loss
 
 F64 = torch.float64
 TAU = {"product": 2.0, "clip": 1.0, "trust_region": 0.1}

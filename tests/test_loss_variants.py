@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
-from sdharness.distill.losses import DIVERGENCES, distillation_loss, reverse_kl
+from sdharness.distill.divergences import DIVERGENCES, reverse_kl
+from sdharness.distill.losses import distillation_loss
 from sdharness.distill.variants import entry_clip_reference, topk_buckets, topk_reference
 from tests.test_losses import make_inputs
 

@@ -6,15 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate
-from sdharness.distill.losses import (
-    DIVERGENCES,
-    distillation_loss,
-    divergence,
-    forward_kl,
-    jsd,
-    masked_token_mean,
-    reverse_kl,
-)
+from sdharness.distill.divergences import DIVERGENCES, divergence, forward_kl, jsd, reverse_kl
+from sdharness.distill.losses import distillation_loss
+from sdharness.methods.sft import masked_token_mean
 
 F64 = torch.float64
 

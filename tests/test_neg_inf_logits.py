@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from sdharness.distill import losses
 from sdharness.distill.aggregation import AGGREGATIONS, aggregate, entropy, entropy_matched_tau
 from sdharness.distill.diagnostics import target_diagnostics
-from sdharness.distill.losses import DIVERGENCES, distillation_loss
+from sdharness.distill.divergences import DIVERGENCES
+from sdharness.distill.losses import distillation_loss
 
 F64 = torch.float64
 INF = math.inf

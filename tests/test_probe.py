@@ -9,7 +9,7 @@ import torch
 
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.distill.diagnostics import target_diagnostics
-from sdharness.data.tasks import CHAIN, chain_operations
+from sdharness.data.chain import CHAIN, chain_operations
 from sdharness.tools.probe_figures import first_deviation, first_difference
 
 consistent_continuation = CHAIN.consistent_continuation

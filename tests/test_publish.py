@@ -11,6 +11,8 @@ import pytest
 from sdharness.report.build import main
 from tests.test_report import fake_run, sweep  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 
 class Recorder:
     """Stands for a wandb_workspaces.reports.v2 class: keeps its keyword arguments as attributes."""

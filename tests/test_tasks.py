@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from sdharness.data.tasks import (answer_span_start, CHAIN, arithmetic_chain, chain_values,
-                                  extract_answer, foreign_solution, is_correct, is_early_answer, native_solution,
+from sdharness.data.answers import answer_span_start, extract_answer, is_correct, is_early_answer
+from sdharness.data.chain import (CHAIN, arithmetic_chain, chain_values, foreign_solution, native_solution,
                                   slipped_solution)
 
 

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from sdharness.config import DataConfig, PromptConfig
-from sdharness.data.datamodule import ProblemDataModule, read_jsonl
+from sdharness.data.datamodule import ProblemDataModule
+from sdharness.data.jsonl import read_jsonl
 from sdharness.data.prompts import encode_prompt
 from sdharness.data.jsonl import DataError
 from sdharness.models import char_tokenizer

@@ -30,9 +30,11 @@ from sdharness.models import load_model_and_tokenizer, resolve_path
 from testbed.examples import eval_problems
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher
 from sdharness.rollout.hf import generate
-from sdharness.data.tasks import is_correct
+from sdharness.data.answers import is_correct
 from tests.conftest import TESTBED_CHAIN, compose_config
 from tests.test_testbed import TESTBED_V1
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
 MAX_NEW_TOKENS = 96  # the testbed experiments' rollout.max_new_tokens and eval.max_new_tokens
 SIZE = 16

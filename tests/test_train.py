@@ -15,6 +15,8 @@ from sdharness.models import char_tokenizer, tiny_random_model
 from sdharness.train import train
 from tests.conftest import TINY, compose_config
 
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
+
 
 def read_metrics(run_dir):
     with open(run_dir / "metrics.csv") as handle:

@@ -24,7 +24,10 @@ from conftest import TINY, compose_config
 from sdharness.config import ConfigError, ModelConfig, RolloutConfig, to_train_config
 from sdharness.models import char_llama_config, char_tokenizer, load_model_and_tokenizer
 from sdharness.rollout.hf import completion_mask, eos_token_ids, generate
-from sdharness.rollout.vllm import MISSING_VLLM, NO_CUDA, VLLMRollout, hf_state_dict, prompt_token_lists
+from sdharness.rollout.vllm import MISSING_VLLM, NO_CUDA, VLLMRollout, prompt_token_lists
+from sdharness.rollout.vllm_weights import hf_state_dict
+
+pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
 PROMPTS = ["12+7=", "hello", "The answer is 4"]
 

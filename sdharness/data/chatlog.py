@@ -28,9 +28,14 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sdharness.config import PromptConfig
 from sdharness.data.jsonl import DataError, json_objects
+from sdharness.data.prompts import uses_chat_template
+from sdharness.models import resolve_path
+
+if TYPE_CHECKING:  # annotations only: data/ never imports the config schema, which imports data/
+    from sdharness.config import PromptConfig
 
 ROLES = ("system", "user", "assistant")
 TURNS = ("all", "first")
@@ -143,8 +148,6 @@ def load_chats(cfg) -> tuple[list[dict], list[dict], Counter]:
     """``(train examples, eval examples, skipped)`` for a ``data=chatlog`` config. Without
     ``data.eval_path``, ``data.eval_size`` conversations are held out (as for ``data=jsonl``);
     eval examples are each held-out conversation's first assistant turn."""
-    from sdharness.models import resolve_path
-
     conversations, skipped = read_chats(resolve_path(cfg.path, "data.path"), strict=cfg.strict)
     if cfg.eval_path:
         held_out, more = read_chats(resolve_path(cfg.eval_path, "data.eval_path"), strict=cfg.strict)
@@ -194,8 +197,6 @@ def encode_chat(prompt_cfg: PromptConfig, tokenizer, messages: list[dict], hint:
     in as a system message placed first (a conversation's own system message follows it in the
     same message) or, with ``prompt.chat_hint_position=last``, at the end of the last user message.
     """
-    from sdharness.data.prompts import uses_chat_template
-
     messages = _with_hint(prompt_cfg, messages, hint)
     if uses_chat_template(prompt_cfg, tokenizer):
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -208,7 +209,5 @@ def encode_chat(prompt_cfg: PromptConfig, tokenizer, messages: list[dict], hint:
 def encode_completion(prompt_cfg: PromptConfig, tokenizer, content: str) -> list[int]:
     """Token ids of a logged assistant turn plus EOS (in the plain rendering, after what is left
     of the assistant prefix, as earlier turns have it in the context)."""
-    from sdharness.data.prompts import uses_chat_template
-
     text = content if uses_chat_template(prompt_cfg, tokenizer) else _assistant_prefix(prompt_cfg)[1] + content
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

@@ -25,7 +25,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from sdharness.data.tasks import ANSWER_MARKER, BuiltinTask
+from sdharness.data.answers import ANSWER_MARKER
+from sdharness.data.tasks import BuiltinTask
 
 # Digits per number (both numbers have the same length), drawn uniformly in the range.
 COLUMN_DIGITS = {"single": (1, 2), "easy": (3, 4), "hard": (6, 7)}

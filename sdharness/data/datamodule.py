@@ -15,6 +15,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -22,18 +23,19 @@ from torch.utils.data import DataLoader
 
 from sdharness.data import SOURCES
 from sdharness.data.chatlog import EXCEEDS_CONTEXT, encode_chat, encode_completion, load_chats
-from sdharness.config import ConfigError, DataConfig, PromptConfig
-from sdharness.data.jsonl import DataError, json_objects
+from sdharness.errors import ConfigError
+from sdharness.data.jsonl import EVAL_FIELDS, REQUIRED_FIELDS, DataError, read_jsonl
 from sdharness.models import resolve_path
 from sdharness.data.prompts import encode_prompt, left_pad, render_student, render_teacher, right_pad, teacher_context
 from sdharness.data.builtin import builtin_task
-from sdharness.data.tasks import SOLUTION_STYLES, unreadable_answer
+from sdharness.data.answers import unreadable_answer
+from sdharness.data.tasks import SOLUTION_STYLES
 from sdharness.methods import METHODS
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # annotations only: data/ never imports the config schema, which imports data/
+    from sdharness.config import DataConfig, PromptConfig
 
-REQUIRED_FIELDS = ("problem", "solution")
-EVAL_FIELDS = ("problem", "answer")  # eval prompts with the problem and checks the answer; no solution
+log = logging.getLogger(__name__)
 
 
 def required_fields(algo: str, hint_source: str = "reference") -> tuple[str, ...]:
@@ -42,38 +44,6 @@ def required_fields(algo: str, hint_source: str = "reference") -> tuple[str, ...
     ``algo.hint_source=sibling``, sampled from the problem alone) the answer that is checked."""
     reads = METHODS[algo].reads_reference and hint_source != "sibling"
     return REQUIRED_FIELDS if reads else ("problem", "answer")
-
-
-def read_jsonl(path: str | Path, required: tuple[str, ...] = REQUIRED_FIELDS, *, field: str = "data.path",
-               where: bool = False) -> list[dict[str, str]]:
-    """Rows of a JSONL file; blank lines are skipped, anything malformed is an error naming file:line
-    (a missing file names the config ``field``). ``where=True`` adds ``"where": "FILE:LINE"`` to
-    each row, for later errors about that row."""
-    rows = []
-    for number, row in json_objects(path, field):
-        if isinstance(row.get("answer"), (int, float)) and not isinstance(row["answer"], bool):
-            row["answer"] = str(row["answer"])  # a numeric answer (42, 0.5) counts as given
-        missing = [name for name in required if not isinstance(row.get(name), str) or not row[name].strip()]
-        if missing:
-            optional = "" if "answer" in required else " (answer is optional)"
-            bootstrap = (f"; rows with only problem and answer get worked solutions from `sdharness-bootstrap "
-                         f"--problems {path} --out solved.jsonl`, or train on them with algo=grpo or "
-                         "algo.hint_source=sibling"
-                         if "solution" in missing else "")
-            raise DataError(f"{path}:{number}: field(s) {', '.join(missing)} missing or not a non-empty string; "
-                            f"every row needs {', '.join(required)}{optional}{bootstrap}")
-        if "hint" in row and (not isinstance(row["hint"], str) or not row["hint"].strip()):
-            raise DataError(f"{path}:{number}: field hint must be a non-empty string (it replaces the solution in "
-                            "the teacher prompt); remove it to use the solution")
-        if "answer" in row:
-            row["answer"] = str(row["answer"])
-        if where:
-            row["where"] = f"{path}:{number}"
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no rows; the file is empty or holds only blank lines. Write one JSON object per "
-                        f"line with fields {', '.join(required)}")
-    return rows
 
 
 def reference_styles(cfg: DataConfig, problems: list[dict]) -> dict[str, list[dict]]:

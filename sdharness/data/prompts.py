@@ -7,9 +7,14 @@ student prompt can be scored after the teacher prompt token for token.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from sdharness.config import ConfigError, PromptConfig
+from sdharness.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: data/ never imports the config schema, which imports data/
+    from sdharness.config import PromptConfig
 
 
 def render_student(cfg: PromptConfig, problem: str) -> str:

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from sdharness.data.tasks import answer_span_start
+from sdharness.data.answers import answer_span_start
 
 log = logging.getLogger(__name__)
 

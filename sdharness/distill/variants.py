@@ -1,4 +1,4 @@
-"""Loss variants the peers expose, beside the full-vocabulary divergences of :mod:`losses`.
+"""Loss variants the peers expose, beside the full-vocabulary divergences of :mod:`divergences`.
 
 With q the (detached) target and p_S the student at one position:
 
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from sdharness.distill.aggregation import LOG2E, ChunkBits
 from sdharness.distill.diagnostics import target_diagnostics
-from sdharness.distill.losses import (LN2, _log_ratio_where_supported, _softmax_parts, divergence, kl_per_position,
-                                     value_and_grad_fn)
+from sdharness.distill.chunks import LN2, softmax_parts
+from sdharness.distill.divergences import divergence, kl_per_position, log_ratio_where_supported, value_and_grad_fn
 
 SUPPORTS = ("full", "topk", "sampled")
 TOPK_FROM = ("teacher", "student")
@@ -93,7 +93,7 @@ def entry_clipped_forward_kl_with_grad(target_logp: torch.Tensor, student_logp: 
     """:func:`entry_clip_reference` per row and its gradient w.r.t. the student logits in closed form:
     with K the uncapped entries, p_S * q(K) - q * [v in K]."""
     q = target_logp.exp()
-    terms = q * _log_ratio_where_supported(target_logp - student_logp)
+    terms = q * log_ratio_where_supported(target_logp - student_logp)
     kept_q = torch.where(terms <= clip, q, torch.zeros_like(q))  # clamp passes the gradient at equality too
     value = terms.clamp_(max=clip).sum(-1)
     return value, student_logp.exp().mul_(kept_q.sum(-1, keepdim=True)).sub_(kept_q)
@@ -115,11 +115,11 @@ def chunk_target(z_s, z_t, work, aggregation, tau: float, student_exps=None):
     written into ``student_exps`` when given (the gradient's slice: the bodies scale it in place)."""
     rows = z_s.shape[0]
     s, e_s = work("s", rows), work("p_s", rows) if student_exps is None else student_exps
-    log_zs, inv_zs = _softmax_parts(z_s, s, e_s)
+    log_zs, inv_zs = softmax_parts(z_s, s, e_s)
     t = e_t = log_zt = None
     if aggregation.fused is None or aggregation.needs_teacher_bits:
         t, e_t = work("t", rows), work("p_t", rows)
-        log_zt, _ = _softmax_parts(z_t, t, e_t)
+        log_zt, _ = softmax_parts(z_t, t, e_t)
     if aggregation.fused is not None:
         g = aggregation.fused(ChunkBits(s, log_zs, z_t, t, log_zt, lambda name: work(name, rows)),
                               work("target", rows), tau)
@@ -129,12 +129,12 @@ def chunk_target(z_s, z_t, work, aggregation, tau: float, student_exps=None):
         target = aggregation.target((t - log_zt) * LN2, (s - log_zs) * LN2, tau=tau)
         g = work("target", rows).copy_(target).mul_(LOG2E)
     e_g = work("p_target", rows)
-    log_zg, _ = _softmax_parts(g, g, e_g, unit=1.0)
+    log_zg, _ = softmax_parts(g, g, e_g, unit=1.0)
     return s, log_zs, inv_zs, e_s, g, log_zg, e_g
 
 
 def _monitored(z_t, s, log_zs, g, log_zg, eps: float) -> torch.Tensor:
-    """The chunk's per-row monitored columns (losses.MONITORED) over the full vocabulary."""
+    """The chunk's per-row monitored columns (chunks.MONITORED) over the full vocabulary."""
     student, target = (s - log_zs) * LN2, (g - log_zg) * LN2
     teacher = F.log_softmax(z_t.to(s.dtype), dim=-1)
     found = target_diagnostics(target, student, eps=eps)

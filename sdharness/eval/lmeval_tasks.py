@@ -8,7 +8,7 @@
 ``sdh_arithmetic_hard``; tag ``sdh_arithmetic`` runs both): a JSONL file of held-out problems
 (``problem``, ``solution``, ``answer``) and a YAML that loads it with ``dataset_path: json``.
 Answers are read with a regex filter after "The answer is" (the same pattern as
-:func:`sdharness.data.tasks.extract_answer`) and scored with ``exact_match``. The same folder holds
+:func:`sdharness.data.answers.extract_answer`) and scored with ``exact_match``. The same folder holds
 ``sdh_gsm_symbolic`` (GSM8K-style word problems on held-out templates), written with
 :func:`task_config` by ``python -m scripts.gsm_symbolic.build`` (a builder in the checkout's ``scripts/``).
 The tasks' ``doc_to_text`` is the student prompt of ``conf/prompt/cot.yaml``
@@ -41,7 +41,9 @@ from typing import Any, Iterable
 
 import yaml
 
-from sdharness.data.tasks import ANSWER_MARKER, DIFFICULTY_STEPS, answer_pattern, CHAIN
+from sdharness.data.answers import ANSWER_MARKER, answer_pattern
+from sdharness.data.chain import CHAIN
+from sdharness.data.tasks import DIFFICULTY_STEPS
 from sdharness.paths import config_dir
 
 TASKS_DIR = config_dir("evals") / "tasks"  # the shipped task files
@@ -60,7 +62,7 @@ DEFAULT_STUDENT_TEMPLATE = (
 )
 # End-of-text markers of common tokenizers; lm-eval adds the tokenizer's own EOS as well.
 STOP_SEQUENCES = ["</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"]
-# Exactly sdharness.data.tasks.extract_answer: the first number after the answer marker.
+# Exactly sdharness.data.answers.extract_answer: the first number after the answer marker.
 ANSWER_REGEX = answer_pattern(ANSWER_MARKER)
 FILTER_NAME = "strict-match"
 
@@ -118,7 +120,7 @@ def task_config(name: str, difficulty: str | None, data_file: str, *, prompt_tem
         "metric_list": [{
             "metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
             "ignore_case": True, "ignore_punctuation": False,
-            # "1,024" == "1024" and "32.0" == "32", as sdharness.data.tasks.is_correct compares numbers
+            # "1,024" == "1024" and "32.0" == "32", as sdharness.data.answers.is_correct compares numbers
             "regexes_to_ignore": [",", r"\.0+$"],
         }],
         "metadata": meta,

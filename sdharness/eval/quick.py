@@ -22,7 +22,7 @@ from sdharness.eval.teacher_health import TokenSums, add_token_figures, token_me
 from sdharness.methods.accounting import Stopwatch
 from sdharness.rollout.hf import Rollout, generate
 from sdharness.data.builtin import builtin_task
-from sdharness.data.tasks import answer_checker, is_early_answer
+from sdharness.data.answers import answer_checker, is_early_answer
 
 
 def leaked(text: str, phrases: list[str]) -> bool:
@@ -33,7 +33,7 @@ def leaked(text: str, phrases: list[str]) -> bool:
 
 def completion_metrics(texts: list[str], problems: list[dict], answer_marker: str,
                        leak_phrases: list[str] = (), checker: str = "builtin", task: str = "chain") -> dict[str, float]:
-    """Accuracy (by ``checker``, see :func:`sdharness.tasks.answer_checker`) and early-answer rate
+    """Accuracy (by ``checker``, see :func:`sdharness.data.answers.answer_checker`) and early-answer rate
     against the problems' answers (what counts as a derivation is ``task``'s, see
     :meth:`sdharness.data.tasks.BuiltinTask.derived_at`), and the leakage rate."""
     metrics = {"leakage_rate": sum(leaked(t, leak_phrases) for t in texts) / len(texts)} if texts else {}

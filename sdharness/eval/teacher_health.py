@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from sdharness.distill.logits import completion_hidden
-from sdharness.distill.losses import kl_per_position
+from sdharness.distill.divergences import kl_per_position
 from sdharness.rollout.hf import Rollout
 
 CHUNK_POSITIONS = 256  # completion positions turned into vocabulary logits at once

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from sdharness.data.datamodule import PromptBatch
-from sdharness.data.tasks import resolve_reward
+from sdharness.methods.rewards import resolve_reward
 from sdharness.distill.logits import completion_hidden, completion_logits
 from sdharness.distill.positions import loss_positions
 from sdharness.methods.policy_gradient import clipped_policy_loss, group_advantages, token_logprobs, zero_variance_groups

@@ -8,7 +8,7 @@ import torch
 
 from sdharness.config import TrainConfig
 from sdharness.data.datamodule import PromptBatch
-from sdharness.data.tasks import resolve_reward
+from sdharness.methods.rewards import resolve_reward
 from sdharness.distill.logits import completion_logits
 from sdharness.methods.policy import PolicyModule
 from sdharness.methods.policy_gradient import clipped_policy_loss, group_advantages, token_logprobs, zero_variance_groups

@@ -7,7 +7,7 @@ import torch
 
 from sdharness.config import AggregationConfig, LossConfig, TrainConfig
 from sdharness.data.datamodule import PromptBatch
-from sdharness.data.tasks import answer_checker
+from sdharness.data.answers import answer_checker
 from sdharness.distill.logits import completion_hidden, completion_logits
 from sdharness.distill.losses import DistillationLoss, distillation_loss
 from sdharness.distill.positions import AnswerMarkerMonitor, loss_positions

@@ -26,7 +26,7 @@ import torch
 from sdharness.config import ConfigError, PromptConfig
 from sdharness.data.datamodule import PromptBatch
 from sdharness.data.prompts import encode_prompts, render_teacher
-from sdharness.data.tasks import answer_checker
+from sdharness.data.answers import answer_checker
 from sdharness.distill.positions import loss_positions
 from sdharness.rollout.hf import Rollout
 from sdharness.tools.bootstrap import trim_solution

@@ -50,7 +50,9 @@ def _wandb_logger(cfg, output_dir: Path, config_dict: dict, resume: Resume | Non
     same_run = {"id": resume.wandb_id, "resume": "allow"} if resume and resume.wandb_id else {}
     wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                         tags=list(cfg.tags), save_dir=str(output_dir), offline=offline,
-                        name=output_dir.name, settings=wandb_module.Settings(init_timeout=cfg.logger.init_timeout_s),
+                        name=output_dir.name,
+                        # quiet: no banner and no run summary on the console; the run directory holds both.
+                        settings=wandb_module.Settings(init_timeout=cfg.logger.init_timeout_s, quiet=True),
                         # Said to wandb.init too: its settings may have been read while the mode was online.
                         **({"mode": "offline"} if offline else {}), **same_run)
     wandb.log_hyperparams(config_dict)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from sdharness.data.tasks import Checker
+from sdharness.data.answers import Checker
 from sdharness.distill.aggregation import aggregate
 from sdharness.rollout.hf import Rollout, completion_mask, eos_token_ids
 
@@ -267,7 +267,7 @@ def merge_rollouts(plain: Rollout, guided: GuidedRollout, rows: list[int], pad_i
 
 
 def answer_checks(texts: list[str], problems: list[dict], check: Checker) -> list[bool | None]:
-    """Answer check per row (``check``: :func:`sdharness.data.tasks.answer_checker`); None where
+    """Answer check per row (``check``: :func:`sdharness.data.answers.answer_checker`); None where
     the problem has no answer."""
     return [check(text, problem["answer"]) if problem.get("answer") else None
             for text, problem in zip(texts, problems)]

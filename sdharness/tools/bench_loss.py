@@ -16,6 +16,7 @@ import statistics
 import torch
 
 from sdharness.distill.logits import LazyLogits
+from sdharness.tools.bench_measure import peak_mb, reset_peak, setup_device, timed
 from sdharness.distill.losses import distillation_loss
 
 VOCABS = (49152, 151936)
@@ -24,8 +25,6 @@ TOP_K = 100
 
 
 def measure_loss(vocab: int, support: str, rows: int, repeats: int, threads: int | None) -> dict:
-    from sdharness.tools.bench import _timed, peak_mb, reset_peak, setup_device
-
     device = setup_device(threads)
     generator = torch.Generator().manual_seed(0)
     student = (torch.randn(1, rows, vocab, generator=generator) * 2).to(device).requires_grad_()
@@ -39,7 +38,7 @@ def measure_loss(vocab: int, support: str, rows: int, repeats: int, threads: int
                           monitor_kl=False, support=support, top_k=TOP_K).loss.backward()
 
     baseline, reset = reset_peak(device)
-    times = [_timed(step, device) for _ in range(repeats + 1)]
+    times = [timed(step, device) for _ in range(repeats + 1)]
     return {"median_s": statistics.median(times[1:]), "peak_mb": peak_mb(device) - baseline, "peak_reset": reset}
 
 

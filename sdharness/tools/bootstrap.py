@@ -13,7 +13,7 @@ keeps those whose answer checks, picks one (``shortest`` or ``first``) and write
 no correct sample are reported and dropped (``--unsolved drop``) or kept with the answer alone as
 their solution and ``bootstrap.answer_only = true`` (``--unsolved answer_hint``).
 
-Answers are checked by :func:`sdharness.data.tasks.answer_checker`, the checker training's eval and
+Answers are checked by :func:`sdharness.data.answers.answer_checker`, the checker training's eval and
 GRPO reward use: ``builtin`` (the number after the answer marker; integers, decimals and fractions
 compared exactly) or ``math_verify`` (the ``math-verify`` package, for free-form math answers such
 as ``\\frac{1}{2}``). A solution is trimmed after the line holding its answer marker (``--no-trim`` keeps
@@ -46,12 +46,14 @@ import torch
 
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
-from sdharness.data.datamodule import DataError, data_path, read_jsonl
+from sdharness.data.datamodule import data_path
+from sdharness.data.jsonl import read_jsonl
+from sdharness.errors import DataError
 from sdharness.tools.generate import named_config, add_model_arguments, model_config
 from sdharness.rollout.guided import guided_generate
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.rollout.hf import generate
-from sdharness.data.tasks import ANSWER_MARKER, CHECKERS, Checker, answer_checker
+from sdharness.data.answers import ANSWER_MARKER, CHECKERS, Checker, answer_checker
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +369,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--unsolved", choices=UNSOLVED_POLICIES, default="drop",
                         help="problems without a correct sample: drop, or keep with the answer alone")
     parser.add_argument("--checker", choices=CHECKERS, default="builtin",
-                        help="answer checker, as data.checker in training (sdharness.tasks.answer_checker)")
+                        help="answer checker, as data.checker in training (sdharness.data.answers.answer_checker)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -21,13 +21,14 @@ from omegaconf import OmegaConf
 
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.config import CONF_DIR, ConfigError, ModelConfig, PromptConfig
-from sdharness.data.datamodule import DataError, read_jsonl
+from sdharness.data.jsonl import read_jsonl
+from sdharness.errors import DataError
 from sdharness.rollout import GUIDANCE_MODES
 from sdharness.rollout.guided import answer_checks, guided_generate, sample_with_guidance
 from sdharness.models import load_model_and_tokenizer
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher, teacher_context
 from sdharness.rollout.hf import generate
-from sdharness.data.tasks import ANSWER_MARKER, answer_checker
+from sdharness.data.answers import ANSWER_MARKER, answer_checker
 
 
 

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sdharness.tools import bench_measure
+
 TRL_VERSION = "1.16.0"
 LEARNING_RATE = 1e-5
 CLIP = 1.0
@@ -55,7 +57,7 @@ class PeerCase:
     teacher's prompt is prompt + context) and ``completion`` tokens: generated for SD, given for SFT."""
 
     name: str
-    model: str  # a bench.load_model name
+    model: str  # a bench_measure.load_model name
     batch: int
     prompt: int
     context: int
@@ -118,9 +120,7 @@ class StepRecord:
         self.baseline_mb, self.reset, self._start, self._in_step = 0.0, False, 0.0, 0.0
 
     def train_start(self) -> None:
-        from sdharness.tools import bench
-
-        self.baseline_mb, self.reset = bench.reset_peak(self.device)
+        self.baseline_mb, self.reset = bench_measure.reset_peak(self.device)
 
     def step_start(self) -> None:
         self._start, self._in_step = time.perf_counter(), 0.0
@@ -139,9 +139,7 @@ class StepRecord:
         return wrapper
 
     def result(self, model) -> dict:
-        from sdharness.tools import bench
-
-        peak = bench.peak_mb(self.device)
+        peak = bench_measure.peak_mb(self.device)
         updates = [s - g for s, g in zip(self.steps, self.generation)]
         return {"times_s": self.steps[1:], "generation_s": self.generation[1:], "update_s": updates[1:],
                 "warmup_s": self.steps[0], "peak_mb": peak, "step_peak_mb": peak - self.baseline_mb,
@@ -155,14 +153,13 @@ def run_sdharness(case: PeerCase, method: str, repeats: int, threads: int | None
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from sdharness.tools import bench
     from sdharness.config import (AggregationConfig, AlgoConfig, LossConfig, OptimConfig, RolloutConfig, TeacherConfig,
                                   TrainConfig)
     from sdharness.data.datamodule import PromptBatch
     from sdharness.methods import method_class
 
-    device = bench.setup_device(threads)
-    model, tokenizer = bench.load_model(case.model)
+    device = bench_measure.setup_device(threads)
+    model, tokenizer = bench_measure.load_model(case.model)
     inputs = case_inputs(case, tokenizer)
     force_length(model, case.completion)
     # The live teacher on both sides, as TRL's run below: no second copy of the weights on either.
@@ -213,10 +210,9 @@ def run_trl(case: PeerCase, method: str, repeats: int, threads: int | None) -> d
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from sdharness.tools import bench
 
-    device = bench.setup_device(threads)
-    model, tokenizer = bench.load_model(case.model)
+    device = bench_measure.setup_device(threads)
+    model, tokenizer = bench_measure.load_model(case.model)
     inputs = case_inputs(case, tokenizer)
     force_length(model, case.completion)
     record = StepRecord(device)
