@@ -3,7 +3,7 @@
 #                  on the shipped testbed base, one seed, ending with a score table (CPU, minutes)
 #   make test    - install, then run the test suite
 #   make test-fast - the kernel and config lane (tests not marked slow), under 2 minutes
-#   make protocol  - install, then the full comparison protocol into ./protocol (about 1.5-2 h on the 2-core VM, not yet timed whole)
+#   make protocol  - install, then the full comparison protocol into ./protocol (about 110 min on the 2-core VM: selection 21, final 89)
 # Extra arguments go to the training app: make train ARGS="aggregation=clip trainer.max_steps=4"
 VENV ?= .venv
 PY := $(VENV)/bin/python
