@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from sdharness.tools import bootstrap as bs
+from sdharness.tools.provenance import provenance_path
 from sdharness.tools.bootstrap import (
     BootstrapSettings,
     answer_hint,
     bootstrap,
     bootstrap_to_file,
     pick_solution,
-    provenance_path,
     trim_solution,
 )
 from sdharness.config import ConfigError, ModelConfig, PromptConfig

@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -50,6 +47,8 @@ from sdharness.data.datamodule import data_path
 from sdharness.data.jsonl import read_jsonl
 from sdharness.errors import DataError
 from sdharness.tools.generate import named_config, add_model_arguments, model_config
+from sdharness.tools.provenance import (atomic_write, cached, canonical, harness_version, model_identity,
+                                       provenance_path, sha256_file)
 from sdharness.rollout.guided import guided_generate
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.rollout.hf import generate
@@ -223,82 +222,6 @@ def bootstrap(model, tokenizer, rows: list[dict], settings: BootstrapSettings = 
 # --------------------------------------------------------------------------- cache and provenance
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _canonical(value) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
-
-
-def model_identity(cfg: ModelConfig) -> dict:
-    """Name, source and path of the model plus ``config_sha256``: a hash of its ModelConfig and, for a
-    local directory, of its ``config.json`` and the size and mtime of its weight files (retraining
-    in place changes them)."""
-    parts = {"model_config": asdict(cfg)}
-    if cfg.path and cfg.source in ("hf", "gguf"):
-        from sdharness.models import resolve_path
-
-        try:
-            directory = resolve_path(cfg.path)
-        except ConfigError:
-            directory = None
-        if directory is not None and directory.is_dir():
-            config_json = directory / "config.json"
-            if config_json.exists():
-                parts["config.json"] = sha256_file(config_json)
-            weights = sorted(p for p in directory.iterdir()
-                             if p.suffix in (".safetensors", ".bin", ".gguf", ".pt") and p.is_file())
-            parts["weights"] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
-    return {"name": cfg.name, "source": cfg.source, "path": cfg.path,
-            "config_sha256": hashlib.sha256(_canonical(parts).encode()).hexdigest()}
-
-
-def harness_version() -> str:
-    """The installed sdharness version (a checkout that is not installed says so)."""
-    try:
-        return importlib.metadata.version("sdharness")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def provenance_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.name + ".provenance.json")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def cached(out: str | Path, key: dict) -> dict | None:
-    """The sidecar of ``out`` when its key equals ``key`` and ``out`` still hashes to what it recorded."""
-    out, sidecar = Path(out), provenance_path(out)
-    if not (out.exists() and sidecar.exists()):
-        return None
-    try:
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(record, dict) or _canonical(record.get("key")) != _canonical(key):
-        return None
-    return record if record.get("output_sha256") == sha256_file(out) else None
-
-
 def bootstrap_to_file(problems: str | Path, out: str | Path, settings: BootstrapSettings = BootstrapSettings(), *,
                       model_cfg: ModelConfig, prompt_cfg: PromptConfig, sample_fn: SampleFn | None = None,
                       loader=None) -> tuple[str, list[dict], dict]:
@@ -316,7 +239,7 @@ def bootstrap_to_file(problems: str | Path, out: str | Path, settings: Bootstrap
            "guidance": settings.guidance, "rule": settings.rule, "checker": settings.checker,
            "unsolved": settings.unsolved, "seed": settings.seed, "answer_marker": settings.marker,
            "trim": settings.trim}
-    key = json.loads(_canonical(key))
+    key = json.loads(canonical(key))
     record = cached(out, key)
     if record is not None:  # an output that kept nothing (every problem dropped) is a valid cache too
         rows_out = read_jsonl(out, required=("problem", "solution", "answer")) if record["summary"]["kept"] else []
@@ -332,12 +255,12 @@ def bootstrap_to_file(problems: str | Path, out: str | Path, settings: Bootstrap
     rows_out, summary = bootstrap(model, tokenizer, rows, settings, prompt_cfg=prompt_cfg, sample_fn=sample_fn)
     out = Path(out)
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows_out)
-    _atomic_write(out, text)
+    atomic_write(out, text)
     record = {"key": key, "summary": summary, "problems_path": str(problems),
               "output_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
               "harness_version": harness_version(), "wall_seconds": round(time.monotonic() - started, 3),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    _atomic_write(provenance_path(out), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(provenance_path(out), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return "generated", rows_out, summary
 
 

@@ -1,0 +1,90 @@
+"""Provenance of a file ``sdharness-bootstrap`` writes: the key it was made from (the input's and the
+model's hashes, the settings), and the output's own hash, in ``<out>.provenance.json`` beside it, so
+that a rerun with the same key reuses the file and any other run rewrites it (atomically)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from sdharness.config import ConfigError, ModelConfig
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def model_identity(cfg: ModelConfig) -> dict:
+    """Name, source and path of the model plus ``config_sha256``: a hash of its ModelConfig and, for a
+    local directory, of its ``config.json`` and the size and mtime of its weight files (retraining
+    in place changes them)."""
+    parts = {"model_config": asdict(cfg)}
+    if cfg.path and cfg.source in ("hf", "gguf"):
+        from sdharness.models import resolve_path
+
+        try:
+            directory = resolve_path(cfg.path)
+        except ConfigError:
+            directory = None
+        if directory is not None and directory.is_dir():
+            config_json = directory / "config.json"
+            if config_json.exists():
+                parts["config.json"] = sha256_file(config_json)
+            weights = sorted(p for p in directory.iterdir()
+                             if p.suffix in (".safetensors", ".bin", ".gguf", ".pt") and p.is_file())
+            parts["weights"] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+    return {"name": cfg.name, "source": cfg.source, "path": cfg.path,
+            "config_sha256": hashlib.sha256(canonical(parts).encode()).hexdigest()}
+
+
+def harness_version() -> str:
+    """The installed sdharness version (a checkout that is not installed says so)."""
+    try:
+        return importlib.metadata.version("sdharness")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def provenance_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".provenance.json")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def cached(out: str | Path, key: dict) -> dict | None:
+    """The sidecar of ``out`` when its key equals ``key`` and ``out`` still hashes to what it recorded."""
+    out, sidecar = Path(out), provenance_path(out)
+    if not (out.exists() and sidecar.exists()):
+        return None
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or canonical(record.get("key")) != canonical(key):
+        return None
+    return record if record.get("output_sha256") == sha256_file(out) else None
