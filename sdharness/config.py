@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
@@ -28,7 +27,6 @@ from sdharness.schema.checks import choice as _choice, placeholders, require
 from sdharness.schema.method import AggregationConfig, AlgoConfig, LossConfig, RolloutConfig, TeacherConfig
 from sdharness.schema.run import BudgetConfig, EvalConfig, LoggerConfig, OptimConfig, TrainerConfig
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = config_dir("conf")
 SWEEPS_DIR = config_dir("sweeps")
 

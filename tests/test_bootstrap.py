@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sdharness.tools import bootstrap as bs
+from sdharness.data.answers import trim_solution
 from sdharness.tools.provenance import provenance_path
 from sdharness.tools.bootstrap import (
     BootstrapSettings,
@@ -17,7 +18,6 @@ from sdharness.tools.bootstrap import (
     bootstrap,
     bootstrap_to_file,
     pick_solution,
-    trim_solution,
 )
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.data.jsonl import DataError, read_jsonl

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from sdharness.config import PACKAGE_DIR
+from sdharness.paths import PACKAGE_DIR
 from scripts.gsm_symbolic.templates import DEFAULT_PER_TEMPLATE, DEFAULT_SEED, LANGUAGE, PACKAGE, generate, read_source
 from sdharness.eval.lmeval_tasks import DEFAULT_STUDENT_TEMPLATE, dump_yaml, task_config
 

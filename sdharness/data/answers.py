@@ -136,3 +136,12 @@ def is_early_answer(completion: str, answer: str, marker: str = ANSWER_MARKER,
     task_derived = derived_at(completion, str(answer).strip()) if derived_at is not None else None
     derived = [at for at in (equation and equation.start(), task_derived) if at is not None]
     return not derived or min(stated) < min(derived)
+
+
+def trim_solution(text: str, marker: str = ANSWER_MARKER) -> str:
+    """``text`` up to the end of the line holding the first answer marker, stripped."""
+    index = text.find(marker)
+    if index >= 0:
+        end = text.find("\n", index)
+        text = text if end < 0 else text[:end]
+    return text.strip()

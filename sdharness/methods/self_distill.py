@@ -15,7 +15,8 @@ from sdharness.eval.teacher_health import HealthModels
 from sdharness.methods.accounting import rollout_cost
 from sdharness.methods.distill_pg import PolicyGradientMix
 from sdharness.methods.policy import PolicyModule
-from sdharness.methods.sibling_hints import SiblingHintLosses
+from sdharness.methods.sibling_hints import (check_fits_context, problems_without_success, sibling_hints,
+                                             sibling_teacher_prompts)
 from sdharness.rollout.guided import guided_rollout, guided_token_weights
 from sdharness.rollout.hf import Rollout
 
@@ -46,7 +47,15 @@ def distil(student_logits, teacher_logits, loss_mask, g, aggregation: Aggregatio
                              topk_from=loss.topk_from, sampled_tokens=g, entry_clip=loss.entry_clip)
 
 
-class SelfDistillModule(SiblingHintLosses, PolicyGradientMix, PolicyModule):
+def loss_metrics(result: DistillationLoss) -> dict:
+    """The step's logged loss figures; the teacher-student KL and the target diagnostics only on logging steps."""
+    monitored = {} if result.teacher_student_kl is None else {
+        "train/teacher_student_kl": result.teacher_student_kl,
+        **{f"train/{name}": value for name, value in result.diagnostics.items()}}
+    return {"train/divergence_per_token": result.loss.detach(), **monitored, "train/loss_tokens": float(result.tokens)}
+
+
+class SelfDistillModule(PolicyGradientMix, PolicyModule):
     """Privileged on-policy self-distillation; below ``algo.distillation_weight`` 1, mixed with GRPO; with
     ``algo.hint_source=sibling``, a successful sibling completion as the teacher's reference."""
 
@@ -86,12 +95,46 @@ class SelfDistillModule(SiblingHintLosses, PolicyGradientMix, PolicyModule):
                                   batch.teacher_ids, batch.teacher_mask, g, g_mask, mask, self.cfg.aggregation,
                                   self.cfg.loss, token_weights=weights, monitor=self.logging_step)
         self._count(batch, rollout, cost)
-        monitored = {} if result.teacher_student_kl is None else {
-            "train/teacher_student_kl": result.teacher_student_kl,
-            **{f"train/{name}": value for name, value in result.diagnostics.items()}}
-        yield result.loss, {"train/divergence_per_token": result.loss.detach(), **monitored,
-                            "train/loss_tokens": float(result.tokens), **self.rollout_metrics(rollout, batch.problems),
-                            **guidance, **weight_metrics}
+        yield result.loss, {**loss_metrics(result), **self.rollout_metrics(rollout, batch.problems), **guidance,
+                            **weight_metrics}
+
+    def sibling_losses(self, batch: PromptBatch):
+        """``algo.hint_source=sibling`` (:mod:`sdharness.methods.sibling_hints`): ``group_size`` completions per
+        problem, each distilled under a successful sibling's text as its reference, where it has one."""
+        group = self.cfg.algo.group_size
+        prompt_ids = batch.student_ids.repeat_interleave(group, dim=0)
+        prompt_mask = batch.student_mask.repeat_interleave(group, dim=0)
+        problems = [problem for problem in batch.problems for _ in range(group)]
+        rollout = self.rollout(prompt_ids, prompt_mask)
+        self.count_rollout(prompt_mask, rollout)
+        check = answer_checker(self.cfg.data.checker, self.cfg.data.answer_marker)
+        successes = [bool(check(text, problem["answer"])) for text, problem in zip(rollout.texts, problems)]
+        self.count(problems=len(batch), problems_without_success=problems_without_success(successes, group))
+        hint_of = {row: hint for row, hint in enumerate(sibling_hints(successes, group)) if hint is not None}
+        # No hint anywhere: row 0 is still scored (under its own text), with no loss position, so that every
+        # rank runs the forward passes its strategy (DDP, FSDP) expects; the step has no loss tokens and is skipped.
+        scored = hint_of or {0: 0}
+        teacher_ids, teacher_mask = sibling_teacher_prompts(
+            self.cfg.prompt, self.tokenizer, [problem["problem"] for problem in problems], rollout.texts, scored,
+            self.cfg.data.answer_marker)
+        teacher_ids, teacher_mask = teacher_ids.to(self.device), teacher_mask.to(self.device)
+        index = torch.tensor(list(scored), device=rollout.completion_ids.device)
+        hinted = Rollout(rollout.completion_ids[index], rollout.completion_mask[index],
+                         [rollout.texts[row] for row in scored])
+        g, g_mask = hinted.completion_ids, hinted.completion_mask
+        check_fits_context(teacher_mask, g_mask, getattr(self.model.config, "max_position_embeddings", 10**9))
+        mask = loss_positions(self.tokenizer, g, g_mask, hinted.texts, mode=self.cfg.loss.positions,
+                              answer_marker=self.cfg.data.answer_marker, eos_ids=self.eos_ids)
+        if not hint_of:
+            mask = torch.zeros_like(mask)
+        student_ids, student_mask = prompt_ids[index], prompt_mask[index]
+        result = score_and_distil(self.model, self.teacher.model, student_ids, student_mask, teacher_ids,
+                                  teacher_mask, g, g_mask, mask, self.cfg.aggregation, self.cfg.loss,
+                                  monitor=self.logging_step)
+        g_tokens = int(hinted.lengths.sum())
+        self.count(forward_only=int(teacher_mask.sum()) + g_tokens, trained=int(student_mask.sum()) + g_tokens)
+        yield result.loss, {**loss_metrics(result), "train/sibling_hint_rows": float(len(hint_of)),
+                            **self.rollout_metrics(rollout, problems)}
 
     def sample(self, batch: PromptBatch) -> tuple[Rollout, dict, dict]:
         """``(g, guidance metrics, the rollout's cost)`` for this batch."""

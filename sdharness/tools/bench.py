@@ -52,7 +52,8 @@ from pathlib import Path
 
 import torch
 
-from sdharness.config import PACKAGE_DIR, AggregationConfig, LossConfig
+from sdharness.config import AggregationConfig, LossConfig
+from sdharness.paths import PACKAGE_DIR
 from sdharness.distill.logits import completion_logits
 from sdharness.methods.policy import fused_adamw_supported
 from sdharness.methods.self_distill import score_and_distil

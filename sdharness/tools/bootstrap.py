@@ -52,7 +52,7 @@ from sdharness.tools.provenance import (atomic_write, cached, canonical, harness
 from sdharness.rollout.guided import guided_generate
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher
 from sdharness.rollout.hf import generate
-from sdharness.data.answers import ANSWER_MARKER, CHECKERS, Checker, answer_checker
+from sdharness.data.answers import ANSWER_MARKER, CHECKERS, Checker, answer_checker, trim_solution
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +105,6 @@ SampleFn = Callable[[list[dict]], list[str]]  # one completion per request, see 
 def answer_hint(answer: str, marker: str = ANSWER_MARKER) -> str:
     """The answer alone, as a solution: ``The answer is N.``"""
     return f"{marker} {str(answer).strip().rstrip('.')}."
-
-
-def trim_solution(text: str, marker: str = ANSWER_MARKER) -> str:
-    """``text`` up to the end of the line holding the first answer marker, stripped."""
-    index = text.find(marker)
-    if index >= 0:
-        end = text.find("\n", index)
-        text = text if end < 0 else text[:end]
-    return text.strip()
 
 
 def pick_index(candidates: list[str], answer: str, *, checker: Checker, rule: str = "shortest") -> int | None:
