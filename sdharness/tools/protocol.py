@@ -100,8 +100,9 @@ def validation_scores(run: Run) -> list[tuple[int, float]]:
     return [(int(row["step"]), row[SELECTION_METRIC]) for row in run.rows if row.get(SELECTION_METRIC) is not None]
 
 
-def select_learning_rates(runs: list[Run]) -> dict[str, dict]:
-    """method -> {lr, validation accuracy, start, edge, candidates: [{lr, final, mean}]}: per method, the
+def select_learning_rates(runs: list[Run], arm_of=None) -> dict[str, dict]:
+    """method -> {lr, validation accuracy, start, edge, candidates: [{lr, final, mean}]}: per method
+    (``arm_of(run)``, by default :func:`method_of`), the
     ``optim.lr`` whose run ends with the best validation accuracy; ties go to the higher mean over
     its validation evals after the first (the base model's), then to the smaller lr. Only
     ``val/accuracy`` is read; runs without it (failed, or scored on the eval split) are skipped.
@@ -111,7 +112,7 @@ def select_learning_rates(runs: list[Run]) -> dict[str, dict]:
     candidates: dict[str, list[dict]] = {}
     starts: dict[str, float] = {}
     for run in runs:
-        scored, method = validation_scores(run), method_of(run)
+        scored, method = validation_scores(run), (arm_of or method_of)(run)
         if run.failure or not scored or method is None:
             continue
         scores = [value for _, value in scored]

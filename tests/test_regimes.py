@@ -1,0 +1,101 @@
+"""The regimes' runner: the regime files, selection of lr then variant on validation only, the final commands."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sdharness.report.runs import find_runs
+from sdharness.tools.regimes import (REGIME_CHOICES, REGIMES_DIR, Regime, RegimeError, choose, final_commands,
+                                     load_regime, main as regime_main)
+from tests.test_protocol import selection_run
+
+
+
+def test_every_shipped_regime_loads_and_its_arms_compose():
+    from hydra import compose, initialize_config_dir
+
+    from sdharness.config import CONF_DIR, SWEEPS_DIR, register_configs, to_train_config
+
+    assert set(REGIME_CHOICES) >= {"impossible_knowledge"}
+    register_configs()
+    for name in REGIME_CHOICES:
+        regime = load_regime(REGIMES_DIR / f"{name}.yaml")
+        arms = {**regime.arms, **{f"{a}@{v}": [*regime.arms[a], *o] for a, vs in regime.variants.items()
+                                  for v, o in vs.items()}}
+        for arm, overrides in arms.items():
+            with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
+                words = [w.replace("{out}", "/nonexistent") for w in [*regime.setting, *overrides, *regime.final]]
+                to_train_config(compose("protocol_final", [f"hydra.searchpath=[file://{CONF_DIR}]", *words]))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("arms: {a: [method=sft]}\n", "missing description"),
+    ("description: x\narms: {a: [method=sft]}\nlr: 1e-4\n", r"unknown field\(s\) lr; a regime has"),
+    ("description: x\narms: {a: method=sft}\n", "arms.a must be a list of strings"),
+    ("description: x\narms: {a: [method=sft]}\nvariants: {b: {v: [x=1]}}\n", "variants.b names no arm; arms are a"),
+    ("description: x\narms: {a@b: [method=sft]}\n", "'a@b': arm and variant names may not hold '@'"),
+])
+def test_a_bad_regime_file_is_one_error_naming_the_file_and_field(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RegimeError, match=message) as caught:
+        load_regime(path)
+    assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
+
+
+def test_the_lr_then_the_variant_are_chosen_on_validation_and_a_variant_must_beat_the_arm(tmp_path):
+    select = tmp_path / "select"
+    # lr: 1e-4 by validation (eval prefers 3e-5); variant: tau2 beats the arm, tau0.5 does not.
+    selection_run(select / "sd_clip", "0", "sd_clip", 3e-5, [0.2, 0.30], eval_=[0.2, 0.9])
+    selection_run(select / "sd_clip", "1", "sd_clip", 1e-4, [0.2, 0.40], eval_=[0.2, 0.1])
+    selection_run(select / "sd_clip@tau2", "0", "sd_clip", 1e-4, [0.2, 0.45], eval_=[0.2, 0.0])
+    selection_run(select / "sd_clip@tau0.5", "0", "sd_clip", 1e-4, [0.2, 0.40], eval_=[0.2, 1.0])
+    selection_run(select / "sft", "0", "sft", 1e-4, [0.2, 0.5])
+    regime = Regime(description="x", arms={"sd_clip": ["method=sd_clip"], "sft": ["method=sft"]},
+                    variants={"sd_clip": {"tau2": ["aggregation.tau=2"], "tau0.5": ["aggregation.tau=0.5"]}},
+                    final=["budget.problems=64"], seeds="0,1")
+    chosen = choose(find_runs(select), regime)
+    assert {arm: (entry["lr"], entry["variant"]) for arm, entry in chosen.items()} == {
+        "sd_clip": (1e-4, "tau2"), "sft": (1e-4, None)}
+    assert chosen["sd_clip"]["variant_scores"] == {"tau0.5": 0.40, "tau2": 0.45}
+    commands = final_commands(tmp_path, regime, chosen, ["model=tiny_random"])
+    dirs = [next(w for w in c if w.startswith("hydra.sweep.dir=")).split("/final/")[1] for c in commands]
+    assert dirs == ["sd_clip/seed0", "sd_clip/seed1", "sd_clip@tau2/seed0", "sd_clip@tau2/seed1",
+                    "sft/seed0", "sft/seed1"]
+    tau2 = commands[2]
+    assert tau2[tau2.index("--config-name") + 1] == "protocol_final"
+    assert tau2[-5:] == ["aggregation.tau=2", "optim.lr=0.0001", "seed=0", "budget.problems=64", "model=tiny_random"]
+
+
+@pytest.mark.slow
+def test_a_regime_runs_end_to_end_and_records_its_stages(tmp_path):
+    regime = tmp_path / "tiny.yaml"
+    regime.write_text(
+        "description: tiny\n"
+        "setting: [model=tiny_random, data.train_size=24, data.validation_size=8, data.eval_size=4, "
+        "data.batch_size=2, rollout.max_new_tokens=8, eval.max_new_tokens=8, eval.batch_size=8, "
+        "budget.problems=4, trainer.max_steps=2, data.solution_style=native]\n"
+        "prepare: [[sdharness.tools.probe, --help]]\n"
+        "arms: {sd_clip: [method=sd_clip], sft: [method=sft]}\n"
+        "variants: {sd_clip: {tau2: [aggregation.tau=2.0]}}\n"
+        "lrs: 1e-3\nseeds: '0'\nfinal: [eval.every_n_steps=1]\n")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "sdharness.tools.regimes", str(regime), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (out / "select").iterdir()) == ["sd_clip", "sd_clip@tau2", "sft"]
+    chosen = json.loads((out / "selection.json").read_text())
+    assert set(chosen) == {"sd_clip", "sft"} and chosen["sd_clip"]["lr"] == 1e-3
+    assert set(chosen["sd_clip"]["variant_scores"]) == {"tau2"}
+    assert (out / "final" / "report" / "report.md").is_file()
+    record = json.loads((out / "regime.json").read_text())
+    assert record["regime"] == "tiny" and set(record["seconds"]) == {"prepare", "select", "select_variants",
+                                                                       "final", "report"}
+
+
+def test_an_unknown_regime_names_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        regime_main(["nope", "--out", str(tmp_path)])
+    assert "no regime 'nope': choose from impossible_knowledge" in capsys.readouterr().err
