@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdharness.data import SOURCES
 from sdharness.data.answers import answer_checker
-from sdharness.data.builtin import builtin_task
-from sdharness.data.tasks import DIFFICULTY_STEPS, SOLUTION_STYLES
+from sdharness.data.builtin import builtin_task, check_difficulty
+from sdharness.data.tasks import SOLUTION_STYLES
 from sdharness.errors import ConfigError
 from sdharness.paths import config_dir
 from sdharness.schema.checks import choice as _choice, placeholders, require
@@ -76,7 +76,7 @@ class DataConfig:
     task: str = "chain"
     path: Optional[str] = None
     eval_path: Optional[str] = None
-    difficulty: str = "single"  # chain: single 1 operation, easy 2, hard 4; columns: 1-2, 3-4, 6-7 digits
+    difficulty: str = "single"  # chain: single 1 operation, easy 2, hard 4; columns: 1-2, 3-4, 6-7, seven 7 digits
     eval_difficulty: Optional[str] = None  # defaults to difficulty
     solution_style: str = "native"  # native: written like the student's own chain of thought; foreign: terse notation
     train_size: int = 256
@@ -109,9 +109,9 @@ class DataConfig:
         if SOURCES[self.name].reads_path:
             require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")
         _choice("data.turns", self.turns, ("all", "first"))
-        _choice("data.difficulty", self.difficulty, list(DIFFICULTY_STEPS))
+        check_difficulty("data.difficulty", self.difficulty, self.task)
         if self.eval_difficulty is not None:
-            _choice("data.eval_difficulty", self.eval_difficulty, list(DIFFICULTY_STEPS))
+            check_difficulty("data.eval_difficulty", self.eval_difficulty, self.task)
         _choice("data.solution_style", self.solution_style, SOLUTION_STYLES)
         require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         require(self.train_size >= 1 and self.eval_size >= 0, "data.train_size must be >= 1 and data.eval_size >= 0")

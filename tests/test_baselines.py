@@ -127,6 +127,17 @@ def test_counters_add_up_exactly(module_class, overrides):
     assert c.flops == 2 * n * (c.forward_tokens - c.trained_tokens) + 6 * n * c.trained_tokens
 
 
+def test_grpo_logs_the_share_of_groups_whose_rewards_are_all_equal():
+    cfg, model, tok, batch = make(["algo=grpo", "algo.group_size=2", "data.batch_size=4"])
+    module = GRPOModule(model, tok, cfg)
+    # Groups of 2 in row order: (1, 1) and (0, 0) are all equal, (1, 0) and (0, 1) are not.
+    rewards = iter([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    module.reward_fn = lambda text, problem, marker: next(rewards)
+    _, metrics = next(module.losses(batch))
+    assert len(batch) == 4
+    assert metrics["train/zero_variance_groups"] == 2.0 and metrics["train/zero_variance_share"] == 0.5
+
+
 @pytest.mark.parametrize("algo", ["sft", "grpo"])
 def test_problem_budget_stops_each_method_at_the_same_point(tmp_path, algo):
     train(compose_config(TINY + [f"algo={algo}", "algo.group_size=2", "budget.problems=4", "trainer.max_steps=50",

@@ -146,7 +146,7 @@ def test_consistent_continuation_is_none_for_other_deviations(completion, slip_a
 
 
 def test_difficulty_sets_the_length_and_splits_are_deterministic():
-    for difficulty, widths in {"single": {1, 2}, "easy": {3, 4}, "hard": {6, 7}}.items():
+    for difficulty, widths in {"single": {1, 2}, "easy": {3, 4}, "hard": {6, 7}, "seven": {7}}.items():
         rows = COLUMNS.split(5, 200, difficulty)
         assert rows == COLUMNS.split(5, 200, difficulty) and len({row["problem"] for row in rows}) == len(rows)
         assert {len(row["problem"].split()[1]) for row in rows} == widths
@@ -165,6 +165,25 @@ def test_the_registry_and_data_task():
     assert not {row["problem"] for row in train} & {row["problem"] for row in evaluation}
     chain_train, _ = load_problems(DataConfig(difficulty="hard", train_size=20, eval_size=8))
     assert chain_train == CHAIN.split(1234, 20, "hard")  # the default task is the chained one
+
+
+def test_seven_draws_only_seven_digit_operands_for_train_and_eval():
+    cfg = DataConfig(task="columns", difficulty="seven", eval_difficulty="seven", train_size=64, eval_size=64)
+    for rows in load_problems(cfg):
+        operands = [word.rstrip(".") for row in rows for word in row["problem"].split()[1:4:2]]
+        assert len(operands) == 128 and all(len(number) == 7 and number[0] != "0" for number in operands)
+
+
+@pytest.mark.parametrize("field", ["difficulty", "eval_difficulty"])
+def test_seven_is_refused_for_the_chain_task_with_the_fix(field):
+    with pytest.raises(ConfigError, match=rf"^data\.{field}='seven' is not a difficulty of data\.task=chain; choose "
+                                          r"one of: single, easy, hard or set data\.task=columns$"):
+        DataConfig(**{field: "seven"})
+    with pytest.raises(ConfigError, match=r"^data\.difficulty='eight' is not a difficulty of data\.task=columns; "
+                                          r"choose one of: single, easy, hard, seven$"):
+        DataConfig(task="columns", difficulty="eight")
+    with pytest.raises(ValueError, match=r"^data\.difficulty='seven' is not a difficulty of data\.task=chain"):
+        CHAIN.split(0, 4, "seven")
 
 
 def test_data_task_composes_from_the_command_line():

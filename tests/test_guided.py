@@ -362,6 +362,33 @@ def test_training_step_with_guidance_runs_and_logs_the_guided_fraction(overrides
         assert counters.trained_tokens == student + generated
 
 
+def test_on_failure_counts_every_plain_sample_and_the_guided_resample_exactly(monkeypatch):
+    """Discarded plain samples and the guided resample's two contexts are all in the step's cost."""
+    import sdharness.rollout.guided as guided
+
+    cfg = to_train_config(compose_config(TINY + ["algo=sd", "rollout.guidance=on_failure", "rollout.guidance_samples=2"]))
+    model, tok = load_model_and_tokenizer(cfg.model)
+    dm = ProblemDataModule(cfg.data, cfg.prompt, tok, max_context=1024, max_new_tokens=cfg.rollout.max_new_tokens)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    module = SelfDistillModule(model, tok, cfg)
+    plain, resampled = [], []
+    sample, guide = module.rollout, guided.guided_generate
+    module.rollout = lambda ids, mask: plain.append(sample(ids, mask)) or plain[-1]
+    monkeypatch.setattr(guided, "guided_generate", lambda *a, **k: resampled.append(guide(*a, **k)) or resampled[-1])
+    (_, metrics), = list(module.losses(batch))
+    assert len(plain) == 2 and len(resampled) == 1 and metrics["train/guided_fraction"] == 1.0  # a random model fails
+    student, teacher = int(batch.student_mask.sum()), int(batch.teacher_mask.sum())
+    plain_tokens = sum(int(r.lengths.sum()) for r in plain)
+    g = int(resampled[0].lengths.sum())  # every row failed, so g is the guided rollout
+    c = module.step_counts
+    assert c.rollouts == 3 * len(batch) and c.generated_tokens == plain_tokens + g
+    assert c.forward_tokens == (2 * student + plain_tokens) + (student + teacher + 2 * g) + (teacher + g) + (student + g)
+    assert c.trained_tokens == student + g
+    n = module.parameter_count
+    assert c.flops == 2 * n * (c.forward_tokens - c.trained_tokens) + 6 * n * c.trained_tokens
+
+
 def test_plain_rows_of_on_failure_stay_plain(monkeypatch):
     """Problems the student solves keep their plain sample; only the others are guided."""
     import sdharness.rollout.guided as guided

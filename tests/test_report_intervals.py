@@ -123,3 +123,23 @@ def test_bands_are_the_95_percent_interval_over_three_curves():
     half = T2 * 0.1 / math.sqrt(3)
     assert list(low) == pytest.approx([0.2, 0.4 - half, 0.5 - half]) and list(high) == pytest.approx([0.2, 0.4 + half, 0.5 + half])
     assert t_halfwidth(1.0, 1) != t_halfwidth(1.0, 1)  # NaN for one value
+
+
+def test_grpo_zero_variance_share_is_each_runs_mean_over_training(tmp_path):
+    root = tmp_path / "sweep"
+    # Two GRPO seeds: shares 1.0, 0.5, 0.75 (mean 0.75) and 0.25, 0.25, 0.25 (mean 0.25) over logged steps.
+    for seed, shares in enumerate([(1.0, 0.5, 0.75), (0.25, 0.25, 0.25)]):
+        train = [{"step": step, "train/zero_variance_share": share} for step, share in enumerate(shares, start=1)]
+        write_run(root / f"grpo{seed}", "grpo", train + evals([(0, 0, 0.2), (3, 300, 0.3)]), seed=seed,
+                  aggregation="clip", tau=1.0)
+        write_run(root / f"sft{seed}", "sft", evals([(0, 0, 0.2), (3, 0, 0.25)]), seed=seed, aggregation="clip",
+                  tau=1.0)
+    result = build_report(find_runs(root), tmp_path / "out", target_accuracy=0.25, plots=False)
+    share = result["scores"]["grpo"]["train/zero_variance_share"]
+    assert share["mean"] == pytest.approx(0.5) and share["ci"] == pytest.approx(12.706204736174694 * 0.25)
+    assert "train/zero_variance_share" not in result["scores"]["sft"]
+    md = result["path"].read_text()
+    assert "| run | early answer | unconsidered mass | KL(target‖student) | max log q/p_S (mean) | max log q/p_S (max) " \
+           "| zero-variance groups |" in md
+    assert "| grpo | 0.100 ± 0.000 | – | – | – | – | 0.500 ± 3.177 |" in md
+    assert "| sft | 0.100 ± 0.000 | – | – | – | – | – |" in md

@@ -21,3 +21,15 @@ def builtin_task(name: str, field: str = "data.task") -> BuiltinTask:
     if name not in TASKS:
         raise ConfigError(f"{field}={name!r} is unknown; choose one of: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def check_difficulty(field: str, difficulty: str, task_name: str) -> None:
+    """``difficulty`` (the value of ``field``) is one of ``data.task``'s; else one ConfigError line
+    saying which task has it or that none does."""
+    task = builtin_task(task_name)
+    if difficulty in task.difficulties:
+        return
+    owners = [name for name, other in TASKS.items() if difficulty in other.difficulties]
+    fix = f" or set data.task={owners[0]}" if owners else ""
+    raise ConfigError(f"{field}={difficulty!r} is not a difficulty of data.task={task_name}; choose one of: "
+                      f"{', '.join(task.difficulties)}{fix}")

@@ -121,6 +121,7 @@ class ChainTask(BuiltinTask):
     a drawn problem is ``(words, start, operations)``."""
 
     name = "chain"
+    difficulties = tuple(DIFFICULTY_STEPS)
 
     def draw(self, rng, difficulty):
         return arithmetic_chain(rng, DIFFICULTY_STEPS[difficulty])

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from sdharness.data.answers import ANSWER_MARKER
 from sdharness.data.tasks import BuiltinTask
 
-# Digits per number (both numbers have the same length), drawn uniformly in the range.
-COLUMN_DIGITS = {"single": (1, 2), "easy": (3, 4), "hard": (6, 7)}
+# Digits per number (both numbers have the same length), drawn uniformly in the range. ``seven``
+# is the longest length the shipped base's hinted teacher still reads (greedy .98 with the hint,
+# .02 without: evals/figures/regime_hard/split.md); the columns task alone has it.
+COLUMN_DIGITS = {"single": (1, 2), "easy": (3, 4), "hard": (6, 7), "seven": (7, 7)}
 PROBLEM = re.compile(r"Add (\d+) and (\d+)\.")
 LINE = re.compile(r"^(\d)\+(\d)(\+1)?=(\d+)$")
 SLIP_KINDS = ("sum", "misread", "carry")
@@ -130,6 +132,7 @@ class ColumnsTask(BuiltinTask):
     """Column addition; difficulty sets the numbers' length (:data:`COLUMN_DIGITS`)."""
 
     name = "columns"
+    difficulties = tuple(COLUMN_DIGITS)
 
     def draw(self, rng, difficulty):
         low, high = COLUMN_DIGITS[difficulty]

@@ -24,6 +24,7 @@ class BuiltinTask:
     question the student sees."""
 
     name: str = ""
+    difficulties: tuple[str, ...] = ()  # the data.difficulty names draw accepts
 
     def draw(self, rng: random.Random, difficulty: str):
         raise NotImplementedError
@@ -66,8 +67,9 @@ class BuiltinTask:
     def split(self, seed: int, size: int, difficulty: str, solution_style: str = "native",
               exclude: set[str] | None = None) -> list[dict[str, str]]:
         """``size`` distinct problems drawn deterministically from ``seed``, none of them in ``exclude``."""
-        if difficulty not in DIFFICULTY_STEPS:
-            raise ValueError(f"data.difficulty={difficulty!r} is unknown; choose one of {', '.join(DIFFICULTY_STEPS)}")
+        if difficulty not in self.difficulties:
+            raise ValueError(f"data.difficulty={difficulty!r} is not a difficulty of data.task={self.name}; "
+                             f"choose one of {', '.join(self.difficulties)}")
         rng = random.Random(seed)
         seen = set(exclude or ())
         problems: list[dict[str, str]] = []

@@ -41,6 +41,7 @@ class PolicyGradientMix:
         rewards = torch.tensor([reward_fn(text, problem, self.cfg.data.answer_marker)
                                 for text, problem in zip(rollout.texts, problems)], dtype=torch.float32)
         advantages = group_advantages(rewards.view(-1, group), scale=algo.scale_rewards).view(-1).to(self.device)
+        zero_groups = zero_variance_groups(rewards.view(-1, group))  # no advantage, no gradient
         g, g_mask = rollout.completion_ids, rollout.completion_mask
         student_logits = completion_logits(self.model, prompt_ids, prompt_mask, g, g_mask)
         logprobs = token_logprobs(student_logits, g)
@@ -48,7 +49,8 @@ class PolicyGradientMix:
                                                  epsilon=algo.epsilon, aggregation=algo.loss_aggregation)
         loss = (1 - weight) * policy_loss
         metrics = {"train/reward": rewards.mean().item(), "train/policy_loss": policy_loss.detach(),
-                   "train/zero_variance_groups": float(zero_variance_groups(rewards.view(-1, group))),
+                   "train/zero_variance_groups": float(zero_groups),
+                   "train/zero_variance_share": zero_groups / len(batch),
                    "train/loss_tokens": float(g_mask.sum()), **{f"train/{k}": v for k, v in stats.items()},
                    **self.rollout_metrics(rollout, problems)}
         if weight > 0:

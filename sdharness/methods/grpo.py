@@ -39,6 +39,7 @@ class GRPOModule(PolicyModule):
         rewards = torch.tensor([self.reward_fn(text, problem, self.cfg.data.answer_marker)
                                 for text, problem in zip(rollout.texts, problems)], dtype=torch.float32)
         advantages = group_advantages(rewards.view(-1, group), scale=algo.scale_rewards).view(-1).to(self.device)
+        zero_groups = zero_variance_groups(rewards.view(-1, group))  # no advantage, no gradient
         pass_tokens = int(prompt_mask.sum()) + generated
         with torch.no_grad():
             # With one inner epoch the sampling policy is the current one: ratio 1, no extra pass.
@@ -46,7 +47,8 @@ class GRPOModule(PolicyModule):
             ref = self._logprobs(self.reference.model, prompt_ids, prompt_mask, rollout) if algo.beta > 0 else None
         self.count(forward_only=pass_tokens * ((algo.inner_epochs > 1) + (algo.beta > 0)))
         metrics = {"train/reward": rewards.mean().item(),
-                   "train/zero_variance_groups": float(zero_variance_groups(rewards.view(-1, group))),
+                   "train/zero_variance_groups": float(zero_groups),
+                   "train/zero_variance_share": zero_groups / len(batch),
                    **self.rollout_metrics(rollout, problems)}
         for _ in range(algo.inner_epochs):
             logprobs = self._logprobs(self.model, prompt_ids, prompt_mask, rollout)

@@ -31,11 +31,14 @@ SCORES = [("eval/accuracy", "accuracy", ".3f"), ("eval/early_answer_rate", "earl
           ("train/problems_seen", "problems", ",.0f"), ("train/generated_tokens", "gen. tokens", ",.0f"),
           ("train/flops", "FLOPs", ".3g"), ("train/wall_seconds", "seconds", ".1f")]
 TO_TARGET_AXES = ("generated_tokens", "flops")
-# Target diagnostics the SD loss logs (sdharness/losses.py), averaged over a run's logged steps.
+# Target diagnostics the SD loss logs (sdharness/losses.py), and the share of GRPO's groups whose
+# rewards are all equal (no advantage, no gradient: sdharness/methods/grpo.py), averaged over a run's
+# logged steps.
 DIAGNOSTICS = [("train/unconsidered_mass", "unconsidered mass", ".3f"),
                ("train/kl_target_student", "KL(target‖student)", ".3f"),
                ("train/max_log_ratio_mean", "max log q/p_S (mean)", ".2f"),
-               ("train/max_log_ratio_max", "max log q/p_S (max)", ".2f")]
+               ("train/max_log_ratio_max", "max log q/p_S (max)", ".2f"),
+               ("train/zero_variance_share", "zero-variance groups", ".3f")]
 
 
 # The teacher's health at every eval point (sdharness/eval/teacher_health.py), in the order a collapse
@@ -145,8 +148,8 @@ def scores_table(scores: dict) -> str:
 
 
 def diagnostics_table(scores: dict) -> str:
-    """Per label: final early-answer rate and the SD target diagnostics (run means over logged
-    steps), mean ± 95% half-width over seeds; "–" for methods without a distillation target."""
+    """Per label: final early-answer rate, the SD target diagnostics and GRPO's zero-variance share
+    (run means over logged steps), mean ± 95% half-width over seeds; "–" for a method that does not log one."""
     rows = [[label, with_interval(s.get("eval/early_answer_rate"), ".3f")]
             + [with_interval(s.get(key), spec) for key, _, spec in DIAGNOSTICS] for label, s in scores.items()]
     return markdown_table(["run", "early answer"] + [name for _, name, _ in DIAGNOSTICS], rows)
@@ -259,7 +262,9 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
         md += ["## Early answers and target diagnostics", "", "Early answer: final eval. Target diagnostics (SD "
                "only): each run's mean over its logged steps of the loss's diagnostics (target mass on tokens the "
                "student gives < loss.unconsidered_eps; KL(target‖student) per token; per-position max of "
-               "log(q/p_S), averaged and maxed over positions), then mean ± 95% half-width over seeds.", "",
+               "log(q/p_S), averaged and maxed over positions); zero-variance groups (GRPO only): each run's mean over its "
+               "logged steps of the share of groups whose rewards are all equal, which give no gradient. Then "
+               "mean ± 95% half-width over seeds.", "",
                diagnostics_table(scores), ""]
     if scores:
         md += ["## The teacher's health", "", health_section(groups, scores), ""]
