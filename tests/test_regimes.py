@@ -8,7 +8,7 @@ import pytest
 
 from sdharness.report.runs import find_runs
 from sdharness.tools.regimes import (REGIME_CHOICES, REGIMES_DIR, Regime, RegimeError, choose, final_commands,
-                                     load_regime, main as regime_main)
+                                     load_regime, main as regime_main, selection_markdown)
 from tests.test_protocol import selection_run
 
 
@@ -36,6 +36,7 @@ def test_every_shipped_regime_loads_and_its_arms_compose():
     ("description: x\narms: {a: method=sft}\n", "arms.a must be a list of strings"),
     ("description: x\narms: {a: [method=sft]}\nvariants: {b: {v: [x=1]}}\n", "variants.b names no arm; arms are a"),
     ("description: x\narms: {a@b: [method=sft]}\n", "'a@b': arm and variant names may not hold '@'"),
+    ("description: x\narms: {a: [method=sft], b: [method=sft]}\nlr_from: {a: c}\n", "lr_from.a: c: both must be arms"),
 ])
 def test_a_bad_regime_file_is_one_error_naming_the_file_and_field(tmp_path, text, message):
     path = tmp_path / "r.yaml"
@@ -53,17 +54,21 @@ def test_the_lr_then_the_variant_are_chosen_on_validation_and_a_variant_must_bea
     selection_run(select / "sd_clip@tau2", "0", "sd_clip", 1e-4, [0.2, 0.45], eval_=[0.2, 0.0])
     selection_run(select / "sd_clip@tau0.5", "0", "sd_clip", 1e-4, [0.2, 0.40], eval_=[0.2, 1.0])
     selection_run(select / "sft", "0", "sft", 1e-4, [0.2, 0.5])
-    regime = Regime(description="x", arms={"sd_clip": ["method=sd_clip"], "sft": ["method=sft"]},
+    regime = Regime(description="x", arms={"sd_clip": ["method=sd_clip"], "sft": ["method=sft"],
+                                           "guided": ["method=sd_clip", "rollout.guidance=always"]},
                     variants={"sd_clip": {"tau2": ["aggregation.tau=2"], "tau0.5": ["aggregation.tau=0.5"]}},
-                    final=["budget.problems=64"], seeds="0,1")
+                    final=["budget.problems=64"], seeds="0,1", lr_from={"guided": "sd_clip"})
+    assert list(regime.swept()) == ["sd_clip", "sft"]
     chosen = choose(find_runs(select), regime)
     assert {arm: (entry["lr"], entry["variant"]) for arm, entry in chosen.items()} == {
-        "sd_clip": (1e-4, "tau2"), "sft": (1e-4, None)}
+        "sd_clip": (1e-4, "tau2"), "sft": (1e-4, None), "guided": (1e-4, None)}
+    assert "| guided | 0.0001 (that of sd_clip) | – | – | – | – |" in selection_markdown(chosen)
     assert chosen["sd_clip"]["variant_scores"] == {"tau0.5": 0.40, "tau2": 0.45}
     commands = final_commands(tmp_path, regime, chosen, ["model=tiny_random"])
     dirs = [next(w for w in c if w.startswith("hydra.sweep.dir=")).split("/final/")[1] for c in commands]
     assert dirs == ["sd_clip/seed0", "sd_clip/seed1", "sd_clip@tau2/seed0", "sd_clip@tau2/seed1",
-                    "sft/seed0", "sft/seed1"]
+                    "sft/seed0", "sft/seed1", "guided/seed0", "guided/seed1"]
+    assert "rollout.guidance=always" in commands[-1] and "optim.lr=0.0001" in commands[-1]
     tau2 = commands[2]
     assert tau2[tau2.index("--config-name") + 1] == "protocol_final"
     assert tau2[-5:] == ["aggregation.tau=2", "optim.lr=0.0001", "seed=0", "budget.problems=64", "model=tiny_random"]
@@ -98,4 +103,4 @@ def test_a_regime_runs_end_to_end_and_records_its_stages(tmp_path):
 def test_an_unknown_regime_names_the_choices(tmp_path, capsys):
     with pytest.raises(SystemExit):
         regime_main(["nope", "--out", str(tmp_path)])
-    assert "no regime 'nope': choose from impossible_knowledge" in capsys.readouterr().err
+    assert "no regime 'nope': choose from hard, impossible_knowledge" in capsys.readouterr().err

@@ -7,8 +7,9 @@ arm chosen on a validation split, every arm at its lr over seeds, then the repor
 
 A regime is one file, ``sweeps/regimes/<name>.yaml`` (:class:`Regime`): the setting every job shares,
 commands that prepare its data, its arms (a name and the overrides that make it), the lr grid, an
-optional second round of variants (another value of an arm's parameter, validation picks one) and the
-final stage's seeds and budget. Stages, under ``OUT``:
+optional second round of variants (another value of an arm's parameter, validation picks one), arms
+that take another arm's lr (``lr_from``: a sampling choice too costly to sweep) and the final stage's
+seeds and budget. Stages, under ``OUT``:
 
 1. ``prepare``: the regime's commands in order (``{out}`` is ``OUT``); a failing one stops the regime.
 2. ``select`` (sweeps/protocol_select.yaml): each arm over the lr grid, seed 0, scored on the validation
@@ -58,6 +59,13 @@ class Regime:
     select: list[str] = field(default_factory=list)  # overrides of the selection jobs only
     final: list[str] = field(default_factory=list)  # overrides of the final jobs only
     seeds: str = "0,1,2"
+    # arm -> the arm whose chosen lr it takes instead of a sweep of its own (its difference from that
+    # arm is not an optimiser's, e.g. how it samples; and its jobs cost too much to sweep)
+    lr_from: dict[str, str] = field(default_factory=dict)
+
+    def swept(self) -> dict[str, list[str]]:
+        """The arms the selection stage sweeps over the lr grid."""
+        return {name: overrides for name, overrides in self.arms.items() if name not in self.lr_from}
 
 
 def load_regime(path: Path) -> Regime:
@@ -85,6 +93,10 @@ def load_regime(path: Path) -> Regime:
     for arm in regime.variants:
         if arm not in regime.arms:
             raise RegimeError(f"{path}: variants.{arm} names no arm; arms are {', '.join(regime.arms)}")
+    for arm, source in regime.lr_from.items():
+        if arm not in regime.arms or source not in regime.swept():
+            raise RegimeError(f"{path}: lr_from.{arm}: {source}: both must be arms, the second one swept (not "
+                              f"itself in lr_from); arms are {', '.join(regime.arms)}")
     for name in [*regime.arms, *(v for options in regime.variants.values() for v in options)]:
         if VARIANT_MARK in name or "/" in name:
             raise RegimeError(f"{path}: {name!r}: arm and variant names may not hold {VARIANT_MARK!r} or '/'")
@@ -131,6 +143,9 @@ def choose(runs: list[Run], regime: Regime) -> dict[str, dict]:
             entry["variant_scores"][variant] = scored[-1][1]
             if scored[-1][1] > best:
                 best, entry["variant"] = scored[-1][1], variant
+    for arm, source in regime.lr_from.items():
+        if source in chosen:
+            chosen[arm] = {"lr": chosen[source]["lr"], "lr_from": source, "variant": None, "variant_scores": {}}
     return chosen
 
 
@@ -151,15 +166,16 @@ def final_commands(out: Path, regime: Regime, chosen: dict[str, dict], overrides
 
 
 def selection_markdown(chosen: dict[str, dict]) -> str:
-    rows = [[arm, f"{entry['lr']:g}" + (f" ({entry['edge']} of the grid)" if entry.get("edge") else ""),
-             f"{entry['validation_accuracy']:.3f}",
-             ", ".join(f"{c['lr']:g}: {c['final']:.3f}" for c in entry["candidates"]),
+    rows = [[arm, f"{entry['lr']:g}" + (f" ({entry['edge']} of the grid)" if entry.get("edge") else "")
+             + (f" (that of {entry['lr_from']})" if entry.get("lr_from") else ""),
+             f"{entry['validation_accuracy']:.3f}" if "validation_accuracy" in entry else "–",
+             ", ".join(f"{c['lr']:g}: {c['final']:.3f}" for c in entry.get("candidates", [])) or "–",
              entry.get("variant") or "–",
              ", ".join(f"{name}: {score:.3f}" for name, score in entry.get("variant_scores", {}).items()) or "–"]
             for arm, entry in chosen.items()]
     return ("Learning rate per arm, then its variant, chosen on the validation split (final val/accuracy; lr ties: "
             "the mean over the evals after the start, then the smaller lr; a variant must beat the arm's own "
-            "setting). The eval split was not scored.\n\n"
+            "setting; an arm with lr_from takes another arm's lr). The eval split was not scored.\n\n"
             + markdown_table(["arm", "lr", "val accuracy", "final val accuracy per lr", "variant chosen",
                               "final val accuracy per variant"], rows))
 
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.stage in ("all", "select"):
         timed("prepare", lambda: prepare(out, regime, args.dry_run))
-        timed("select", lambda: run_all(select_commands(out, regime, regime.arms, regime.lrs, args.overrides),
+        timed("select", lambda: run_all(select_commands(out, regime, regime.swept(), regime.lrs, args.overrides),
                                         args.jobs, args.dry_run))
         if args.dry_run:
             print(f"# then each arm's variants ({', '.join(regime.variants) or 'none'}) at its chosen lr, and the "
