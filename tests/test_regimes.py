@@ -62,8 +62,10 @@ def test_the_lr_then_the_variant_are_chosen_on_validation_and_a_variant_must_bea
     chosen = choose(find_runs(select), regime)
     assert {arm: (entry["lr"], entry["variant"]) for arm, entry in chosen.items()} == {
         "sd_clip": (1e-4, "tau2"), "sft": (1e-4, None), "guided": (1e-4, None)}
-    assert "| guided | 0.0001 (that of sd_clip) | – | – | – | – |" in selection_markdown(chosen)
+    assert "| guided | 0.0001 (that of sd_clip) | – | – | – | – | – |" in selection_markdown(chosen)
     assert chosen["sd_clip"]["variant_scores"] == {"tau0.5": 0.40, "tau2": 0.45}
+    assert "| sd_clip | 0.0001 (highest of the grid) | 0.400 | 0.200 | 3e-05: 0.300, 0.0001: 0.400 | tau2 | tau0.5: 0.400, tau2: 0.450 |" \
+        in selection_markdown(chosen)
     commands = final_commands(tmp_path, regime, chosen, ["model=tiny_random"])
     dirs = [next(w for w in c if w.startswith("hydra.sweep.dir=")).split("/final/")[1] for c in commands]
     assert dirs == ["sd_clip/seed0", "sd_clip/seed1", "sd_clip@tau2/seed0", "sd_clip@tau2/seed1",

@@ -169,6 +169,7 @@ def selection_markdown(chosen: dict[str, dict]) -> str:
     rows = [[arm, f"{entry['lr']:g}" + (f" ({entry['edge']} of the grid)" if entry.get("edge") else "")
              + (f" (that of {entry['lr_from']})" if entry.get("lr_from") else ""),
              f"{entry['validation_accuracy']:.3f}" if "validation_accuracy" in entry else "–",
+             "–" if entry.get("start") is None else f"{entry['start']:.3f}",
              ", ".join(f"{c['lr']:g}: {c['final']:.3f}" for c in entry.get("candidates", [])) or "–",
              entry.get("variant") or "–",
              ", ".join(f"{name}: {score:.3f}" for name, score in entry.get("variant_scores", {}).items()) or "–"]
@@ -176,7 +177,7 @@ def selection_markdown(chosen: dict[str, dict]) -> str:
     return ("Learning rate per arm, then its variant, chosen on the validation split (final val/accuracy; lr ties: "
             "the mean over the evals after the start, then the smaller lr; a variant must beat the arm's own "
             "setting; an arm with lr_from takes another arm's lr). The eval split was not scored.\n\n"
-            + markdown_table(["arm", "lr", "val accuracy", "final val accuracy per lr", "variant chosen",
+            + markdown_table(["arm", "lr", "val accuracy", "val accuracy at start", "final val accuracy per lr", "variant chosen",
                               "final val accuracy per variant"], rows))
 
 
