@@ -153,3 +153,15 @@ def test_two_steps_of_each_arm_generate_nothing_and_score_the_wrong_accepted_ans
     assert counted and all(float(r["train/generated_tokens"]) == 0.0 for r in counted)
     assert float(counted[-1]["train/problems_seen"]) == 4.0
     assert 0.0 <= metrics["eval/wrong_accepted_rate"] <= 1.0
+
+
+def test_accepted_turns_reply_to_the_opening_and_name_the_accepted_turn():
+    from sdharness.data.chatlog import chat_examples
+
+    roles = ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    conversation = {"messages": [{"role": r, "content": f"m{i}"} for i, r in enumerate(roles)], "line": 3}
+    [example] = chat_examples([conversation], turns="accepted")
+    assert [m["content"] for m in example["context"]] == ["m0", "m1"] and example["completion"] == "m6"
+    assert example["turn"] == 6 and example["accepted"] == "m6" and example["problem"] == "m1"
+    both = chat_examples([conversation], turns="accepted", include_final=True)
+    assert [len(e["context"]) for e in both] == [2, 6] and {e["completion"] for e in both} == {"m6"}
