@@ -12,7 +12,6 @@ from scripts import synthetic_chats
 from scripts.synthetic_chats import columns_chats, main as chatlog_main
 from sdharness.config import to_train_config
 from sdharness.data.answers import extract_answer, is_correct
-from sdharness.data.chatlog import read_chats
 from sdharness.data.columns import PROBLEM, digit_pairs, add_columns, assemble, parse_line
 from sdharness.data.datamodule import ProblemDataModule
 from sdharness.eval.quick import EvalResult, completion_metrics
