@@ -77,6 +77,8 @@ def columns_chat(rng: random.Random, difficulty: str, accepted_correct: bool) ->
     """One conversation on a columns problem: slipped answers, each followed by the user naming its
     slipped column, then the accepted answer (right, or slipped in a column the user did not name)."""
     drawn = COLUMNS.draw(rng, difficulty)
+    # The question is the bare problem text, as the base's student prompt holds it, so that eval
+    # (answering the first user turn) measures the task the base was pretrained on.
     messages, stated, pointed = [{"role": "user", "content": COLUMNS.problem_text(drawn)}], set(), None
     for _ in range(2 if rng.random() < 0.3 else 1):
         text, pointed = slipped_columns_answer(rng, drawn, pointed, stated)
