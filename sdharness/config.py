@@ -88,8 +88,8 @@ class DataConfig:
     # builtin (the number after answer_marker; integers, decimals, fractions compared exactly) or
     # math_verify (the math-verify package, for free-form answers such as \frac{1}{2}).
     checker: str = "builtin"
-    # chatlog only: train on `all` earlier assistant turns or only the `first`; also the accepted
-    # final turn.
+    # chatlog only: train on `all` earlier assistant turns or only the `first`, or on the `accepted`
+    # (final) turn as the reply to the opening question; include_final: also the accepted turn in its place.
     turns: str = "all"
     include_final: bool = False
     # Every data set: reject (file:line) rather than skip and count problems whose prompt does not fit
@@ -108,7 +108,7 @@ class DataConfig:
         answer_checker(self.checker, self.answer_marker)  # an unknown name, or math_verify not installed, fails now
         if SOURCES[self.name].reads_path:
             require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")
-        _choice("data.turns", self.turns, ("all", "first"))
+        _choice("data.turns", self.turns, ("all", "first", "accepted"))
         check_difficulty("data.difficulty", self.difficulty, self.task)
         if self.eval_difficulty is not None:
             check_difficulty("data.eval_difficulty", self.eval_difficulty, self.task)

@@ -10,8 +10,11 @@ one training example: the student context is the conversation before that turn, 
 context is the same conversation with the accepted answer as a hint (``prompt.chat_hint``, a
 system message placed first), and the already-written assistant turn is ``g``. The loss is the
 self-distillation loss on ``g``; nothing is generated, so ``train/generated_tokens`` stays 0 and
-a step costs two scoring passes, about what an SFT step costs. ``answer`` is optional; when
-present, quick eval greedily answers each held-out conversation's first user turn and checks it.
+a step costs two scoring passes, about what an SFT step costs. ``data.turns=accepted`` instead
+makes the accepted turn the one example of each conversation, as the reply to its opening (the
+context of its first assistant turn): SFT on it is SFT on the accepted answers. ``answer`` is
+optional; when present, quick eval greedily answers each held-out conversation's first user turn
+and checks it (and scores how often it gives the accepted answer where that was wrong).
 
 Validation: a conversation that ends with a non-assistant message, has no assistant turn, uses
 a role other than system/user/assistant, or (checked after tokenizing, in
@@ -38,7 +41,7 @@ if TYPE_CHECKING:  # annotations only: data/ never imports the config schema, wh
     from sdharness.config import PromptConfig
 
 ROLES = ("system", "user", "assistant")
-TURNS = ("all", "first")
+TURNS = ("all", "first", "accepted")
 # Skip reasons (the keys of the ``skipped`` counters).
 NO_ASSISTANT = "no assistant turn"
 UNKNOWN_ROLE = "unknown role"
@@ -108,13 +111,16 @@ def read_chats(path: str | Path, *, strict: bool = False) -> tuple[list[dict], C
     return conversations, skipped
 
 
-def _example(conversation: dict, index: int) -> dict:
+def _example(conversation: dict, index: int, turn: int | None = None) -> dict:
+    """The example whose context is the conversation before ``messages[index]`` and whose completion
+    is the assistant turn ``messages[turn]`` (by default that same ``index``)."""
     messages = conversation["messages"]
+    turn = index if turn is None else turn
     final = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
     users = [message["content"] for message in messages[:index] if message["role"] == "user"]
-    example = {"context": messages[:index], "completion": messages[index]["content"],
+    example = {"context": messages[:index], "completion": messages[turn]["content"],
                "accepted": messages[final]["content"], "problem": users[-1] if users else "",
-               "path": conversation.get("path"), "line": conversation.get("line"), "turn": index}
+               "path": conversation.get("path"), "line": conversation.get("line"), "turn": turn}
     if "answer" in conversation:
         example["answer"] = conversation["answer"]
     return example
@@ -123,15 +129,18 @@ def _example(conversation: dict, index: int) -> dict:
 def chat_examples(conversations: list[dict], *, turns: str = "all", include_final: bool = False) -> list[dict]:
     """One example per selected assistant turn: ``{"context", "completion", "accepted", ...}``.
 
-    ``turns``: ``all`` earlier (non-final) assistant turns, or only the ``first`` of them;
-    ``include_final`` adds the accepted turn itself.
+    ``turns``: ``all`` earlier (non-final) assistant turns, or only the ``first`` of them, or the
+    ``accepted`` (final) turn after the context of the first; ``include_final`` adds the accepted
+    turn itself, after the whole conversation before it.
     """
     if turns not in TURNS:
         raise ValueError(f"data.turns={turns!r} is unknown; choose one of: {', '.join(TURNS)}")
     examples = []
     for conversation in conversations:
         assistant = [i for i, message in enumerate(conversation["messages"]) if message["role"] == "assistant"]
-        selected = assistant[:-1] if turns == "all" else assistant[:-1][:1]
+        if turns == "accepted":
+            examples.append(_example(conversation, assistant[0], turn=assistant[-1]))
+        selected = {"all": assistant[:-1], "first": assistant[:-1][:1], "accepted": []}[turns]
         if include_final:
             selected.append(assistant[-1])
         examples += [_example(conversation, index) for index in selected]

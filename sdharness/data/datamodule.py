@@ -305,8 +305,8 @@ class ProblemDataModule(L.LightningDataModule):
                                     "data.strict=false to skip it")
                 too_long += 1
                 continue
-            item = {"problem": example["problem"], "solution": example["completion"], "student_ids": student,
-                    "teacher_ids": teacher, "solution_ids": completion}
+            item = {"problem": example["problem"], "solution": example["completion"], "accepted": example["accepted"],
+                    "student_ids": student, "teacher_ids": teacher, "solution_ids": completion}
             if "answer" in example:
                 item["answer"] = example["answer"]
             kept.append(item)
@@ -349,7 +349,8 @@ class ProblemDataModule(L.LightningDataModule):
         student_ids, student_mask = left_pad([item["student_ids"] for item in items], pad)
         teacher_ids, teacher_mask = left_pad([item["teacher_ids"] for item in items], pad)
         solution_ids, solution_mask = right_pad([item["solution_ids"] for item in items], pad)
-        problems = [{key: item[key] for key in ("problem", "solution", "answer") if key in item} for item in items]
+        problems = [{key: item[key] for key in ("problem", "solution", "answer", "accepted")
+                     if key in item} for item in items]
         return PromptBatch(student_ids, student_mask, teacher_ids, teacher_mask, solution_ids, solution_mask.bool(),
                            problems, logged=SOURCES[self.cfg.name].logged_completions)
 

@@ -1,8 +1,10 @@
 """Quick eval: greedy accuracy on the held-out split(s) with the student prompt.
 
 Besides accuracy it reports the early-answer rate (the final answer appears before the step
-that derives it) and the mean completion length; in SD runs, the teacher's health
-(:mod:`sdharness.eval.teacher_health`) at the same points.
+that derives it) and the mean completion length; on a chat log whose held-out conversations
+include accepted answers that are wrong, how often the model gives that wrong answer
+(``wrong_accepted_rate``); in SD runs, the teacher's health (:mod:`sdharness.eval.teacher_health`)
+at the same points.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sdharness.eval.teacher_health import TokenSums, add_token_figures, token_me
 from sdharness.methods.accounting import Stopwatch
 from sdharness.rollout.hf import Rollout, generate
 from sdharness.data.builtin import builtin_task
-from sdharness.data.answers import answer_checker, is_early_answer
+from sdharness.data.answers import answer_checker, extract_answer, is_early_answer
 
 
 def leaked(text: str, phrases: list[str]) -> bool:
@@ -31,11 +33,23 @@ def leaked(text: str, phrases: list[str]) -> bool:
     return any(phrase.lower() in lowered for phrase in phrases)
 
 
+def wrongly_accepted(problem: dict, check, answer_marker: str) -> str | None:
+    """The answer a logged conversation's user accepted (its ``accepted`` turn's marked answer) when
+    ``check`` finds it differs from the true ``answer``; None for a right one, or a problem that is no
+    chat, has no answer, or whose accepted turn states none."""
+    if not problem.get("answer") or "accepted" not in problem:
+        return None
+    accepted = extract_answer(problem["accepted"], answer_marker)
+    return None if accepted is None or check(problem["accepted"], problem["answer"]) else accepted
+
+
 def completion_metrics(texts: list[str], problems: list[dict], answer_marker: str,
                        leak_phrases: list[str] = (), checker: str = "builtin", task: str = "chain") -> dict[str, float]:
     """Accuracy (by ``checker``, see :func:`sdharness.data.answers.answer_checker`) and early-answer rate
     against the problems' answers (what counts as a derivation is ``task``'s, see
-    :meth:`sdharness.data.tasks.BuiltinTask.derived_at`), and the leakage rate."""
+    :meth:`sdharness.data.tasks.BuiltinTask.derived_at`), and the leakage rate; on chats whose accepted
+    answer is wrong (:func:`wrongly_accepted`), ``wrong_accepted_rate``: the share of them where the
+    completion gives that wrong answer (how much of the users' mistakes the model learned)."""
     metrics = {"leakage_rate": sum(leaked(t, leak_phrases) for t in texts) / len(texts)} if texts else {}
     checked = [(text, problem["answer"]) for text, problem in zip(texts, problems) if problem.get("answer")]
     if checked:
@@ -44,6 +58,10 @@ def completion_metrics(texts: list[str], problems: list[dict], answer_marker: st
         derived_at = builtin_task(task).derived_at
         metrics["early_answer_rate"] = sum(is_early_answer(text, answer, answer_marker, derived_at)
                                            for text, answer in checked) / len(checked)
+        wrong = [(text, accepted) for text, problem in zip(texts, problems)
+                 if (accepted := wrongly_accepted(problem, check, answer_marker)) is not None]
+        if wrong:
+            metrics["wrong_accepted_rate"] = sum(check(text, accepted) for text, accepted in wrong) / len(wrong)
     return metrics
 
 
@@ -54,10 +72,14 @@ class EvalResult:
     leakage_rate: float
     completion_length: float
     size: int
+    wrong_accepted_rate: float = math.nan  # chat logs with wrong accepted answers only
 
     def as_metrics(self, prefix: str = "eval") -> dict[str, float]:
-        return {f"{prefix}/accuracy": self.accuracy, f"{prefix}/early_answer_rate": self.early_answer_rate,
-                f"{prefix}/leakage_rate": self.leakage_rate, f"{prefix}/completion_length": self.completion_length}
+        metrics = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/early_answer_rate": self.early_answer_rate,
+                   f"{prefix}/leakage_rate": self.leakage_rate, f"{prefix}/completion_length": self.completion_length}
+        if not math.isnan(self.wrong_accepted_rate):
+            metrics[f"{prefix}/wrong_accepted_rate"] = self.wrong_accepted_rate
+        return metrics
 
 
 @dataclass
@@ -142,7 +164,8 @@ def evaluate_greedy(model, tokenizer, batches, *, max_new_tokens: int, answer_ma
     metrics = completion_metrics(texts, problems, answer_marker, leak_phrases, checker, task)
     nan = float("nan")
     return EvalResult(metrics.get("accuracy", nan), metrics.get("early_answer_rate", nan),
-                      metrics.get("leakage_rate", nan), sum(lengths) / len(lengths) if lengths else 0.0, len(texts))
+                      metrics.get("leakage_rate", nan), sum(lengths) / len(lengths) if lengths else 0.0, len(texts),
+                      metrics.get("wrong_accepted_rate", nan))
 
 
 def gathered_from_all_ranks(items: list, world_size: int) -> list:
