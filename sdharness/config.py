@@ -117,8 +117,6 @@ class DataConfig:
         require(self.train_size >= 1 and self.eval_size >= 0, "data.train_size must be >= 1 and data.eval_size >= 0")
         _choice("data.evaluate_on", self.evaluate_on, ("eval", "validation", "both"))
         require(self.validation_size >= 0, f"data.validation_size must be >= 0, got {self.validation_size}")
-        require(self.name != "chatlog" or self.validation_size == 0,
-                "data.validation_size is for problem data (arithmetic, jsonl), not data=chatlog; set it to 0")
         require(self.evaluate_on == "eval" or self.validation_size > 0, f"data.evaluate_on={self.evaluate_on} needs a "
                 "validation split: set data.validation_size, e.g. data.validation_size=256")
 

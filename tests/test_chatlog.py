@@ -160,3 +160,18 @@ def test_guided_sampling_cannot_apply_to_logged_chats():
     # Rejected while validating the config, before any model loads.
     with pytest.raises(ConfigError, match="rollout.guidance=always cannot apply to data=chatlog"):
         to_train_config(compose_config(TINY + ["data=chatlog", "rollout.guidance=always"]))
+
+
+def test_a_validation_split_of_a_chat_log_is_held_out_of_the_training_conversations(tmp_path):
+    lines = [chat(f"Q{i}", f"wrong {i}", "No.", f"The answer is {i}.", answer=i) for i in range(20)]
+    path = write_lines(tmp_path, lines)
+    plain = load_chats(DataConfig(name="chatlog", path=str(path), eval_size=5))
+    train, evaluation, validation, _ = load_chats(DataConfig(name="chatlog", path=str(path), eval_size=5,
+                                                             validation_size=4))
+    first_questions = lambda examples: [e["context"][0]["content"] for e in examples]
+    assert first_questions(evaluation) == first_questions(plain[1])  # the eval split does not move
+    assert first_questions(validation) == first_questions(plain[0])[:4]
+    assert first_questions(train) == first_questions(plain[0])[4:] and len(train) == 11
+    assert [e["completion"] for e in validation] == [f"wrong {q[1:]}" for q in first_questions(validation)]
+    with pytest.raises(DataError, match=r"data.validation_size=15 leaves no conversation to train on of the 15"):
+        load_chats(DataConfig(name="chatlog", path=str(path), eval_size=5, validation_size=15))

@@ -153,10 +153,11 @@ def first_turn_examples(conversations: list[dict]) -> list[dict]:
             for conversation in conversations]
 
 
-def load_chats(cfg) -> tuple[list[dict], list[dict], Counter]:
-    """``(train examples, eval examples, skipped)`` for a ``data=chatlog`` config. Without
-    ``data.eval_path``, ``data.eval_size`` conversations are held out (as for ``data=jsonl``);
-    eval examples are each held-out conversation's first assistant turn."""
+def load_chats(cfg) -> tuple[list[dict], list[dict], list[dict], Counter]:
+    """``(train examples, eval examples, validation examples, skipped)`` for a ``data=chatlog`` config.
+    Without ``data.eval_path``, ``data.eval_size`` conversations are held out (as for ``data=jsonl``);
+    then ``data.validation_size`` more are held out of the training conversations, so that validation
+    is disjoint from both. Held-out examples are each conversation's first assistant turn."""
     conversations, skipped = read_chats(resolve_path(cfg.path, "data.path"), strict=cfg.strict)
     if cfg.eval_path:
         held_out, more = read_chats(resolve_path(cfg.eval_path, "data.eval_path"), strict=cfg.strict)
@@ -167,10 +168,12 @@ def load_chats(cfg) -> tuple[list[dict], list[dict], Counter]:
         random.Random(cfg.seed).shuffle(shuffled)
         count = max(0, min(cfg.eval_size, len(shuffled) - 1))
         train, held_out = shuffled[count:], shuffled[:count]
-    if not train:
-        raise DataError(f"data.path={cfg.path}: no usable conversation (skipped: {dict(skipped) or 'none'}); "
-                          "each needs an assistant turn, ends with one, and uses only system/user/assistant")
-    return chat_examples(train, turns=cfg.turns, include_final=cfg.include_final), first_turn_examples(held_out), skipped
+    if cfg.validation_size >= len(train):
+        raise DataError(f"data.validation_size={cfg.validation_size} leaves no conversation to train on of the "
+                        f"{len(train)} in data.path={cfg.path} (skipped: {dict(skipped) or 'none'}); lower it")
+    validation, train = train[:cfg.validation_size], train[cfg.validation_size:]
+    return (chat_examples(train, turns=cfg.turns, include_final=cfg.include_final), first_turn_examples(held_out),
+            first_turn_examples(validation), skipped)
 
 
 def _with_hint(prompt_cfg: PromptConfig, messages: list[dict], hint: str | None) -> list[dict]:

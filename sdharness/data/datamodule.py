@@ -194,7 +194,7 @@ def load_data(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference")
         loaded = LoadedData(train[cfg.validation_size:], evaluation, validation=train[:cfg.validation_size])
         loaded.contamination = check_contamination(cfg, loaded)
         return loaded
-    train, evaluation, skipped = load_chats(cfg)
+    train, evaluation, validation, skipped = load_chats(cfg)
     for reason, count in sorted(skipped.items()):
         log.warning("skipped %d conversation(s) of %s: %s", count, cfg.path, reason)
     if not train:
@@ -205,9 +205,9 @@ def load_data(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference")
     if "answer" in required_fields(algo) and unanswered is not None:
         raise DataError(f"{unanswered['path']}:{unanswered['line']}: algo={algo} rewards the answer, but this "
                         "conversation has no \"answer\" field; give every conversation one, or use algo=sd")
-    check_answers([{**example, "where": f"{example['path']}:{example['line']}"} for example in train + evaluation
-                   if "answer" in example], cfg.checker)
-    return LoadedData(train, evaluation, skipped)
+    check_answers([{**example, "where": f"{example['path']}:{example['line']}"}
+                   for example in train + evaluation + validation if "answer" in example], cfg.checker)
+    return LoadedData(train, evaluation, skipped, validation=validation)
 
 
 def check_answers(rows: list[dict], checker: str) -> None:
