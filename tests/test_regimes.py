@@ -105,4 +105,5 @@ def test_a_regime_runs_end_to_end_and_records_its_stages(tmp_path):
 def test_an_unknown_regime_names_the_choices(tmp_path, capsys):
     with pytest.raises(SystemExit):
         regime_main(["nope", "--out", str(tmp_path)])
-    assert "no regime 'nope': choose from hard, impossible_knowledge" in capsys.readouterr().err
+    assert f"no regime 'nope': choose from {', '.join(REGIME_CHOICES)} or give a .yaml path" in capsys.readouterr().err
+    assert set(REGIME_CHOICES) >= {"chatlog", "hard", "impossible_knowledge"}
