@@ -140,9 +140,18 @@ def test_write_command_is_deterministic(tmp_path):
     assert [c["messages"] for c in conversations] == [c["messages"] for c in synthetic_chats(3, 20, "hard")]
 
 
-def test_two_steps_on_logged_chats_generate_nothing(tmp_path):
+# The shipped arithmetic log, and the chat regime's three arms on the testbed's columns log.
+ARMS = {"arithmetic": ["data=chatlog"],
+        "sd_first_turns": ["data=chatlog_columns", "data.eval_size=32", "data.turns=first", "method=sd_product"],
+        "sft_accepted": ["data=chatlog_columns", "data.eval_size=32", "data.turns=accepted", "method=sft"],
+        "sft_first_turns": ["data=chatlog_columns", "data.eval_size=32", "data.turns=first", "method=sft"]}
+
+
+@pytest.mark.parametrize("arm", [arm if arm == "arithmetic" else pytest.param(arm, marks=pytest.mark.slow)
+                                 for arm in ARMS])
+def test_two_steps_on_logged_chats_generate_nothing(tmp_path, arm):
     train = pytest.importorskip("sdharness.train").train
-    metrics = train(compose_config(TINY + ["data=chatlog", "logger.mode=disabled"]), tmp_path)
+    metrics = train(compose_config(TINY + ["logger.mode=disabled", *ARMS[arm]]), tmp_path)
     with open(tmp_path / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
@@ -152,6 +161,8 @@ def test_two_steps_on_logged_chats_generate_nothing(tmp_path):
     assert float(counted[-1]["train/rollouts"]) == 0.0 and float(counted[-1]["train/forward_tokens"]) > 0
     assert float(counted[-1]["train/problems_seen"]) == 4.0
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+    # the columns log holds out wrongly accepted conversations; the arithmetic one accepts only right answers
+    assert ("eval/wrong_accepted_rate" in metrics) == (arm != "arithmetic")
 
 
 def test_guided_sampling_cannot_apply_to_logged_chats():

@@ -1,9 +1,7 @@
 """The testbed's chat log (data=chatlog_columns): the shipped file, its arms' targets and the
 wrong-accepted rate quick eval scores."""
 
-import csv
 import json
-import math
 import re
 
 import pytest
@@ -17,7 +15,7 @@ from sdharness.data.datamodule import ProblemDataModule
 from sdharness.eval.quick import EvalResult, completion_metrics
 from sdharness.models import char_tokenizer, resolve_path
 from sdharness.paths import config_dir
-from tests.conftest import TINY, compose_config
+from tests.conftest import compose_config
 
 SHIPPED = "pkg://sdharness/assets/chatlog/columns_chats.jsonl"
 # The recorded command (the generator's docstring and conf/data/chatlog_columns.yaml say it).
@@ -132,26 +130,6 @@ def test_the_eval_split_keeps_the_accepted_answer_for_the_rate(tmp_path):
     problems = dm.collate(dm.evaluation).problems
     assert problems == [{"problem": "Add 19 and 25. What is the sum?", "solution": "9+5=13\n1+2+1=4\nThe answer is 43.",
                          "answer": "44", "accepted": "9+5=14\n1+2+1=4\nThe answer is 44."}]
-
-
-ARMS = {"sd": ["data.turns=first", "method=sd_product"], "sft_accepted": ["data.turns=accepted", "method=sft"],
-        "sft_first": ["data.turns=first", "method=sft"]}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arm", list(ARMS))
-def test_two_steps_of_each_arm_generate_nothing_and_score_the_wrong_accepted_answers(tmp_path, arm):
-    train = pytest.importorskip("sdharness.train").train
-    metrics = train(compose_config(TINY + ["data=chatlog_columns", "data.eval_size=32", "logger.mode=disabled",
-                                           *ARMS[arm]]), tmp_path)
-    with open(tmp_path / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    counted = [r for r in rows if r.get("train/generated_tokens")]
-    assert counted and all(float(r["train/generated_tokens"]) == 0.0 for r in counted)
-    assert float(counted[-1]["train/problems_seen"]) == 4.0
-    assert 0.0 <= metrics["eval/wrong_accepted_rate"] <= 1.0
 
 
 def test_accepted_turns_reply_to_the_opening_and_name_the_accepted_turn():
