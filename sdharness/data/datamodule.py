@@ -207,7 +207,7 @@ def load_data(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference")
             if lacking:
                 loaded.skipped[NO_SOLUTION] = lacking
                 log.warning("left out %d of %d training problem(s) (%s): data.solutions_path=%s has no solution for "
-                            "them (sdharness-bootstrap dropped them: no sample checked)", lacking,
+                            "them (no bootstrap sample checked, or they were not in its input)", lacking,
                             len(loaded.train) + lacking, NO_SOLUTION, cfg.solutions_path)
         loaded.contamination = check_contamination(cfg, loaded)
         return loaded
