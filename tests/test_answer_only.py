@@ -58,7 +58,7 @@ def test_the_pool_is_the_protocols_training_problems_without_solutions(tmp_path)
 
 
 def test_pool_command_errors_in_one_line(tmp_path, capsys):
-    for argv, message in ((["data=jsonl", "data.path=x.jsonl"], "the answer-only pool is written for the built-in task"),
+    for argv, message in ((["data=jsonl", "data.path=x.jsonl"], "the answer-only pool is written for the built-in"),
                           (["data.difficuly=hard"], "data.difficuly is not a config key")):
         with pytest.raises(SystemExit) as exit_info:
             pool_tool.main(["--out", str(tmp_path / "p.jsonl"), *argv])

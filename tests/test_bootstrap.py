@@ -186,7 +186,8 @@ def test_sampling_cost_is_counted_as_training_counts_it(monkeypatch, guidance):
                            prompt_cfg=prompt)
     generated = (1 + 2 + 3 + 4) + (1 + 2)  # batches of 4 and 2 requests
     student = sum(2 * len(encode_prompt(prompt, tokenizer, render_student(prompt, p["problem"]))) for p in PROBLEMS[:3])
-    teacher = sum(2 * len(encode_prompt(prompt, tokenizer, render_teacher(prompt, p["problem"], answer_hint(p["answer"]))))
+    teacher = sum(2 * len(encode_prompt(prompt, tokenizer, render_teacher(prompt, p["problem"],
+                                                                          answer_hint(p["answer"]))))
                   for p in PROBLEMS[:3])
     forward = student + generated + (teacher + generated if guidance else 0)
     parameters = sum(p.numel() for p in model.parameters())

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # annotations only: data/ never imports the config schema, wh
     from sdharness.config import DataConfig, PromptConfig
 
 log = logging.getLogger(__name__)
-NO_SOLUTION = "no bootstrap solution"  # training problems data.solutions_path lacks (data/skipped_no_bootstrap_solution)
+NO_SOLUTION = "no bootstrap solution"  # training problems data.solutions_path lacks (data/skipped_*)
 
 
 def required_fields(algo: str, hint_source: str = "reference") -> tuple[str, ...]:

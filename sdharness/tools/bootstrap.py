@@ -281,8 +281,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"{name:<16}{summary[name]:.3f}" if name == "pass_rate" else f"{name:<16}{summary[name]}"
              for name in SUMMARY_FIELDS]
     cost = summary["cost"]
-    lines.append(f"cost            {cost['generated_tokens']} generated tokens, {cost['forward_tokens']} forward tokens, "
-                 f"{cost['flops']:.3g} FLOPs, {cost['wall_seconds']:.1f} s sampling")
+    lines.append(f"cost            {cost['generated_tokens']} generated tokens, {cost['forward_tokens']} forward "
+                 f"tokens, {cost['flops']:.3g} FLOPs, {cost['wall_seconds']:.1f} s sampling")
     unsolved = summary.get("unsolved_rows") or []
     if unsolved:
         shown = ", ".join(str(i) for i in unsolved[:20]) + (", ..." if len(unsolved) > 20 else "")
