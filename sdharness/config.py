@@ -76,6 +76,10 @@ class DataConfig:
     task: str = "chain"
     path: Optional[str] = None
     eval_path: Optional[str] = None
+    # data=arithmetic: the training problems' references come from this JSONL instead (sdharness-bootstrap's
+    # output for the answer-only pool `python -m sdharness.tools.answer_pool` writes); training problems it
+    # lacks are left out and counted, and the validation and eval splits stay the task's own.
+    solutions_path: Optional[str] = None
     difficulty: str = "single"  # chain: single 1 operation, easy 2, hard 4; columns: 1-2, 3-4, 6-7, seven 7 digits
     eval_difficulty: Optional[str] = None  # defaults to difficulty
     solution_style: str = "native"  # native: written like the student's own chain of thought; foreign: terse notation
@@ -108,6 +112,9 @@ class DataConfig:
         answer_checker(self.checker, self.answer_marker)  # an unknown name, or math_verify not installed, fails now
         if SOURCES[self.name].reads_path:
             require(bool(self.path), f"data.path is required for data={self.name}; e.g. data.path=train.jsonl")
+        require(self.solutions_path is None or SOURCES[self.name].built_in_task,
+                f"data.solutions_path is for the built-in task (data=arithmetic), not data={self.name}, whose "
+                "file holds its own solutions: point data.path at the solved file instead")
         _choice("data.turns", self.turns, ("all", "first", "accepted"))
         check_difficulty("data.difficulty", self.difficulty, self.task)
         if self.eval_difficulty is not None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdharness.cli import cli_errors
 from sdharness.config import CONF_DIR, ConfigError, TrainConfig, register_configs, to_train_config
-from sdharness.data.datamodule import DataError, ProblemDataModule, load_data
+from sdharness.data.datamodule import DataError, ProblemDataModule, load_data, solutions_file
 from sdharness.data.prompts import uses_chat_template
 from sdharness.eval.quick import QuickEval, hinted_batches, print_summary
 from sdharness.jobs import (INTERRUPTED_EXIT, RunInterrupted, end_wandb_run, in_multirun, record_failure,
@@ -41,6 +41,7 @@ from sdharness.scale.checkpoints import AtomicCheckpointIO, DiskFullError, StepC
 from sdharness.scale.resume import resume_from
 from sdharness.scale.sharding import full_state_dict, is_sharded
 from sdharness.scale.strategy import build_strategy
+from sdharness.tools.provenance import bootstrap_metrics, bootstrap_record
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -82,6 +83,7 @@ def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tu
     L.seed_everything(cfg.seed, workers=True)
     # A malformed data file fails now, not after a model load.
     loaded = load_data(cfg.data, cfg.algo.name, cfg.algo.hint_source)
+    bootstrap = bootstrap_record(solutions_file(cfg.data))  # the sampling that found the solutions, if any
     check_pretrained_task(cfg.model, cfg.data)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     set_threads_for(model, cfg.threads)
@@ -93,6 +95,8 @@ def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tu
                                    run_seed=cfg.seed)
     datamodule.setup()
     module = method_class(cfg.algo.name)(model, tokenizer, cfg)
+    if bootstrap:  # the x-axes count the bootstrap's sampling from step 0; a resume loads the counters instead
+        module.counters.load_state_dict(bootstrap["cost"])
 
     # Scoring the validation split (hyperparameter selection) is logged as val/*, never as eval/*.
     # The teacher's health (methods with a teacher) on the scored split's first eval.health_size problems.
@@ -108,6 +112,9 @@ def _fit(cfg: TrainConfig, dict_cfg: DictConfig, output_dir: Path, callbacks: tu
     if loaded.contamination and resume is None:  # a resumed run keeps this row (it has no problems_seen)
         for logger in loggers:
             logger.log_metrics({f"data/{name}": float(n) for name, n in loaded.contamination.items()}, step=0)
+    if bootstrap and resume is None:
+        for logger in loggers:
+            logger.log_metrics(bootstrap_metrics(bootstrap), step=0)
     # The bar counts towards the limit that ends the run (steps, problems, tokens or seconds), not epochs.
     progress = [BudgetProgressBar(cfg.budget, cfg.trainer.max_steps)] if cfg.trainer.extra.get(
         "enable_progress_bar", True) else []

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdharness.tools import bootstrap as bs
 from sdharness.data.answers import trim_solution
@@ -25,12 +26,20 @@ from sdharness.tools.generate import named_config
 from sdharness.models import load_model_and_tokenizer
 from sdharness.data.answers import answer_checker, is_correct
 from sdharness.data.chain import CHAIN
+from sdharness.data.prompts import encode_prompt, render_student, render_teacher
+from sdharness.rollout.hf import Rollout
 from tests.conftest import TESTBED_CHAIN
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
 TINY = ModelConfig(name="tiny_random", source="tiny_random")
 PROBLEMS = [{"problem": f"Start with {n}. Add 1. What is the result?", "answer": str(n + 1)} for n in range(4)]
+
+
+def fake_cost(texts: list[str]) -> dict[str, int]:
+    """A fake sampler's cost: a token per character and a 10-token prompt per sample."""
+    generated = sum(len(text) for text in texts)
+    return {"rollouts": len(texts), "generated": generated, "forward_only": 10 * len(texts) + generated}
 
 
 def fake_sampler(log: list | None = None):
@@ -52,7 +61,7 @@ def fake_sampler(log: list | None = None):
                 texts.append("no marker at all" if j % 2 else wrong)
             else:
                 texts.append({0: "long working here\n" + right + "\nQ: junk", 3: right}.get(j, wrong))
-        return texts
+        return texts, fake_cost(texts)
 
     return sample
 
@@ -105,9 +114,15 @@ def test_bootstrap_with_fake_sampler_exact_counts(unsolved):
     log: list = []
     rows, summary = bootstrap(None, None, PROBLEMS, BootstrapSettings(k=4, unsolved=unsolved, batch_size=3, guidance=True),
                               sample_fn=fake_sampler(log))
+    cost = summary.pop("cost")
     assert summary == {"problems": 4, "solved": 3, "unsolved": 1, "samples": 16, "correct_samples": 4 + 1 + 0 + 2,
                        "pass_rate": 7 / 16, "kept": 4 if unsolved == "answer_hint" else 3,
                        "dropped": 0 if unsolved == "answer_hint" else 1, "unsolved_rows": [2]}
+    # every sampled character once, untrimmed; no model, so no parameters to count FLOPs with
+    characters = sum(fake_cost(fake_sampler()(batch)[0])["generated"] for batch in log)
+    assert cost["rollouts"] == 16 and cost["generated_tokens"] == characters
+    assert cost["forward_tokens"] == 160 + characters and cost["flops"] == 0.0 and cost["trained_tokens"] == 0
+    assert cost["problems_without_success"] == 1 and cost["problems_seen"] == 0 and cost["wall_seconds"] >= 0
     assert [len(batch) for batch in log] == [3, 3, 3, 3, 3, 1]
     assert all(r["hint"] == f"The answer is {r['answer']}." for batch in log for r in batch)
     by_row = {row["bootstrap"]["row"]: row for row in rows}
@@ -153,6 +168,35 @@ def test_bootstrap_tiny_random_model(guidance):
         assert is_correct(row["solution"], row["answer"])  # sampled or the answer alone, it verifies
 
 
+@pytest.mark.parametrize("guidance", [False, True])
+def test_sampling_cost_is_counted_as_training_counts_it(monkeypatch, guidance):
+    """A sampler that makes request ``j`` of each batch generate ``j + 1`` tokens: its samples, generated
+    tokens, forward tokens (prefill of each real prompt token; under guidance both contexts, and each token
+    through both) and FLOPs (2 per parameter per forward token) are exact."""
+    model, tokenizer = load_model_and_tokenizer(TINY)
+    prompt = PromptConfig(**named_config("prompt", "testbed"))
+
+    def fake_rollout(ids: torch.Tensor) -> Rollout:
+        mask = (torch.arange(5).expand(ids.shape[0], 5) <= torch.arange(ids.shape[0])[:, None]).long()
+        return Rollout(torch.ones_like(mask), mask, ["The answer is 2."] * ids.shape[0])
+
+    monkeypatch.setattr(bs, "generate", lambda model, tokenizer, ids, mask, **sampling: fake_rollout(ids))
+    monkeypatch.setattr(bs, "guided_generate", lambda model, tokenizer, ids, *contexts, **sampling: fake_rollout(ids))
+    _, summary = bootstrap(model, tokenizer, PROBLEMS[:3], BootstrapSettings(k=2, batch_size=4, guidance=guidance),
+                           prompt_cfg=prompt)
+    generated = (1 + 2 + 3 + 4) + (1 + 2)  # batches of 4 and 2 requests
+    student = sum(2 * len(encode_prompt(prompt, tokenizer, render_student(prompt, p["problem"]))) for p in PROBLEMS[:3])
+    teacher = sum(2 * len(encode_prompt(prompt, tokenizer, render_teacher(prompt, p["problem"],
+                                                                          answer_hint(p["answer"]))))
+                  for p in PROBLEMS[:3])
+    forward = student + generated + (teacher + generated if guidance else 0)
+    parameters = sum(p.numel() for p in model.parameters())
+    cost = summary["cost"]
+    assert (cost["rollouts"], cost["generated_tokens"], cost["forward_tokens"]) == (6, generated, forward)
+    assert cost["flops"] == 2.0 * parameters * forward and cost["trained_tokens"] == 0
+    assert cost["problems_without_success"] == 2 == summary["unsolved"]  # only problem 1's answer is 2
+
+
 # --------------------------------------------------------------------------- (c) cache
 
 
@@ -170,6 +214,7 @@ def test_cache_reused_then_regenerated_on_any_difference(tmp_path):
     assert status == "generated" and len(calls) == 2 and summary["kept"] == 4
     record = json.loads(provenance_path(out).read_text())
     assert record["key"]["k"] == 4 and record["key"]["checker"] == "builtin" and record["summary"] == summary
+    assert record["summary"]["cost"]["rollouts"] == 16 and record["summary"]["cost"]["generated_tokens"] > 0
     assert record["key"]["model"]["name"] == "tiny_random" and len(record["key"]["model"]["config_sha256"]) == 64
     assert read_jsonl(out, required=("problem", "solution", "answer")) == rows
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]

@@ -185,6 +185,9 @@ def test_bootstrapped_data_is_recognised_by_its_provenance_or_its_rows(tmp_path)
     assert bootstrapped_data(jsonl("sidecar.jsonl"), cwd=tmp_path) and bootstrapped_data(jsonl(str(rows)))
     assert not bootstrapped_data(jsonl(str(plain))) and not bootstrapped_data(jsonl(str(tmp_path / "missing.jsonl")))
     assert not bootstrapped_data({"data.name": "arithmetic"}) and not bootstrapped_data(jsonl("pkg://sdharness/x.jsonl"))
+    # the built-in task with its training solutions from a bootstrap (data.solutions_path)
+    assert bootstrapped_data({"data.name": "arithmetic", "data.solutions_path": "sidecar.jsonl"}, cwd=tmp_path)
+    assert not bootstrapped_data({"data.name": "arithmetic", "data.solutions_path": str(plain)})
 
 
 def test_report_writes_markdown_pngs_table_and_config_differences(sweep, tmp_path, capsys):

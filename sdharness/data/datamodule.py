@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # annotations only: data/ never imports the config schema, wh
     from sdharness.config import DataConfig, PromptConfig
 
 log = logging.getLogger(__name__)
+NO_SOLUTION = "no bootstrap solution"  # training problems data.solutions_path lacks (data/skipped_*)
 
 
 def required_fields(algo: str, hint_source: str = "reference") -> tuple[str, ...]:
@@ -65,6 +66,15 @@ def reference_styles(cfg: DataConfig, problems: list[dict]) -> dict[str, list[di
 def data_path(path: str, field: str) -> str | Path:
     """``pkg://PACKAGE/file`` resolved inside the installed package; other paths as given."""
     return resolve_path(path, field) if path.startswith("pkg://") else path
+
+
+def solutions_file(cfg: DataConfig) -> str | Path | None:
+    """The file the training rows' solutions come from (``data.solutions_path``, or ``data=jsonl``'s
+    ``data.path``); None for a generated task's own and for a chat log."""
+    if cfg.solutions_path:
+        return data_path(cfg.solutions_path, "data.solutions_path")
+    source = SOURCES[cfg.name]
+    return data_path(cfg.path, "data.path") if source.reads_path and not source.logged_completions else None
 
 
 def load_problems(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference") -> tuple[list[dict], list[dict]]:
@@ -192,6 +202,13 @@ def load_data(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference")
         check_answers(train + evaluation, cfg.checker)
         # From the training rows, so it is disjoint from the eval split as the training rows are.
         loaded = LoadedData(train[cfg.validation_size:], evaluation, validation=train[:cfg.validation_size])
+        if cfg.solutions_path:
+            loaded.train, lacking = with_solutions(loaded.train, cfg.solutions_path)
+            if lacking:
+                loaded.skipped[NO_SOLUTION] = lacking
+                log.warning("left out %d of %d training problem(s) (%s): data.solutions_path=%s has no solution for "
+                            "them (no bootstrap sample checked, or they were not in its input)", lacking,
+                            len(loaded.train) + lacking, NO_SOLUTION, cfg.solutions_path)
         loaded.contamination = check_contamination(cfg, loaded)
         return loaded
     train, evaluation, validation, skipped = load_chats(cfg)
@@ -208,6 +225,23 @@ def load_data(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference")
     check_answers([{**example, "where": f"{example['path']}:{example['line']}"}
                    for example in train + evaluation + validation if "answer" in example], cfg.checker)
     return LoadedData(train, evaluation, skipped, validation=validation)
+
+
+def with_solutions(train: list[dict], path: str) -> tuple[list[dict], int]:
+    """The rows of ``train`` that the JSONL ``path`` (rows with problem and solution) solves, in their own
+    order, with its solution as their reference; and how many it does not solve. A row of ``path`` whose
+    problem is not one of ``train``'s (a validation or eval problem, or another config's) is refused."""
+    training = {row["problem"] for row in train}
+    solutions: dict[str, str] = {}
+    for row in read_jsonl(data_path(path, "data.solutions_path"), REQUIRED_FIELDS, field="data.solutions_path",
+                          where=True):
+        if row["problem"] not in training:
+            raise DataError(f"{row['where']}: problem {row['problem'][:60]!r} is not one of this config's training "
+                            "problems (validation and eval problems included); data.solutions_path must solve the "
+                            "pool `python -m sdharness.tools.answer_pool` writes for the same data settings")
+        solutions.setdefault(row["problem"], row["solution"])
+    kept = [{**row, "solution": solutions[row["problem"]]} for row in train if row["problem"] in solutions]
+    return kept, len(train) - len(kept)
 
 
 def check_answers(rows: list[dict], checker: str) -> None:

@@ -40,6 +40,15 @@ def rollout_cost(prompt_mask, rollout) -> dict[str, int]:
     return {"rollouts": len(rollout.texts), "generated": generated, "forward_only": int(prompt_mask.sum()) + generated}
 
 
+def guided_rollout_cost(student_mask, teacher_mask, lengths) -> dict[str, int]:
+    """A guided rollout's cost (:func:`sdharness.rollout.guided.guided_generate`) as :meth:`Counters.add`
+    keywords: one sample per row of ``lengths`` (its generated tokens), both contexts' prefill, and every
+    drawn token forwarded through both contexts."""
+    generated = int(lengths.sum())
+    return {"rollouts": int(lengths.numel()), "generated": generated,
+            "forward_only": int(student_mask.sum()) + int(teacher_mask.sum()) + 2 * generated}
+
+
 @dataclass
 class Counters:
     problems_seen: int = 0

@@ -10,7 +10,6 @@ only in ``seed`` share a label and are averaged.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -22,15 +21,17 @@ from sdharness.data import SOURCES
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.jobs import read_failure
 from sdharness.report.curves import AXIS_NAMES
+from sdharness.tools.provenance import first_row_is_bootstrapped, provenance_path
 
 log = logging.getLogger(__name__)
 
 METHOD_KEYS = ("algo.name", "aggregation.name", "aggregation.tau")
 SETTING_KEYS = ("rollout.guidance", "data.name", "teacher.weights", "teacher.ema_decay")  # see settings()
 DEFAULT_TEACHER = "initial"
-NOT_IN_LABEL = {"seed", "tags", "output_dir", "ckpt_path", "resume_allow_changes", *METHOD_KEYS, *SETTING_KEYS}
+# data.solutions_path: the label's `bootstrapped` says it (see bootstrapped_data)
+NOT_IN_LABEL = {"seed", "tags", "output_dir", "ckpt_path", "resume_allow_changes", "data.solutions_path", *METHOD_KEYS,
+                *SETTING_KEYS}
 UNUSED_TAU = tuple(name for name, aggregation in AGGREGATIONS.items() if not aggregation.uses_tau)
-PROVENANCE_SUFFIX = ".provenance.json"  # the sidecar sdharness-bootstrap writes next to its output
 CORRUPT = "corrupt metrics.csv"  # a run's failure type when a logged value is outside its range
 
 
@@ -153,21 +154,16 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
 
 # ---------------------------------------------------------------- loading
 def bootstrapped_data(config: dict, cwd: str | Path | None = None) -> bool:
-    """True when the run's ``data.path`` (``data=jsonl``; relative paths against ``cwd``, the job's
-    launch directory) is sdharness-bootstrap output: its provenance sidecar exists, or its first
-    row carries the ``bootstrap`` record. False when the file is not there (read elsewhere, from W&B)."""
-    path = config.get("data.path")
-    if config.get("data.name") != "jsonl" or not isinstance(path, str) or path.startswith("pkg://"):
+    """True when the file the run's solutions come from (``data.solutions_path``, or ``data.path`` under
+    ``data=jsonl``; relative paths against ``cwd``, the job's launch directory) is sdharness-bootstrap
+    output: its provenance sidecar exists, or its first row carries the ``bootstrap`` record. False
+    when the file is not there (read elsewhere, from W&B)."""
+    path = config.get("data.solutions_path") or (
+        config.get("data.path") if config.get("data.name") == "jsonl" else None)
+    if not isinstance(path, str) or path.startswith("pkg://"):
         return False
     path = Path(cwd or ".") / Path(path).expanduser()
-    if path.with_name(path.name + PROVENANCE_SUFFIX).is_file():
-        return True
-    try:
-        with open(path, encoding="utf-8") as handle:
-            first = next((line for line in handle if line.strip()), "")
-        return isinstance(row := json.loads(first), dict) and "bootstrap" in row
-    except (OSError, ValueError):
-        return False
+    return provenance_path(path).is_file() or first_row_is_bootstrapped(path)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -45,6 +45,7 @@ from transformers import DynamicCache
 
 from sdharness.data.answers import Checker
 from sdharness.distill.aggregation import aggregate
+from sdharness.methods.accounting import guided_rollout_cost, rollout_cost
 from sdharness.rollout.hf import Rollout, completion_mask, eos_token_ids
 
 
@@ -315,17 +316,11 @@ def guided_rollout(batch, sampling, aggregation, check: Checker, *, model, teach
     rollout, failed, plain = sample_with_guidance(
         sampling.guidance, len(batch), plain_samples=sampling.guidance_samples, sample_plain=sample_plain, guide=guide,
         check=lambda texts: answer_checks(texts, batch.problems, check), pad_id=tokenizer.pad_token_id)
-    cost = {"rollouts": 0, "generated": 0, "forward_only": 0}
-    for drawn in plain:
-        cost["rollouts"] += len(drawn.texts)
-        cost["generated"] += int(drawn.lengths.sum())
-        cost["forward_only"] += int(batch.student_mask.sum() + drawn.lengths.sum())
+    parts = [rollout_cost(batch.student_mask, drawn) for drawn in plain]
     if failed:
         index = torch.tensor(failed, dtype=torch.long, device=batch.student_ids.device)
-        generated = int(rollout.lengths[index].sum())
-        cost["rollouts"] += len(failed)
-        cost["generated"] += generated
-        cost["forward_only"] += int(batch.student_mask[index].sum() + batch.teacher_mask[index].sum()) + 2 * generated
+        parts.append(guided_rollout_cost(batch.student_mask[index], batch.teacher_mask[index], rollout.lengths[index]))
+    cost = {name: sum(part[name] for part in parts) for name in ("rollouts", "generated", "forward_only")}
     metrics = {"train/guided_fraction": len(failed) / len(batch)}
     guided_checks = [c for c in answer_checks([rollout.texts[r] for r in failed], [batch.problems[r] for r in failed],
                                               check) if c is not None]

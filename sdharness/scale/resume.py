@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 RESUME_GROUPS = ("algo", "model", "data", "prompt", "aggregation", "optim")
 # Where things live on this machine, not what they are.
 RESUME_IGNORED = ("model.cache_dir",)
-DATA_FILES = ("path", "eval_path")
+DATA_FILES = ("path", "eval_path", "solutions_path")
 
 
 def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:

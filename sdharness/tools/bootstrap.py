@@ -24,6 +24,13 @@ prompt, sampling parameters, ``k``, guidance, rule, checker, unsolved policy, se
 summary. A run whose provenance key matches the sidecar (and whose output still hashes to what
 the sidecar recorded) reuses the output without loading the model; any difference regenerates.
 Both files are written atomically (temporary file + rename).
+
+The summary's ``cost`` is the sampling's cost counted as training counts its own
+(:class:`sdharness.methods.accounting.Counters`, by the same ``rollout_cost`` / ``guided_rollout_cost``):
+samples, generated and forward tokens, FLOPs at 2N per forwarded token, seconds spent sampling (not
+loading), and the unsolved problems as ``problems_without_success``. A run trained on the output starts
+its counters there (:func:`sdharness.tools.provenance.bootstrap_offset`), so its x-axes include the
+sampling that found the solutions; ``problems_seen`` stays 0, since the budget's problems are training's.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from sdharness.config import ConfigError, ModelConfig, PromptConfig
 from sdharness.data.datamodule import data_path
 from sdharness.data.jsonl import read_jsonl
 from sdharness.errors import DataError
+from sdharness.methods.accounting import Counters, guided_rollout_cost, rollout_cost
 from sdharness.tools.generate import named_config, add_model_arguments, model_config
 from sdharness.tools.provenance import (atomic_write, cached, canonical, harness_version, model_identity,
                                        provenance_path, sha256_file)
@@ -58,7 +66,7 @@ log = logging.getLogger(__name__)
 
 RULES = ("shortest", "first")
 UNSOLVED_POLICIES = ("drop", "answer_hint")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the summary records the sampling's cost
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,8 @@ class BootstrapSettings:
         return {**sampling, "aggregation": self.aggregation, "tau": self.tau} if self.guidance else sampling
 SUMMARY_FIELDS = ("problems", "solved", "unsolved", "samples", "correct_samples", "pass_rate", "kept", "dropped")
 
-SampleFn = Callable[[list[dict]], list[str]]  # one completion per request, see bootstrap()
+# One completion per request, and their cost as Counters.add keywords (rollouts, generated, forward_only).
+SampleFn = Callable[[list[dict]], tuple[list[str], dict[str, int]]]
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -142,13 +151,15 @@ def model_sampler(model, tokenizer, prompt_cfg: PromptConfig, settings: Bootstra
         ids, mask = encode_prompts(prompt_cfg, tokenizer, texts)
         return ids.to(device), mask.to(device)
 
-    def sample(requests: list[dict]) -> list[str]:
+    def sample(requests: list[dict]) -> tuple[list[str], dict[str, int]]:
         student = encode([render_student(prompt_cfg, r["problem"]) for r in requests])
         if not settings.guidance:
-            return generate(model, tokenizer, *student, **sampling).texts
+            rollout = generate(model, tokenizer, *student, **sampling)
+            return rollout.texts, rollout_cost(student[1], rollout)
         teacher = encode([render_teacher(prompt_cfg, r["problem"], r["hint"]) for r in requests])
-        return guided_generate(model, tokenizer, *student, *teacher, aggregation=settings.aggregation,
-                               tau=settings.tau, generator=generator, **sampling).texts
+        rollout = guided_generate(model, tokenizer, *student, *teacher, aggregation=settings.aggregation,
+                                  tau=settings.tau, generator=generator, **sampling)
+        return rollout.texts, guided_rollout_cost(student[1], teacher[1], rollout.lengths)
 
     return sample
 
@@ -164,7 +175,9 @@ def bootstrap(model, tokenizer, rows: list[dict], settings: BootstrapSettings = 
     Each output row is ``{problem, solution, answer, bootstrap}`` (other input fields are kept);
     ``bootstrap`` holds ``row`` (input index), ``samples``, ``correct``, ``pass_rate``, ``picked``
     (candidate index or None), ``guided`` and ``answer_only``. ``summary`` counts are exact ints;
-    ``unsolved_rows`` lists the input indices of problems without a correct sample.
+    ``unsolved_rows`` lists the input indices of problems without a correct sample; ``cost`` is the
+    sampling's :class:`~sdharness.methods.accounting.Counters` (FLOPs with ``model``'s parameter count,
+    0 without a model).
     """
     k, marker = settings.k, settings.marker
     check = answer_checker(settings.checker, marker)
@@ -175,13 +188,18 @@ def bootstrap(model, tokenizer, rows: list[dict], settings: BootstrapSettings = 
     requests = [{"problem": row["problem"], "answer": str(row["answer"]), "hint": answer_hint(row["answer"], marker),
                  "row": i, "sample": j} for i, row in enumerate(rows) for j in range(k)]
     candidates: list[list[str]] = [[] for _ in rows]
+    cost = Counters()
+    parameters = sum(p.numel() for p in model.parameters()) if model is not None else 0
+    started = time.perf_counter()
     for start in range(0, len(requests), settings.batch_size):
         chunk = requests[start:start + settings.batch_size]
-        texts = sample_fn(chunk)
+        texts, chunk_cost = sample_fn(chunk)
         if len(texts) != len(chunk):
             raise RuntimeError(f"sampler returned {len(texts)} completions for {len(chunk)} requests")
+        cost.add(parameters=parameters, **chunk_cost)
         for request, text in zip(chunk, texts):
             candidates[request["row"]].append(trim_solution(text, marker) if settings.trim else text)
+    cost.wall_seconds = time.perf_counter() - started
 
     rows_out, unsolved_rows, correct_samples = [], [], 0
     for i, (row, texts) in enumerate(zip(rows, candidates)):
@@ -207,7 +225,8 @@ def bootstrap(model, tokenizer, rows: list[dict], settings: BootstrapSettings = 
     summary = {"problems": len(rows), "solved": solved, "unsolved": len(unsolved_rows), "samples": samples,
                "correct_samples": correct_samples, "pass_rate": correct_samples / samples if samples else 0.0,
                "kept": len(rows_out), "dropped": len(rows) - len(rows_out), "unsolved_rows": unsolved_rows}
-    return rows_out, summary
+    cost.problems_without_success = len(unsolved_rows)
+    return rows_out, {**summary, "cost": cost.state_dict()}
 
 
 # --------------------------------------------------------------------------- cache and provenance
@@ -261,6 +280,9 @@ def bootstrap_to_file(problems: str | Path, out: str | Path, settings: Bootstrap
 def format_summary(summary: dict) -> str:
     lines = [f"{name:<16}{summary[name]:.3f}" if name == "pass_rate" else f"{name:<16}{summary[name]}"
              for name in SUMMARY_FIELDS]
+    cost = summary["cost"]
+    lines.append(f"cost            {cost['generated_tokens']} generated tokens, {cost['forward_tokens']} forward "
+                 f"tokens, {cost['flops']:.3g} FLOPs, {cost['wall_seconds']:.1f} s sampling")
     unsolved = summary.get("unsolved_rows") or []
     if unsolved:
         shown = ", ".join(str(i) for i in unsolved[:20]) + (", ..." if len(unsolved) > 20 else "")

@@ -7,12 +7,17 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from sdharness.config import ConfigError, ModelConfig
+from sdharness.errors import DataError
+from sdharness.methods.accounting import X_AXES
+
+log = logging.getLogger(__name__)
 
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
@@ -88,3 +93,48 @@ def cached(out: str | Path, key: dict) -> dict | None:
     if not isinstance(record, dict) or canonical(record.get("key")) != canonical(key):
         return None
     return record if record.get("output_sha256") == sha256_file(out) else None
+
+
+def first_row_is_bootstrapped(path: str | Path) -> bool:
+    """Whether the first row of the JSONL ``path`` carries the ``bootstrap`` record sdharness-bootstrap writes."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        return isinstance(row := json.loads(first), dict) and "bootstrap" in row
+    except (OSError, ValueError):
+        return False
+
+
+def bootstrap_record(data_file: str | Path | None) -> dict | None:
+    """The provenance record of ``data_file`` when it is sdharness-bootstrap output, else None. A run
+    trained on it starts its counters from the record's ``summary.cost``, so a bootstrap output whose
+    cost cannot be read (no sidecar, or one from before costs were recorded) is refused, naming the fix."""
+    if data_file is None:
+        return None
+    data_file, sidecar = Path(data_file), provenance_path(data_file)
+    if not sidecar.exists():
+        if first_row_is_bootstrapped(data_file):
+            raise DataError(f"{data_file} is sdharness-bootstrap output (its rows carry a bootstrap record) but its "
+                            f"provenance sidecar {sidecar} is missing, so the sampling's cost cannot be counted; "
+                            "copy the sidecar beside it or rerun sdharness-bootstrap")
+        return None
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        cost = record["summary"]["cost"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{sidecar}: records no sampling cost (summary.cost; unreadable, or written by an older "
+                        f"sdharness-bootstrap); rerun sdharness-bootstrap to regenerate {data_file.name}") from None
+    if record.get("output_sha256") != sha256_file(data_file):
+        log.warning("%s changed since sdharness-bootstrap wrote it (its sha256 differs from %s): the run still "
+                    "counts the recorded sampling cost", data_file, sidecar)
+    return {**record, "cost": cost}
+
+
+def bootstrap_metrics(record: dict) -> dict[str, float]:
+    """``bootstrap/*``: the offset a run on bootstrap output starts its counters from, logged apart, with
+    the problems the bootstrap sampled and the ones it dropped (no correct sample)."""
+    summary = record["summary"]
+    metrics = {f"bootstrap/{name}": float(record["cost"][name]) for name in X_AXES if name != "problems_seen"}
+    return {**metrics, "bootstrap/problems": float(summary["problems"]),
+            "bootstrap/unsolved_problems": float(summary["unsolved"]),
+            "bootstrap/dropped_problems": float(summary["dropped"])}
