@@ -102,3 +102,17 @@ def test_json_parts_print_only_json_on_stdout(capfd, monkeypatch, part):
     bench.main([part, "--tiny", "--json"])
     out, err = capfd.readouterr()
     assert json.loads(out) == {"printed": "around"} and "Running in WANDB offline mode" in err
+
+
+def test_guided_bench_times_plain_and_both_guided_ways_on_the_protocol_prompts(capsys):
+    bench.main(["--guided", "--tiny", "--threads", "1", "--repeats", "2", "--json"])
+    entry = json.loads(capsys.readouterr().out)
+    assert (entry["model"], entry["batch"], entry["new_tokens"]) == ("tiny_random", 8, 96)
+    assert entry["teacher_prompt"] > entry["student_prompt"]  # the reference solution is in the teacher's prompt
+    for way in ("guided_initial", "guided_shared"):
+        assert entry[way]["batch_ratio"] == entry[way]["median_s"] / entry["plain"]["median_s"]
+        assert entry[way]["step_ratio"] == entry[way]["s_per_step"] / entry["plain"]["s_per_step"]
+        assert len(entry[way]["steps"]) == 2 and all(1 <= steps <= 96 for steps in entry[way]["steps"])
+    bench.main(["--guided", "--tiny", "--threads", "1", "--repeats", "1"])
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:]] == ["plain", "guided_initial", "guided_shared"]

@@ -21,6 +21,8 @@ of guided sampling and of logged-chat distillation.
 ``--loss-support`` times the chunked loss alone, top-k against full (``sdharness/tools/bench_loss.py``);
 ``--lora-teacher`` measures the frozen teacher's memory under LoRA, without and with a copy
 (``sdharness/tools/bench_lora.py``);
+``--guided`` times one training batch's rollout, plain against guided with ``teacher=initial`` and with the
+live model as teacher, at the comparison protocol's shape (``sdharness/tools/bench_rollout.py``);
 ``--cases`` runs the named cases only.
 
 Every (case, method) runs in a fresh process (forkserver with this module preloaded, so a case
@@ -59,7 +61,7 @@ from sdharness.methods.policy import fused_adamw_supported
 from sdharness.methods.self_distill import score_and_distil
 from sdharness.methods.sft import token_cross_entropy
 from sdharness.tools import bench_lora, bench_loss, peer
-from sdharness.tools.bench_rollout import measure_rollout
+from sdharness.tools.bench_rollout import format_guided_table, measure_guided_batch, measure_rollout
 from sdharness.tools.bench_measure import load_model, peak_mb, reset_peak, setup_device, timed
 
 TESTBED = PACKAGE_DIR / "assets" / "testbed"
@@ -274,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-teacher", action="store_true",
                         help="only the memory of teacher=initial under LoRA: the adapter-free base against a frozen copy "
                         "(SmolLM2-135M; tiny_random with --tiny)")
+    parser.add_argument("--guided", action="store_true",
+                        help="only a training batch's rollout, plain against guided (8 problems, 96 new tokens; the "
+                        "testbed base, tiny_random with --tiny): seconds per batch and per decoding step")
     parser.add_argument("--cases", default=None,
                         help="comma-separated case names to run (bench and peer cases of the mode), e.g. smollm2_135m@128")
     parser.add_argument("--peer", choices=["trl"], default=None,
@@ -300,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         with only_json_on_stdout():
             entry = bench_lora.run_lora_teacher(_fresh, "tiny_random" if args.tiny else "smollm2_135m", args.threads)
         print(json.dumps(entry, indent=2) if args.json else bench_lora.format_lora_table(entry))
+        return
+    if args.guided:
+        with only_json_on_stdout():
+            entry = _fresh(measure_guided_batch, "tiny_random" if args.tiny else "testbed", args.repeats or 3,
+                           args.threads)
+        print(json.dumps(entry, indent=2) if args.json else format_guided_table(entry))
         return
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     repeats = args.repeats or {"tiny": 1, "quick": 3, "full": 5}[mode]
