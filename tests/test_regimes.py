@@ -98,6 +98,8 @@ def test_a_regime_runs_end_to_end_and_records_its_stages(tmp_path):
     assert set(chosen["sd_clip"]["variant_scores"]) == {"tau2"}
     assert (out / "final" / "report" / "report.md").is_file()
     record = json.loads((out / "regime.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert record["commit"].removesuffix("+dirty") == head
     assert record["regime"] == "tiny" and set(record["seconds"]) == {"prepare", "select", "select_variants",
                                                                        "final", "report"}
 

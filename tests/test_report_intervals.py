@@ -100,7 +100,7 @@ def test_early_answer_and_unconsidered_mass_per_method(three_seeds, tmp_path):
     assert sd["eval/early_answer_rate"]["mean"] == pytest.approx(0.1)  # final early answers 0, 0.1, 0.2
     assert "train/unconsidered_mass" not in result["scores"]["sft"]
     md = result["path"].read_text()
-    assert "| sd/product/tau=2 | 0.100 ± 0.248 | 0.200 ± 0.248 | 0.050 ± 0.000 | 2.00 ± 2.48 | 5.00 ± 2.48 |" in md
+    assert "| sd/product/tau=2 | 0.100 ± 0.248 | 0.2000 ± 0.2484 | 0.050 ± 0.000 | 2.00 ± 2.48 | 5.00 ± 2.48 |" in md
     assert "| sft | 0.100 ± 0.000 | – | – | – | – |" in md
 
 

@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import subprocess
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -60,6 +61,23 @@ def harness_version() -> str:
         return importlib.metadata.version("sdharness")
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def source_commit() -> str | None:
+    """The git commit of the checkout this package runs from (``+dirty`` with uncommitted changes to
+    tracked files), or None for an installed wheel or a checkout git cannot read."""
+    from sdharness.paths import checkout_dir
+
+    root = checkout_dir()
+    if root is None:
+        return None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def provenance_path(out: str | Path) -> Path:

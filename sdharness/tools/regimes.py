@@ -37,7 +37,7 @@ from sdharness.config import SWEEPS_DIR
 from sdharness.report.build import build_report, markdown_table
 from sdharness.report.runs import Run, find_runs
 from sdharness.tools.protocol import run_all, select_learning_rates, train_command, validation_scores
-from sdharness.tools.provenance import harness_version
+from sdharness.tools.provenance import harness_version, source_commit
 
 REGIMES_DIR = SWEEPS_DIR / "regimes"
 REGIME_CHOICES = tuple(sorted(path.stem for path in REGIMES_DIR.glob("*.yaml")))
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"regime": path.stem, "commit": harness_version(), "jobs": args.jobs, "overrides": args.overrides,
+    record = {"regime": path.stem, "version": harness_version(), "commit": source_commit(), "jobs": args.jobs, "overrides": args.overrides,
               "seconds": {}}
 
     def timed(stage, work):
