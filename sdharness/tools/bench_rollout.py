@@ -73,7 +73,7 @@ def measure_guided(model, tokenizer, ids, mask, new_tokens: int, repeats: int, d
 
     def guided():
         out = guided_generate(model, tokenizer, ids, mask, teacher_ids, teacher_mask, aggregation="product",
-                              tau=2.0, max_new_tokens=new_tokens, greedy=True)
+                              parameter=2.0, max_new_tokens=new_tokens, greedy=True)
         return int(out.completion_mask.sum())
 
     guided()  # warm-up
