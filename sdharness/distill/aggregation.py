@@ -303,6 +303,11 @@ AGGREGATIONS: dict[str, Aggregation] = {
 PARAMETER_NAMES = tuple(dict.fromkeys(a.parameter.name for a in AGGREGATIONS.values() if a.parameter))
 
 
+def aggregations_using(parameter: str) -> list[str]:
+    """The names of the aggregations whose :class:`Parameter` is called ``parameter``."""
+    return [name for name, a in AGGREGATIONS.items() if a.parameter is not None and a.parameter.name == parameter]
+
+
 def aggregation_named(name: str) -> Aggregation:
     """The :class:`Aggregation` called ``name``; a ValueError naming the valid ones otherwise."""
     if name not in AGGREGATIONS:

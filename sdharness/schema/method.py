@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from sdharness.distill.aggregation import AGGREGATIONS, PARAMETER_NAMES
+from sdharness.distill.aggregation import AGGREGATIONS, PARAMETER_NAMES, aggregations_using
 from sdharness.distill.divergences import DIVERGENCES
 from sdharness.distill.variants import SUPPORTS, TOPK_FROM
 from sdharness.methods import METHODS
@@ -72,12 +72,11 @@ class AggregationConfig:
         for unused in fields(self):
             if unused.name in PARAMETER_NAMES and (own is None or own.name != unused.name):
                 value = getattr(self, unused.name)
-                users = [name for name, a in AGGREGATIONS.items() if a.parameter and a.parameter.name == unused.name]
                 whose = (f"whose parameter is aggregation.{own.name} ({own.meaning}); drop aggregation."
                          f"{unused.name} (set aggregation.{own.name})" if own
                          else f"which has no parameter; drop aggregation.{unused.name}")
                 require(value == unused.default, f"aggregation.{unused.name}={value:g} does not apply to aggregation="
-                        f"{self.name}, {whose} or choose aggregation={' or '.join(users)}")
+                        f"{self.name}, {whose} or choose aggregation={' or '.join(aggregations_using(unused.name))}")
 
     @property
     def parameter(self) -> Optional[float]:

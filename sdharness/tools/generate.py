@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from sdharness.distill.aggregation import AGGREGATIONS, PARAMETER_NAMES
+from sdharness.distill.aggregation import AGGREGATIONS, PARAMETER_NAMES, aggregations_using
 from sdharness.config import CONF_DIR, ConfigError, ModelConfig, PromptConfig
 from sdharness.schema.checks import positive
 from sdharness.data.jsonl import read_jsonl
@@ -63,13 +63,10 @@ def add_aggregation_arguments(parser: argparse.ArgumentParser) -> None:
     """``--aggregation`` and the flag of each aggregation parameter (``--tau``, ``--kl-bound``), read
     back by :func:`aggregation_parameter`."""
     parser.add_argument("--aggregation", choices=AGGREGATIONS, default="product", help="with guidance")
-    meanings = {a.parameter.name: (a.parameter.meaning, [name for name, b in AGGREGATIONS.items()
-                                                         if b.parameter and b.parameter.name == a.parameter.name])
-                for a in AGGREGATIONS.values() if a.parameter}
+    meanings = {a.parameter.name: a.parameter.meaning for a in AGGREGATIONS.values() if a.parameter}
     for name in PARAMETER_NAMES:
-        meaning, users = meanings[name]
-        parser.add_argument(flag(name), type=float, dest=name, help=f"{', '.join(users)}: {meaning} (default: "
-                            f"the aggregation's, as aggregation=<name> sets it in training)")
+        parser.add_argument(flag(name), type=float, dest=name, help=f"{', '.join(aggregations_using(name))}: "
+                            f"{meanings[name]} (default: the aggregation's, as aggregation=<name> sets it in training)")
 
 
 def aggregation_parameter(args: argparse.Namespace) -> float | None:
