@@ -5,6 +5,8 @@ import torch
 
 from sdharness.distill.aggregation import (
     AGGREGATIONS,
+    PARAMETER_NAMES,
+    Parameter,
     aggregate,
     clip_target,
     entropy,
@@ -70,15 +72,15 @@ def hand_made_tensors():
 
 @pytest.mark.parametrize("z_s,z_t", HAND_MADE)
 def test_teacher_target_is_teacher_log_softmax_on_hand_made(z_s, z_t):
-    got = teacher_target(torch.tensor(z_t, dtype=F64), torch.tensor(z_s, dtype=F64), tau=3.0)
+    got = teacher_target(torch.tensor(z_t, dtype=F64), torch.tensor(z_s, dtype=F64))
     expected = [math.log(p) for p in py_softmax(z_t)]
     torch.testing.assert_close(got, torch.tensor(expected, dtype=F64), rtol=0, atol=1e-12)
 
 
-def test_teacher_target_ignores_student_and_tau():
+def test_teacher_target_ignores_student_and_any_parameter():
     z_t = random_logits(2, 4, 6, seed=1)
-    a = aggregate(z_t, random_logits(2, 4, 6, seed=2), name="teacher", tau=0.3)
-    b = aggregate(z_t, random_logits(2, 4, 6, seed=3), name="teacher", tau=7.0)
+    a = aggregate(z_t, random_logits(2, 4, 6, seed=2), name="teacher", parameter=0.3)
+    b = aggregate(z_t, random_logits(2, 4, 6, seed=3), name="teacher", parameter=7.0)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a, ref_softmax(z_t).log(), rtol=0, atol=1e-12)
 
@@ -202,7 +204,7 @@ def test_entropy_matches_plain_formula():
 
 def test_entropy_matched_target_has_student_entropy_on_random():
     z_s, z_t = random_logits(4, 8, 12, scale=1.5, seed=16), random_logits(4, 8, 12, scale=1.5, seed=17)
-    target = entropy_matched_target(z_t, z_s, tau=123.0)
+    target = entropy_matched_target(z_t, z_s)
     h_s = entropy(torch.log_softmax(z_s, -1))
     torch.testing.assert_close(entropy(target), h_s, rtol=0, atol=1e-3)
 
@@ -211,7 +213,7 @@ def test_entropy_matched_target_is_product_at_fitted_tau():
     z_s, z_t = random_logits(2, 3, 6, seed=18), random_logits(2, 3, 6, seed=19)
     fitted = entropy_matched_tau(z_t, z_s)
     expected = torch.log_softmax((z_s + z_t) / fitted.to(F64).unsqueeze(-1), -1)
-    torch.testing.assert_close(entropy_matched_target(z_t, z_s, tau=0.7), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(entropy_matched_target(z_t, z_s), expected, rtol=0, atol=1e-12)
 
 
 def test_entropy_matched_tau_matches_grid_search():
@@ -246,13 +248,51 @@ def test_entropy_matched_tau_is_one_when_teacher_is_uniform():
                                rtol=1e-4, atol=0)
 
 
+# ---------------------------------------------------------------- parameters
+
+def test_each_aggregation_declares_its_parameter():
+    """tau is a temperature (product, clip), kl_bound a bound in nats (trust_region); teacher and
+    entropy_matched have none."""
+    declared = {name: aggregation.parameter for name, aggregation in AGGREGATIONS.items()}
+    assert declared == {
+        "teacher": None,
+        "product": Parameter(name="tau", meaning="temperature", default=2.0),
+        "clip": Parameter(name="tau", meaning="temperature", default=1.0),
+        "entropy_matched": None,
+        "trust_region": Parameter(name="kl_bound", meaning="bound on KL(target||student) per token, nats", default=0.1),
+    }
+    assert PARAMETER_NAMES == ("tau", "kl_bound")
+
+
+def test_every_parameter_is_a_config_field_whose_default_is_the_registrys():
+    """Each Parameter names an AggregationConfig field; the dataclass default is that of the aggregation
+    selected by default (product) or the only one using it (trust_region), and ``aggregation=<name>``
+    composes the registry's default (tests/test_probe.py)."""
+    from dataclasses import fields
+
+    from sdharness.schema.method import AggregationConfig
+
+    defaults = {field.name: field.default for field in fields(AggregationConfig)}
+    assert set(PARAMETER_NAMES) <= set(defaults)
+    assert defaults["tau"] == AGGREGATIONS[defaults["name"]].parameter.default
+    assert defaults["kl_bound"] == AGGREGATIONS["trust_region"].parameter.default
+
+
+def test_a_reference_takes_its_parameter_by_its_declared_name_only():
+    z = random_logits(1, 2, 4, seed=29)
+    with pytest.raises(TypeError):
+        trust_region_target(z, z, tau=0.1)
+    with pytest.raises(TypeError):
+        teacher_target(z, z, tau=1.0)
+
+
 # ---------------------------------------------------------------- aggregate dispatcher
 
 @pytest.mark.parametrize("name", AGGREGATIONS)
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
 def test_every_aggregation_returns_normalised_log_probs_of_input_shape(name, tau):
     z_s, z_t = random_logits(2, 5, 7, seed=23), random_logits(2, 5, 7, seed=24)
-    out = aggregate(z_t, z_s, name=name, tau=tau)
+    out = aggregate(z_t, z_s, name=name, parameter=tau)
     assert out.shape == (2, 5, 7)
     assert out.dtype == F64
     assert torch.isfinite(out).all()
@@ -262,30 +302,30 @@ def test_every_aggregation_returns_normalised_log_probs_of_input_shape(name, tau
 
 @pytest.mark.parametrize("name", AGGREGATIONS)
 def test_aggregate_dispatches_to_the_named_function(name):
-    functions = {
-        "teacher": teacher_target,
-        "product": product_target,
-        "clip": clip_target,
-        "entropy_matched": entropy_matched_target,
-        "trust_region": trust_region_target,
+    """The parameter reaches each reference under its declared name (a wrong name is a TypeError)."""
+    calls = {
+        "teacher": lambda t, s: teacher_target(t, s),
+        "product": lambda t, s: product_target(t, s, tau=1.5),
+        "clip": lambda t, s: clip_target(t, s, tau=1.5),
+        "entropy_matched": lambda t, s: entropy_matched_target(t, s),
+        "trust_region": lambda t, s: trust_region_target(t, s, kl_bound=1.5),
     }
     z_s, z_t = random_logits(2, 3, 5, seed=25), random_logits(2, 3, 5, seed=26)
-    torch.testing.assert_close(aggregate(z_t, z_s, name=name, tau=1.5), functions[name](z_t, z_s, tau=1.5),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(aggregate(z_t, z_s, name=name, parameter=1.5), calls[name](z_t, z_s), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", AGGREGATIONS)
 def test_every_aggregation_is_invariant_to_logit_shifts(name):
     z_s, z_t = random_logits(2, 3, 6, seed=27), random_logits(2, 3, 6, seed=28)
-    base = aggregate(z_t, z_s, name=name, tau=1.5)
-    shifted = aggregate(z_t + 4.0, z_s - 2.5, name=name, tau=1.5)
+    base = aggregate(z_t, z_s, name=name, parameter=1.5)
+    shifted = aggregate(z_t + 4.0, z_s - 2.5, name=name, parameter=1.5)
     torch.testing.assert_close(shifted, base, rtol=0, atol=1e-5 if name == "entropy_matched" else 1e-12)
 
 
 def test_unknown_aggregation_raises_value_error_listing_valid_names():
     z = torch.zeros(1, 1, 3, dtype=F64)
     with pytest.raises(ValueError) as info:
-        aggregate(z, z, name="geometric", tau=1.0)
+        aggregate(z, z, name="geometric", parameter=1.0)
     message = str(info.value)
     assert "geometric" in message
     for name in AGGREGATIONS:
@@ -307,5 +347,5 @@ def test_fused_form_equals_the_reference(name, tau):
                                        log_zt if aggregation.needs_teacher_bits else None,
                                        lambda name: torch.empty_like(s)),
                              torch.empty_like(s), tau)
-    torch.testing.assert_close(torch.log_softmax(bits / LOG2E, -1), aggregate(z_t, z_s, name=name, tau=tau),
+    torch.testing.assert_close(torch.log_softmax(bits / LOG2E, -1), aggregate(z_t, z_s, name=name, parameter=tau),
                                rtol=0, atol=1e-12)

@@ -279,6 +279,20 @@ BAD_VALUES = {
                  r"aggregation.tau=2.0"),
     "tau_negative": (["aggregation.tau=-1"], r"aggregation.tau must be a finite positive number, got -1.0"),
     "tau_infinite": (["aggregation.tau=inf"], r"aggregation.tau must be a finite positive number, got inf"),
+    "kl_bound_zero": (["aggregation=trust_region", "aggregation.kl_bound=0"], r"aggregation.kl_bound must be a finite "
+                      r"positive number, got 0.0; e.g. aggregation.kl_bound=0.1 \(trust_region\)"),
+    "tau_on_trust_region": (["aggregation=trust_region", "aggregation.tau=0.05"], r"^aggregation.tau=0.05 does not "
+                            r"apply to aggregation=trust_region, whose parameter is aggregation.kl_bound \(bound on "
+                            r"KL\(target\|\|student\) per token, nats\); drop aggregation.tau \(set "
+                            r"aggregation.kl_bound\) or choose aggregation=product or clip$"),
+    "tau_on_teacher": (["aggregation=teacher", "aggregation.tau=1.0"], r"^aggregation.tau=1 does not apply to "
+                       r"aggregation=teacher, which has no parameter; drop aggregation.tau or choose "
+                       r"aggregation=product or clip$"),
+    "tau_on_entropy_matched": (["method=sd_entropy_matched", "aggregation.tau=0.5"], r"^aggregation.tau=0.5 does not "
+                               r"apply to aggregation=entropy_matched, which has no parameter"),
+    "kl_bound_on_clip": (["aggregation=clip", "aggregation.kl_bound=0.2"], r"^aggregation.kl_bound=0.2 does not "
+                         r"apply to aggregation=clip, whose parameter is aggregation.tau \(temperature\); drop "
+                         r"aggregation.kl_bound \(set aggregation.tau\) or choose aggregation=trust_region$"),
     "rollout_temperature_zero": (["rollout.temperature=0"], r"rollout.temperature must be a finite positive number, "
                                  r"got 0.0; rollouts sample, so set e.g. rollout.temperature=1.0"),
     "negative_problem_budget": (["budget.problems=-5"], r"budget.problems must be >= 0 \(0: no limit\), got -5"),
@@ -319,7 +333,7 @@ BAD_VALUES = {
                                 r"from tokens the student sampled; data=chatlog completions are logged, not sampled"),
     "is_clip_negative": (["loss.is_clip=-1"], r"loss.is_clip must be a finite positive number, got -1.0; or null"),
     "forced_unknown_key": (["+aggregation.temperature=2"], r"unknown config key\(s\): aggregation.temperature "
-                           r"\(known: name, tau\)"),
+                           r"\(known: kl_bound, name, tau\)"),
 }
 
 
@@ -328,6 +342,28 @@ def test_bad_config_value_names_the_field_and_fix(case):
     overrides, message = BAD_VALUES[case]
     with pytest.raises(ConfigError, match=message):
         to_train_config(compose_config(TINY + overrides))
+
+
+def test_generate_and_bootstrap_take_each_aggregations_parameter_by_its_own_flag():
+    """``--tau`` (product, clip) and ``--kl-bound`` (trust_region) default to what ``aggregation=<name>``
+    sets; another aggregation's flag is one line naming the flag and its fix."""
+    from sdharness.tools.generate import aggregation_parameter, parse_args
+
+    def parameter(*flags):
+        return aggregation_parameter(parse_args(["--model", "tiny_random", "--problems", "p", "--out", "o", *flags]))
+
+    assert parameter() == 2.0 and parameter("--aggregation", "clip") == 1.0 and parameter("--tau", "0.5") == 0.5
+    assert parameter("--aggregation", "trust_region") == 0.1
+    assert parameter("--aggregation", "trust_region", "--kl-bound", "0.05") == 0.05
+    assert parameter("--aggregation", "teacher") is None
+    with pytest.raises(ConfigError, match=r"^--tau 0.05 does not apply to --aggregation trust_region, whose "
+                       r"parameter is --kl-bound \(bound on KL\(target\|\|student\) per token, nats\); drop --tau$"):
+        parameter("--aggregation", "trust_region", "--tau", "0.05")
+    with pytest.raises(ConfigError, match=r"^--kl-bound 0.1 does not apply to --aggregation entropy_matched, which "
+                       r"has no parameter; drop --kl-bound$"):
+        parameter("--aggregation", "entropy_matched", "--kl-bound", "0.1")
+    with pytest.raises(ConfigError, match=r"^--kl-bound must be a finite positive number, got 0.0$"):
+        parameter("--aggregation", "trust_region", "--kl-bound", "0")
 
 
 def test_integer_tau_is_accepted_as_a_float():
@@ -340,7 +376,7 @@ UNCOMPOSABLE = {
     "misspelt_group_option": ("aggregation=prodct", "aggregation=prodct is unknown; choose one of: clip, "
                               "entropy_matched, product, teacher, trust_region (did you mean aggregation=product?)"),
     "misspelt_key": ("aggregation.taux=1", "aggregation.taux is not a config key (did you mean aggregation.tau?); "
-                     "aggregation has: name, tau"),
+                     "aggregation has: name, tau, kl_bound"),
     "misspelt_top_level_key": ("sed=1", "sed is not a config key (did you mean seed?); the config has: algo, model"),
     "misspelt_group": ("aggregatio=clip", "aggregatio is not a config key (did you mean aggregation?)"),
     "ill_typed_value": ("aggregation.tau=hot", "aggregation.tau=hot: Value 'hot' of type 'str' could not be "

@@ -303,3 +303,16 @@ def test_bootstrap_hard_problems_from_testbed(tmp_path):
     assert summary["correct_samples"] == sum(row["bootstrap"]["correct"] for row in rows)
     for row in rows:
         assert is_correct(row["solution"], row["answer"]) and not row["bootstrap"]["answer_only"]
+
+
+def test_the_cache_key_names_the_guided_aggregations_own_parameter():
+    """Guided sampling's key holds the aggregation and the value of its parameter under its name (product's
+    key is what it was when every aggregation's number was called tau); plain sampling holds neither."""
+    plain = {"max_new_tokens": 96, "temperature": 1.0, "top_p": 1.0}
+    assert BootstrapSettings().sampling() == plain
+    assert BootstrapSettings(guidance=True).sampling() == {**plain, "aggregation": "product", "tau": 2.0}
+    assert BootstrapSettings(guidance=True, aggregation="trust_region").sampling() == {
+        **plain, "aggregation": "trust_region", "kl_bound": 0.1}
+    assert BootstrapSettings(guidance=True, aggregation="teacher", parameter=None).sampling() == {
+        **plain, "aggregation": "teacher"}
+

@@ -61,7 +61,7 @@ def full_logits(model, ids, mask):
 
 
 @torch.no_grad()
-def reference_guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, *, aggregation, tau, max_new_tokens,
+def reference_guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, *, aggregation, parameter, max_new_tokens,
                               temperature=1.0, top_p=1.0, greedy=False, generator=None):
     """The slow reference: every step re-runs full forwards of both contexts, no KV cache."""
     eos = eos_token_ids(model, tok)
@@ -70,7 +70,7 @@ def reference_guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, *, aggre
     done = torch.zeros(batch, dtype=torch.bool)
     tokens, sampling, student = [], [], []
     for _ in range(max_new_tokens):
-        token, s_lp, st_lp = next_token(full_logits(model, ids, mask), aggregation=aggregation, tau=tau,
+        token, s_lp, st_lp = next_token(full_logits(model, ids, mask), aggregation=aggregation, parameter=parameter,
                                         temperature=temperature, top_p=top_p, greedy=greedy, generator=generator)
         token = token.masked_fill(done, tok.pad_token_id)
         tokens.append(token), sampling.append(s_lp), student.append(st_lp)
@@ -119,7 +119,7 @@ SAMPLED = dict(max_new_tokens=10, temperature=1.3, top_p=0.9)
 def test_teacher_aggregation_samples_exactly_as_the_teacher_context_alone(tiny, seed):
     model, tok = tiny
     s_ids, s_mask, t_ids, t_mask = prompts(tok)
-    guided = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation="teacher", tau=1.0,
+    guided = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation="teacher", parameter=1.0,
                              generator=seeded(seed), **SAMPLED)
     ids, mask = reference_plain_sample(model, tok, t_ids, t_mask, generator=seeded(seed), **SAMPLED)
     assert torch.equal(guided.completion_ids, ids) and torch.equal(guided.completion_mask, mask)
@@ -134,7 +134,7 @@ def test_teacher_aggregation_samples_exactly_as_the_teacher_context_alone(tiny, 
 def test_clip_at_huge_tau_samples_exactly_as_the_student_alone(tiny, seed):
     model, tok = tiny
     s_ids, s_mask, t_ids, t_mask = prompts(tok)
-    guided = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation="clip", tau=1e9,
+    guided = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation="clip", parameter=1e9,
                              generator=seeded(seed), **SAMPLED)
     ids, mask = reference_plain_sample(model, tok, s_ids, s_mask, generator=seeded(seed), **SAMPLED)
     assert torch.equal(guided.completion_ids, ids) and torch.equal(guided.completion_mask, mask)
@@ -147,7 +147,7 @@ def test_greedy_limits_match_hugging_face_generate(tiny):
     model, tok = tiny
     s_ids, s_mask, t_ids, t_mask = prompts(tok)
     for aggregation, tau, ids, mask in (("teacher", 1.0, t_ids, t_mask), ("clip", 1e9, s_ids, s_mask)):
-        guided = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation=aggregation, tau=tau,
+        guided = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation=aggregation, parameter=tau,
                                  max_new_tokens=10, greedy=True)
         plain = generate(model, tok, ids, mask, max_new_tokens=10, greedy=True)
         assert torch.equal(guided.completion_ids, plain.completion_ids), aggregation
@@ -162,7 +162,7 @@ def test_greedy_limits_match_hugging_face_generate(tiny):
 def test_kv_cached_generation_equals_the_no_cache_reference(tiny, aggregation, tau, greedy):
     model, tok = tiny
     inputs = prompts(tok)
-    kwargs = dict(aggregation=aggregation, tau=tau, greedy=greedy, **SAMPLED)
+    kwargs = dict(aggregation=aggregation, parameter=tau, greedy=greedy, **SAMPLED)
     for seed in (0, 1):
         fast = guided_generate(model, tok, *inputs, generator=seeded(seed), **kwargs)
         slow = reference_guided_generate(model, tok, *inputs, generator=seeded(seed), **kwargs)
@@ -177,7 +177,7 @@ def test_rollout_is_right_padded_after_eos_and_logprobs_are_the_aggregate(tiny):
     model, tok = tiny
     model.generation_config.eos_token_id = [tok.eos_token_id, 40]  # a frequent extra stop token: rows end early
     try:
-        out = guided_generate(model, tok, *prompts(tok), aggregation="product", tau=2.0, max_new_tokens=30,
+        out = guided_generate(model, tok, *prompts(tok), aggregation="product", parameter=2.0, max_new_tokens=30,
                               generator=seeded(3))
     finally:
         model.generation_config.eos_token_id = tok.eos_token_id
@@ -190,7 +190,7 @@ def test_rollout_is_right_padded_after_eos_and_logprobs_are_the_aggregate(tiny):
     s_ids, s_mask, t_ids, t_mask = prompts(tok)
     with torch.no_grad():
         target = aggregate(full_logits(model, t_ids, t_mask), full_logits(model, s_ids, s_mask), name="product",
-                           tau=2.0)
+                           parameter=2.0)
     expected = target.gather(-1, out.completion_ids[:, :1]).squeeze(-1)
     torch.testing.assert_close(out.sampling_logprobs[:, 0], expected, rtol=0, atol=1e-10)
 
@@ -199,7 +199,7 @@ def test_a_guided_rollout_can_be_saved_for_backward(tiny):
     """Guided decoding runs under inference mode; its rollout still indexes a gather and weights a loss."""
     model, tok = tiny
     s_ids, s_mask, t_ids, t_mask = prompts(tok)
-    out = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation="clip", tau=1.0, max_new_tokens=4,
+    out = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation="clip", parameter=1.0, max_new_tokens=4,
                           generator=seeded(0))
     assert not out.student_logprobs.is_inference()
     assert_rollout_trains_like_its_copy(model, s_ids, s_mask, out, weights=out.sampling_logprobs)
@@ -210,7 +210,7 @@ def test_a_separate_teacher_model_gets_its_own_forward(tiny):
     other, _ = load_model_and_tokenizer(ModelConfig(name="other", source="tiny_random", hidden_size=16, seed=7))
     peaked(other.double())
     s_ids, s_mask, t_ids, t_mask = prompts(tok)
-    out = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation="teacher", tau=1.0,
+    out = guided_generate(model, tok, s_ids, s_mask, t_ids, t_mask, aggregation="teacher", parameter=1.0,
                           teacher_model=other, generator=seeded(4), **SAMPLED)
     ids, _ = reference_plain_sample(other, tok, t_ids, t_mask, generator=seeded(4), **SAMPLED)
     assert torch.equal(out.completion_ids, ids)

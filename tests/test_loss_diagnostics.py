@@ -54,7 +54,7 @@ def inputs():
 
 def reference(z_s, z_t, mask, aggregation, eps):
     s = F.log_softmax(z_s, -1)
-    found = target_diagnostics(aggregate(z_t, z_s, name=aggregation, tau=TAU.get(aggregation, 1.0)), s, eps=eps)
+    found = target_diagnostics(aggregate(z_t, z_s, name=aggregation, parameter=TAU.get(aggregation, 1.0)), s, eps=eps)
     picked = {k: getattr(found, k)[mask] for k in ("unconsidered_mass", "max_log_ratio", "kl_target_student")}
     return {"unconsidered_mass": picked["unconsidered_mass"].mean(), "kl_target_student": picked["kl_target_student"].mean(),
             "max_log_ratio_mean": picked["max_log_ratio"].mean(), "max_log_ratio_max": picked["max_log_ratio"].max()}
@@ -68,7 +68,7 @@ def test_loss_diagnostics_equal_the_reference(aggregation, divergence_name, path
         real = losses.aggregation_named
         monkeypatch.setattr(losses, "aggregation_named", lambda name: dataclasses.replace(real(name), fused=None))
     z_s, z_t, mask = inputs()
-    result = distillation_loss(z_s.float(), z_t.float(), mask, aggregation=aggregation, tau=TAU.get(aggregation, 1.0),
+    result = distillation_loss(z_s.float(), z_t.float(), mask, aggregation=aggregation, parameter=TAU.get(aggregation, 1.0),
                                divergence_name=divergence_name, chunk_size=3, unconsidered_eps=eps)
     expected = reference(z_s, z_t, mask, aggregation, eps)
     assert set(result.diagnostics) == set(expected)
@@ -80,8 +80,8 @@ def test_clip_diagnostics_show_the_z_to_zero_case_and_trust_region_bounds_it():
     z_s, z_t, mask = inputs()
     one = torch.zeros_like(mask)
     one[0, 0] = True
-    clip = distillation_loss(z_s, z_t, one, aggregation="clip", tau=1.0, divergence_name="forward_kl")
-    bounded = distillation_loss(z_s, z_t, one, aggregation="trust_region", tau=0.1, divergence_name="forward_kl")
+    clip = distillation_loss(z_s, z_t, one, aggregation="clip", parameter=1.0, divergence_name="forward_kl")
+    bounded = distillation_loss(z_s, z_t, one, aggregation="trust_region", parameter=0.1, divergence_name="forward_kl")
     assert clip.diagnostics["unconsidered_mass"].item() > 0.5
     assert bounded.diagnostics["kl_target_student"].item() <= 0.1 + 1e-6
     assert bounded.diagnostics["unconsidered_mass"].item() < 0.04
@@ -94,7 +94,7 @@ def test_diagnostics_do_not_change_loss_or_gradient(divergence_name):
     grads = []
     for monitor in (True, False):
         student = z_s.clone().requires_grad_()
-        result = distillation_loss(student, z_t, mask, aggregation="trust_region", tau=0.1,
+        result = distillation_loss(student, z_t, mask, aggregation="trust_region", parameter=0.1,
                                    divergence_name=divergence_name, monitor_kl=monitor)
         result.loss.backward()
         grads.append((result.loss.detach(), student.grad))

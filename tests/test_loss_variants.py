@@ -18,8 +18,8 @@ F64 = torch.float64
 TOL = dict(rtol=0, atol=1e-10)
 
 
-def ref_topk(student, teacher, mask, *, aggregation, tau, name, top_k, topk_from, beta=0.5):
-    target = aggregate(teacher, student.detach(), name=aggregation, tau=tau).detach()
+def ref_topk(student, teacher, mask, *, aggregation, parameter, name, top_k, topk_from, beta=0.5):
+    target = aggregate(teacher, student.detach(), name=aggregation, parameter=parameter).detach()
     index = (teacher if topk_from == "teacher" else student.detach()).topk(top_k, dim=-1).indices
     per_position = topk_reference(target, F.log_softmax(student, -1), index, name=name, beta=beta)
     return per_position[mask].sum() / mask.sum()
@@ -45,12 +45,12 @@ def test_topk_buckets_hold_the_top_entries_and_the_rest_of_the_mass():
 def test_topk_support_matches_the_float64_reference(aggregation, divergence_name, topk_from):
     student, teacher, mask = make_inputs(batch=2, length=5, vocab=11, seed=80)
     ref_student = student.detach().clone().requires_grad_()
-    ref = ref_topk(ref_student, teacher, mask, aggregation=aggregation, tau=1.3, name=divergence_name, top_k=4,
+    ref = ref_topk(ref_student, teacher, mask, aggregation=aggregation, parameter=1.3, name=divergence_name, top_k=4,
                    topk_from=topk_from, beta=0.3)
     ref.backward()
     atol = 1e-6 if aggregation == "entropy_matched" else 1e-10  # bisection from bits vs from logits
     for chunk_size in (1, 3, 32):
-        out, grad = chunked(student, teacher, mask, aggregation=aggregation, tau=1.3, divergence_name=divergence_name,
+        out, grad = chunked(student, teacher, mask, aggregation=aggregation, parameter=1.3, divergence_name=divergence_name,
                             beta=0.3, chunk_size=chunk_size, support="topk", top_k=4, topk_from=topk_from)
         torch.testing.assert_close(out.loss, ref.detach(), rtol=0, atol=atol)
         torch.testing.assert_close(grad, ref_student.grad, rtol=0, atol=atol)
@@ -59,7 +59,7 @@ def test_topk_support_matches_the_float64_reference(aggregation, divergence_name
 
 def test_topk_is_a_lower_bound_and_equals_the_full_loss_when_k_covers_the_vocabulary():
     student, teacher, mask = make_inputs(batch=2, length=5, vocab=9, seed=81)
-    kwargs = dict(aggregation="product", tau=2.0, divergence_name="forward_kl")
+    kwargs = dict(aggregation="product", parameter=2.0, divergence_name="forward_kl")
     full, full_grad = chunked(student, teacher, mask, **kwargs)
     every, every_grad = chunked(student, teacher, mask, support="topk", top_k=50, **kwargs)  # k clipped to the vocab
     torch.testing.assert_close(every.loss, full.loss, **TOL)
@@ -76,26 +76,26 @@ def test_topk_with_neg_inf_logits_is_finite_and_matches_the_reference(divergence
     student = student.detach().masked_fill(masked, -math.inf)
     teacher = teacher.masked_fill(masked, -math.inf)
     ref_student = student.clone().requires_grad_()
-    ref = ref_topk(ref_student, teacher, mask, aggregation="teacher", tau=1.0, name=divergence_name, top_k=3,
+    ref = ref_topk(ref_student, teacher, mask, aggregation="teacher", parameter=1.0, name=divergence_name, top_k=3,
                    topk_from="teacher")
     ref.backward()
-    out, grad = chunked(student, teacher, mask, aggregation="teacher", tau=1.0, divergence_name=divergence_name,
+    out, grad = chunked(student, teacher, mask, aggregation="teacher", parameter=1.0, divergence_name=divergence_name,
                         support="topk", top_k=3, monitor_kl=True)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
     torch.testing.assert_close(out.loss, ref.detach(), **TOL)
     torch.testing.assert_close(grad, ref_student.grad.nan_to_num(0.0), **TOL)
     assert (grad[..., masked] == 0).all()
     # k = the 6 finite entries: the tail is empty on both sides and takes no gradient
-    six, six_grad = chunked(student, teacher, mask, aggregation="teacher", tau=1.0, divergence_name=divergence_name,
+    six, six_grad = chunked(student, teacher, mask, aggregation="teacher", parameter=1.0, divergence_name=divergence_name,
                             support="topk", top_k=6)
-    full, full_grad = chunked(student, teacher, mask, aggregation="teacher", tau=1.0, divergence_name=divergence_name)
+    full, full_grad = chunked(student, teacher, mask, aggregation="teacher", parameter=1.0, divergence_name=divergence_name)
     torch.testing.assert_close(six.loss, full.loss, **TOL)
     torch.testing.assert_close(six_grad, full_grad, **TOL)
 
 
 def test_topk_monitoring_is_the_full_vocabulary_one():
     student, teacher, mask = make_inputs(batch=2, length=5, vocab=9, seed=83)
-    kwargs = dict(aggregation="clip", tau=1.0, divergence_name="forward_kl", chunk_size=3)
+    kwargs = dict(aggregation="clip", parameter=1.0, divergence_name="forward_kl", chunk_size=3)
     full, _ = chunked(student, teacher, mask, **kwargs)
     topk, _ = chunked(student, teacher, mask, support="topk", top_k=2, **kwargs)
     torch.testing.assert_close(topk.teacher_student_kl, full.teacher_student_kl, **TOL)
@@ -117,11 +117,11 @@ def test_sampled_token_gradient_in_expectation_is_the_reverse_kl_gradient(aggreg
     student = z_s.expand(1, vocab, vocab).clone().requires_grad_()
     teacher = z_t.expand(1, vocab, vocab)
     out = distillation_loss(student, teacher, torch.ones(1, vocab, dtype=torch.bool), aggregation=aggregation,
-                            tau=1.5, divergence_name="reverse_kl", support="sampled",
+                            parameter=1.5, divergence_name="reverse_kl", support="sampled",
                             sampled_tokens=torch.arange(vocab).unsqueeze(0), token_weights=(p_s * vocab).unsqueeze(0))
     out.loss.backward()
     leaf = z_s.clone().requires_grad_()
-    target = aggregate(z_t, leaf.detach(), name=aggregation, tau=1.5)
+    target = aggregate(z_t, leaf.detach(), name=aggregation, parameter=1.5)
     expected = reverse_kl(target, F.log_softmax(leaf, -1))
     expected.backward()
     torch.testing.assert_close(out.loss, expected.detach(), rtol=0, atol=1e-6 if aggregation == "entropy_matched" else 1e-12)
@@ -134,12 +134,12 @@ def test_sampled_token_matches_the_surrogate_reference_per_token():
     student, teacher, mask = make_inputs(batch=2, length=5, vocab=7, seed=85)
     tokens = torch.randint(7, mask.shape, generator=torch.Generator().manual_seed(86))
     leaf = student.detach().clone().requires_grad_()
-    target = aggregate(teacher, leaf.detach(), name="product", tau=2.0)
+    target = aggregate(teacher, leaf.detach(), name="product", parameter=2.0)
     student_logp = F.log_softmax(leaf, -1)
     (sampled_reference(target, student_logp, tokens)[mask].sum() / mask.sum()).backward()
     estimate = (student_logp - target).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     for chunk_size in (1, 4):
-        out, grad = chunked(student, teacher, mask, aggregation="product", tau=2.0, divergence_name="reverse_kl",
+        out, grad = chunked(student, teacher, mask, aggregation="product", parameter=2.0, divergence_name="reverse_kl",
                             chunk_size=chunk_size, support="sampled", sampled_tokens=tokens)
         torch.testing.assert_close(out.loss, estimate[mask].mean().detach(), **TOL)
         torch.testing.assert_close(grad, leaf.grad, **TOL)
@@ -149,7 +149,7 @@ def test_sampled_token_with_masked_entries_other_than_the_token_is_finite():
     student, teacher, mask = make_inputs(batch=1, length=3, vocab=5, seed=87)
     student, teacher = student.detach().clone(), teacher.clone()
     student[..., 4], teacher[..., 4] = -math.inf, -math.inf
-    out, grad = chunked(student, teacher, mask, aggregation="clip", tau=1.0, divergence_name="reverse_kl",
+    out, grad = chunked(student, teacher, mask, aggregation="clip", parameter=1.0, divergence_name="reverse_kl",
                         support="sampled", sampled_tokens=torch.zeros(mask.shape, dtype=torch.long))
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and (grad[..., 4] == 0).all()
 
@@ -157,10 +157,10 @@ def test_sampled_token_with_masked_entries_other_than_the_token_is_finite():
 def test_sampled_support_refuses_other_divergences_and_missing_tokens():
     student, teacher, mask = make_inputs(seed=88)
     with pytest.raises(ValueError, match="loss.divergence=reverse_kl"):
-        distillation_loss(student, teacher, mask, aggregation="teacher", tau=1.0, divergence_name="forward_kl",
+        distillation_loss(student, teacher, mask, aggregation="teacher", parameter=1.0, divergence_name="forward_kl",
                           support="sampled", sampled_tokens=torch.zeros(mask.shape, dtype=torch.long))
     with pytest.raises(ValueError, match="sampled tokens"):
-        distillation_loss(student, teacher, mask, aggregation="teacher", tau=1.0, divergence_name="reverse_kl",
+        distillation_loss(student, teacher, mask, aggregation="teacher", parameter=1.0, divergence_name="reverse_kl",
                           support="sampled")
 
 
@@ -171,12 +171,12 @@ def test_sampled_support_refuses_other_divergences_and_missing_tokens():
 def test_entry_clip_matches_the_float64_reference(aggregation, clip):
     student, teacher, mask = make_inputs(batch=2, length=5, vocab=9, seed=89)
     leaf = student.detach().clone().requires_grad_()
-    target = aggregate(teacher, leaf.detach(), name=aggregation, tau=1.2).detach()
+    target = aggregate(teacher, leaf.detach(), name=aggregation, parameter=1.2).detach()
     ref = entry_clip_reference(target, F.log_softmax(leaf, -1), clip=clip)[mask].mean()
     ref.backward()
     atol = 1e-6 if aggregation == "entropy_matched" else 1e-10
     for chunk_size in (1, 32):
-        out, grad = chunked(student, teacher, mask, aggregation=aggregation, tau=1.2, divergence_name="forward_kl",
+        out, grad = chunked(student, teacher, mask, aggregation=aggregation, parameter=1.2, divergence_name="forward_kl",
                             chunk_size=chunk_size, entry_clip=clip)
         torch.testing.assert_close(out.loss, ref.detach(), rtol=0, atol=atol)
         torch.testing.assert_close(grad, leaf.grad, rtol=0, atol=atol)
@@ -184,7 +184,7 @@ def test_entry_clip_matches_the_float64_reference(aggregation, clip):
 
 def test_entry_clip_above_every_term_is_the_forward_kl_and_a_small_one_caps_it():
     student, teacher, mask = make_inputs(batch=2, length=5, vocab=9, seed=90)
-    kwargs = dict(aggregation="teacher", tau=1.0, divergence_name="forward_kl")
+    kwargs = dict(aggregation="teacher", parameter=1.0, divergence_name="forward_kl")
     full, full_grad = chunked(student, teacher, mask, **kwargs)
     loose, loose_grad = chunked(student, teacher, mask, entry_clip=1e6, **kwargs)
     torch.testing.assert_close(loose.loss, full.loss, **TOL)
@@ -199,7 +199,7 @@ def test_entry_clip_keeps_a_student_masked_token_finite():
     student, teacher, mask = make_inputs(batch=1, length=3, vocab=5, seed=91)
     student = student.detach().clone()
     student[..., 1] = -math.inf
-    out, grad = chunked(student, teacher, mask, aggregation="teacher", tau=1.0, divergence_name="forward_kl",
+    out, grad = chunked(student, teacher, mask, aggregation="teacher", parameter=1.0, divergence_name="forward_kl",
                         entry_clip=0.5)
     leaf = student.clone().requires_grad_()
     ref = entry_clip_reference(F.log_softmax(teacher, -1), F.log_softmax(leaf, -1), clip=0.5)[mask].mean()
@@ -214,7 +214,7 @@ def test_entry_clip_refuses_what_it_cannot_cap():
     for kwargs in (dict(divergence_name="reverse_kl"), dict(divergence_name="forward_kl", support="topk"),
                    dict(divergence_name="forward_kl", entry_clip=0.0)):
         with pytest.raises(ValueError, match="loss.entry_clip"):
-            distillation_loss(student, teacher, mask, aggregation="teacher", tau=1.0,
+            distillation_loss(student, teacher, mask, aggregation="teacher", parameter=1.0,
                               **{"entry_clip": 0.5, **kwargs})
 
 
@@ -230,7 +230,7 @@ def test_largest_entry_term_is_the_biggest_forward_kl_summand():
 
 def test_unknown_support_and_bad_top_k_are_value_errors_naming_the_field():
     student, teacher, mask = make_inputs(seed=93)
-    kwargs = dict(aggregation="teacher", tau=1.0, divergence_name="forward_kl")
+    kwargs = dict(aggregation="teacher", parameter=1.0, divergence_name="forward_kl")
     with pytest.raises(ValueError, match=r"loss.support='top' is unknown; choose one of full, topk, sampled"):
         distillation_loss(student, teacher, mask, support="top", **kwargs)
     with pytest.raises(ValueError, match=r"loss.top_k=0 must be >= 1"):

@@ -73,9 +73,9 @@ def ref_divergence(target_logp, student_logp, name, beta):
     return ref_jsd(target_logp, student_logp, beta)
 
 
-def ref_distillation(student_logits, teacher_logits, mask, *, aggregation, tau, divergence_name, beta=0.5):
+def ref_distillation(student_logits, teacher_logits, mask, *, aggregation, parameter, divergence_name, beta=0.5):
     # unchunked: aggregate -> divergence -> explicit mean over loss-carrying positions
-    target = aggregate(teacher_logits, student_logits.detach(), name=aggregation, tau=tau).detach()
+    target = aggregate(teacher_logits, student_logits.detach(), name=aggregation, parameter=parameter).detach()
     per_position = ref_divergence(target, F.log_softmax(student_logits, -1), divergence_name, beta)
     selected = [per_position[b, i] for b in range(mask.shape[0]) for i in range(mask.shape[1]) if mask[b, i]]
     return torch.stack(selected).sum() / len(selected)
@@ -185,12 +185,12 @@ def test_unknown_divergence_raises_value_error_listing_valid_names():
 def test_distillation_loss_matches_unchunked_reference_for_every_chunk_size(aggregation, divergence_name):
     student, teacher, mask = make_inputs(seed=20)
     ref_student = student.detach().clone().requires_grad_()
-    ref = ref_distillation(ref_student, teacher, mask, aggregation=aggregation, tau=1.7,
+    ref = ref_distillation(ref_student, teacher, mask, aggregation=aggregation, parameter=1.7,
                            divergence_name=divergence_name, beta=0.3)
     (ref_grad,) = torch.autograd.grad(ref, ref_student)
     for chunk_size in (1, 3, 7, 1024):
         student.grad = None
-        out = distillation_loss(student, teacher, mask, aggregation=aggregation, tau=1.7,
+        out = distillation_loss(student, teacher, mask, aggregation=aggregation, parameter=1.7,
                                 divergence_name=divergence_name, beta=0.3, chunk_size=chunk_size)
         assert out.tokens == int(mask.sum())
         torch.testing.assert_close(out.loss.to(F64), ref.detach(), **LOSS_TOL)
@@ -205,7 +205,7 @@ def test_distillation_loss_does_not_depend_on_chunk_size(aggregation):
     results = []
     for chunk_size in (1, 4, 1024):
         student.grad = None
-        out = distillation_loss(student, teacher, mask, aggregation=aggregation, tau=2.0,
+        out = distillation_loss(student, teacher, mask, aggregation=aggregation, parameter=2.0,
                                 divergence_name="jsd", chunk_size=chunk_size)
         out.loss.backward()
         results.append((out.loss.detach(), out.teacher_student_kl, student.grad.clone()))
@@ -217,7 +217,7 @@ def test_distillation_loss_does_not_depend_on_chunk_size(aggregation):
 
 def test_forward_kl_teacher_gradient_is_probability_difference_over_tokens():
     student, teacher, mask = make_inputs(batch=3, length=4, vocab=5, seed=22)
-    out = distillation_loss(student, teacher, mask, aggregation="teacher", tau=1.0,
+    out = distillation_loss(student, teacher, mask, aggregation="teacher", parameter=1.0,
                             divergence_name="forward_kl", chunk_size=3)
     out.loss.backward()
     n_tokens = int(mask.sum())
@@ -230,7 +230,7 @@ def test_forward_kl_teacher_gradient_is_probability_difference_over_tokens():
                          + [("product", "forward_kl"), ("product", "reverse_kl")])
 def test_masked_positions_do_not_affect_loss(aggregation, divergence_name):
     student, teacher, mask = make_inputs(seed=23)
-    kwargs = dict(aggregation=aggregation, tau=1.3, divergence_name=divergence_name, chunk_size=3)
+    kwargs = dict(aggregation=aggregation, parameter=1.3, divergence_name=divergence_name, chunk_size=3)
     base = distillation_loss(student, teacher, mask, **kwargs)
     base.loss.backward()
     base_grad = student.grad.clone()
@@ -249,7 +249,7 @@ def test_masked_positions_do_not_affect_loss(aggregation, divergence_name):
 def test_teacher_logits_receive_no_gradient(aggregation):
     student, teacher, mask = make_inputs(seed=25)
     teacher.requires_grad_()
-    out = distillation_loss(student, teacher, mask, aggregation=aggregation, tau=1.5,
+    out = distillation_loss(student, teacher, mask, aggregation=aggregation, parameter=1.5,
                             divergence_name="reverse_kl")
     (out.loss + out.teacher_student_kl).backward()
     assert teacher.grad is None or (teacher.grad == 0).all()
@@ -259,7 +259,7 @@ def test_teacher_logits_receive_no_gradient(aggregation):
 def test_all_false_mask_gives_zero_loss_that_still_backpropagates():
     student, teacher, _ = make_inputs(seed=26)
     mask = torch.zeros(student.shape[:2], dtype=torch.bool)
-    out = distillation_loss(student, teacher, mask, aggregation="product", tau=2.0, divergence_name="jsd")
+    out = distillation_loss(student, teacher, mask, aggregation="product", parameter=2.0, divergence_name="jsd")
     assert out.tokens == 0
     assert out.loss.item() == 0.0
     assert out.teacher_student_kl.item() == 0.0
@@ -273,7 +273,7 @@ def test_all_false_mask_gives_zero_loss_that_still_backpropagates():
                                                          ("teacher", "forward_kl")])
 def test_teacher_student_kl_is_masked_mean_of_kl_teacher_to_student(aggregation, divergence_name):
     student, teacher, mask = make_inputs(batch=3, length=4, vocab=6, seed=27)
-    out = distillation_loss(student, teacher, mask, aggregation=aggregation, tau=0.8,
+    out = distillation_loss(student, teacher, mask, aggregation=aggregation, parameter=0.8,
                             divergence_name=divergence_name, chunk_size=2)
     per_position = ref_forward_kl(F.log_softmax(teacher, -1), F.log_softmax(student.detach(), -1))
     expected = per_position[mask].mean()
@@ -283,7 +283,7 @@ def test_teacher_student_kl_is_masked_mean_of_kl_teacher_to_student(aggregation,
 
 def test_loss_is_float32_and_gradient_keeps_student_dtype():
     student, teacher, mask = make_inputs(seed=28, dtype=torch.bfloat16)
-    out = distillation_loss(student, teacher, mask, aggregation="clip", tau=1.0, divergence_name="forward_kl")
+    out = distillation_loss(student, teacher, mask, aggregation="clip", parameter=1.0, divergence_name="forward_kl")
     assert out.loss.dtype == torch.float32
     out.loss.backward()
     assert student.grad.dtype == torch.bfloat16
@@ -295,7 +295,7 @@ def test_distillation_loss_handles_non_contiguous_logits():
     student_t = student.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
     teacher_t = teacher.transpose(0, 1).contiguous().transpose(0, 1)
     assert not student_t.is_contiguous()
-    kwargs = dict(aggregation="product", tau=2.0, divergence_name="forward_kl", chunk_size=2)
+    kwargs = dict(aggregation="product", parameter=2.0, divergence_name="forward_kl", chunk_size=2)
     expected = distillation_loss(student, teacher, mask, **kwargs)
     expected.loss.backward()
     got = distillation_loss(student_t, teacher_t, mask, **kwargs)
@@ -306,8 +306,8 @@ def test_distillation_loss_handles_non_contiguous_logits():
 
 def test_distillation_loss_without_student_grad_still_evaluates():
     student, teacher, mask = make_inputs(seed=30)
-    with_grad = distillation_loss(student, teacher, mask, aggregation="clip", tau=1.0, divergence_name="jsd")
-    no_grad = distillation_loss(student.detach(), teacher, mask, aggregation="clip", tau=1.0,
+    with_grad = distillation_loss(student, teacher, mask, aggregation="clip", parameter=1.0, divergence_name="jsd")
+    no_grad = distillation_loss(student.detach(), teacher, mask, aggregation="clip", parameter=1.0,
                                 divergence_name="jsd")
     assert not no_grad.loss.requires_grad
     assert no_grad.loss.item() == with_grad.loss.item()
@@ -315,7 +315,7 @@ def test_distillation_loss_without_student_grad_still_evaluates():
 
 def test_gradient_scales_with_upstream_gradient():
     student, teacher, mask = make_inputs(seed=31)
-    kwargs = dict(aggregation="teacher", tau=1.0, divergence_name="forward_kl")
+    kwargs = dict(aggregation="teacher", parameter=1.0, divergence_name="forward_kl")
     distillation_loss(student, teacher, mask, **kwargs).loss.backward()
     once = student.grad.clone()
     student.grad = None
@@ -328,16 +328,16 @@ def test_mismatched_logit_shapes_raise_value_error():
     mask = torch.ones(2, 3, dtype=torch.bool)
     for teacher in (torch.zeros(2, 3, 6), torch.zeros(2, 4, 5), torch.zeros(3, 5)):
         with pytest.raises(ValueError, match="same shape"):
-            distillation_loss(student, teacher, mask, aggregation="teacher", tau=1.0,
+            distillation_loss(student, teacher, mask, aggregation="teacher", parameter=1.0,
                               divergence_name="forward_kl")
 
 
 def test_unknown_names_raise_value_error_in_distillation_loss():
     student, teacher, mask = make_inputs(seed=32)
     with pytest.raises(ValueError, match="forward_kl"):
-        distillation_loss(student, teacher, mask, aggregation="teacher", tau=1.0, divergence_name="tvd")
+        distillation_loss(student, teacher, mask, aggregation="teacher", parameter=1.0, divergence_name="tvd")
     with pytest.raises(ValueError, match="entropy_matched"):
-        distillation_loss(student, teacher, mask, aggregation="mix", tau=1.0, divergence_name="jsd")
+        distillation_loss(student, teacher, mask, aggregation="mix", parameter=1.0, divergence_name="jsd")
 
 
 # ---------------------------------------------------------------- precision and input checks
@@ -345,10 +345,10 @@ def test_unknown_names_raise_value_error_in_distillation_loss():
 def test_distillation_loss_keeps_float64_precision():
     student, teacher, mask = make_inputs(seed=40)
     ref_student = student.detach().clone().requires_grad_()
-    ref = ref_distillation(ref_student, teacher, mask, aggregation="product", tau=2.0,
+    ref = ref_distillation(ref_student, teacher, mask, aggregation="product", parameter=2.0,
                            divergence_name="forward_kl")
     (ref_grad,) = torch.autograd.grad(ref, ref_student)
-    out = distillation_loss(student, teacher, mask, aggregation="product", tau=2.0, divergence_name="forward_kl")
+    out = distillation_loss(student, teacher, mask, aggregation="product", parameter=2.0, divergence_name="forward_kl")
     out.loss.backward()
     torch.testing.assert_close(out.loss.to(F64), ref.detach(), rtol=0, atol=1e-10)
     torch.testing.assert_close(student.grad, ref_grad, rtol=0, atol=1e-10)
@@ -357,14 +357,14 @@ def test_distillation_loss_keeps_float64_precision():
 def test_mask_shape_mismatch_raises_value_error():
     student, teacher, mask = make_inputs(batch=2, length=5, vocab=4, seed=41)
     with pytest.raises(ValueError, match="loss_mask"):
-        distillation_loss(student, teacher, mask[:, :-1], aggregation="teacher", tau=1.0,
+        distillation_loss(student, teacher, mask[:, :-1], aggregation="teacher", parameter=1.0,
                           divergence_name="forward_kl")
 
 
 def test_teacher_requiring_grad_does_not_attach_the_loss_to_it():
     student, teacher, mask = make_inputs(seed=42)
     teacher.requires_grad_()
-    out = distillation_loss(student.detach(), teacher, mask, aggregation="teacher", tau=1.0,
+    out = distillation_loss(student.detach(), teacher, mask, aggregation="teacher", parameter=1.0,
                             divergence_name="forward_kl")
     assert not out.loss.requires_grad  # the target is detached by definition
     assert teacher.grad is None
@@ -411,7 +411,7 @@ def test_lazy_teacher_logits_give_the_same_loss_and_gradient():
     results = []
     for teacher in (lazy, dense):
         leaf = student.detach().clone().requires_grad_()
-        out = distillation_loss(leaf, teacher, mask, aggregation="clip", tau=0.5, divergence_name="jsd", chunk_size=3)
+        out = distillation_loss(leaf, teacher, mask, aggregation="clip", parameter=0.5, divergence_name="jsd", chunk_size=3)
         out.loss.backward()
         results.append((out.loss.detach(), leaf.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
@@ -423,7 +423,7 @@ def test_lazy_teacher_logits_give_the_same_loss_and_gradient():
 
 def _loss_and_grad(student, teacher, mask, **kwargs):
     leaf = student.detach().clone().requires_grad_()
-    out = distillation_loss(leaf, teacher, mask, aggregation="clip", tau=0.7, divergence_name="jsd", chunk_size=3,
+    out = distillation_loss(leaf, teacher, mask, aggregation="clip", parameter=0.7, divergence_name="jsd", chunk_size=3,
                             **kwargs)
     out.loss.backward()
     return out, leaf.grad
@@ -458,14 +458,14 @@ def test_token_weights_scale_each_position_against_the_reference():
     weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(63), dtype=F64) * 2
     out, grad = _loss_and_grad(student, teacher, mask, token_weights=weights)
     leaf = student.detach().clone().requires_grad_()
-    target = aggregate(teacher, leaf.detach(), name="clip", tau=0.7)
+    target = aggregate(teacher, leaf.detach(), name="clip", parameter=0.7)
     per_position = ref_divergence(target, F.log_softmax(leaf, -1), "jsd", 0.5)
     ref = (per_position * weights)[mask].sum() / mask.sum()
     ref.backward()
     torch.testing.assert_close(out.loss.to(F64), ref.detach(), rtol=1e-10, atol=0)
     torch.testing.assert_close(grad, leaf.grad, rtol=1e-8, atol=1e-12)
     with pytest.raises(ValueError, match="token_weights"):
-        distillation_loss(student, teacher, mask, aggregation="clip", tau=0.7, divergence_name="jsd",
+        distillation_loss(student, teacher, mask, aggregation="clip", parameter=0.7, divergence_name="jsd",
                           token_weights=weights[:, :-1])
 
 
@@ -477,7 +477,7 @@ def test_monitoring_kl_off_gives_identical_loss_and_gradient(aggregation, diverg
     results = []
     for monitor in (True, False):
         leaf = student.detach().clone().requires_grad_()
-        out = distillation_loss(leaf, teacher, mask, aggregation=aggregation, tau=1.5, divergence_name=divergence_name,
+        out = distillation_loss(leaf, teacher, mask, aggregation=aggregation, parameter=1.5, divergence_name=divergence_name,
                                 chunk_size=3, monitor_kl=monitor)
         out.loss.backward()
         results.append((out, leaf.grad))
@@ -491,7 +491,7 @@ def test_monitoring_kl_off_gives_identical_loss_and_gradient(aggregation, diverg
 def test_monitoring_kl_off_with_an_empty_mask():
     student, teacher, _ = make_inputs(seed=71)
     out = distillation_loss(student, teacher, torch.zeros(student.shape[:2], dtype=torch.bool), aggregation="product",
-                            tau=2.0, divergence_name="forward_kl", monitor_kl=False)
+                            parameter=2.0, divergence_name="forward_kl", monitor_kl=False)
     assert out.tokens == 0 and out.teacher_student_kl is None and out.loss.item() == 0.0
 
 
@@ -515,7 +515,7 @@ def test_lazy_teacher_in_blocks_matches_reference(monkeypatch, aggregation, dive
     with torch.no_grad():
         dense = head(hidden)
     ref_student = student.detach().clone().requires_grad_()
-    ref = ref_distillation(ref_student, dense, mask, aggregation=aggregation, tau=1.3,
+    ref = ref_distillation(ref_student, dense, mask, aggregation=aggregation, parameter=1.3,
                            divergence_name=divergence_name, beta=0.4)
     (ref_grad,) = torch.autograd.grad(ref, ref_student)
     ref_kl = ref_forward_kl(F.log_softmax(dense, -1), F.log_softmax(student, -1))[mask].mean()
@@ -523,7 +523,7 @@ def test_lazy_teacher_in_blocks_matches_reference(monkeypatch, aggregation, dive
     atol = 1e-6 if aggregation == "entropy_matched" else 1e-10
     for chunk_size in (1, 3, 4, 7):
         leaf = student.detach().clone().requires_grad_()
-        out = distillation_loss(leaf, LazyLogits(hidden, head), mask, aggregation=aggregation, tau=1.3,
+        out = distillation_loss(leaf, LazyLogits(hidden, head), mask, aggregation=aggregation, parameter=1.3,
                                 divergence_name=divergence_name, beta=0.4, chunk_size=chunk_size)
         out.loss.backward()
         torch.testing.assert_close(out.loss, ref.detach(), rtol=0, atol=atol)
@@ -537,11 +537,11 @@ def test_consecutive_rows_with_half_precision_student_gradient():
     student, teacher, _ = make_inputs(batch=2, length=5, vocab=7, seed=75, dtype=torch.bfloat16)
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 3:] = False
-    out = distillation_loss(student, teacher, mask, aggregation="product", tau=2.0, divergence_name="forward_kl",
+    out = distillation_loss(student, teacher, mask, aggregation="product", parameter=2.0, divergence_name="forward_kl",
                             chunk_size=4)
     out.loss.backward()
     ref_student = student.detach().to(F64).requires_grad_()
-    ref = ref_distillation(ref_student, teacher.to(F64), mask, aggregation="product", tau=2.0,
+    ref = ref_distillation(ref_student, teacher.to(F64), mask, aggregation="product", parameter=2.0,
                            divergence_name="forward_kl")
     ref.backward()
     assert student.grad.dtype == torch.bfloat16 and (student.grad[~mask] == 0).all()

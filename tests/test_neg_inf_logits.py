@@ -45,7 +45,7 @@ def py_divergence(target, student, name, beta=0.5):
 def test_the_issues_repro_is_0151():
     student = torch.tensor([[STUDENT]]).requires_grad_()
     result = distillation_loss(student, torch.tensor([[TEACHER]]), torch.ones(1, 1, dtype=torch.bool),
-                               aggregation="product", tau=2.0, divergence_name="forward_kl")
+                               aggregation="product", parameter=2.0, divergence_name="forward_kl")
     assert result.loss.item() == pytest.approx(0.015081216, abs=1e-7)
     result.loss.backward()
     assert torch.isfinite(student.grad).all() and student.grad[0, 0, 0].item() == 0.0
@@ -63,12 +63,12 @@ def test_every_aggregation_and_divergence_matches_the_plain_reference_with_minus
         monkeypatch.setattr(losses, "aggregation_named", lambda name: dataclasses.replace(real(name), fused=None))
     tau = TAU.get(aggregation, 1.0)
     s64, t64 = torch.tensor(STUDENT, dtype=F64), torch.tensor(TEACHER, dtype=F64)
-    target = aggregate(t64, s64, name=aggregation, tau=tau).tolist()
+    target = aggregate(t64, s64, name=aggregation, parameter=tau).tolist()
     expected = py_divergence(target, py_log_softmax(STUDENT), divergence_name)
     student = torch.tensor([[STUDENT, [0.0, 1.0, -1.0, 0.5]]]).requires_grad_()
     teacher = torch.tensor([[TEACHER, [1.0, 0.0, 0.0, 2.0]]])
     mask = torch.tensor([[True, False]])
-    result = distillation_loss(student, teacher, mask, aggregation=aggregation, tau=tau,
+    result = distillation_loss(student, teacher, mask, aggregation=aggregation, parameter=tau,
                                divergence_name=divergence_name)
     result.loss.backward()
     if aggregation == "teacher" and divergence_name == "forward_kl":
@@ -92,9 +92,9 @@ def test_masked_entries_in_both_models_change_nothing():
     mask = torch.ones(2, 3, dtype=torch.bool)
     for aggregation, divergence_name in itertools.product(AGGREGATIONS, DIVERGENCES):
         tau = TAU.get(aggregation, 1.0)
-        plain = distillation_loss(z_s, z_t, mask, aggregation=aggregation, tau=tau, divergence_name=divergence_name)
+        plain = distillation_loss(z_s, z_t, mask, aggregation=aggregation, parameter=tau, divergence_name=divergence_name)
         padded = distillation_loss(torch.cat([z_s, pad], -1), torch.cat([z_t, pad], -1), mask,
-                                   aggregation=aggregation, tau=tau, divergence_name=divergence_name)
+                                   aggregation=aggregation, parameter=tau, divergence_name=divergence_name)
         torch.testing.assert_close(padded.loss, plain.loss, rtol=2e-5, atol=1e-6)
         torch.testing.assert_close(padded.teacher_student_kl, plain.teacher_student_kl, rtol=2e-5, atol=1e-6)
         for name in plain.diagnostics:
@@ -118,7 +118,7 @@ def test_entropy_matched_tau_is_fitted_not_the_bracket_edge_with_minus_inf():
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_every_aggregation_gives_a_normalised_target_with_minus_inf(aggregation):
     target = aggregate(torch.tensor(TEACHER, dtype=F64), torch.tensor(STUDENT, dtype=F64), name=aggregation,
-                       tau=TAU.get(aggregation, 1.0))
+                       parameter=TAU.get(aggregation, 1.0))
     assert not torch.isnan(target).any()
     assert torch.logsumexp(target, -1).item() == pytest.approx(0.0, abs=1e-12)
     if aggregation != "teacher":  # the student's masked token stays masked

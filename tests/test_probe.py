@@ -78,7 +78,7 @@ def run_probe(tmp_path, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     from sdharness.tools.probe import RESULT_NAME, probe
-    from tests.conftest import compose_config
+    from tests.conftest import TINY, compose_config
 
     cfg = OmegaConf.to_object(compose_config(overrides + ["logger.mode=disabled"], config_name="probe"))
     result = probe(cfg, tmp_path)
@@ -100,7 +100,7 @@ def test_probe_on_the_stress_case_base_shows_the_copying_teacher(tmp_path):
     assert deviation["kl_after"] > 5 * deviation["kl_before"]
     assert slip["slips"] >= 10 and slip["copies_reference"] >= 0.9 and slip["follows_student"] <= 0.1
     assert set(result["aggregation"]) == set(AGGREGATIONS)  # every registered aggregation, none named here
-    assert result["aggregation"]["clip"]["tau"] == 1.0 and result["aggregation"]["teacher"]["tau"] is None
+    assert result["aggregation"]["clip"]["parameter"] == "tau=1" and result["aggregation"]["teacher"]["parameter"] is None
 
 
 TOLERANCE = 0.05
@@ -212,7 +212,7 @@ def test_sft_on_native_references_learns_the_default_base_task(tmp_path):
     import csv
 
     from sdharness.train import train
-    from tests.conftest import compose_config
+    from tests.conftest import TINY, compose_config
 
     train(compose_config(["experiment=testbed", "method=sft", "optim.lr=1e-4", "data.batch_size=32", "budget.problems=2048",
                           "data.eval_size=128", "eval.every_n_steps=0", "logger.mode=disabled", "threads=1"]), tmp_path)
@@ -235,3 +235,30 @@ def test_probe_table_lists_the_loss_knobs_that_change_the_target():
     header, row = format_table(result).splitlines()[-2:]
     assert header.split()[-6:] == ["q", "outside", "top-64", "max", "KL", "term"]
     assert row.split()[-2:] == ["0.5000", "1.000"]
+
+
+def test_probe_defaults_are_the_registrys_and_what_each_aggregation_option_composes():
+    """The probe asks the registry for each aggregation's parameter, not conf/; ``aggregation=<name>``
+    sets the same value, so the probe measures what a training run would use."""
+    from sdharness.config import to_train_config
+    from sdharness.tools.probe import default_parameters
+    from tests.conftest import TINY, compose_config
+
+    assert default_parameters() == {"teacher": None, "product": 2.0, "clip": 1.0, "entropy_matched": None,
+                                    "trust_region": 0.1}
+    for name, value in default_parameters().items():
+        assert to_train_config(compose_config(TINY + [f"aggregation={name}"])).aggregation.parameter == value, name
+
+
+def test_probe_table_names_each_aggregations_parameter():
+    from sdharness.tools.probe_figures import Accumulator, figures, format_table
+
+    rows = {"mass": [0.1], "log_ratio": [0.0], "kl": [0.2], "tail": [0.25], "entry": [0.5]}
+    acc = Accumulator(aggregation={name: dict(rows) for name in ("clip", "trust_region", "teacher")})
+    result = figures({"no_hint": {"accuracy": 0.5, "early_answer_rate": None}}, acc,
+                     {"clip": 1.0, "trust_region": 0.1, "teacher": None}, 1e-3)
+    assert {name: row["parameter"] for name, row in result["aggregation"].items()} == {
+        "clip": "tau=1", "trust_region": "kl_bound=0.1", "teacher": None}
+    table = format_table(result).splitlines()
+    assert [line.split()[:2] for line in table[-3:]] == [["clip", "tau=1"], ["trust_region", "kl_bound=0.1"],
+                                                         ["teacher", "–"]]

@@ -171,7 +171,7 @@ def test_guided_chatlog_and_bootstrapped_runs_are_labelled_as_their_own_setting(
     assert len(result["scores"]) == 8  # each its own line of the score table, not averaged together
     md = result["path"].read_text()
     assert "| sd/product/tau=2 guided=on_failure | 1 |" in md and "| sd/product/tau=2 bootstrapped | 1 |" in md
-    assert "| sft chatlog | 1 |" in md and (tmp_path / "out" / "accuracy_vs_tau.png").stat().st_size > 1000
+    assert "| sft chatlog | 1 |" in md and (tmp_path / "out" / "accuracy_vs_parameter.png").stat().st_size > 1000
 
 
 def test_bootstrapped_data_is_recognised_by_its_provenance_or_its_rows(tmp_path):
@@ -196,13 +196,41 @@ def test_report_writes_markdown_pngs_table_and_config_differences(sweep, tmp_pat
     assert "| sd/clip/tau=1 | 2 | 0.650 ± 0.635 |" in capsys.readouterr().out
     out = tmp_path / "out"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["accuracy_vs_flops.png", "accuracy_vs_generated_tokens.png", "accuracy_vs_problems_seen.png",
-                    "accuracy_vs_tau.png", "accuracy_vs_wall_seconds.png"]
+    assert pngs == ["accuracy_vs_flops.png", "accuracy_vs_generated_tokens.png", "accuracy_vs_parameter.png",
+                    "accuracy_vs_problems_seen.png", "accuracy_vs_wall_seconds.png"]
     assert all((out / p).stat().st_size > 1000 for p in pngs)
     md = (out / "report.md").read_text()
     assert all(f"]({p})" in md for p in pngs)
     assert "| run | algo.name | seed |" in md and "| 2 | sd | 1 |" in md  # only the keys that differ
     assert "lmeval/gsm8k/exact_match" in md and "4 completed, 0 failed" in md
+
+
+def test_each_aggregation_is_labelled_with_its_own_parameter(tmp_path):
+    """trust_region's label names its KL bound, not the unused tau; teacher and entropy_matched name none;
+    a run from before aggregation.kl_bound existed carried the bound in aggregation.tau."""
+    evals = [(0, 0.1), (10, 0.2)]
+    fake_run(tmp_path / "s" / "0", "sd", evals, aggregation="trust_region", tau=2.0, more={"aggregation": {"kl_bound": 0.1}})
+    fake_run(tmp_path / "s" / "1", "sd", evals, aggregation="trust_region", tau=2.0, more={"aggregation": {"kl_bound": 0.05}})
+    fake_run(tmp_path / "s" / "2", "sd", evals, aggregation="teacher", tau=2.0, more={"aggregation": {"kl_bound": 0.1}})
+    fake_run(tmp_path / "s" / "3", "sd", evals, aggregation="entropy_matched", tau=2.0)
+    fake_run(tmp_path / "s" / "4", "sd", evals, aggregation="clip", tau=1.0, more={"aggregation": {"kl_bound": 0.1}})
+    fake_run(tmp_path / "old" / "0", "sd", evals, aggregation="trust_region", tau=0.5)
+    result = build_report(find_runs(tmp_path / "s"), tmp_path / "out", plots=True)
+    assert {Path(r.name).name: r.label for r in result["runs"]} == {
+        "0": "sd/trust_region/kl_bound=0.1", "1": "sd/trust_region/kl_bound=0.05", "2": "sd/teacher",
+        "3": "sd/entropy_matched", "4": "sd/clip/tau=1"}
+    assert (tmp_path / "out" / "accuracy_vs_parameter.png").stat().st_size > 1000
+    # the config differences show only the parameter each aggregation reads: the tau that only clip
+    # reads differs from no other run's, so it is no column
+    differences = result["path"].read_text().split("## Config differences")[1].split("## Runs")[0]
+    table = [[cell.strip() for cell in line.split("|")[1:-1]] for line in differences.splitlines()
+             if line.startswith("| ")]
+    assert table[0] == ["run", "aggregation.kl_bound", "aggregation.name"]
+    assert {row[0]: row[1:] for row in table[1:]} == {
+        "0": ["0.1", "trust_region"], "1": ["0.05", "trust_region"], "2": ["n/a", "teacher"],
+        "3": ["–", "entropy_matched"], "4": ["n/a", "clip"]}
+    old = build_report(find_runs(tmp_path / "old"), tmp_path / "old_out", plots=False)
+    assert [r.label for r in old["runs"]] == ["sd/trust_region/kl_bound=0.5"]
 
 
 def test_runs_differing_in_another_key_are_separate_lines_and_one_run_dir_works(tmp_path):
@@ -299,10 +327,10 @@ def test_tiny_sweep_reports_completed_and_failed_jobs(tmp_path):
     assert "**DataError**: data.path: /nonexistent/train.jsonl does not exist" in md
     # a missing checkpoint: refused before any model loads (ConfigError), or, before that check, by Lightning's fit
     assert "**ConfigError**: ckpt_path=" in md or "**FileNotFoundError**: Checkpoint file not found" in md
-    # four axes, tau, and the teacher's health of the SD run
+    # four axes, the aggregation parameter, and the teacher's health of the SD run
     assert sorted(p.name for p in (tmp_path / "report").glob("*.png")) == [
-        "accuracy_vs_flops.png", "accuracy_vs_generated_tokens.png", "accuracy_vs_problems_seen.png",
-        "accuracy_vs_tau.png", "accuracy_vs_wall_seconds.png", "teacher_health.png"]
+        "accuracy_vs_flops.png", "accuracy_vs_generated_tokens.png", "accuracy_vs_parameter.png",
+        "accuracy_vs_problems_seen.png", "accuracy_vs_wall_seconds.png", "teacher_health.png"]
     assert "| sd/clip/tau=1 | 0.000 |" in md.split("## The teacher's health")[1]  # its final hint accuracy
 
 

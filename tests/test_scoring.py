@@ -109,7 +109,7 @@ def test_student_gets_gradient_and_teacher_pass_does_not(tiny):
         teacher = completion_logits(model, t_ids, t_mask, g, g_mask)
     assert not teacher.requires_grad
     student = completion_logits(model, p_ids, p_mask, g, g_mask)
-    loss = distillation_loss(student, teacher, g_mask, aggregation="product", tau=2.0, divergence_name="forward_kl")
+    loss = distillation_loss(student, teacher, g_mask, aggregation="product", parameter=2.0, divergence_name="forward_kl")
     loss.loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)

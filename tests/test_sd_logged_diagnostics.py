@@ -25,7 +25,7 @@ def test_diagnostics_are_logged_every_logging_step_with_the_configured_eps(tmp_p
 
     monkeypatch.setattr(module_file, "distillation_loss", recording)
     train(compose_config(TINY + ["trainer.max_steps=3", "trainer.log_every_n_steps=1", "logger.mode=disabled",
-                                 "eval.at_start=false", "aggregation=trust_region", "aggregation.tau=0.05",
+                                 "eval.at_start=false", "aggregation=trust_region", "aggregation.kl_bound=0.05",
                                  "loss.unconsidered_eps=0.01"]), tmp_path)
     assert asked == [(True, 0.01)] * 3
     with open(tmp_path / "metrics.csv", newline="") as handle:

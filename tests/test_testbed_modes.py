@@ -83,7 +83,7 @@ def test_guided_sampling_solves_hard_problems_the_student_fails(testbed):
     plain = generate(model, tokenizer, *student, max_new_tokens=MAX_NEW_TOKENS, greedy=True).texts
 
     def guided(aggregation: str, tau: float) -> list[str]:
-        return guided_generate(model, tokenizer, *student, *teacher, aggregation=aggregation, tau=tau,
+        return guided_generate(model, tokenizer, *student, *teacher, aggregation=aggregation, parameter=tau,
                                max_new_tokens=MAX_NEW_TOKENS, greedy=True).texts
 
     plain_correct = correct(plain, problems)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from sdharness.distill.aggregation import (TRUST_REGION_STEPS, aggregate, clip_target, trust_region_target,
                                    trust_region_weight, unconsidered_mass_bound)
 from sdharness.distill.diagnostics import target_diagnostics
+from sdharness.schema.method import AggregationConfig
 
 F64 = torch.float64
 
@@ -60,7 +61,7 @@ def test_weight_on_the_issues_example_is_the_largest_within_delta(delta):
 def test_kl_to_student_is_within_delta_at_every_position(delta):
     s = F.log_softmax(random_logits(64, 50, seed=1), -1)
     t = F.log_softmax(random_logits(64, 50, seed=2), -1)
-    target = trust_region_target(t, s, tau=delta)
+    target = trust_region_target(t, s, kl_bound=delta)
     kl = kl_to_student(target, s)
     assert (kl <= delta).all()
     w = trust_region_weight(t, s, delta=delta)
@@ -74,15 +75,15 @@ def test_target_is_the_geometric_mixture_at_its_weight():
     s = F.log_softmax(random_logits(8, 20, seed=3), -1)
     t = F.log_softmax(random_logits(8, 20, seed=4), -1)
     w = trust_region_weight(t, s, delta=0.2).unsqueeze(-1)
-    torch.testing.assert_close(trust_region_target(t, s, tau=0.2), F.log_softmax((1 - w) * s + w * t, -1))
+    torch.testing.assert_close(trust_region_target(t, s, kl_bound=0.2), F.log_softmax((1 - w) * s + w * t, -1))
 
 
 def test_tiny_delta_gives_the_student_and_large_delta_the_teacher():
     z_s, z_t = random_logits(16, 30, seed=5), random_logits(16, 30, seed=6)
-    torch.testing.assert_close(trust_region_target(z_t, z_s, tau=1e-12), F.log_softmax(z_s, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(trust_region_target(z_t, z_s, kl_bound=1e-12), F.log_softmax(z_s, -1), atol=1e-5, rtol=0)
     kl_teacher = kl_to_student(F.log_softmax(z_t, -1), F.log_softmax(z_s, -1)).max().item()
     assert (trust_region_weight(F.log_softmax(z_t, -1), F.log_softmax(z_s, -1), delta=kl_teacher) == 1).all()
-    torch.testing.assert_close(trust_region_target(z_t, z_s, tau=kl_teacher), F.log_softmax(z_t, -1))
+    torch.testing.assert_close(trust_region_target(z_t, z_s, kl_bound=kl_teacher), F.log_softmax(z_t, -1))
 
 
 def test_weight_grows_with_delta():
@@ -94,8 +95,8 @@ def test_weight_grows_with_delta():
 
 def test_is_invariant_to_logit_shifts():
     z_s, z_t = random_logits(4, 10, seed=9), random_logits(4, 10, seed=10)
-    torch.testing.assert_close(trust_region_target(z_t + 3.0, z_s - 7.0, tau=0.1), trust_region_target(z_t, z_s, tau=0.1))
-    torch.testing.assert_close(aggregate(z_t, z_s, name="trust_region", tau=0.1), trust_region_target(z_t, z_s, tau=0.1))
+    torch.testing.assert_close(trust_region_target(z_t + 3.0, z_s - 7.0, kl_bound=0.1), trust_region_target(z_t, z_s, kl_bound=0.1))
+    torch.testing.assert_close(aggregate(z_t, z_s, name="trust_region", parameter=0.1), trust_region_target(z_t, z_s, kl_bound=0.1))
 
 
 @pytest.mark.parametrize("p, delta, expected", [(1e-3, 0.1, 0.03748), (0.0, 1.0, 0.0), (0.5, 0.0, 0.5)])
@@ -113,7 +114,7 @@ def test_mass_on_unconsidered_tokens_keeps_the_derived_bound(delta, eps):
     # Peaked students with a confident, disagreeing teacher: the case where clip's Z -> 0.
     z_s, z_t = random_logits(256, 40, scale=6.0, seed=11), random_logits(256, 40, scale=6.0, seed=12)
     s, t = F.log_softmax(z_s, -1), F.log_softmax(z_t, -1)
-    target = trust_region_target(z_t, z_s, tau=delta)
+    target = trust_region_target(z_t, z_s, kl_bound=delta)
     mass = target_diagnostics(target, s, eps=eps).unconsidered_mass
     below = torch.where(s.exp() < eps, s.exp(), torch.zeros_like(s)).sum(-1)
     assert (mass <= unconsidered_mass_bound(below, delta) + 1e-12).all()
@@ -129,11 +130,44 @@ def test_teacher_zero_on_student_tokens_falls_back_to_the_student_beyond_delta()
     s = torch.tensor([0.5, 0.3, 0.2], dtype=F64).log()
     t = torch.tensor([-math.inf, 0.0, 1.0], dtype=F64)
     assert trust_region_weight(F.log_softmax(t, -1), s, delta=0.5).item() == 0.0
-    torch.testing.assert_close(trust_region_target(t, s, tau=0.5), s)
+    torch.testing.assert_close(trust_region_target(t, s, kl_bound=0.5), s)
     w = trust_region_weight(F.log_softmax(t, -1), s, delta=1.0).item()
     assert w > 0 and py_kl(py_geometric([0.5, 0.3, 0.2], [0.0, *F.softmax(t[1:], -1).tolist()], w),
                            [0.5, 0.3, 0.2]) <= 1.0
     disjoint = torch.tensor([-math.inf, -math.inf, 0.0], dtype=F64)
     only_first = torch.tensor([0.0, -math.inf, -math.inf], dtype=F64)
     assert trust_region_weight(only_first, disjoint, delta=10.0).item() == 0.0
-    torch.testing.assert_close(trust_region_target(only_first, disjoint, tau=10.0), disjoint)
+    torch.testing.assert_close(trust_region_target(only_first, disjoint, kl_bound=10.0), disjoint)
+
+
+def test_kl_bound_is_the_bound_tau_was():
+    """``aggregation.kl_bound`` reaches the target as the bound that ``aggregation.tau`` set before the
+    parameter had its own name: the values are the reference's at tau = 0.05 before the rename, exactly."""
+    z_s = torch.tensor([[2.0, 1.0, -1.0, 0.5], [0.0, 3.0, -2.0, 1.0]], dtype=F64)
+    z_t = torch.tensor([[-1.0, 2.5, 0.0, 1.0], [1.0, 0.0, 2.0, -1.0]], dtype=F64)
+    before = torch.tensor([[-0.7875645100272413, -1.1056568562186473, -3.1814243733084915, -1.7571918903983348],
+                           [-2.352132683516178, -0.28694713664117777, -3.651021843672427, -2.0532435233599275]],
+                          dtype=F64)
+    config = AggregationConfig(name="trust_region", kl_bound=0.05)
+    assert config.parameter == 0.05
+    assert torch.equal(trust_region_target(z_t, z_s, kl_bound=0.05), before)
+    assert torch.equal(aggregate(z_t, z_s, name=config.name, parameter=config.parameter), before)
+
+
+def test_the_loss_reads_kl_bound_from_the_config():
+    """The chunked loss that an ``aggregation`` config sets up uses its kl_bound: forward KL against the
+    reference target at that bound, and a different loss at another bound."""
+    from sdharness.methods.self_distill import distil
+    from sdharness.schema.method import LossConfig
+
+    z_s, z_t = random_logits(2, 5, 9, seed=51), random_logits(2, 5, 9, seed=52)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+
+    def loss_at(kl_bound):
+        return distil(z_s.clone().requires_grad_(), z_t, mask, None,
+                      AggregationConfig(name="trust_region", kl_bound=kl_bound), LossConfig(), monitor=False).loss
+
+    s = F.log_softmax(z_s, -1)
+    expected = kl_to_student(trust_region_target(z_t, z_s, kl_bound=0.05), s).mean()
+    torch.testing.assert_close(loss_at(0.05).detach(), expected, rtol=0, atol=1e-12)
+    assert abs(loss_at(0.5).item() - expected.item()) > 1e-3

@@ -15,7 +15,7 @@ same shape and never touches a model. With ``s = log_softmax(z_S)`` and
 * ``entropy_matched``:  ``product`` with a per-position tau, found by bisection, so that the
   target's entropy equals the student's: the teacher may move mass, never sharpen or flatten it.
 * ``trust_region``:     target = log_softmax((1 - w) s + w t) with, per position, the largest w in
-  [0, 1] such that KL(target || student) <= tau (tau is the bound delta, in nats; see
+  [0, 1] such that KL(target || student) <= kl_bound (nats; see
   :func:`trust_region_weight`). The only aggregation whose distance from the student is bounded
   by construction, and with it the mass it can hand to tokens the student is not considering
   (:func:`unconsidered_mass_bound`). ``clip``'s q / p_S is bounded only by 1 / Z, and Z -> 0
@@ -29,10 +29,12 @@ same shape and never touches a model. With ``s = log_softmax(z_S)`` and
 a token the student masks stays masked in every target but ``teacher``'s.
 
 Every aggregation is one :class:`Aggregation` in :data:`AGGREGATIONS`, the only list of them:
-its reference function (logits in, target log-probabilities out) and, optionally, its fused form
-for the chunked loss (:func:`sdharness.distill.losses.distillation_loss`), written next to it.
-Adding one is one entry here and ``conf/aggregation/<name>.yaml``; tests compare every fused form
-with its reference. Select one by name with :func:`aggregate`.
+its :class:`Parameter` (``tau``, a temperature; ``kl_bound``, a bound in nats; or none), its
+reference function (logits in, target log-probabilities out) and, optionally, its fused form for
+the chunked loss (:func:`sdharness.distill.losses.distillation_loss`), written next to it. Adding
+one is one entry here and ``conf/aggregation/<name>.yaml``; tests compare every fused form with
+its reference. Select one by name with :func:`aggregate`; the loss and guided sampling hand each
+aggregation the value of its parameter (``parameter``, ignored where it has none).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ import torch.nn.functional as F
 LOG2E = 1.0 / math.log(2.0)
 
 
-def teacher_target(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, tau: float) -> torch.Tensor:
-    """target = log_softmax(z_T); the student and tau are ignored."""
+def teacher_target(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """target = log_softmax(z_T); the student is ignored."""
     return F.log_softmax(teacher_logits, dim=-1)
 
 
@@ -95,10 +97,8 @@ def entropy_matched_tau(
     return ((lo + hi) / 2).exp()
 
 
-def entropy_matched_target(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, tau: float
-) -> torch.Tensor:
-    """``product`` at the per-position tau of :func:`entropy_matched_tau`; ``tau`` is unused."""
+def entropy_matched_target(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """``product`` at the per-position tau of :func:`entropy_matched_tau`."""
     with torch.no_grad():
         fitted = entropy_matched_tau(teacher_logits, student_logits)
     return F.log_softmax((student_logits + teacher_logits) / fitted.unsqueeze(-1), dim=-1)
@@ -175,11 +175,13 @@ def unconsidered_mass_bound(student_mass: torch.Tensor, delta: float, steps: int
     return top.to(student_mass.dtype)
 
 
-def trust_region_target(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, tau: float) -> torch.Tensor:
-    """log_softmax((1 - w) s + w t) at the per-position w of :func:`trust_region_weight`, delta = ``tau``."""
+def trust_region_target(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, kl_bound: float
+) -> torch.Tensor:
+    """log_softmax((1 - w) s + w t) at the per-position w of :func:`trust_region_weight`, delta = ``kl_bound``."""
     t, s = F.log_softmax(teacher_logits, dim=-1), F.log_softmax(student_logits, dim=-1)
     with torch.no_grad():
-        w = trust_region_weight(t, s, delta=tau).unsqueeze(-1)
+        w = trust_region_weight(t, s, delta=kl_bound).unsqueeze(-1)
     s_common, d = _common_support(t, s)
     return torch.where(w > 0, F.log_softmax(s_common + w * d, dim=-1), s)
 
@@ -200,7 +202,7 @@ class ChunkBits:
     work: Callable[[str], torch.Tensor]
 
 
-def _teacher_fused(x: ChunkBits, out: torch.Tensor, tau: float) -> torch.Tensor:
+def _teacher_fused(x: ChunkBits, out: torch.Tensor, parameter: None) -> torch.Tensor:
     return x.t
 
 
@@ -220,7 +222,7 @@ def _clip_fused(x: ChunkBits, out: torch.Tensor, tau: float) -> torch.Tensor:
         torch.sub(x.t, x.s, out=out).sub_(x.log_zt - x.log_zs).mul_(1.0 / tau).clamp_(max=0.0).add_(x.s))
 
 
-def _trust_region_fused(x: ChunkBits, out: torch.Tensor, tau: float) -> torch.Tensor:
+def _trust_region_fused(x: ChunkBits, out: torch.Tensor, kl_bound: float) -> torch.Tensor:
     """:func:`trust_region_target` in shifted bits, with the same bisection. Per evaluated w:
     KL_bits(q_w || p_S) = w E_q[d] - log2 E_{p_S}[2^(w d)] with d = log2(p_T / p_S), about 6 passes
     over the chunk, TRUST_REGION_STEPS + 1 times."""
@@ -231,7 +233,7 @@ def _trust_region_fused(x: ChunkBits, out: torch.Tensor, tau: float) -> torch.Te
     # were ~10x slower on CPU: boolean masks are slow there).
     _neg_inf_for_nan(torch.mul(d, 0.0, out=s_common).add_(s))
     d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    bound = tau * LOG2E
+    bound = kl_bound * LOG2E
 
     def within(w):  # [rows, 1] bool
         torch.addcmul(s_common, d, w, out=out)
@@ -255,26 +257,55 @@ def _trust_region_fused(x: ChunkBits, out: torch.Tensor, tau: float) -> torch.Te
 
 
 @dataclass(frozen=True)
+class Parameter:
+    """An aggregation's one number: ``name`` is the :class:`~sdharness.config.AggregationConfig` field
+    that sets it, ``default`` its value under ``aggregation=<name>``."""
+
+    name: str
+    meaning: str
+    default: float
+
+
+TEMPERATURE = "temperature"
+KL_BOUND = "bound on KL(target||student) per token, nats"
+
+
+@dataclass(frozen=True)
 class Aggregation:
-    """One aggregation. ``target(teacher_logits, student_logits, *, tau)`` is the reference.
-    ``fused(chunk: ChunkBits, out, tau)`` returns the unnormalised target in bits (any per-row
-    shift), written into ``out`` or an input it may return as is; None sends the aggregation
-    through the reference in the loss. ``uses_tau``: False where tau is ignored (reports and
-    sweeps then leave it out of the label)."""
+    """One aggregation. ``target(teacher_logits, student_logits[, <parameter.name>=value])`` is the
+    reference; :meth:`reference` calls it with the value of its :class:`Parameter` (None: it has
+    none). ``fused(chunk: ChunkBits, out, value)`` returns the unnormalised target in bits (any
+    per-row shift), written into ``out`` or an input it may return as is; None sends the
+    aggregation through the reference in the loss."""
 
     target: Callable[..., torch.Tensor]
-    fused: Optional[Callable[[ChunkBits, torch.Tensor, float], torch.Tensor]] = None
+    parameter: Optional[Parameter]
+    fused: Optional[Callable[[ChunkBits, torch.Tensor, Optional[float]], torch.Tensor]] = None
     needs_teacher_bits: bool = True
-    uses_tau: bool = True
+
+    def reference(self, teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                  parameter: Optional[float]) -> torch.Tensor:
+        """The target at ``parameter``, the value of this aggregation's parameter (ignored where it has none)."""
+        if self.parameter is None:
+            return self.target(teacher_logits, student_logits)
+        return self.target(teacher_logits, student_logits, **{self.parameter.name: parameter})
 
 
 AGGREGATIONS: dict[str, Aggregation] = {
-    "teacher": Aggregation(teacher_target, _teacher_fused, uses_tau=False),
-    "product": Aggregation(product_target, _product_fused, needs_teacher_bits=False),
-    "clip": Aggregation(clip_target, _clip_fused),
-    "entropy_matched": Aggregation(entropy_matched_target, uses_tau=False),
-    "trust_region": Aggregation(trust_region_target, _trust_region_fused),
+    "teacher": Aggregation(teacher_target, None, _teacher_fused),
+    "product": Aggregation(product_target, Parameter("tau", TEMPERATURE, 2.0), _product_fused,
+                           needs_teacher_bits=False),
+    "clip": Aggregation(clip_target, Parameter("tau", TEMPERATURE, 1.0), _clip_fused),
+    "entropy_matched": Aggregation(entropy_matched_target, None),
+    "trust_region": Aggregation(trust_region_target, Parameter("kl_bound", KL_BOUND, 0.1), _trust_region_fused),
 }
+# Every Parameter's name, each an AggregationConfig field: ("tau", "kl_bound").
+PARAMETER_NAMES = tuple(dict.fromkeys(a.parameter.name for a in AGGREGATIONS.values() if a.parameter))
+
+
+def aggregations_using(parameter: str) -> list[str]:
+    """The names of the aggregations whose :class:`Parameter` is called ``parameter``."""
+    return [name for name, a in AGGREGATIONS.items() if a.parameter is not None and a.parameter.name == parameter]
 
 
 def aggregation_named(name: str) -> Aggregation:
@@ -284,9 +315,11 @@ def aggregation_named(name: str) -> Aggregation:
     return AGGREGATIONS[name]
 
 
-def aggregate(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, name: str, tau: float) -> torch.Tensor:
-    """Target log-probabilities ``[..., vocab]`` of the aggregation called ``name``.
+def aggregate(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, name: str,
+              parameter: Optional[float] = None) -> torch.Tensor:
+    """Target log-probabilities ``[..., vocab]`` of the aggregation called ``name`` at ``parameter``,
+    the value of its :class:`Parameter`.
 
     Every aggregation is invariant to per-position shifts of its inputs, so log-probabilities
     serve as logits too."""
-    return aggregation_named(name).target(teacher_logits, student_logits, tau=tau)
+    return aggregation_named(name).reference(teacher_logits, student_logits, parameter)

@@ -77,7 +77,7 @@ def rowdot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Ten
     return torch.mul(a, b, out=scratch).sum(-1, keepdim=True)
 
 
-def fused_chunk(z_s, z_t, work: Workspace, grad_out, scale, *, aggregation, tau, divergence_name, monitor,
+def fused_chunk(z_s, z_t, work: Workspace, grad_out, scale, *, aggregation, parameter, divergence_name, monitor,
                  eps=1e-3):
     """``(per-row divergence, per-row KL(teacher || student) or None, scale * gradient)`` of one
     chunk, for an :class:`~sdharness.distill.aggregation.Aggregation` with a fused form and the two KLs, with one exp pass per
@@ -103,7 +103,7 @@ def fused_chunk(z_s, z_t, work: Workspace, grad_out, scale, *, aggregation, tau,
         t, e_t = work("t", rows), work("p_t", rows)
         log_zt, inv_zt = softmax_parts(z_t, t, e_t)
     g = aggregation.fused(ChunkBits(s, log_zs, z_t, t, log_zt, lambda name: work(name, rows)), work("target", rows),
-                          tau)
+                          parameter)
     if g is t:
         e_g, log_zg, inv_zg = e_t, log_zt, inv_zt
     else:

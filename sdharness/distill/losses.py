@@ -147,7 +147,7 @@ class _ChunkedDistillation(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
-def _chunk_body(chosen, measure, *, tau, divergence_name, beta, monitor, eps, support, top_k, topk_from,
+def _chunk_body(chosen, measure, *, parameter, divergence_name, beta, monitor, eps, support, top_k, topk_from,
                 sampled_tokens, entry_clip):
     """``body(z_s, z_t, work, grad_out, scale, at)`` for one chunk; ``at``: the chunk's slice of the
     loss positions. The fused body covers every aggregation with a fused form under a fused
@@ -155,20 +155,21 @@ def _chunk_body(chosen, measure, *, tau, divergence_name, beta, monitor, eps, su
     gradient; the supports and entry clipping of :mod:`sdharness.distill.variants` have their own."""
     if support == "topk":
         return lambda z_s, z_t, work, grad_out, scale, at: variants.topk_chunk(
-            z_s, z_t, work, grad_out, scale, aggregation=chosen, tau=tau, divergence_name=divergence_name, beta=beta,
-            top_k=top_k, topk_from=topk_from, monitor=monitor, eps=eps)
+            z_s, z_t, work, grad_out, scale, aggregation=chosen, parameter=parameter, divergence_name=divergence_name,
+            beta=beta, top_k=top_k, topk_from=topk_from, monitor=monitor, eps=eps)
     if support == "sampled":
         return lambda z_s, z_t, work, grad_out, scale, at: variants.sampled_chunk(
-            z_s, z_t, work, grad_out, scale, sampled_tokens[at], aggregation=chosen, tau=tau, monitor=monitor, eps=eps)
+            z_s, z_t, work, grad_out, scale, sampled_tokens[at], aggregation=chosen, parameter=parameter,
+            monitor=monitor, eps=eps)
     if chosen.fused is not None and measure.fused and entry_clip is None:
         return lambda z_s, z_t, work, grad_out, scale, at: fused_chunk(
-            z_s, z_t, work, grad_out, scale, aggregation=chosen, tau=tau, divergence_name=divergence_name,
+            z_s, z_t, work, grad_out, scale, aggregation=chosen, parameter=parameter, divergence_name=divergence_name,
             monitor=monitor, eps=eps)
     value_and_grad = value_and_grad_fn(divergence_name, beta) if entry_clip is None else \
         functools.partial(variants.entry_clipped_forward_kl_with_grad, clip=entry_clip)
 
     def target_fn(teacher_logp, student_logp):
-        return chosen.target(teacher_logp, student_logp, tau=tau)
+        return chosen.reference(teacher_logp, student_logp, parameter)
 
     return lambda z_s, z_t, work, grad_out, scale, at: generic_chunk(
         z_s, z_t, work, grad_out, scale, target_fn=target_fn, value_and_grad=value_and_grad, monitor=monitor, eps=eps)
@@ -180,7 +181,7 @@ def distillation_loss(
     loss_mask: torch.Tensor,
     *,
     aggregation: str,
-    tau: float,
+    parameter: float | None,
     divergence_name: str,
     beta: float = 0.5,
     chunk_size: int = 32,
@@ -199,6 +200,8 @@ def distillation_loss(
         student_logits: ``[batch, length, vocab]``, with gradient.
         teacher_logits: ``[batch, length, vocab]``, position i aligned with the student's, or
             :class:`LazyLogits` (hidden states + LM head) evaluated chunk by chunk.
+        aggregation, parameter: the target's aggregation by name and the value of its parameter
+            (:class:`~sdharness.distill.aggregation.Parameter`: ``tau`` or ``kl_bound``; ignored where it has none).
         loss_mask: ``[batch, length]`` bool; positions that carry loss. If none does, the loss is
             a zero still attached to the student graph so that backward runs everywhere.
         chunk_size: positions evaluated at once; the result does not depend on it.
@@ -234,7 +237,7 @@ def distillation_loss(
             return DistillationLoss(zero, None, 0)
         return DistillationLoss(zero, zero.detach(), 0, {name: zero.detach() for name in DIAGNOSTIC_METRICS})
 
-    body = _chunk_body(chosen, measure, tau=tau, divergence_name=divergence_name, beta=beta,
+    body = _chunk_body(chosen, measure, parameter=parameter, divergence_name=divergence_name, beta=beta,
                        monitor=monitor_kl, eps=unconsidered_eps, support=support, top_k=top_k, topk_from=topk_from,
                        sampled_tokens=None if sampled_tokens is None else sampled_tokens.reshape(-1)[positions],
                        entry_clip=entry_clip)

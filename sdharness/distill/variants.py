@@ -108,7 +108,7 @@ def largest_entry_term(target_logp: torch.Tensor, student_logp: torch.Tensor) ->
 
 # ---------------------------------------------------------------- chunk bodies
 
-def chunk_target(z_s, z_t, work, aggregation, tau: float, student_exps=None):
+def chunk_target(z_s, z_t, work, aggregation, parameter: float | None, student_exps=None):
     """Student and target of one chunk in shifted bits, ``(s, log_zs, inv_zs, e_s, g, log_zg, e_g)``:
     log2 p_S = s - log_zs, p_S = e_s * inv_zs, log2 q = g - log_zg, q = e_g / 2^log_zg. Through the
     aggregation's fused form where it has one (as the fused chunk), else its reference. ``e_s`` is
@@ -122,11 +122,11 @@ def chunk_target(z_s, z_t, work, aggregation, tau: float, student_exps=None):
         log_zt, _ = softmax_parts(z_t, t, e_t)
     if aggregation.fused is not None:
         g = aggregation.fused(ChunkBits(s, log_zs, z_t, t, log_zt, lambda name: work(name, rows)),
-                              work("target", rows), tau)
+                              work("target", rows), parameter)
         if g is t:
             return s, log_zs, inv_zs, e_s, t, log_zt, e_t
     else:
-        target = aggregation.target((t - log_zt) * LN2, (s - log_zs) * LN2, tau=tau)
+        target = aggregation.reference((t - log_zt) * LN2, (s - log_zs) * LN2, parameter)
         g = work("target", rows).copy_(target).mul_(LOG2E)
     e_g = work("p_target", rows)
     log_zg, _ = softmax_parts(g, g, e_g, unit=1.0)
@@ -142,7 +142,7 @@ def _monitored(z_t, s, log_zs, g, log_zg, eps: float) -> torch.Tensor:
                         found.kl_target_student], -1)
 
 
-def topk_chunk(z_s, z_t, work, grad_out, scale, *, aggregation, tau, divergence_name, beta, top_k, topk_from,
+def topk_chunk(z_s, z_t, work, grad_out, scale, *, aggregation, parameter, divergence_name, beta, top_k, topk_from,
                monitor, eps):
     """``(per-row divergence, monitored or None, scale * gradient)`` over the top-k + tail buckets.
 
@@ -150,7 +150,7 @@ def topk_chunk(z_s, z_t, work, grad_out, scale, *, aggregation, tau, divergence_
     and summing the rest (the tail's mass as a sum of what is left, not 1 minus the top-k's, which
     would cancel to 0 when the tail is small); the divergence itself runs on ``[rows, k + 1]``."""
     index = (z_t if topk_from == "teacher" else z_s).topk(min(top_k, z_s.shape[-1]), dim=-1).indices
-    s, log_zs, _, e_s, g, log_zg, e_g = chunk_target(z_s, z_t, work, aggregation, tau, grad_out)
+    s, log_zs, _, e_s, g, log_zg, e_g = chunk_target(z_s, z_t, work, aggregation, parameter, grad_out)
     monitored = _monitored(z_t, s, log_zs, g, log_zg, eps) if monitor else None
 
     def buckets(bits, log_z, exps):
@@ -168,10 +168,10 @@ def topk_chunk(z_s, z_t, work, grad_out, scale, *, aggregation, tau, divergence_
     return value, monitored, grad
 
 
-def sampled_chunk(z_s, z_t, work, grad_out, scale, tokens, *, aggregation, tau, monitor, eps):
+def sampled_chunk(z_s, z_t, work, grad_out, scale, tokens, *, aggregation, parameter, monitor, eps):
     """``(per-row log p_S(g) - log q(g), monitored or None, scale * estimator gradient)``; the
     gradient is (log p_S(g) - log q(g)) (onehot(g) - p_S)."""
-    s, log_zs, inv_zs, e_s, g, log_zg, _ = chunk_target(z_s, z_t, work, aggregation, tau, grad_out)
+    s, log_zs, inv_zs, e_s, g, log_zg, _ = chunk_target(z_s, z_t, work, aggregation, parameter, grad_out)
     monitored = _monitored(z_t, s, log_zs, g, log_zg, eps) if monitor else None
     pick = tokens.unsqueeze(-1)
     estimate = (s.gather(-1, pick) - log_zs - g.gather(-1, pick) + log_zg).mul_(LN2)  # [rows, 1]

@@ -41,7 +41,7 @@ def distil(student_logits, teacher_logits, loss_mask, g, aggregation: Aggregatio
            token_weights: torch.Tensor | None = None, monitor: bool = True) -> DistillationLoss:
     """The chunked loss that ``aggregation`` and ``loss`` configure, on scored completions ``g``."""
     return distillation_loss(student_logits, teacher_logits, loss_mask, aggregation=aggregation.name,
-                             tau=aggregation.tau, divergence_name=loss.divergence, beta=loss.beta,
+                             parameter=aggregation.parameter, divergence_name=loss.divergence, beta=loss.beta,
                              chunk_size=loss.chunk_size, token_weights=token_weights, monitor_kl=monitor,
                              unconsidered_eps=loss.unconsidered_eps, support=loss.support, top_k=loss.top_k,
                              topk_from=loss.topk_from, sampled_tokens=g, entry_clip=loss.entry_clip)

@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from sdharness.jobs import FAILED_FILE, write_failure
 from sdharness.report.curves import (AXIS_NAMES, COLLAPSE_DROP, NAN, best_on_validation, collapse, summarize,
                                      tokens_to_target, trained)
-from sdharness.report.runs import Run, find_runs, group_runs, label_runs
+from sdharness.report.runs import Run, find_runs, group_runs, label_runs, unread_parameter_keys
 
 SCORES = [("eval/accuracy", "accuracy", ".3f"), ("eval/early_answer_rate", "early answer", ".3f"),
           ("eval/leakage_rate", "leakage", ".3f"), ("eval/completion_length", "length", ".1f"),
@@ -219,9 +219,10 @@ NOT_USED = "n/a"
 
 def used_config(config: dict) -> dict:
     """The run's config with the keys its method ignores set to :data:`NOT_USED`: sft and grpo
-    have no aggregation."""
+    have no aggregation, and an sd aggregation reads only its own parameter (tau or kl_bound)."""
     if config.get("algo.name") == "sd":
-        return config
+        unread = unread_parameter_keys(config)
+        return {k: NOT_USED if k in unread else v for k, v in config.items()}
     return {k: NOT_USED if k.startswith("aggregation.") else v for k, v in config.items()}
 
 
@@ -269,7 +270,7 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
     if scores:
         md += ["## The teacher's health", "", health_section(groups, scores), ""]
     if groups and plots:
-        from sdharness.report.plots import plot_curves, plot_health, plot_tau
+        from sdharness.report.plots import plot_curves, plot_health, plot_parameter
 
         md += ["## Eval accuracy", "", "Mean over seeds (line) and its 95% confidence interval (band, Student t "
                "over seeds; none for one seed).", ""]
@@ -282,8 +283,9 @@ def build_report(runs: list[Run], out: str | Path, target_accuracy: float | None
             png = plot_health(groups, [("eval/accuracy", "eval accuracy"), *health], out / "teacher_health.png")
             md += ["## The teacher's health against problems seen", "", "Mean over seeds and 95% band.", "",
                    f"![teacher health]({png.name})", ""]
-        png = plot_tau(groups, scores, out / "accuracy_vs_tau.png")
-        md += ["## Final accuracy against tau", "", f"![accuracy vs tau]({png.name})", ""]
+        png = plot_parameter(groups, scores, out / "accuracy_vs_parameter.png")
+        md += ["## Final accuracy against the aggregation's parameter", "",
+               f"![accuracy vs the aggregation's parameter]({png.name})", ""]
     md += ["## Config differences", "", f"Keys whose used values differ between runs (tags omitted; \"–\": not set; "
            f"\"{NOT_USED}\": ignored by the method, e.g. the aggregation of sft and grpo).", "",
            config_differences(runs), ""]

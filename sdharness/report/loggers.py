@@ -44,6 +44,13 @@ def make_loggers(cfg, output_dir: Path, config_dict: dict, resume: Resume | None
     return loggers
 
 
+def wandb_settings(wandb_module, init_timeout: float, offline: bool):
+    """quiet: no banner and no run summary on the console (the run directory holds both); online, wandb
+    still prints the run's URL. Offline, silent: quiet still prints three lines of sync hints at the
+    start and end, while the run directory (printed by the harness) is all there is to see."""
+    return wandb_module.Settings(init_timeout=init_timeout, quiet=True, silent=offline)
+
+
 def _wandb_logger(cfg, output_dir: Path, config_dict: dict, resume: Resume | None, offline: bool) -> WandbLogger:
     import wandb as wandb_module
 
@@ -51,10 +58,11 @@ def _wandb_logger(cfg, output_dir: Path, config_dict: dict, resume: Resume | Non
     wandb = WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                         tags=list(cfg.tags), save_dir=str(output_dir), offline=offline,
                         name=output_dir.name,
-                        # quiet: no banner and no run summary on the console; the run directory holds both.
-                        settings=wandb_module.Settings(init_timeout=cfg.logger.init_timeout_s, quiet=True),
+                        settings=wandb_settings(wandb_module, cfg.logger.init_timeout_s, offline),
                         # Said to wandb.init too: its settings may have been read while the mode was online.
                         **({"mode": "offline"} if offline else {}), **same_run)
+    # Lightning passes anonymous=None to wandb.init, which wandb warns is deprecated; leave it unset.
+    wandb._wandb_init.pop("anonymous", None)
     wandb.log_hyperparams(config_dict)
     for axis in X_AXES:  # every cost counter is offered as an x-axis for every curve
         wandb.experiment.define_metric(f"train/{axis}")

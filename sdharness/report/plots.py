@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sdharness.report.curves import mean_curve  # noqa: E402
-from sdharness.report.runs import UNUSED_TAU  # noqa: E402
+from sdharness.report.runs import aggregation_parameter  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -92,16 +92,18 @@ def plot_health(groups: dict, figures: list[tuple[str, str]], path: Path) -> Pat
     return path
 
 
-def plot_tau(groups: dict, scores: dict, path: Path) -> Path:
-    """Final accuracy (mean, 95% confidence bars over seeds) against tau, one line per sd aggregation (plus any other
-    differing setting); runs without a tau (sft, grpo, sd/teacher) as dashed horizontal lines."""
+def plot_parameter(groups: dict, scores: dict, path: Path) -> Path:
+    """Final accuracy (mean, 95% confidence bars over seeds) against the aggregation's parameter (``tau``,
+    ``kl_bound``), one line per sd aggregation (plus any other differing setting); runs without one (sft,
+    grpo, sd/teacher) as dashed horizontal lines."""
     lines: dict[str, list[tuple[float, dict]]] = {}
     flat = {}
     for label, runs in groups.items():
         config, acc = runs[0].config, scores[label]["eval/accuracy"]
-        if config.get("algo.name") == "sd" and config.get("aggregation.name") not in UNUSED_TAU:
-            tau = float(config["aggregation.tau"])
-            lines.setdefault(label.replace(f"/tau={tau:g}", ""), []).append((tau, acc))
+        parameter = aggregation_parameter(config) if config.get("algo.name") == "sd" else None
+        if parameter is not None:
+            name, value = parameter[0], float(parameter[1])
+            lines.setdefault(label.replace(f"/{name}={value:g}", f" ({name})"), []).append((value, acc))
         else:
             flat[label] = acc
     colors = _colors(len(lines) + len(flat))
@@ -113,13 +115,14 @@ def plot_tau(groups: dict, scores: dict, path: Path) -> Path:
         ax.errorbar([t for t, _ in points], means, yerr=errors, marker="o", capsize=3, label=name, color=colors[i])
     for i, (label, acc) in enumerate(flat.items(), start=len(lines)):
         ax.axhline(acc["mean"], linestyle="--", linewidth=1, label=label, color=colors[i])
-    taus = sorted({t for points in lines.values() for t, _ in points})
-    if taus and taus[0] > 0:
+    values = sorted({t for points in lines.values() for t, _ in points})
+    if values and values[0] > 0:
         ax.set_xscale("log", base=2)
-        ax.set_xticks(taus, [f"{t:g}" for t in taus])
+        ax.set_xticks(values, [f"{t:g}" for t in values])
     if not lines:
-        ax.text(0.5, 0.5, "no sd run with a tau-dependent aggregation", transform=ax.transAxes, ha="center")
-    ax.set(xlabel="tau", ylabel="final eval accuracy", title="Final accuracy vs tau (mean, 95% CI over seeds)")
+        ax.text(0.5, 0.5, "no sd run with an aggregation parameter", transform=ax.transAxes, ha="center")
+    ax.set(xlabel="tau (temperature) or kl_bound (nats), as each line names", ylabel="final eval accuracy",
+           title="Final accuracy vs the aggregation's parameter (mean, 95% CI over seeds)")
     ax.grid(alpha=0.3)
     _legend(ax)
     return _save(fig, path)

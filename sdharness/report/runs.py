@@ -1,10 +1,10 @@
 """The runs of a sweep for ``sdharness-report``: loading job dirs, and labelling runs by method and setting.
 
 A run is a directory with ``.hydra/config.yaml`` and ``metrics.csv``. Its label is its method
-(``sd/clip/tau=1``, ``sft``, ``grpo``), then its setting when it is not plain on-policy training on
-problems with reference solutions (``guided=on_failure``, ``chatlog``, ``bootstrapped``), then any
-other config key that differs between runs of one method (``optim.lr=3e-05``); runs that differ
-only in ``seed`` share a label and are averaged.
+(``sd/clip/tau=1``, ``sd/trust_region/kl_bound=0.1``, ``sft``, ``grpo``), then its setting when it is
+not plain on-policy training on problems with reference solutions (``guided=on_failure``,
+``chatlog``, ``bootstrapped``), then any other config key that differs between runs of one method
+(``optim.lr=3e-05``); runs that differ only in ``seed`` share a label and are averaged.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sdharness.data import SOURCES
-from sdharness.distill.aggregation import AGGREGATIONS
+from sdharness.distill.aggregation import AGGREGATIONS, PARAMETER_NAMES
 from sdharness.jobs import read_failure
 from sdharness.report.curves import AXIS_NAMES
 from sdharness.tools.provenance import first_row_is_bootstrapped, provenance_path
 
 log = logging.getLogger(__name__)
 
-METHOD_KEYS = ("algo.name", "aggregation.name", "aggregation.tau")
+PARAMETER_KEYS = tuple(f"aggregation.{name}" for name in PARAMETER_NAMES)  # aggregation.tau, aggregation.kl_bound
+METHOD_KEYS = ("algo.name", "aggregation.name", *PARAMETER_KEYS)
 SETTING_KEYS = ("rollout.guidance", "data.name", "teacher.weights", "teacher.ema_decay")  # see settings()
 DEFAULT_TEACHER = "initial"
 # data.solutions_path: the label's `bootstrapped` says it (see bootstrapped_data)
 NOT_IN_LABEL = {"seed", "tags", "output_dir", "ckpt_path", "resume_allow_changes", "data.solutions_path", *METHOD_KEYS,
                 *SETTING_KEYS}
-UNUSED_TAU = tuple(name for name, aggregation in AGGREGATIONS.items() if not aggregation.uses_tau)
 CORRUPT = "corrupt metrics.csv"  # a run's failure type when a logged value is outside its range
 
 
@@ -105,13 +105,38 @@ def settings(config: dict, bootstrapped: bool = False) -> list[str]:
     return found
 
 
+def aggregation_parameter(config: dict) -> tuple[str, object] | None:
+    """``(name, value)`` of the parameter of a flattened sd config's aggregation (``("kl_bound", 0.1)``);
+    None where the aggregation has none, is unknown or the value is unset. Runs from before
+    ``aggregation.kl_bound`` existed carried trust_region's bound in ``aggregation.tau``."""
+    aggregation = AGGREGATIONS.get(config.get("aggregation.name"))
+    if aggregation is None or aggregation.parameter is None:
+        return None
+    name = aggregation.parameter.name
+    value = config.get(f"aggregation.{name}")
+    if value is None and "aggregation.kl_bound" not in config and name == "kl_bound":
+        value = config.get("aggregation.tau")
+    return None if value is None else (name, value)
+
+
+def unread_parameter_keys(config: dict) -> set[str]:
+    """The aggregation parameter keys (:data:`PARAMETER_KEYS`) that a flattened sd config's aggregation
+    does not read; none for a run from before ``aggregation.kl_bound`` existed (its tau may be the bound)."""
+    aggregation = AGGREGATIONS.get(config.get("aggregation.name"))
+    own = aggregation and aggregation.parameter and f"aggregation.{aggregation.parameter.name}"
+    if aggregation is None or (own and own not in config):
+        return set()
+    return {key for key in PARAMETER_KEYS if key != own}
+
+
 def method_label(config: dict, bootstrapped: bool = False) -> str:
     algo = config.get("algo.name", "?")
     if algo != "sd":
         method = str(algo)
     else:
-        agg, tau = config.get("aggregation.name", "?"), config.get("aggregation.tau")
-        method = f"sd/{agg}" if agg in UNUSED_TAU or tau is None else f"sd/{agg}/tau={show(tau)}"
+        parameter = aggregation_parameter(config)
+        method = f"sd/{config.get('aggregation.name', '?')}" + (f"/{parameter[0]}={show(parameter[1])}"
+                                                                 if parameter else "")
     return " ".join([method] + settings(config, bootstrapped))
 
 
@@ -121,8 +146,9 @@ def differing_keys(configs: list[dict]) -> list[str]:
 
 
 def family(run: Run) -> str:
-    """The run's method and setting, tau aside: the runs among which other differing keys are named."""
-    return method_label({**run.config, "aggregation.tau": None}, run.bootstrapped)
+    """The run's method and setting, the aggregation's parameter aside: the runs among which other
+    differing keys are named."""
+    return method_label({**run.config, **dict.fromkeys(PARAMETER_KEYS)}, run.bootstrapped)
 
 
 def extra_label_keys(runs: list[Run]) -> dict[str, list[str]]:
@@ -133,9 +159,9 @@ def extra_label_keys(runs: list[Run]) -> dict[str, list[str]]:
 
 
 def label_runs(runs: list[Run]) -> None:
-    """Label = method (``sd/clip/tau=1``, ``sft``), setting (``guided=always``, ``chatlog``,
-    ``bootstrapped``), then each key that differs within its family (``optim.lr=3e-05``, see
-    :func:`extra_label_keys`); a label's runs are its seeds."""
+    """Label = method (``sd/clip/tau=1``, ``sd/trust_region/kl_bound=0.1``, ``sft``), setting
+    (``guided=always``, ``chatlog``, ``bootstrapped``), then each key that differs within its family
+    (``optim.lr=3e-05``, see :func:`extra_label_keys`); a label's runs are its seeds."""
     extra = extra_label_keys(runs)
     for run in runs:
         run.label = " ".join([method_label(run.config, run.bootstrapped)]
@@ -143,10 +169,11 @@ def label_runs(runs: list[Run]) -> None:
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """label -> its completed runs, sd first (by aggregation, tau), then sft, grpo."""
+    """label -> its completed runs, sd first (by aggregation, its parameter), then sft, grpo."""
     groups: dict[str, list[Run]] = {}
     order = lambda r: ({"sd": 0, "sft": 1, "grpo": 2}.get(r.config.get("algo.name"), 3),
-                       str(r.config.get("aggregation.name")), number(r.config.get("aggregation.tau")) or 0, r.label)
+                       str(r.config.get("aggregation.name")),
+                       number((aggregation_parameter(r.config) or (None, None))[1]) or 0, r.label)
     for run in sorted((r for r in runs if r.status == "completed"), key=order):
         groups.setdefault(run.label, []).append(run)
     return groups

@@ -2,8 +2,8 @@
 
 At every step the student context (student prompt + ``g`` so far) and the teacher context
 (teacher prompt + the same ``g``) each give next-token logits; the configured aggregation
-(``aggregation.name`` at ``aggregation.tau``, see :mod:`sdharness.distill.aggregation`) combines them,
-temperature and top-p shape the result, one token is drawn and appended to *both* contexts.
+(``aggregation.name`` at the value of its parameter, see :mod:`sdharness.distill.aggregation`)
+combines them, temperature and top-p shape the result, one token is drawn and appended to *both* contexts.
 Both contexts live in one batch of ``2B`` rows with one KV cache (student rows first), so each
 step is one forward over ``2B`` new tokens. A separate teacher model (``teacher.weights=initial``
 or ``ema``) gets its own forward and cache.
@@ -16,8 +16,8 @@ the first plain one; problems without an ``answer`` are never guided).
 **A guided rollout is not strictly on-policy.** ``g`` is drawn from the aggregate ``q``, not from
 the student ``p_S``, so the loss averages over a distribution the student would not produce by
 itself: the student is taught on prefixes a teacher helped write. The closer the aggregate stays to
-the student (``clip`` at large tau, ``product`` at large tau), the smaller the shift. With
-``on_failure`` the distribution also depends on the answer check: rows of problems the student
+the student (``clip`` or ``product`` at large tau, ``trust_region`` at a small kl_bound), the smaller
+the shift. With ``on_failure`` the distribution also depends on the answer check: rows of problems the student
 solves stay plain on-policy samples, the rest come from ``q``.
 
 ``loss.is_clip`` (default 2.0, as TRL and SDPO; null turns it off) corrects the token-level shift:
@@ -124,8 +124,8 @@ class _TwoContexts:
                           self._forward(1, self.teacher_model, ids[b:], mask[b:], positions[b:])])
 
 
-def next_token(logits: torch.Tensor, *, aggregation: str, tau: float, temperature: float, top_p: float,
-               greedy: bool, generator: torch.Generator | None):
+def next_token(logits: torch.Tensor, *, aggregation: str, parameter: float | None, temperature: float,
+               top_p: float, greedy: bool, generator: torch.Generator | None):
     """From ``[2B, vocab]`` logits (student rows, then teacher rows): ``(tokens, sampling_logp, student_logp)``.
 
     The aggregate is the target of :func:`sdharness.distill.aggregation.aggregate`; with ``greedy`` the
@@ -133,7 +133,7 @@ def next_token(logits: torch.Tensor, *, aggregation: str, tau: float, temperatur
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     student, teacher = logits.chunk(2)
-    target = aggregate(teacher, student, name=aggregation, tau=tau)
+    target = aggregate(teacher, student, name=aggregation, parameter=parameter)
     student = F.log_softmax(student, dim=-1)
     if not greedy:
         target = shape_logprobs(target, temperature=temperature, top_p=top_p)
@@ -173,7 +173,7 @@ def guided_generate(
     teacher_mask: torch.Tensor,
     *,
     aggregation: str,
-    tau: float,
+    parameter: float | None,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -211,8 +211,8 @@ def guided_generate(
             tokens, sampling, student = [], [], []
             for step in range(max_new_tokens):
                 token, sampling_logp, student_logp = next_token(
-                    logits, aggregation=aggregation, tau=tau, temperature=temperature, top_p=top_p, greedy=greedy,
-                    generator=generator)
+                    logits, aggregation=aggregation, parameter=parameter, temperature=temperature, top_p=top_p,
+                    greedy=greedy, generator=generator)
                 token = token.masked_fill(done, pad)
                 tokens.append(token)
                 sampling.append(sampling_logp)
@@ -310,7 +310,7 @@ def guided_rollout(batch, sampling, aggregation, check: Checker, *, model, teach
         return guided_generate(
             model, tokenizer, batch.student_ids[index], batch.student_mask[index],
             batch.teacher_ids[index], batch.teacher_mask[index], aggregation=aggregation.name,
-            tau=aggregation.tau, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+            parameter=aggregation.parameter, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, teacher_model=teacher_model)
 
     rollout, failed, plain = sample_with_guidance(

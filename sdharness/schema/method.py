@@ -4,10 +4,10 @@ the divergence (``loss``), the method and its GRPO settings (``algo``) and the t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
-from sdharness.distill.aggregation import AGGREGATIONS
+from sdharness.distill.aggregation import AGGREGATIONS, PARAMETER_NAMES, aggregations_using
 from sdharness.distill.divergences import DIVERGENCES
 from sdharness.distill.variants import SUPPORTS, TOPK_FROM
 from sdharness.methods import METHODS
@@ -55,16 +55,34 @@ class RolloutConfig:
 
 @dataclass
 class AggregationConfig:
-    """The target: one of ``sdharness.distill.aggregation.AGGREGATIONS`` at temperature tau; for
-    ``trust_region`` tau is the bound delta on KL(target || student) per token, in nats."""
+    """The target: one of ``sdharness.distill.aggregation.AGGREGATIONS`` at the value of its
+    parameter (its ``Parameter``): ``tau``, the temperature of ``product`` and ``clip``, or
+    ``kl_bound``, ``trust_region``'s bound on KL(target || student) per token in nats; ``teacher``
+    and ``entropy_matched`` have none. Setting another aggregation's parameter is an error."""
 
     name: str = "product"
-    tau: float = 2.0
+    tau: float = AGGREGATIONS["product"].parameter.default
+    kl_bound: float = AGGREGATIONS["trust_region"].parameter.default
 
     def __post_init__(self):
         choice("aggregation.name", self.name, AGGREGATIONS)
-        positive("aggregation.tau", self.tau,
-                  "e.g. aggregation.tau=2.0 (product), 1.0 (clip) or 0.1 (trust_region, its KL bound)")
+        positive("aggregation.tau", self.tau, "e.g. aggregation.tau=2.0 (product) or 1.0 (clip)")
+        positive("aggregation.kl_bound", self.kl_bound, "e.g. aggregation.kl_bound=0.1 (trust_region)")
+        own = AGGREGATIONS[self.name].parameter
+        for unused in fields(self):
+            if unused.name in PARAMETER_NAMES and (own is None or own.name != unused.name):
+                value = getattr(self, unused.name)
+                whose = (f"whose parameter is aggregation.{own.name} ({own.meaning}); drop aggregation."
+                         f"{unused.name} (set aggregation.{own.name})" if own
+                         else f"which has no parameter; drop aggregation.{unused.name}")
+                require(value == unused.default, f"aggregation.{unused.name}={value:g} does not apply to aggregation="
+                        f"{self.name}, {whose} or choose aggregation={' or '.join(aggregations_using(unused.name))}")
+
+    @property
+    def parameter(self) -> Optional[float]:
+        """The value of this aggregation's parameter (``tau`` or ``kl_bound``); None where it has none."""
+        own = AGGREGATIONS[self.name].parameter
+        return None if own is None else getattr(self, own.name)
 
 
 @dataclass

@@ -34,7 +34,7 @@ def measure_loss(vocab: int, support: str, rows: int, repeats: int, threads: int
 
     def step():
         student.grad = None
-        distillation_loss(student, teacher, mask, aggregation="product", tau=2.0, divergence_name="forward_kl",
+        distillation_loss(student, teacher, mask, aggregation="product", parameter=2.0, divergence_name="forward_kl",
                           monitor_kl=False, support=support, top_k=TOP_K).loss.backward()
 
     baseline, reset = reset_peak(device)

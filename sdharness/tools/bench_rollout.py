@@ -81,7 +81,7 @@ def measure_guided(model, tokenizer, ids, mask, new_tokens: int, repeats: int, d
 
     def guided():
         out = guided_generate(model, tokenizer, ids, mask, teacher_ids, teacher_mask, aggregation="product",
-                              tau=2.0, max_new_tokens=new_tokens, greedy=True)
+                              parameter=2.0, max_new_tokens=new_tokens, greedy=True)
         return int(out.completion_mask.sum())
 
     guided()  # warm-up
@@ -124,7 +124,7 @@ def measure_guided_batch(model_name: str, repeats: int, threads: int | None) -> 
             torch.manual_seed(seed)  # HF generate draws from torch's global generator
             return generate(model, tokenizer, student_ids, student_mask, max_new_tokens=PROTOCOL_NEW_TOKENS)
         return guided_generate(model, tokenizer, student_ids, student_mask, teacher_ids, teacher_mask,
-                               aggregation="product", tau=2.0, max_new_tokens=PROTOCOL_NEW_TOKENS,
+                               aggregation="product", parameter=2.0, max_new_tokens=PROTOCOL_NEW_TOKENS,
                                generator=torch.Generator(device=device).manual_seed(seed),
                                teacher_model=teacher if way == "guided_initial" else None)
 

@@ -54,7 +54,8 @@ from sdharness.data.datamodule import data_path
 from sdharness.data.jsonl import read_jsonl
 from sdharness.errors import DataError
 from sdharness.methods.accounting import Counters, guided_rollout_cost, rollout_cost
-from sdharness.tools.generate import named_config, add_model_arguments, model_config
+from sdharness.tools.generate import (add_aggregation_arguments, add_model_arguments, aggregation_parameter,
+                                      model_config, named_config)
 from sdharness.tools.provenance import (atomic_write, cached, canonical, harness_version, model_identity,
                                        provenance_path, sha256_file)
 from sdharness.rollout.guided import guided_generate
@@ -80,7 +81,7 @@ class BootstrapSettings:
     top_p: float = 1.0
     guidance: bool = False  # sample from the aggregate with a teacher prompt holding the answer alone
     aggregation: str = "product"
-    tau: float = 2.0
+    parameter: float | None = None  # the value of the aggregation's parameter (tau, kl_bound); None: its default
     rule: str = "shortest"  # which correct sample to keep
     unsolved: str = "drop"  # problems without a correct sample: drop, or keep with the answer alone
     checker: str = "builtin"
@@ -99,9 +100,17 @@ class BootstrapSettings:
                 raise ConfigError(f"{flag} {value}: unknown; choose one of {', '.join(choices)}")
 
     def sampling(self) -> dict:
-        """The sampling settings (aggregation and tau only where guidance uses them)."""
+        """The sampling settings (the aggregation and its parameter, by name, only where guidance uses them)."""
         sampling = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
-        return {**sampling, "aggregation": self.aggregation, "tau": self.tau} if self.guidance else sampling
+        if not self.guidance:
+            return sampling
+        own = AGGREGATIONS[self.aggregation].parameter
+        return {**sampling, "aggregation": self.aggregation, **({own.name: self.aggregation_parameter} if own else {})}
+
+    @property
+    def aggregation_parameter(self) -> float | None:
+        own = AGGREGATIONS[self.aggregation].parameter
+        return None if own is None else own.default if self.parameter is None else self.parameter
 SUMMARY_FIELDS = ("problems", "solved", "unsolved", "samples", "correct_samples", "pass_rate", "kept", "dropped")
 
 # One completion per request, and their cost as Counters.add keywords (rollouts, generated, forward_only).
@@ -158,7 +167,7 @@ def model_sampler(model, tokenizer, prompt_cfg: PromptConfig, settings: Bootstra
             return rollout.texts, rollout_cost(student[1], rollout)
         teacher = encode([render_teacher(prompt_cfg, r["problem"], r["hint"]) for r in requests])
         rollout = guided_generate(model, tokenizer, *student, *teacher, aggregation=settings.aggregation,
-                                  tau=settings.tau, generator=generator, **sampling)
+                                  parameter=settings.aggregation_parameter, generator=generator, **sampling)
         return rollout.texts, guided_rollout_cost(student[1], teacher[1], rollout.lengths)
 
     return sample
@@ -299,8 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("-k", type=int, default=4, help="samples per problem")
     parser.add_argument("--guidance", action="store_true",
                         help="sample guided by a teacher prompt whose solution is the answer alone")
-    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="product", help="with --guidance")
-    parser.add_argument("--tau", type=float, default=2.0, help="with --guidance")
+    add_aggregation_arguments(parser)  # with --guidance
     parser.add_argument("--rule", choices=RULES, default="shortest", help="which correct sample to keep")
     parser.add_argument("--unsolved", choices=UNSOLVED_POLICIES, default="drop",
                         help="problems without a correct sample: drop, or keep with the answer alone")
@@ -319,7 +327,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> tuple[str, list[dict], dict]:
     prompt = PromptConfig(**named_config("prompt", args.prompt))
     settings = BootstrapSettings(k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, guidance=args.guidance, aggregation=args.aggregation, tau=args.tau,
+                                 top_p=args.top_p, guidance=args.guidance, aggregation=args.aggregation,
+                                 parameter=aggregation_parameter(args),
                                  rule=args.rule, unsolved=args.unsolved, checker=args.checker,
                                  batch_size=args.batch_size, seed=args.seed, marker=args.answer_marker,
                                  trim=not args.no_trim)

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from sdharness.distill.aggregation import AGGREGATIONS
+from sdharness.distill.aggregation import AGGREGATIONS, PARAMETER_NAMES, aggregations_using
 from sdharness.config import CONF_DIR, ConfigError, ModelConfig, PromptConfig
+from sdharness.schema.checks import positive
 from sdharness.data.jsonl import read_jsonl
 from sdharness.errors import DataError
 from sdharness.rollout import GUIDANCE_MODES
@@ -54,6 +55,37 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="a config in conf/model (tiny_random, smollm2_135m, ...)")
 
 
+def flag(parameter: str) -> str:
+    return "--" + parameter.replace("_", "-")
+
+
+def add_aggregation_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--aggregation`` and the flag of each aggregation parameter (``--tau``, ``--kl-bound``), read
+    back by :func:`aggregation_parameter`."""
+    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="product", help="with guidance")
+    meanings = {a.parameter.name: a.parameter.meaning for a in AGGREGATIONS.values() if a.parameter}
+    for name in PARAMETER_NAMES:
+        parser.add_argument(flag(name), type=float, dest=name, help=f"{', '.join(aggregations_using(name))}: "
+                            f"{meanings[name]} (default: the aggregation's, as aggregation=<name> sets it in training)")
+
+
+def aggregation_parameter(args: argparse.Namespace) -> float | None:
+    """The value of ``--aggregation``'s parameter: its flag, else the registry's default (None where the
+    aggregation has none); a ConfigError for another aggregation's parameter flag."""
+    own = AGGREGATIONS[args.aggregation].parameter
+    for name in PARAMETER_NAMES:
+        given = getattr(args, name)
+        if given is not None and (own is None or own.name != name):
+            fix = f"whose parameter is {flag(own.name)} ({own.meaning})" if own else "which has no parameter"
+            raise ConfigError(f"{flag(name)} {given:g} does not apply to --aggregation {args.aggregation}, {fix}; "
+                              f"drop {flag(name)}")
+    if own is None:
+        return None
+    value = own.default if getattr(args, own.name) is None else getattr(args, own.name)
+    positive(flag(own.name), value)
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sdharness-generate", description=__doc__.split("\n")[0])
     add_model_arguments(parser)
@@ -62,8 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance", choices=GUIDANCE_MODES, default="never")
     parser.add_argument("--guidance-samples", type=int, default=1,
                         help="on_failure: plain samples per problem; guided when all fail (rollout.guidance_samples)")
-    parser.add_argument("--aggregation", choices=AGGREGATIONS, default="product")
-    parser.add_argument("--tau", type=float, default=2.0)
+    add_aggregation_arguments(parser)
     parser.add_argument("--prompt", default="cot", help="a config in conf/prompt (cot, testbed) or a .yaml file")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -85,6 +116,7 @@ def run(args) -> list[dict]:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     greedy=args.greedy)
     check = answer_checker("builtin", args.answer_marker)
+    parameter = aggregation_parameter(args)
     rows = []
     for start in range(0, len(problems), args.batch_size):
         chunk = problems[start:start + args.batch_size]
@@ -96,7 +128,7 @@ def run(args) -> list[dict]:
             def guide(rows, student=student, teacher=teacher):
                 index = torch.tensor(rows)
                 return guided_generate(model, tokenizer, student[0][index], student[1][index], teacher[0][index],
-                                       teacher[1][index], aggregation=args.aggregation, tau=args.tau,
+                                       teacher[1][index], aggregation=args.aggregation, parameter=parameter,
                                        generator=generator, **sampling)
 
             rollout, guided, _ = sample_with_guidance(

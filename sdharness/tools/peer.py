@@ -4,7 +4,7 @@
 Both sides run their real trainers (a Lightning ``Trainer`` over ``SelfDistillModule`` /
 ``SFTModule``; TRL's ``Trainer`` subclasses) on the same model, the same prompt, privileged
 context and SFT completion tokens, the same batch and the same divergence: the live student as
-teacher, its full-vocabulary distribution as the target (sdharness ``aggregation=teacher tau=1``,
+teacher, its full-vocabulary distribution as the target (sdharness ``aggregation=teacher``,
 TRL ``distillation_mode=full_logits``), forward KL (TRL ``distillation_alpha=0``), AdamW at one
 constant learning rate with gradient clipping at 1.0, fp32, no activation checkpointing.
 Rollouts sample at temperature 1 and are forced to the full ``completion`` length on both sides
@@ -163,7 +163,7 @@ def run_sdharness(case: PeerCase, method: str, repeats: int, threads: int | None
     inputs = case_inputs(case, tokenizer)
     force_length(model, case.completion)
     # The live teacher on both sides, as TRL's run below: no second copy of the weights on either.
-    cfg = TrainConfig(algo=AlgoConfig(name=method), aggregation=AggregationConfig("teacher", 1.0),
+    cfg = TrainConfig(algo=AlgoConfig(name=method), aggregation=AggregationConfig("teacher"),
                       loss=LossConfig("forward_kl"), optim=OptimConfig(lr=LEARNING_RATE),
                       rollout=RolloutConfig(max_new_tokens=case.completion, progress=False),
                       teacher=TeacherConfig("live"))

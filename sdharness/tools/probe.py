@@ -14,7 +14,7 @@ and after the teacher prompt, and prints the teacher-quality table, also written
   reference; there, how often the teacher's argmax is the reference token, and the mean
   probability the teacher and the student give it; KL(teacher||student) per token before and
   after that position;
-* per aggregation of the registry, at its default tau (``conf/aggregation/<name>.yaml``): the
+* per aggregation of the registry, at its parameter's default (``tau``, ``kl_bound``; the registry's): the
   target's mass on tokens the student gives less than ``eps``, and max q/p_S; the target's mass
   outside the teacher's ``top_k`` tokens (what ``loss.support=topk`` merges into one bucket) and
   the largest single term of KL(q || p_S) (what ``loss.entry_clip`` caps), token means;
@@ -43,8 +43,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sdharness.cli import bad_input_exits, cli_errors
-from sdharness.config import (CONF_DIR, AggregationConfig, ConfigError, DataConfig, LoggerConfig, ModelConfig,
-                              PromptConfig, check_threads, require, resolve_wandb_mode)
+from sdharness.config import (CONF_DIR, DataConfig, LoggerConfig, ModelConfig, PromptConfig, check_threads, require,
+                              resolve_wandb_mode)
 from sdharness.data import SOURCES
 from sdharness.data.datamodule import load_problems, reference_styles
 from sdharness.data.jsonl import DataError
@@ -126,19 +126,10 @@ def greedy_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict]) -> 
     return figures
 
 
-def default_taus() -> dict[str, float | None]:
-    """Each registered aggregation's tau as ``aggregation=<name>`` sets it: its
-    ``conf/aggregation/<name>.yaml`` over :class:`~sdharness.config.AggregationConfig`'s defaults (None
-    where the aggregation ignores tau)."""
-    taus = {}
-    for name, aggregation in AGGREGATIONS.items():
-        path = CONF_DIR / "aggregation" / f"{name}.yaml"
-        if not path.exists():
-            raise ConfigError(f"aggregation {name!r} is registered but {path} is missing; every aggregation needs "
-                              "its YAML (name, and tau where it differs from the default)")
-        option = OmegaConf.merge(OmegaConf.structured(AggregationConfig), OmegaConf.load(path))
-        taus[name] = float(option.tau) if aggregation.uses_tau else None
-    return taus
+def default_parameters() -> dict[str, float | None]:
+    """Each registered aggregation's parameter value as ``aggregation=<name>`` sets it: its
+    :class:`~sdharness.distill.aggregation.Parameter`'s default (None where it has none)."""
+    return {name: None if a.parameter is None else a.parameter.default for name, a in AGGREGATIONS.items()}
 
 
 def references_in_student_format(cfg: ProbeConfig) -> bool:
@@ -147,10 +138,11 @@ def references_in_student_format(cfg: ProbeConfig) -> bool:
     return SOURCES[cfg.data.name].built_in_task and cfg.data.solution_style == "native"
 
 
-def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], taus: dict[str, float]) -> Accumulator:
+def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict],
+                   parameters: dict[str, float | None]) -> Accumulator:
     """Sample g per problem and accumulate the deviation, KL, aggregation and slip figures."""
     acc = Accumulator(aggregation={name: {"mass": [], "log_ratio": [], "kl": [], "tail": [], "entry": []}
-                                   for name in taus})
+                                   for name in parameters})
     built_in = SOURCES[cfg.data.name].built_in_task
     native = references_in_student_format(cfg)
     task = builtin_task(cfg.data.task) if built_in and native else None
@@ -169,8 +161,8 @@ def sample_figures(cfg: ProbeConfig, model, tokenizer, problems: list[dict], tau
         s_logp = torch.log_softmax(s_logits, -1)
         valid = g_mask.bool()
         top = t_logp.topk(min(cfg.top_k, t_logp.shape[-1]), dim=-1).indices
-        for name, tau in taus.items():
-            target = aggregate(t_logp, s_logp, name=name, tau=1.0 if tau is None else tau)
+        for name, parameter in parameters.items():
+            target = aggregate(t_logp, s_logp, name=name, parameter=parameter)
             diagnostics = target_diagnostics(target, s_logp, eps=cfg.eps)
             acc.aggregation[name]["mass"] += diagnostics.unconsidered_mass[valid].tolist()
             acc.aggregation[name]["log_ratio"] += diagnostics.max_log_ratio[valid].tolist()
@@ -241,7 +233,7 @@ def log_to_wandb(cfg: ProbeConfig, result: dict, output_dir: Path, config_dict: 
     run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group, mode=mode,
                      dir=str(output_dir), job_type="probe", config=config_dict)
     run.summary.update(_flatten("probe", {key: result[key] for key in ("greedy", "deviation", "after_slip")}))
-    columns = ["aggregation", "tau", "unconsidered_mass", "max_ratio_median", "max_ratio_max", "kl_target_student",
+    columns = ["aggregation", "parameter", "unconsidered_mass", "max_ratio_median", "max_ratio_max", "kl_target_student",
                "topk_tail_mass", "max_entry_term"]
     table = wandb.Table(columns=columns, data=[[name] + [row[key] for key in columns[1:]]
                                                for name, row in result["aggregation"].items()])
@@ -262,10 +254,10 @@ def probe(cfg: ProbeConfig, output_dir: str | Path, config_dict: dict | None = N
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     set_threads_for(model, cfg.threads)
     model.eval()
-    taus = default_taus()
+    parameters = default_parameters()
     greedy = greedy_figures(cfg, model, tokenizer, problems)
-    acc = sample_figures(cfg, model, tokenizer, problems, taus)
-    result = figures(greedy, acc, taus, cfg.eps, cfg.top_k, comparable=references_in_student_format(cfg))
+    acc = sample_figures(cfg, model, tokenizer, problems, parameters)
+    result = figures(greedy, acc, parameters, cfg.eps, cfg.top_k, comparable=references_in_student_format(cfg))
     result["table"] = format_table(result)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RESULT_NAME).write_text(json.dumps(result, indent=2) + "\n")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from sdharness.distill.aggregation import AGGREGATIONS
+
 
 def first_deviation(completion: list[int], reference: list[int]) -> int | None:
     """The first index where ``completion`` leaves ``reference``; None when it never does
@@ -51,7 +53,13 @@ def first_difference(consistent: list[int], copied: list[int]) -> int | None:
 
 
 
-def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float, top_k: int = 100,
+def parameter_label(name: str, value: float | None) -> str | None:
+    """``tau=1``, ``kl_bound=0.1``: the aggregation's parameter by name at ``value``; None where it has none."""
+    own = AGGREGATIONS[name].parameter
+    return None if own is None else f"{own.name}={value:g}"
+
+
+def figures(greedy: dict, acc: Accumulator, parameters: dict[str, float | None], eps: float, top_k: int = 100,
             comparable: bool = True) -> dict:
     """The probe's result: every figure, with the counts behind it. ``comparable``: the references
     are in the student's format; otherwise the deviation figures are None (a free-text reference is
@@ -60,7 +68,7 @@ def figures(greedy: dict, acc: Accumulator, taus: dict[str, float], eps: float, 
     for name, rows in acc.aggregation.items():
         ratios = sorted(rows["log_ratio"])
         aggregations[name] = {
-            "tau": taus[name],
+            "parameter": parameter_label(name, parameters[name]),
             "unconsidered_mass": _mean(rows["mass"]),
             "max_ratio_median": math.exp(ratios[len(ratios) // 2]) if ratios else None,
             "max_ratio_max": math.exp(ratios[-1]) if ratios else None,
@@ -126,11 +134,11 @@ def format_table(result: dict) -> str:
                  ("next result: teacher copies the reference", _cell(slip["copies_reference"]))]
     width = max(len(label) for label, _ in rows)
     lines = [f"{'figure':<{width}}  value"] + [f"{label:<{width}}  {value}" for label, value in rows]
-    lines += ["", f"{'aggregation':<16}{'tau':>6}{'mass p_S<' + format(result['eps'], 'g'):>16}"
+    lines += ["", f"{'aggregation':<16}{'parameter':>13}{'mass p_S<' + format(result['eps'], 'g'):>16}"
                   f"{'max q/p_S median':>18}{'max q/p_S max':>15}{'KL(q||p_S)':>12}"
                   f"{'q outside top-' + str(result.get('top_k', 100)):>19}{'max KL term':>13}"]
     for name, row in result["aggregation"].items():
-        lines.append(f"{name:<16}{'–' if row['tau'] is None else format(row['tau'], 'g'):>6}{_cell(row['unconsidered_mass'], 4):>16}"
+        lines.append(f"{name:<16}{row['parameter'] or '–':>13}{_cell(row['unconsidered_mass'], 4):>16}"
                      f"{_cell(row['max_ratio_median'], 2):>18}{_cell(row['max_ratio_max'], 2):>15}"
                      f"{_cell(row['kl_target_student']):>12}{_cell(row.get('topk_tail_mass'), 4):>19}"
                      f"{_cell(row.get('max_entry_term')):>13}")
