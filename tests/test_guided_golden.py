@@ -61,7 +61,7 @@ def models():
 def test_guided_generate_reproduces_the_pinned_rollout_of_seed_5(models, teacher):
     model, other, tok = models
     golden = GOLDEN[teacher]
-    out = guided_generate(model, tok, *prompts(tok), aggregation="product", tau=2.0, max_new_tokens=12,
+    out = guided_generate(model, tok, *prompts(tok), aggregation="product", parameter=2.0, max_new_tokens=12,
                           generator=seeded(5), teacher_model=other if teacher == "separate" else None,
                           **golden["sampling"])
     assert out.completion_ids.tolist() == golden["ids"]
