@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdharness.cli import cli_errors
 from sdharness.config import CONF_DIR, ConfigError, TrainConfig, register_configs, to_train_config
-from sdharness.data.datamodule import DataError, ProblemDataModule, load_data, solutions_file
+from sdharness.data.datamodule import DataError, ProblemDataModule
+from sdharness.data.loading import load_data, solutions_file
 from sdharness.data.prompts import uses_chat_template
 from sdharness.eval.quick import QuickEval, hinted_batches, print_summary
 from sdharness.jobs import (INTERRUPTED_EXIT, RunInterrupted, end_wandb_run, in_multirun, record_failure,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdharness.config import ConfigError, DataConfig, to_train_config
-from sdharness.data.datamodule import NO_SOLUTION, load_data
+from sdharness.data.loading import NO_SOLUTION, load_data
 from sdharness.errors import DataError
 from sdharness.methods.accounting import X_AXES
 from sdharness.tools import answer_pool as pool_tool

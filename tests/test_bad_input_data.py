@@ -13,7 +13,7 @@ import re
 import pytest
 
 from sdharness.config import DataConfig
-from sdharness.data.datamodule import load_data
+from sdharness.data.loading import load_data
 from sdharness.data.jsonl import DataError
 from tests.conftest import TINY, compose_config
 from tests.test_bad_input import read_metrics

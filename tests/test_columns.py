@@ -10,7 +10,7 @@ from sdharness.config import ConfigError, DataConfig
 from sdharness.data.builtin import TASKS, builtin_task
 from sdharness.data.columns import (COLUMNS, Column, ColumnProblem, add_columns, assemble, digit_pairs,
                                     foreign_solution, native_solution, parse_line)
-from sdharness.data.datamodule import load_problems
+from sdharness.data.loading import load_problems
 from sdharness.data.answers import is_correct, is_early_answer
 from sdharness.data.chain import CHAIN
 from sdharness.tools.probe_figures import first_difference

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sdharness.config import DataConfig, PromptConfig
-from sdharness.data.datamodule import ProblemDataModule, load_problems
+from sdharness.data.datamodule import ProblemDataModule
+from sdharness.data.loading import load_problems
 from sdharness.data.jsonl import read_jsonl
 from sdharness.models import char_tokenizer
 

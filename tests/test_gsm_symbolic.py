@@ -158,7 +158,7 @@ def test_data_config_points_at_the_shipped_file_from_any_directory(tmp_path, mon
 
 def test_data_config_loads_problems(tmp_path, monkeypatch):
     from sdharness.config import to_train_config
-    from sdharness.data.datamodule import load_problems
+    from sdharness.data.loading import load_problems
 
     monkeypatch.chdir(tmp_path)
     train, evaluation = load_problems(to_train_config(compose_config(TINY + ["data=gsm_symbolic"])).data)

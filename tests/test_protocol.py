@@ -7,7 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from sdharness.config import ConfigError, DataConfig, PromptConfig
-from sdharness.data.datamodule import ProblemDataModule, load_data
+from sdharness.data.datamodule import ProblemDataModule
+from sdharness.data.loading import load_data
 from sdharness.data.jsonl import DataError
 from sdharness.models import char_tokenizer
 from sdharness.tools.protocol import (first_arms, final_commands, main as protocol_main, select_commands,
@@ -156,7 +157,7 @@ def test_final_commands_give_each_method_its_lr_and_grpo_native_references_only(
 def test_one_registry_flag_says_what_reads_a_reference_for_the_data_and_the_protocol(tmp_path, monkeypatch):
     """``reads_reference`` in the methods registry decides both which fields a training row needs and
     which reference styles the protocol's final stage runs; nothing else names grpo."""
-    from sdharness.data.datamodule import required_fields
+    from sdharness.data.loading import required_fields
     from sdharness.methods import METHODS, Method
 
     assert [name for name, method in METHODS.items() if not method.reads_reference] == ["grpo"]

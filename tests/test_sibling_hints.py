@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sdharness.config import ConfigError, DataConfig, to_train_config
-from sdharness.data.datamodule import DataError, ProblemDataModule, PromptBatch, load_data
+from sdharness.data.datamodule import DataError, ProblemDataModule, PromptBatch
+from sdharness.data.loading import load_data
 from sdharness.data.prompts import encode_prompts, render_teacher, right_pad
 from sdharness.methods.self_distill import SelfDistillModule
 from sdharness.methods.sibling_hints import check_fits_context, problems_without_success, sibling_hints

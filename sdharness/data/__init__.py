@@ -2,7 +2,7 @@
 
 ``data.name`` picks a source; :data:`SOURCES` is the only list of them and says what each one is,
 so that the config check, the datamodule, the SD step and the probe ask it rather than a name.
-Adding a source is one entry here, its reader in ``datamodule.load_data`` and ``conf/data/<name>.yaml``.
+Adding a source is one entry here, its reader in ``loading.load_data`` and ``conf/data/<name>.yaml``.
 """
 
 from dataclasses import dataclass

@@ -18,7 +18,7 @@ The held-out problems are ``CHAIN.split(HELDOUT_SEED=999, 100, difficulty)`` (th
 distinct from any training split, minus the problems of the default training split
 (``data.seed=1234``, ``data.train_size=256``), so the files do not depend on a run's config.
 The training run's own quick eval uses ``data.seed + 1`` with its train problems excluded
-(:func:`sdharness.data.datamodule.load_problems`); these files are a separate, fixed benchmark.
+(:func:`sdharness.data.loading.load_problems`); these files are a separate, fixed benchmark.
 
 Task paths: lm-eval passes ``dataset_kwargs.data_files`` to ``datasets.load_dataset``, which
 resolves relative paths against the *current directory*, not the YAML file. The shipped YAMLs

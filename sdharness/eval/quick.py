@@ -18,7 +18,7 @@ import torch
 
 from sdharness.scale.checkpoints import is_final_step
 from sdharness.config import DataConfig, EvalConfig, PromptConfig
-from sdharness.data.datamodule import reference_styles
+from sdharness.data.loading import reference_styles
 from sdharness.data.prompts import encode_prompt, encode_prompts, left_pad, render_teacher
 from sdharness.eval.teacher_health import TokenSums, add_token_figures, token_metrics
 from sdharness.methods.accounting import Stopwatch

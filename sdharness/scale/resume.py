@@ -45,7 +45,7 @@ def config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _data_file_sha256(path: str, field_name: str) -> str | None:
-    from sdharness.data.datamodule import data_path
+    from sdharness.data.loading import data_path
 
     resolved = data_path(path, field_name)
     if not os.path.isfile(resolved):

@@ -11,7 +11,7 @@ see only problem and answer::
 The overrides are ``sdharness-train``'s. The pool is the training split after the validation split is
 held out (neither the validation nor the eval problems are in it), in the training split's order; a run
 with ``data.solutions_path`` takes its references from the solved file and keeps the task's own
-validation and eval splits (:func:`sdharness.data.datamodule.with_solutions`).
+validation and eval splits (:func:`sdharness.data.loading.with_solutions`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from hydra.errors import ConfigCompositionException, OverrideParseException
 from sdharness.cli import composition_error_message
 from sdharness.config import CONF_DIR, ConfigError, DataConfig, register_configs, to_train_config
 from sdharness.data import SOURCES
-from sdharness.data.datamodule import load_data
+from sdharness.data.loading import load_data
 from sdharness.errors import DataError
 from sdharness.tools.provenance import atomic_write
 

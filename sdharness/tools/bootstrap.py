@@ -50,7 +50,7 @@ import torch
 
 from sdharness.distill.aggregation import AGGREGATIONS
 from sdharness.config import ConfigError, ModelConfig, PromptConfig
-from sdharness.data.datamodule import data_path
+from sdharness.data.loading import data_path
 from sdharness.data.jsonl import read_jsonl
 from sdharness.errors import DataError
 from sdharness.methods.accounting import Counters, guided_rollout_cost, rollout_cost

@@ -46,7 +46,7 @@ from sdharness.cli import bad_input_exits, cli_errors
 from sdharness.config import (CONF_DIR, DataConfig, LoggerConfig, ModelConfig, PromptConfig, check_threads, require,
                               resolve_wandb_mode)
 from sdharness.data import SOURCES
-from sdharness.data.datamodule import load_problems, reference_styles
+from sdharness.data.loading import load_problems, reference_styles
 from sdharness.data.jsonl import DataError
 from sdharness.data.prompts import encode_prompts, render_student, render_teacher, teacher_context
 from sdharness.data.builtin import builtin_task

@@ -199,12 +199,12 @@ def final_commands(out: Path, selection: dict[str, dict], styles: list[str], see
 
 def check_selection_data(overrides: list[str]) -> None:
     """Load the selection stage's data once, before any job: a validation split that shares problems
-    with the eval split is refused here (:func:`sdharness.data.datamodule.check_contamination`), not
+    with the eval split is refused here (:func:`sdharness.data.loading.check_contamination`), not
     in every one of its jobs."""
     from hydra import compose, initialize_config_dir
 
     from sdharness.config import CONF_DIR, register_configs, to_train_config
-    from sdharness.data.datamodule import load_data
+    from sdharness.data.loading import load_data
 
     register_configs()
     with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
