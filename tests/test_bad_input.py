@@ -6,7 +6,7 @@ One place for the whole list. Most cases run in-process (the composed config thr
 model); two run the real command line to prove the exit status 2 and the one ``sdharness:
 error:`` line. Chat-log specific cases (a conversation that ends with a user message, has no
 assistant turn, uses an unknown role, or does not fit, each skipped and counted or rejected under
-``data.strict``) are in ``tests/test_chatlog.py::test_unusable_conversations_are_skipped_and_counted_or_rejected_under_strict``.
+``data.strict``) are in ``tests/data/test_chatlog.py::test_unusable_conversations_are_skipped_and_counted_or_rejected_under_strict``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 past their end, fill the disk or lose the network, convert one GGUF together, or leave a
 truncated metrics.csv. Each case is one clear line or a counted, logged fallback; never a silent
 wrong number or exit status. Data cases (contamination, answer notations, answer markers) are in
-``tests/test_bad_input_data.py``; the first part is ``tests/test_bad_input.py``.
+``tests/data/test_bad_input_data.py``; the first part is ``tests/test_bad_input.py``.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def cut_last_line(path, keep: str) -> None:
 @pytest.mark.parametrize("keep", [",0.7", ",700"], ids=["accuracy", "flops"])
 def test_report_drops_a_truncated_last_line_with_a_warning(tmp_path, caplog, keep):
     from sdharness.report.runs import find_runs
-    from tests.test_report import fake_run
+    from tests.report.test_report import fake_run
 
     run_dir = fake_run(tmp_path / "run", "sd", [(0, 0.1), (200, 0.4), (700, 0.7)])
     cut_last_line(run_dir / "metrics.csv", keep)  # the last eval row: ...,0.7,... flops 70000
@@ -157,7 +157,7 @@ def test_report_drops_a_truncated_last_line_with_a_warning(tmp_path, caplog, kee
 
 def test_report_drops_a_row_with_the_wrong_field_count(tmp_path, caplog):
     from sdharness.report.runs import find_runs
-    from tests.test_report import fake_run
+    from tests.report.test_report import fake_run
 
     run_dir = fake_run(tmp_path / "run", "sd", [(0, 0.1), (200, 0.4)])
     lines = (run_dir / "metrics.csv").read_text().splitlines(keepends=True)
@@ -173,7 +173,7 @@ def test_report_drops_a_row_with_the_wrong_field_count(tmp_path, caplog):
 def test_a_value_outside_its_range_marks_the_run_corrupt_not_a_number(tmp_path, column, value):
     from sdharness.report.build import build_report
     from sdharness.report.runs import find_runs
-    from tests.test_report import COLUMNS, fake_run
+    from tests.report.test_report import COLUMNS, fake_run
 
     fake_run(tmp_path / "sweep" / "0", "sd", [(0, 0.1), (200, 0.4)])
     bad = fake_run(tmp_path / "sweep" / "1", "sd", [(0, 0.1), (200, 0.4)], seed=1)

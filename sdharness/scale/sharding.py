@@ -13,7 +13,7 @@ so ``module.model`` stays the HF model and every call into it gathers what it ne
   gathered after a forward (FSDP2 frees them after the backward), so the head's weight is whole
   while the loss projects it chunk by chunk.
 
-Unlike FSDP1 this runs on CPU with gloo, so ``tests/test_distributed.py`` checks it against DDP.
+Unlike FSDP1 this runs on CPU with gloo, so ``tests/scale/test_distributed.py`` checks it against DDP.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 from sdharness.report.runs import find_runs
 from sdharness.tools.regimes import (REGIME_CHOICES, REGIMES_DIR, Regime, RegimeError, choose, final_commands,
                                      load_regime, main as regime_main, selection_markdown)
-from tests.test_protocol import selection_run
+from tests.tools.test_protocol import selection_run
 
 
 

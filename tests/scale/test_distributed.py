@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY_RUN = ["model=tiny_random", "data.eval_size=4", "rollout.max_new_tokens=8", "rollout.progress=false",
             "eval.max_new_tokens=8", "eval.batch_size=4", "trainer.max_steps=3", "optim.lr=1e-2", "threads=1",
             "logger.mode=disabled"]

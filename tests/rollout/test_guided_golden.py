@@ -14,7 +14,7 @@ import torch
 from sdharness.config import ModelConfig
 from sdharness.models import load_model_and_tokenizer
 from sdharness.rollout.guided import guided_generate
-from tests.test_guided import peaked, prompts, seeded
+from tests.rollout.test_guided import peaked, prompts, seeded
 
 INF = math.inf
 STOPS = [71, 88, 51]  # extra EOS ids that the seed draws, so the three rows stop at different steps

@@ -22,7 +22,7 @@ OVERRIDES = {
     "sft": ["algo=sft"],
     # tiny_random never writes a right answer, so answer_match would give every group zero advantage
     # and a loss of exactly 0; a reward that varies within a group makes the policy gradient real.
-    "grpo": ["algo=grpo", "algo.reward=tests.test_golden_losses:digit_share"],
+    "grpo": ["algo=grpo", "algo.reward=tests.methods.test_golden_losses:digit_share"],
 }
 
 

@@ -27,7 +27,7 @@ from tests.conftest import oracle_lm  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TASKS = ["sdh_arithmetic_easy", "sdh_arithmetic_hard"]
 METRIC = "exact_match,strict-match"
 TINY_CONFIG = {"name": "t", "source": "tiny_random"}

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from sdharness.report.build import main
-from tests.test_report import fake_run, sweep  # noqa: F401 (fixture)
+from tests.report.test_report import fake_run, sweep  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 

@@ -1,6 +1,6 @@
 """Guided sampling, guided training and logged-chat distillation on the shipped testbed model.
 
-tests/test_guided.py and tests/test_chatlog.py check the mechanics on tiny_random, where every
+tests/rollout/test_guided.py and tests/data/test_chatlog.py check the mechanics on tiny_random, where every
 answer is wrong and the two contexts barely differ. Here the same modes run on the testbed base
 (sdharness/assets/testbed_chain, ``model=testbed_chain data.task=chain prompt=testbed``), whose recorded greedy accuracies are
 no hint EASY 0.68, no hint HARD 0.42, with the reference solution as a hint HARD 0.90: the tests
@@ -32,7 +32,7 @@ from sdharness.data.prompts import encode_prompt, left_pad, render_student, rend
 from sdharness.rollout.hf import generate
 from sdharness.data.answers import is_correct
 from tests.conftest import TESTBED_CHAIN, compose_config
-from tests.test_testbed import TESTBED_V1
+from tests.testbed.test_testbed import TESTBED_V1
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 

@@ -151,7 +151,7 @@ def test_make_gpu_check_runs_the_check_without_reinstalling(tmp_path):
     import subprocess
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     plan = subprocess.run(["make", "-n", "gpu-check", f"VENV={tmp_path / 'venv'}"], cwd=root, capture_output=True,
                           text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
@@ -165,7 +165,7 @@ def test_the_vllm_extra_is_the_range_trl_tests():
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     (requirement,) = pyproject["project"]["optional-dependencies"]["vllm"]
     allowed = SpecifierSet(requirement.removeprefix("vllm"))
     assert [v for v in ("0.21.0", "0.22.0", "0.31.0", "0.33.0", "0.34.0") if Version(v) in allowed] == ["0.22.0",

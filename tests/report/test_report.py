@@ -17,7 +17,7 @@ from sdharness.report.curves import mean_curve, summarize, tokens_to_target, tra
 from sdharness.report.runs import bootstrapped_data, find_runs
 from tests.conftest import TINY
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["step", "train/loss", "eval/accuracy", "eval/early_answer_rate", "eval/leakage_rate",
            "eval/completion_length", "train/problems_seen", "train/generated_tokens", "train/flops",
            "train/wall_seconds", "lmeval/gsm8k/exact_match"]

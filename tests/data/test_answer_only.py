@@ -19,7 +19,7 @@ from sdharness.tools import answer_pool as pool_tool
 from sdharness.tools.bootstrap import BootstrapSettings, bootstrap_to_file
 from sdharness.tools.provenance import bootstrap_record, provenance_path
 from tests.conftest import TINY, compose_config
-from tests.test_bootstrap import TINY as TINY_MODEL, fake_sampler
+from tests.tools.test_bootstrap import TINY as TINY_MODEL, fake_sampler
 
 PROTOCOL_DATA = DataConfig(name="arithmetic", task="columns", difficulty="hard", train_size=2304, validation_size=256,
                            eval_size=256)

@@ -267,7 +267,7 @@ def test_each_aggregation_declares_its_parameter():
 def test_every_parameter_is_a_config_field_whose_default_is_the_registrys():
     """Each Parameter names an AggregationConfig field; the dataclass default is that of the aggregation
     selected by default (product) or the only one using it (trust_region), and ``aggregation=<name>``
-    composes the registry's default (tests/test_probe.py)."""
+    composes the registry's default (tests/tools/test_probe.py)."""
     from dataclasses import fields
 
     from sdharness.schema.method import AggregationConfig

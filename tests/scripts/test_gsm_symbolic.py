@@ -29,7 +29,7 @@ from tests.conftest import TINY, compose_config, oracle_lm  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "sdharness" / "assets" / "gsm_symbolic"
 TASK_YAML = REPO / "evals" / "tasks" / f"{gsm.TASK_NAME}.yaml"
 TASK_JSONL = REPO / "evals" / "tasks" / f"{gsm.TASK_NAME}.jsonl"

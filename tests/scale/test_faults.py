@@ -21,7 +21,7 @@ from tests.conftest import TINY, compose_config
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # 6 problems in batches of 2: steps 3 and 6 start new epochs, so the kill after the step-4
 # checkpoint lands mid-epoch; eval every 3 steps puts an eval both before and after the kill.
 RUN = TINY + ["data.train_size=6", "trainer.max_steps=7", "trainer.checkpoint_every_n_steps=2",

@@ -23,7 +23,7 @@ from tests.conftest import TESTBED, TESTBED_CHAIN, compose_config
 
 pytestmark = pytest.mark.slow  # end-to-end: whole runs, subprocesses or sweeps
 
-REPO = Path(__file__).resolve().parent.parent  # the builder runs from a checkout (python -m testbed.pretrain)
+REPO = Path(__file__).resolve().parents[2]  # the builder runs from a checkout (python -m testbed.pretrain)
 
 TOLERANCE = 0.05  # accuracy points, as a fraction
 ANSWER_LINE = re.compile(r"^The answer is -?\d+\.$")

@@ -227,7 +227,7 @@ def test_pretraining_examples_of_the_columns_task():
     from sdharness.models import char_tokenizer
     from testbed.examples import build_examples, eval_problems
     from testbed.pretrain_config import MixConfig, compose_pretrain_config, to_pretrain_config
-    from tests.test_testbed import unsupervised_completion_spans
+    from tests.testbed.test_testbed import unsupervised_completion_spans
 
     cfg = to_pretrain_config(compose_pretrain_config(config_name="pretrain_columns"))
     assert cfg.task == "columns" and cfg.foreign_hint_fraction == 0.5

@@ -12,7 +12,7 @@ from sdharness.distill.aggregation import AGGREGATIONS, aggregate
 from sdharness.distill.divergences import DIVERGENCES, reverse_kl
 from sdharness.distill.losses import distillation_loss
 from sdharness.distill.variants import entry_clip_reference, topk_buckets, topk_reference
-from tests.test_losses import make_inputs
+from tests.distill.test_losses import make_inputs
 
 F64 = torch.float64
 TOL = dict(rtol=0, atol=1e-10)
