@@ -59,6 +59,9 @@ class Regime:
     select: list[str] = field(default_factory=list)  # overrides of the selection jobs only
     final: list[str] = field(default_factory=list)  # overrides of the final jobs only
     seeds: str = "0,1,2"
+    # reference styles of the final stage, which otherwise sweeps native and foreign (protocol_final.yaml);
+    # a chat log has no notation of its own to vary, so the default runs one
+    styles: str = "native"
     # arm -> the arm whose chosen lr it takes instead of a sweep of its own (its difference from that
     # arm is not an optimiser's, e.g. how it samples; and its jobs cost too much to sweep)
     lr_from: dict[str, str] = field(default_factory=dict)
@@ -161,7 +164,7 @@ def final_commands(out: Path, regime: Regime, chosen: dict[str, dict], overrides
             for seed in regime.seeds.split(","):
                 commands.append(train_command("protocol_final", out / "final" / name / f"seed{seed}", expand(
                     [*regime.setting, *arm_overrides, f"optim.lr={entry['lr']:g}", f"seed={seed}",
-                     *regime.final, *overrides], out)))
+                     f"data.solution_style={regime.styles}", *regime.final, *overrides], out)))
     return commands
 
 

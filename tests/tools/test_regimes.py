@@ -73,7 +73,8 @@ def test_the_lr_then_the_variant_are_chosen_on_validation_and_a_variant_must_bea
     assert "rollout.guidance=always" in commands[-1] and "optim.lr=0.0001" in commands[-1]
     tau2 = commands[2]
     assert tau2[tau2.index("--config-name") + 1] == "protocol_final"
-    assert tau2[-5:] == ["aggregation.tau=2", "optim.lr=0.0001", "seed=0", "budget.problems=64", "model=tiny_random"]
+    assert tau2[-6:] == ["aggregation.tau=2", "optim.lr=0.0001", "seed=0", "data.solution_style=native",
+                         "budget.problems=64", "model=tiny_random"]
 
 
 @pytest.mark.slow
@@ -83,7 +84,7 @@ def test_a_regime_runs_end_to_end_and_records_its_stages(tmp_path):
         "description: tiny\n"
         "setting: [model=tiny_random, data.train_size=24, data.validation_size=8, data.eval_size=4, "
         "data.batch_size=2, rollout.max_new_tokens=8, eval.max_new_tokens=8, eval.batch_size=8, "
-        "budget.problems=4, trainer.max_steps=2, data.solution_style=native]\n"
+        "budget.problems=4, trainer.max_steps=2]\n"
         "prepare: [[sdharness.tools.probe, --help]]\n"
         "arms: {sd_clip: [method=sd_clip], sft: [method=sft]}\n"
         "variants: {sd_clip: {tau2: [aggregation.tau=2.0]}}\n"
@@ -97,6 +98,7 @@ def test_a_regime_runs_end_to_end_and_records_its_stages(tmp_path):
     assert set(chosen) == {"sd_clip", "sft"} and chosen["sd_clip"]["lr"] == 1e-3
     assert set(chosen["sd_clip"]["variant_scores"]) == {"tau2"}
     assert (out / "final" / "report" / "report.md").is_file()
+    assert len(list((out / "final" / "sft" / "seed0").glob("*/metrics.csv"))) == 1  # native references only
     record = json.loads((out / "regime.json").read_text())
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert record["commit"].removesuffix("+dirty") == head
