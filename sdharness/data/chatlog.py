@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sdharness.data.answers import answer_checker
 from sdharness.data.jsonl import DataError, json_objects
 from sdharness.data.prompts import uses_chat_template
 from sdharness.models import resolve_path
@@ -153,11 +154,14 @@ def first_turn_examples(conversations: list[dict]) -> list[dict]:
             for conversation in conversations]
 
 
-def load_chats(cfg) -> tuple[list[dict], list[dict], list[dict], Counter]:
-    """``(train examples, eval examples, validation examples, skipped)`` for a ``data=chatlog`` config.
-    Without ``data.eval_path``, ``data.eval_size`` conversations are held out (as for ``data=jsonl``);
-    then ``data.validation_size`` more are held out of the training conversations, so that validation
-    is disjoint from both. Held-out examples are each conversation's first assistant turn."""
+def load_chats(cfg) -> tuple[list[dict], list[dict], list[dict], list[dict], Counter]:
+    """``(train examples, eval examples, validation examples, wrongly accepted, skipped)`` for a
+    ``data=chatlog`` config. Without ``data.eval_path``, ``data.eval_size`` conversations are held out
+    (as for ``data=jsonl``); then ``data.validation_size`` more are held out of the training
+    conversations, so that validation is disjoint from both. Held-out examples are each conversation's
+    first assistant turn. ``wrongly accepted``: the same for up to ``data.eval_size`` training
+    conversations whose accepted answer is wrong (:func:`accepted_wrongly`): scored, they say how much
+    of the users' mistakes a run learned from the conversations it trained on."""
     conversations, skipped = read_chats(resolve_path(cfg.path, "data.path"), strict=cfg.strict)
     if cfg.eval_path:
         held_out, more = read_chats(resolve_path(cfg.eval_path, "data.eval_path"), strict=cfg.strict)
@@ -172,8 +176,19 @@ def load_chats(cfg) -> tuple[list[dict], list[dict], list[dict], Counter]:
         raise DataError(f"data.validation_size={cfg.validation_size} leaves no conversation to train on of the "
                         f"{len(train)} in data.path={cfg.path} (skipped: {dict(skipped) or 'none'}); lower it")
     validation, train = train[:cfg.validation_size], train[cfg.validation_size:]
+    check = answer_checker(cfg.checker, cfg.answer_marker)
+    wrong = [conversation for conversation in train if accepted_wrongly(conversation, check)][:cfg.eval_size]
     return (chat_examples(train, turns=cfg.turns, include_final=cfg.include_final), first_turn_examples(held_out),
-            first_turn_examples(validation), skipped)
+            first_turn_examples(validation), first_turn_examples(wrong), skipped)
+
+
+def accepted_wrongly(conversation: dict, check) -> bool:
+    """Whether the conversation's accepted (last assistant) answer fails ``check`` against its ``answer``;
+    False without an ``answer``."""
+    if conversation.get("answer") in (None, ""):
+        return False
+    accepted = next(m["content"] for m in reversed(conversation["messages"]) if m["role"] == "assistant")
+    return not check(accepted, str(conversation["answer"]))
 
 
 def _with_hint(prompt_cfg: PromptConfig, messages: list[dict], hint: str | None) -> list[dict]:

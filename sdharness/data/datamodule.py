@@ -110,6 +110,7 @@ class ProblemDataModule(L.LightningDataModule):
         self.train: list[dict] = []
         self.evaluation: list[dict] = []  # the scored split: eval, or validation with data.evaluate_on=validation
         self.validation: list[dict] = []  # data.evaluate_on=both: scored beside the eval split
+        self.wrongly_accepted: list[dict] = []  # chat logs: trained-on conversations whose accepted answer is wrong
         self.resume_position: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     def _encode(self, problems: list[dict], split: str) -> list[dict]:
@@ -185,6 +186,8 @@ class ProblemDataModule(L.LightningDataModule):
                                  "eval")
         if self.cfg.evaluate_on == "both":
             self.validation = encode(loaded.validation, "validation")
+        if self.cfg.evaluate_on != "validation" and loaded.wrongly_accepted:
+            self.wrongly_accepted = encode(loaded.wrongly_accepted, "wrongly accepted")
         if not self.train:
             raise ConfigError(f"data: no training problem fits the model context of {self.max_context} tokens "
                               f"with {self.max_new_tokens} new tokens (max of rollout.max_new_tokens and "
@@ -219,20 +222,29 @@ class ProblemDataModule(L.LightningDataModule):
         return DataLoader(self.train, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=self.collate,
                           generator=self._own_generator())
 
-    def eval_dataloader(self) -> DataLoader:
-        return DataLoader(self.evaluation, batch_size=self.eval_batch_size, collate_fn=self.collate,
+    def _held_out_loader(self, items: list[dict]) -> DataLoader:
+        return DataLoader(items, batch_size=self.eval_batch_size, collate_fn=self.collate,
                           generator=self._own_generator())
 
+    def eval_dataloader(self) -> DataLoader:
+        return self._held_out_loader(self.evaluation)
+
     def validation_dataloader(self) -> DataLoader:
-        return DataLoader(self.validation, batch_size=self.eval_batch_size, collate_fn=self.collate,
-                          generator=self._own_generator())
+        return self._held_out_loader(self.validation)
 
     def scored_splits(self) -> dict:
         """Metric prefix -> the dataloader of each split the quick evals score (data.evaluate_on); the
-        first is the run's own. The validation split is logged as val/*, never as eval/*."""
+        first is the run's own. The validation split is logged as val/*, never as eval/*; a chat log's
+        trained-on conversations whose accepted answer is wrong as wrongly_accepted/* (not while selecting
+        on validation)."""
         if self.cfg.evaluate_on == "validation":
             return {"val": self.eval_dataloader}
-        return {"eval": self.eval_dataloader, **({"val": self.validation_dataloader} if self.validation else {})}
+        splits = {"eval": self.eval_dataloader}
+        if self.validation:
+            splits["val"] = self.validation_dataloader
+        if self.wrongly_accepted:
+            splits["wrongly_accepted"] = lambda: self._held_out_loader(self.wrongly_accepted)
+        return splits
 
     def _own_generator(self) -> torch.Generator:
         # Without one, each new DataLoader iterator draws a seed from torch's global generator, the

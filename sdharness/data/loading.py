@@ -100,6 +100,8 @@ class LoadedData:
     evaluation: list[dict]
     skipped: Counter = field(default_factory=Counter)
     validation: list[dict] = field(default_factory=list)  # held out of the training rows (data.validation_size)
+    # chat logs: training conversations whose accepted answer is wrong (sdharness.data.chatlog.load_chats)
+    wrongly_accepted: list[dict] = field(default_factory=list)
     contamination: dict[str, int] = field(default_factory=dict)
 
 
@@ -156,7 +158,7 @@ def load_data(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference")
                             len(loaded.train) + lacking, NO_SOLUTION, cfg.solutions_path)
         loaded.contamination = check_contamination(cfg, loaded)
         return loaded
-    train, evaluation, validation, skipped = load_chats(cfg)
+    train, evaluation, validation, wrongly_accepted, skipped = load_chats(cfg)
     for reason, count in sorted(skipped.items()):
         log.warning("skipped %d conversation(s) of %s: %s", count, cfg.path, reason)
     if not train:
@@ -169,7 +171,7 @@ def load_data(cfg: DataConfig, algo: str = "sd", hint_source: str = "reference")
                         "conversation has no \"answer\" field; give every conversation one, or use algo=sd")
     check_answers([{**example, "where": f"{example['path']}:{example['line']}"}
                    for example in train + evaluation + validation if "answer" in example], cfg.checker)
-    return LoadedData(train, evaluation, skipped, validation=validation)
+    return LoadedData(train, evaluation, skipped, validation=validation, wrongly_accepted=wrongly_accepted)
 
 
 def with_solutions(train: list[dict], path: str) -> tuple[list[dict], int]:

@@ -30,8 +30,10 @@ SCORES = [("eval/accuracy", "accuracy", ".3f"), ("eval/early_answer_rate", "earl
           ("eval/leakage_rate", "leakage", ".3f"), ("eval/completion_length", "length", ".1f"),
           ("train/problems_seen", "problems", ",.0f"), ("train/generated_tokens", "gen. tokens", ",.0f"),
           ("train/flops", "FLOPs", ".3g"), ("train/wall_seconds", "seconds", ".1f")]
-# Chat logs whose accepted answer is wrong: how often the model now gives that answer (data/chatlog.py).
-WRONG_ACCEPTED = ("eval/wrong_accepted_rate", "wrong accepted", ".3f")
+# Chat logs whose accepted answer is wrong: how often the model now gives that answer, on held-out
+# conversations and on the training ones (data/chatlog.py).
+WRONG_ACCEPTED = [("eval/wrong_accepted_rate", "wrong accepted (eval)", ".3f"),
+                  ("wrongly_accepted/wrong_accepted_rate", "wrong accepted (trained on)", ".3f")]
 TO_TARGET_AXES = ("generated_tokens", "flops")
 # Target diagnostics the SD loss logs (sdharness/losses.py), and the share of GRPO's groups whose
 # rewards are all equal (no advantage, no gradient: sdharness/methods/grpo.py), averaged over a run's
@@ -140,7 +142,7 @@ def scores_table(scores: dict) -> str:
     lmeval = sorted({k for s in scores.values() for k in s if k.startswith("lmeval/")})
     best = [(BEST_ON_VALIDATION, "accuracy at best val", ".3f")] if any(BEST_ON_VALIDATION in s
                                                                           for s in scores.values()) else []
-    wrong = [WRONG_ACCEPTED] if any(WRONG_ACCEPTED[0] in s for s in scores.values()) else []
+    wrong = [column for column in WRONG_ACCEPTED if any(column[0] in s for s in scores.values())]
     columns = SCORES[:1] + best + wrong + SCORES[1:] + [(k, k, ".3f") for k in lmeval]
     rows = []
     for label, s in scores.items():

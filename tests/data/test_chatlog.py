@@ -177,7 +177,7 @@ def test_a_validation_split_of_a_chat_log_is_held_out_of_the_training_conversati
     lines = [chat(f"Q{i}", f"wrong {i}", "No.", f"The answer is {i}.", answer=i) for i in range(20)]
     path = write_lines(tmp_path, lines)
     plain = load_chats(DataConfig(name="chatlog", path=str(path), eval_size=5))
-    train, evaluation, validation, _ = load_chats(DataConfig(name="chatlog", path=str(path), eval_size=5,
+    train, evaluation, validation, _, _ = load_chats(DataConfig(name="chatlog", path=str(path), eval_size=5,
                                                              validation_size=4))
     first_questions = lambda examples: [e["context"][0]["content"] for e in examples]
     assert first_questions(evaluation) == first_questions(plain[1])  # the eval split does not move
@@ -186,3 +186,27 @@ def test_a_validation_split_of_a_chat_log_is_held_out_of_the_training_conversati
     assert [e["completion"] for e in validation] == [f"wrong {q[1:]}" for q in first_questions(validation)]
     with pytest.raises(DataError, match=r"data.validation_size=15 leaves no conversation to train on of the 15"):
         load_chats(DataConfig(name="chatlog", path=str(path), eval_size=5, validation_size=15))
+
+
+def test_the_trained_on_conversations_whose_accepted_answer_is_wrong_are_a_scored_split(tmp_path):
+    # conversation i accepts "i + 1" where the answer is i for odd i: wrongly accepted
+    lines = [chat(f"Q{i}", f"try {i}", "No.", f"The answer is {i + i % 2}.", answer=i) for i in range(30)]
+    path = write_lines(tmp_path, lines)
+    cfg = DataConfig(name="chatlog", path=str(path), eval_size=4, validation_size=3, batch_size=2)
+    train, evaluation, validation, wrong, _ = load_chats(cfg)
+    held_out = {e["context"][0]["content"] for e in evaluation + validation}
+    trained = [e["context"][0]["content"] for e in train]
+    assert len(wrong) == 4  # capped at data.eval_size
+    assert all(int(e["context"][0]["content"][1:]) % 2 == 1 for e in wrong)
+    assert [e["context"][0]["content"] for e in wrong] == [q for q in trained if int(q[1:]) % 2][:4]
+    assert not held_out & {e["context"][0]["content"] for e in wrong}
+    dm = ProblemDataModule(cfg, PLAIN, char_tokenizer(), max_context=512, max_new_tokens=8)
+    dm.setup()
+    assert list(dm.scored_splits()) == ["eval", "wrongly_accepted"]
+    scored = [p["accepted"] for batch in dm.scored_splits()["wrongly_accepted"]() for p in batch.problems]
+    assert scored == [f"The answer is {int(e['context'][0]['content'][1:]) + 1}." for e in wrong]
+    selecting = ProblemDataModule(DataConfig(name="chatlog", path=str(path), eval_size=4, validation_size=3,
+                                             evaluate_on="validation"), PLAIN, char_tokenizer(), max_context=512,
+                                  max_new_tokens=8)
+    selecting.setup()
+    assert list(selecting.scored_splits()) == ["val"]

@@ -147,11 +147,13 @@ def test_grpo_zero_variance_share_is_each_runs_mean_over_training(tmp_path):
 
 def test_the_wrong_accepted_rate_gets_a_column_only_where_a_run_logs_it(tmp_path):
     for seed, rate in enumerate([0.1, 0.2, 0.3]):
-        rows = [{**row, "eval/wrong_accepted_rate": rate} for row in evals([(0, 0, 0.2), (1, 0, 0.5)])]
+        rows = [{**row, "eval/wrong_accepted_rate": rate, "wrongly_accepted/wrong_accepted_rate": 2 * rate}
+                for row in evals([(0, 0, 0.2), (1, 0, 0.5)])]
         write_run(tmp_path / "chat" / f"sft{seed}", "sft", rows, seed=seed)
     md = build_report(find_runs(tmp_path / "chat"), tmp_path / "out", plots=False)["path"].read_text()
-    assert "| run | seeds | accuracy | wrong accepted | early answer |" in md
-    assert f"| sft | 3 | 0.500 ± 0.000 | 0.200 ± {T2 * 0.1 / math.sqrt(3):.3f} | 0.100 ± 0.000 |" in md
+    assert "| run | seeds | accuracy | wrong accepted (eval) | wrong accepted (trained on) | early answer |" in md
+    assert (f"| sft | 3 | 0.500 ± 0.000 | 0.200 ± {T2 * 0.1 / math.sqrt(3):.3f} | 0.400 ± {T2 * 0.2 / math.sqrt(3):.3f} "
+            "| 0.100 ± 0.000 |") in md
     write_run(tmp_path / "plain" / "sft0", "sft", evals([(0, 0, 0.2), (1, 0, 0.5)]))
     assert "wrong accepted" not in build_report(find_runs(tmp_path / "plain"), tmp_path / "o2",
                                                 plots=False)["path"].read_text()
