@@ -4,12 +4,13 @@
 #   make test    - install, then run the test suite
 #   make test-fast - the kernel and config lane (tests not marked slow), under 2 minutes
 #   make protocol  - install, then the full comparison protocol into ./protocol (about 110 min on the 2-core VM: selection 21, final 89)
+#   make regime REGIME=hard - install, then one of the method's regimes (sweeps/regimes/) into ./regimes/hard
 # Extra arguments go to the training app: make train ARGS="aggregation=clip trainer.max_steps=4"
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdharness-installed
 
-.PHONY: install train test test-fast protocol gpu-check
+.PHONY: install train test test-fast protocol regime gpu-check
 install: $(STAMP)
 
 # torch==2.13.0 first: it is the CPU wheel on disk, and every later torch requirement accepts it,
@@ -32,6 +33,11 @@ test: install
 # (protocol/final/report/report.md); sdharness-protocol's options go in ARGS, e.g. ARGS="--styles native".
 protocol: install
 	$(VENV)/bin/sdharness-protocol --out protocol $(ARGS)
+
+# impossible_knowledge, hard, answer_only or chatlog (docs/regimes.md); sdharness-regime's options in ARGS
+regime: install
+	@test -n "$(REGIME)" || { echo "make regime: set REGIME, one of: $(basename $(notdir $(wildcard sweeps/regimes/*.yaml)))"; exit 2; }
+	$(VENV)/bin/sdharness-regime $(REGIME) --out regimes/$(REGIME) $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not reproduce" $(ARGS)
