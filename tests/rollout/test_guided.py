@@ -128,8 +128,6 @@ def test_teacher_aggregation_samples_exactly_as_the_teacher_context_alone(tiny, 
     assert not torch.equal(guided.completion_ids, student_ids)
 
 
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_clip_at_huge_tau_samples_exactly_as_the_student_alone(tiny, seed):
     model, tok = tiny
