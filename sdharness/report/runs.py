@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 PARAMETER_KEYS = tuple(f"aggregation.{name}" for name in PARAMETER_NAMES)  # aggregation.tau, aggregation.kl_bound
 METHOD_KEYS = ("algo.name", "aggregation.name", *PARAMETER_KEYS)
-SETTING_KEYS = ("rollout.guidance", "data.name", "teacher.weights", "teacher.ema_decay")  # see settings()
+SETTING_KEYS = ("rollout.guidance", "algo.hint_source", "data.name", "teacher.weights",
+                "teacher.ema_decay")  # see settings()
 DEFAULT_TEACHER = "initial"
 # data.solutions_path: the label's `bootstrapped` says it (see bootstrapped_data)
 NOT_IN_LABEL = {"seed", "tags", "output_dir", "ckpt_path", "resume_allow_changes", "data.solutions_path", *METHOD_KEYS,
@@ -91,13 +92,16 @@ def teacher_of(config: dict) -> str:
 def settings(config: dict, bootstrapped: bool = False) -> list[str]:
     """What the run trains on, when it is not on-policy samples of problems with reference
     solutions and the frozen initial teacher: ``teacher=<teacher_of>`` and ``guided=<rollout.guidance>``
-    (sd only: the other algos have no teacher and ignore guidance), ``chatlog`` (``data=chatlog``) and
-    ``bootstrapped`` (sdharness-bootstrap data)."""
+    (sd only: the other algos have no teacher and ignore guidance), ``sibling_hints`` (sd with
+    ``algo.hint_source=sibling``: no references, a group's successful completion is the hint), ``chatlog``
+    (``data=chatlog``) and ``bootstrapped`` (sdharness-bootstrap data)."""
     found, guidance = [], config.get("rollout.guidance")
     if config.get("algo.name") == "sd" and teacher_of(config) != DEFAULT_TEACHER:
         found.append(f"teacher={teacher_of(config)}")
     if config.get("algo.name") == "sd" and guidance not in (None, "never"):
         found.append(f"guided={guidance}")
+    if config.get("algo.name") == "sd" and config.get("algo.hint_source") == "sibling":
+        found.append("sibling_hints")
     if config.get("data.name") in SOURCES and SOURCES[config["data.name"]].logged_completions:
         found.append(config["data.name"])
     if bootstrapped:

@@ -161,14 +161,16 @@ def test_guided_chatlog_and_bootstrapped_runs_are_labelled_as_their_own_setting(
     fake_run(root / "5", "sd", evals, **product, more={"data": {"name": "jsonl", "path": "data/solved.jsonl"}}, cwd=launch)
     fake_run(root / "6", "grpo", evals, more={"rollout": {"guidance": "always"}})  # guidance is sd-only: ignored
     fake_run(root / "7", "sft", evals, more={"data": {"name": "chatlog", "path": "c.jsonl"}})
+    fake_run(root / "8", "sd", evals, **product, more={"algo": {"name": "sd", "hint_source": "sibling"}})
+    fake_run(root / "9", "sd", evals, **product, more={"algo": {"name": "sd", "hint_source": "reference"}})
     result = build_report(find_runs(root), tmp_path / "out", plots=True)
     labels = {Path(r.name).name: r.label for r in result["runs"]}
     assert labels == {"0": "sd/product/tau=2", "1": "sd/product/tau=2 guided=on_failure",
                       "2": "sd/product/tau=2 guided=always rollout.importance_weighting=True",
                       "3": "sd/product/tau=2 guided=always rollout.importance_weighting=False",
                       "4": "sd/product/tau=2 chatlog", "5": "sd/product/tau=2 bootstrapped", "6": "grpo",
-                      "7": "sft chatlog"}
-    assert len(result["scores"]) == 8  # each its own line of the score table, not averaged together
+                      "7": "sft chatlog", "8": "sd/product/tau=2 sibling_hints", "9": "sd/product/tau=2"}
+    assert len(result["scores"]) == 9  # each its own line of the score table, not averaged together
     md = result["path"].read_text()
     assert "| sd/product/tau=2 guided=on_failure | 1 |" in md and "| sd/product/tau=2 bootstrapped | 1 |" in md
     assert "| sft chatlog | 1 |" in md and (tmp_path / "out" / "accuracy_vs_parameter.png").stat().st_size > 1000
