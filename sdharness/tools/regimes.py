@@ -153,9 +153,10 @@ def choose(runs: list[Run], regime: Regime) -> dict[str, dict]:
 
 
 def final_commands(out: Path, regime: Regime, chosen: dict[str, dict], overrides: list[str]) -> list[list[str]]:
-    """Each chosen arm at its lr, and its chosen variant beside it, one multirun per seed."""
+    """Each chosen arm at its lr, and its chosen variant beside it, one multirun per seed, in the
+    regime file's order (put the longest arms first: ``--jobs 2`` then keeps both cores busy to the end)."""
     commands = []
-    for arm, entry in chosen.items():
+    for arm, entry in ((arm, chosen[arm]) for arm in regime.arms if arm in chosen):
         runs = {arm: regime.arms[arm]}
         if entry.get("variant"):
             runs[f"{arm}{VARIANT_MARK}{entry['variant']}"] = [*regime.arms[arm],
