@@ -185,6 +185,31 @@ def selection_markdown(chosen: dict[str, dict]) -> str:
                               "final val accuracy per variant"], rows))
 
 
+def check_arms(regime: Regime, out: Path, overrides: list[str]) -> None:
+    """Compose every arm's (and variant's) final job before anything runs: a misspelt override or a
+    bad value is one :class:`RegimeError` naming the arm, not a failure of each of its jobs later."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sdharness.cli import composition_error_message
+    from sdharness.config import CONF_DIR, ConfigError, register_configs, to_train_config
+
+    register_configs()
+    arms = {**regime.arms, **{f"{arm}{VARIANT_MARK}{name}": [*regime.arms[arm], *options]
+                              for arm, variants in regime.variants.items() for name, options in variants.items()}}
+    for name, arm_overrides in arms.items():
+        words = expand([*regime.setting, *arm_overrides, f"data.solution_style={regime.styles}", *regime.final,
+                        *overrides], out)
+        try:
+            with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
+                to_train_config(compose("protocol_final", [f"hydra.searchpath=[file://{CONF_DIR}]", *words]))
+        except ConfigError as error:
+            raise RegimeError(f"arm {name}: {error}") from None
+        except (HydraException, OmegaConfBaseException) as error:
+            raise RegimeError(f"arm {name}: {composition_error_message(error)}") from None
+
+
 def prepare(out: Path, regime: Regime, dry_run: bool) -> None:
     for command in regime.prepare:
         words = [sys.executable, "-m", *expand(command, out)]
@@ -207,11 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.regime) if args.regime.endswith(".yaml") else REGIMES_DIR / f"{args.regime}.yaml"
     if not path.is_file():
         parser.error(f"no regime {args.regime!r}: choose from {', '.join(REGIME_CHOICES)} or give a .yaml path")
+    out = Path(args.out)
     try:
         regime = load_regime(path)
+        check_arms(regime, out, args.overrides)
     except RegimeError as error:
         parser.error(str(error))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"regime": path.stem, "version": harness_version(), "commit": source_commit(), "jobs": args.jobs, "overrides": args.overrides,
               "seconds": {}}

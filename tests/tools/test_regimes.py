@@ -1,6 +1,7 @@
 """The regimes' runner: the regime files, selection of lr then variant on validation only, the final commands."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -111,3 +112,19 @@ def test_an_unknown_regime_names_the_choices(tmp_path, capsys):
         regime_main(["nope", "--out", str(tmp_path)])
     assert f"no regime 'nope': choose from {', '.join(REGIME_CHOICES)} or give a .yaml path" in capsys.readouterr().err
     assert set(REGIME_CHOICES) >= {"chatlog", "hard", "impossible_knowledge"}
+
+
+@pytest.mark.parametrize("arm, message", [
+    ("[method=sd_clip, aggregation.taux=2]", r"arm a: .*aggregation\.taux"),
+    ("[method=sd_clipp]", r"arm a: method=sd_clipp is unknown; choose one of: .*did you mean method=sd_clip"),
+    ("[method=sd_trust_region, aggregation.tau=0.5]", r"arm a: aggregation.tau=0.5 does not apply to "
+                                                       r"aggregation=trust_region"),
+])
+def test_a_bad_arm_fails_before_any_job_with_one_line_naming_it(tmp_path, capsys, arm, message):
+    regime = tmp_path / "bad.yaml"
+    regime.write_text(f"description: x\nsetting: [model=tiny_random]\narms: {{a: {arm}}}\n")
+    with pytest.raises(SystemExit):
+        regime_main([str(regime), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(message, error), error
+    assert not (tmp_path / "out" / "select").exists()
