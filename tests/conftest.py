@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from sdharness.config import CONF_DIR as PACKAGE_CONF_DIR, ModelConfig, register_configs
+from sdharness.rollout.vllm import ENGINE_ENVIRONMENT
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -33,6 +34,20 @@ TINY = [
     "trainer.max_steps=2",
     "optim.lr=1e-2",
 ]
+
+
+@pytest.fixture(autouse=True)
+def process_group_environment():
+    """Restores what vLLM's in-process engine sets in ``os.environ`` (RANK, WORLD_SIZE, MASTER_PORT, ...:
+    :data:`sdharness.rollout.vllm.ENGINE_ENVIRONMENT`) after every test: a later test launching DDP
+    ranks as subprocesses would inherit a world of size 1 and wait for ever for its second rank."""
+    saved = {key: os.environ.get(key) for key in ENGINE_ENVIRONMENT}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def pytest_collection_modifyitems(config, items):

@@ -399,3 +399,12 @@ def test_vllm_greedy_matches_hf_and_follows_synced_weights():
         assert sampled.completion_ids.shape[0] == len(PROMPTS) and len(sampled.texts) == len(PROMPTS)
     finally:
         engine.close()
+
+
+def test_a_test_that_builds_the_engine_environment_leaves_none_of_it_behind_1():
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_PORT="1")  # as an engine start leaves it
+
+
+def test_a_test_that_builds_the_engine_environment_leaves_none_of_it_behind_2():
+    # the DDP tests launch their ranks as subprocesses: WORLD_SIZE=1 inherited here made them hang
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"} & set(os.environ)
