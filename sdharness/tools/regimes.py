@@ -66,6 +66,11 @@ class Regime:
     # arm is not an optimiser's, e.g. how it samples; and its jobs cost too much to sweep)
     lr_from: dict[str, str] = field(default_factory=dict)
 
+    def with_variants(self) -> dict[str, list[str]]:
+        """Every arm and every variant (``<arm>@<variant>``) -> the overrides that make it."""
+        return {**self.arms, **{f"{arm}{VARIANT_MARK}{name}": [*self.arms[arm], *options]
+                                for arm, variants in self.variants.items() for name, options in variants.items()}}
+
     def swept(self) -> dict[str, list[str]]:
         """The arms the selection stage sweeps over the lr grid."""
         return {name: overrides for name, overrides in self.arms.items() if name not in self.lr_from}
@@ -124,8 +129,9 @@ def select_commands(out: Path, regime: Regime, arms: dict[str, list[str]], lrs: 
 
 def variant_arms(regime: Regime, chosen: dict[str, dict]) -> dict[str, tuple[list[str], float]]:
     """``<arm>@<variant>`` -> (overrides, the arm's chosen lr) for every variant of an arm that selection kept."""
-    return {f"{arm}{VARIANT_MARK}{name}": ([*regime.arms[arm], *overrides], chosen[arm]["lr"])
-            for arm, options in regime.variants.items() if arm in chosen for name, overrides in options.items()}
+    return {name: (overrides, chosen[name.partition(VARIANT_MARK)[0]]["lr"])
+            for name, overrides in regime.with_variants().items()
+            if VARIANT_MARK in name and name.partition(VARIANT_MARK)[0] in chosen}
 
 
 def choose(runs: list[Run], regime: Regime) -> dict[str, dict]:
@@ -157,10 +163,8 @@ def final_commands(out: Path, regime: Regime, chosen: dict[str, dict], overrides
     regime file's order (put the longest arms first: ``--jobs 2`` then keeps both cores busy to the end)."""
     commands = []
     for arm, entry in ((arm, chosen[arm]) for arm in regime.arms if arm in chosen):
-        runs = {arm: regime.arms[arm]}
-        if entry.get("variant"):
-            runs[f"{arm}{VARIANT_MARK}{entry['variant']}"] = [*regime.arms[arm],
-                                                               *regime.variants[arm][entry["variant"]]]
+        names = [arm] + ([f"{arm}{VARIANT_MARK}{entry['variant']}"] if entry.get("variant") else [])
+        runs = {name: regime.with_variants()[name] for name in names}
         for name, arm_overrides in runs.items():
             for seed in regime.seeds.split(","):
                 commands.append(train_command("protocol_final", out / "final" / name / f"seed{seed}", expand(
@@ -181,8 +185,8 @@ def selection_markdown(chosen: dict[str, dict]) -> str:
     return ("Learning rate per arm, then its variant, chosen on the validation split (final val/accuracy; lr ties: "
             "the mean over the evals after the start, then the smaller lr; a variant must beat the arm's own "
             "setting; an arm with lr_from takes another arm's lr). The eval split was not scored.\n\n"
-            + markdown_table(["arm", "lr", "val accuracy", "val accuracy at start", "final val accuracy per lr", "variant chosen",
-                              "final val accuracy per variant"], rows))
+            + markdown_table(["arm", "lr", "val accuracy", "val accuracy at start", "final val accuracy per lr",
+                              "variant chosen", "final val accuracy per variant"], rows))
 
 
 def check_arms(regime: Regime, out: Path, overrides: list[str]) -> None:
@@ -196,9 +200,7 @@ def check_arms(regime: Regime, out: Path, overrides: list[str]) -> None:
     from sdharness.config import CONF_DIR, ConfigError, register_configs, to_train_config
 
     register_configs()
-    arms = {**regime.arms, **{f"{arm}{VARIANT_MARK}{name}": [*regime.arms[arm], *options]
-                              for arm, variants in regime.variants.items() for name, options in variants.items()}}
-    for name, arm_overrides in arms.items():
+    for name, arm_overrides in regime.with_variants().items():
         words = expand([*regime.setting, *arm_overrides, f"data.solution_style={regime.styles}", *regime.final,
                         *overrides], out)
         try:
